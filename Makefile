@@ -1,0 +1,50 @@
+# flashteam — every target humans, CI and hooks use. `make help` lists them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install redis run demo test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+redis: ## make sure redis-server is installed (apt-get when missing and possible)
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "redis-server is missing: installing it with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "flashteam needs redis-server 7 on PATH and cannot install it here (apt-get needs root)." >&2; \
+	    echo "Install it yourself: 'sudo apt-get install redis-server' (Debian/Ubuntu) or 'brew install redis' (macOS)." >&2; \
+	    exit 1; \
+	  fi; }
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: redis $(STAMP) ## create .venv and install flashteam with its dev tools
+
+run: install ## start the engine locally on embedded defaults (private redis-server under ./var/, SQLite)
+	$(BIN)/flashteam run
+
+demo: install ## simulate a flash sale locally and print the outcome with a no-oversell check
+	$(BIN)/flashteam demo
+
+lint: install ## ruff and mypy --strict over the package and the tests
+	$(BIN)/ruff check engine tests bench
+	$(BIN)/ruff format --check engine tests bench
+	$(BIN)/mypy
+
+test: lint ## lint, then the whole test suite against real servers it starts itself
+	$(BIN)/pytest
+
+bench: install ## benchmarks (excluded from `make test`)
+	$(BIN)/pytest bench -m benchmark -p no:cacheprovider
+
+clean: ## remove the venv and local data
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,183 @@
+"""Campaigns: create, edit by the lifecycle rules, invalidate, read status and live stock.
+
+SQL holds the definitions (the source of truth); Redis holds what the scripts check, warmed
+at creation and again at every engine start (``warm_all``). Lifecycle guards run on the Redis
+clock inside ``warm_campaign.lua`` so an edit racing the start cannot reset live stock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Any
+
+from engine.errors import AlreadyExists, NotEditable, NotFound, ValidationError
+from engine.keys import CAMPAIGN_SET, check_id, keys_of
+from engine.models import (
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    CampaignView,
+    Item,
+    ItemStock,
+    from_ms,
+    to_ms,
+)
+from engine.runtime import Runtime
+from engine.scripts import Code, guarded, rejection
+
+EDITABLE_FIELDS = frozenset(
+    {
+        "kind",
+        "title",
+        "starts_at",
+        "ends_at",
+        "items",
+        "per_user_limit",
+        "hold_seconds",
+        "team_size",
+        "team_ttl_seconds",
+    }
+)
+# How long after its end a campaign may still have live state (open teams run past the end).
+_LIVE_AFTER_END = timedelta(days=7, hours=1)
+
+
+def _definition_args(campaign: Campaign) -> list[str | int]:
+    invalidated = campaign.invalidated_at
+    args: list[str | int] = [
+        campaign.kind.value,
+        to_ms(campaign.starts_at),
+        to_ms(campaign.ends_at),
+        campaign.per_user_limit,
+        campaign.hold_seconds * 1000,
+        campaign.team_size or 0,
+        (campaign.team_ttl_seconds or 0) * 1000,
+        0 if invalidated is None else to_ms(invalidated),
+    ]
+    for item in campaign.items:
+        args += [item.sku, item.price, item.stock]
+    return args
+
+
+class Campaigns:
+    """Campaign definitions and their lifecycle (SPEC section 3)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+
+    async def create(self, campaign: Campaign) -> CampaignView:
+        """Store a new campaign and warm it into Redis; it sells from ``starts_at``."""
+        now = await self._rt.now()
+        if campaign.ends_at <= now:
+            raise ValidationError("ends_at must be in the future", field="ends_at")
+        if campaign.invalidated_at is not None:
+            raise ValidationError("a new campaign cannot be invalidated", field="invalidated_at")
+        if await self._rt.store.get_campaign(campaign.id) is not None:
+            raise AlreadyExists(f"campaign {campaign.id} already exists", id=campaign.id)
+        await self._rt.store.insert_campaign(campaign)
+        await self._warm(campaign, "define")
+        return await self.get(campaign.id)
+
+    async def update(self, campaign_id: str, changes: dict[str, Any]) -> CampaignView:
+        """Edit a campaign: any field while scheduled, only a later ``ends_at`` while active."""
+        unknown = set(changes) - EDITABLE_FIELDS
+        if unknown:
+            raise ValidationError(f"cannot edit {', '.join(sorted(unknown))}", fields=unknown)
+        current = await self._load(campaign_id)
+        status = current.status(await self._rt.now())
+        if status in (CampaignStatus.ENDED, CampaignStatus.INVALIDATED):
+            raise NotEditable(f"campaign {campaign_id} is {status}: create a new one")
+        changes = self._coerce(changes)
+        if status is CampaignStatus.ACTIVE:
+            if set(changes) - {"ends_at"}:
+                raise NotEditable("an active campaign only accepts a later ends_at")
+            edited = dataclasses.replace(current, **changes)
+            await self._extend(edited)
+        else:
+            edited = dataclasses.replace(current, **changes)
+            await self._warm(edited, "define")
+        await self._rt.store.replace_campaign(edited)
+        return await self.get(campaign_id)
+
+    async def invalidate(self, campaign_id: str) -> CampaignView:
+        """End the campaign early: no new orders; held orders are cancelled, stock returned."""
+        current = await self._load(campaign_id)
+        keys = keys_of(campaign_id)
+        await self._warm(current, "ensure")
+        reply = await self._rt.scripts.run(
+            self._rt.scripts.invalidate_campaign, (keys.meta, keys.events), ()
+        )
+        if reply[0] != Code.OK:
+            raise rejection(reply[0], f"campaign {campaign_id} already ended", reason=reply[1])
+        if current.invalidated_at is None:
+            await self._rt.store.replace_campaign(
+                dataclasses.replace(current, invalidated_at=from_ms(int(reply[1])))
+            )
+        return await self.get(campaign_id)
+
+    async def get(self, campaign_id: str) -> CampaignView:
+        """The definition with its live status and per-item stock."""
+        campaign = await self._load(campaign_id)
+        keys = keys_of(campaign_id)
+        inv: dict[str, str] = await guarded(self._rt.redis.hgetall(keys.inv))
+        stock = tuple(
+            ItemStock(
+                sku=item.sku,
+                price=item.price,
+                initial=int(inv.get(f"i:{item.sku}", item.stock)),
+                available=int(inv.get(f"a:{item.sku}", item.stock)),
+                held=int(inv.get(f"h:{item.sku}", 0)),
+                paid=int(inv.get(f"p:{item.sku}", 0)),
+                gone=int(inv.get(f"r:{item.sku}", 0)),
+            )
+            for item in campaign.items
+        )
+        return CampaignView(campaign, campaign.status(await self._rt.now()), stock)
+
+    async def warm_all(self) -> int:
+        """Warm every campaign that may still have live state into Redis (start-up)."""
+        now = await self._rt.now()
+        campaigns = await self._rt.store.campaigns_ending_after(now - _LIVE_AFTER_END)
+        for campaign in campaigns:
+            await self._warm(campaign, "ensure")
+        return len(campaigns)
+
+    async def _load(self, campaign_id: str) -> Campaign:
+        campaign = await self._rt.store.get_campaign(check_id(campaign_id, "campaign_id"))
+        if campaign is None:
+            raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
+        return campaign
+
+    @staticmethod
+    def _coerce(changes: dict[str, Any]) -> dict[str, Any]:
+        out = dict(changes)
+        if "kind" in out:
+            try:
+                out["kind"] = CampaignKind(out["kind"])
+            except ValueError as exc:
+                raise ValidationError("kind must be 'flash' or 'team'", field="kind") from exc
+        if "items" in out:
+            out["items"] = tuple(i if isinstance(i, Item) else Item(**i) for i in out["items"])
+        return out
+
+    async def _warm(self, campaign: Campaign, mode: str) -> None:
+        keys = keys_of(campaign.id)
+        args: list[str | int] = [mode, *_definition_args(campaign)]
+        reply = await self._rt.scripts.run(
+            self._rt.scripts.warm_campaign, (keys.meta, keys.inv), args
+        )
+        if reply[0] != Code.OK:
+            raise rejection(
+                reply[0], f"campaign {campaign.id} can no longer be redefined: {reply[1]}"
+            )
+        await guarded(self._rt.redis.sadd(CAMPAIGN_SET, campaign.id))
+
+    async def _extend(self, campaign: Campaign) -> None:
+        keys = keys_of(campaign.id)
+        args: list[str | int] = ["extend", to_ms(campaign.ends_at)]
+        reply = await self._rt.scripts.run(
+            self._rt.scripts.warm_campaign, (keys.meta, keys.inv), args
+        )
+        if reply[0] != Code.OK:
+            raise rejection(reply[0], f"ends_at can only move later ({reply[1]})", reason=reply[1])

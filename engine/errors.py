@@ -1,0 +1,160 @@
+"""Every exception flashteam raises, under one root.
+
+    EngineError
+    ├── ValidationError          bad input: nothing was read or written
+    ├── ConfigurationError       settings or the Redis server are unfit to run on
+    ├── Unavailable              Redis or SQL cannot be reached (retry later)
+    └── Rejected                 a business rule said no; ``code`` names which
+        ├── NotFound             ├── SoldOut            ├── HoldExpired
+        ├── NotStarted           ├── LimitExceeded      ├── InvalidState
+        ├── Ended                ├── RateLimited        ├── NotEditable
+        ├── Invalidated          ├── IdempotencyMismatch├── TeamFull
+        ├── Forbidden            ├── TeamClosed         ├── AlreadyInTeam
+        ├── AlreadyExists        └── TeamInProgress
+
+Each class carries ``code``, the snake_case name the HTTP layer puts in its error body, and
+keyword ``details`` that travel with it (``starts_at`` for NotStarted, ``retry_after`` for
+RateLimited, ...). Foreign exceptions are translated at one boundary (engine.scripts) and
+chained with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class EngineError(Exception):
+    """Raised for every failure flashteam reports; never raised directly."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ValidationError(EngineError):
+    """Raised when an argument breaks its type, range or id pattern."""
+
+    code = "validation_error"
+
+
+class ConfigurationError(EngineError):
+    """Raised when settings or the Redis server make it unsafe to start."""
+
+    code = "configuration_error"
+
+
+class Unavailable(EngineError):
+    """Raised when Redis or the SQL store cannot be reached."""
+
+    code = "unavailable"
+
+
+class Rejected(EngineError):
+    """Raised when a business rule refuses the operation; nothing was changed."""
+
+    code = "rejected"
+
+
+class NotFound(Rejected):
+    """Raised when the campaign, sku, order or team does not exist."""
+
+    code = "not_found"
+
+
+class NotStarted(Rejected):
+    """Raised when the campaign has not started yet (details: ``starts_at``)."""
+
+    code = "not_started"
+
+
+class Ended(Rejected):
+    """Raised when the campaign (or, for joins, the team) has ended."""
+
+    code = "ended"
+
+
+class Invalidated(Rejected):
+    """Raised when the merchant invalidated the campaign."""
+
+    code = "invalidated"
+
+
+class SoldOut(Rejected):
+    """Raised when the item has fewer units left than asked for."""
+
+    code = "sold_out"
+
+
+class LimitExceeded(Rejected):
+    """Raised when the user's held + paid units would pass the per-user limit."""
+
+    code = "limit_exceeded"
+
+
+class RateLimited(Rejected):
+    """Raised when the user made too many attempts (details: ``retry_after`` seconds)."""
+
+    code = "rate_limited"
+
+
+class IdempotencyMismatch(Rejected):
+    """Raised when an idempotency key is reused with different parameters."""
+
+    code = "idempotency_mismatch"
+
+
+class Forbidden(Rejected):
+    """Raised when a user acts on an order or team that is not theirs."""
+
+    code = "forbidden"
+
+
+class HoldExpired(Rejected):
+    """Raised when a payment arrives after the hold's deadline."""
+
+    code = "hold_expired"
+
+
+class InvalidState(Rejected):
+    """Raised when the order or team is not in a state that allows the operation."""
+
+    code = "invalid_state"
+
+
+class AlreadyExists(Rejected):
+    """Raised when a campaign id is already taken."""
+
+    code = "already_exists"
+
+
+class NotEditable(Rejected):
+    """Raised when a campaign edit breaks the lifecycle rules (SPEC section 3)."""
+
+    code = "not_editable"
+
+
+class TeamFull(Rejected):
+    """Raised when every seat of the team is held or paid."""
+
+    code = "team_full"
+
+
+class TeamClosed(Rejected):
+    """Raised when the team is not open (pending, succeeded, failed, dissolved or expired)."""
+
+    code = "team_closed"
+
+
+class AlreadyInTeam(Rejected):
+    """Raised when the user already holds a seat in the team (leaders included)."""
+
+    code = "already_in_team"
+
+
+class TeamInProgress(Rejected):
+    """Raised when a paid order of an open team is cancelled by its user."""
+
+    code = "team_in_progress"

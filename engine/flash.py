@@ -1,0 +1,130 @@
+"""Flash-sale operations: reserve, pay, cancel, after-sale refund, and reading an order.
+
+Each operation is one Lua script call (SPEC section 4); outcomes come back as codes and leave
+here as an ``Order`` or a ``Rejected`` subclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import NotFound, ValidationError
+from engine.keys import campaign_of_order, check_id, check_key, keys_of
+from engine.models import MAX_UNITS, Order, from_ms
+from engine.runtime import Runtime
+from engine.scripts import Code, guarded, rejection
+
+_MESSAGES = {
+    Code.NOT_FOUND: "no such campaign, sku or order",
+    Code.NOT_STARTED: "the campaign has not started yet",
+    Code.ENDED: "the campaign has ended",
+    Code.INVALIDATED: "the campaign was invalidated",
+    Code.SOLD_OUT: "sold out",
+    Code.LIMIT_EXCEEDED: "the per-user limit would be exceeded",
+    Code.RATE_LIMITED: "too many attempts: retry after the given delay",
+    Code.IDEMPOTENCY_MISMATCH: "this idempotency key was used with another sku or qty",
+    Code.FORBIDDEN: "the order belongs to another user",
+    Code.HOLD_EXPIRED: "the hold expired before payment: the payment must be refunded",
+    Code.INVALID_STATE: "the order is not in a state that allows this",
+    Code.WRONG_KIND: "this is a team campaign: open or join a team instead",
+}
+_STATE_NAMES = {"H": "held", "P": "paid", "C": "cancelled", "E": "expired", "R": "refunded"}
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A held order; ``replayed`` when an idempotent retry returned the original order."""
+
+    order: Order
+    replayed: bool
+
+
+def _details(code: int, reply: list[Any]) -> dict[str, Any]:
+    extra: Any = reply[1] if len(reply) > 1 else None
+    if code == Code.NOT_STARTED:
+        return {"starts_at": from_ms(int(extra))}
+    if code == Code.ENDED:
+        return {"ends_at": from_ms(int(extra))}
+    if code == Code.RATE_LIMITED:
+        return {"retry_after": int(extra) / 1000}
+    if code == Code.SOLD_OUT:
+        return {"available": int(extra)}
+    if code == Code.LIMIT_EXCEEDED:
+        return {"units_left": int(extra)}
+    if code == Code.INVALID_STATE and extra is not None:
+        return {"state": _STATE_NAMES.get(extra, extra)}
+    if code == Code.NOT_FOUND and extra is not None:
+        return {"sku": extra}
+    return {}
+
+
+def order_from_reply(reply: list[Any]) -> Order:
+    """The order of a ``{0, order_id, record, ...}`` reply, or the matching rejection."""
+    code = reply[0]
+    if code != Code.OK:
+        raise rejection(
+            code, _MESSAGES.get(Code(code), Code(code).name.lower()), **_details(code, reply)
+        )
+    return Order.from_record(reply[1], reply[2])
+
+
+class FlashSale:
+    """The flash-sale path of SPEC section 4."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._scripts = rt.scripts
+
+    async def reserve(
+        self, campaign_id: str, user_id: str, sku: str, qty: int, idempotency_key: str
+    ) -> Reservation:
+        """Hold ``qty`` units for the user until the campaign's hold deadline."""
+        keys = keys_of(campaign_id)
+        check_id(user_id, "user_id")
+        check_id(sku, "sku")
+        check_key(idempotency_key, "idempotency_key")
+        if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= MAX_UNITS:
+            raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
+        settings = self._rt.settings
+        reply = await self._scripts.run(
+            self._scripts.reserve_stock,
+            (*keys.order_keys, keys.idempotency(user_id, idempotency_key), keys.rate(user_id)),
+            (campaign_id, user_id, sku, qty, settings.rate_limit, settings.idempotency_ttl),
+        )
+        return Reservation(order_from_reply(reply), replayed=reply[0] == Code.OK and reply[3] == 1)
+
+    async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
+        """Mark the held order paid; a retry with the same ``payment_ref`` is a no-op."""
+        keys = keys_of(campaign_of_order(order_id))
+        check_id(user_id, "user_id")
+        check_key(payment_ref, "payment_ref")
+        reply = await self._scripts.run(
+            self._scripts.pay_order, keys.order_keys, (order_id, user_id, payment_ref)
+        )
+        return order_from_reply(reply)
+
+    async def cancel(self, order_id: str, user_id: str) -> Order:
+        """The owner cancels a held order; its stock is sellable again at once."""
+        keys = keys_of(campaign_of_order(order_id))
+        check_id(user_id, "user_id")
+        reply = await self._scripts.run(
+            self._scripts.cancel_order, keys.order_keys, (order_id, user_id)
+        )
+        return order_from_reply(reply)
+
+    async def refund(self, order_id: str, restock: bool) -> Order:
+        """After-sale refund of a paid order; its units go back on sale only if ``restock``."""
+        keys = keys_of(campaign_of_order(order_id))
+        reply = await self._scripts.run(
+            self._scripts.refund_order, keys.order_keys, (order_id, int(bool(restock)))
+        )
+        return order_from_reply(reply)
+
+    async def get_order(self, order_id: str) -> Order:
+        """The order's current state in Redis."""
+        keys = keys_of(campaign_of_order(order_id))
+        record = await guarded(self._rt.redis.hget(keys.orders, order_id))
+        if record is None:
+            raise NotFound(f"no order {order_id}", id=order_id)
+        return Order.from_record(order_id, record)

@@ -1,0 +1,122 @@
+"""Redis key schema and the id rules that keep user input out of key names.
+
+Every key of a campaign shares the hash tag ``{c:<campaign_id>}`` so that each script touches
+one Redis Cluster slot. Scripts never build key names: the caller passes them all in KEYS.
+
+    ft:{c:<cid>}:meta        hash    definition and status flags the scripts check
+    ft:{c:<cid>}:inv         hash    per sku: ``a:<sku>`` available, ``h:<sku>`` held units,
+                                     ``p:<sku>`` paid units, ``r:<sku>`` refunded without restock,
+                                     ``i:<sku>`` initial stock, ``$:<sku>`` unit price
+    ft:{c:<cid>}:orders      hash    order id -> packed order record (see lua/lib/order.lua)
+    ft:{c:<cid>}:users       hash    user id -> held + paid units (the per-user limit)
+    ft:{c:<cid>}:deadlines   zset    held order id -> payment deadline (ms); the reaper's index
+    ft:{c:<cid>}:events      stream  the outbox: one entry per state change (engine.events)
+    ft:{c:<cid>}:idem:<user>:<key>   string  idempotency record, expires after 24 h
+    ft:{c:<cid>}:rl:<user>           string  attempts in the current one-second window
+    ft:campaigns             set     ids of campaigns warmed into Redis (read by the reaper)
+
+Order ids are ``<cid>.o<n>`` and team ids ``<cid>.t<n>``: the campaign (and so the slot) is
+derivable from the id alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
+
+from engine.errors import ValidationError
+
+ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
+KEY_PATTERN: Final = r"[A-Za-z0-9_.:-]{1,128}"
+_ID = re.compile(ID_PATTERN)
+_KEY = re.compile(KEY_PATTERN)
+_ORDER_ID = re.compile(rf"({ID_PATTERN})\.o([0-9]{{1,18}})")
+_TEAM_ID = re.compile(rf"({ID_PATTERN})\.t([0-9]{{1,18}})")
+
+CAMPAIGN_SET: Final = "ft:campaigns"
+
+
+def check_id(value: str, field: str) -> str:
+    """Return ``value`` if it is a valid campaign, sku or user id, else raise ValidationError."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ValidationError(f"{field} must match {ID_PATTERN}", field=field)
+    return value
+
+
+def check_key(value: str, field: str) -> str:
+    """Return ``value`` if it is a valid idempotency key or payment reference."""
+    if not isinstance(value, str) or not _KEY.fullmatch(value):
+        raise ValidationError(f"{field} must match {KEY_PATTERN}", field=field)
+    return value
+
+
+def campaign_of_order(order_id: str) -> str:
+    """The campaign id embedded in an order id; ValidationError if it is not an order id."""
+    match = _ORDER_ID.fullmatch(order_id) if isinstance(order_id, str) else None
+    if match is None:
+        raise ValidationError("order_id must look like <campaign>.o<number>", field="order_id")
+    return match.group(1)
+
+
+def campaign_of_team(team_id: str) -> str:
+    """The campaign id embedded in a team id; ValidationError if it is not a team id."""
+    match = _TEAM_ID.fullmatch(team_id) if isinstance(team_id, str) else None
+    if match is None:
+        raise ValidationError("team_id must look like <campaign>.t<number>", field="team_id")
+    return match.group(1)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignKeys:
+    """The key names of one campaign. Build it only from a validated campaign id."""
+
+    campaign_id: str
+    meta: str
+    inv: str
+    orders: str
+    users: str
+    deadlines: str
+    events: str
+    teams: str
+    team_index: str
+    team_expiry: str
+    order_keys: tuple[
+        str, ...
+    ]  # KEYS of every order script: meta inv orders users deadlines events
+
+    @classmethod
+    def of(cls, campaign_id: str) -> CampaignKeys:
+        check_id(campaign_id, "campaign_id")
+        tag = f"ft:{{c:{campaign_id}}}"
+        meta, inv, orders, users, deadlines, events = (
+            f"{tag}:{name}" for name in ("meta", "inv", "orders", "users", "deadlines", "events")
+        )
+        return cls(
+            campaign_id=campaign_id,
+            meta=meta,
+            inv=inv,
+            orders=orders,
+            users=users,
+            deadlines=deadlines,
+            events=events,
+            teams=f"{tag}:teams",
+            team_index=f"{tag}:joinable",
+            team_expiry=f"{tag}:team_deadlines",
+            order_keys=(meta, inv, orders, users, deadlines, events),
+        )
+
+    def idempotency(self, user_id: str, key: str) -> str:
+        """Key of one idempotency record; both parts must already be validated."""
+        return f"ft:{{c:{self.campaign_id}}}:idem:{user_id}:{key}"
+
+    def rate(self, user_id: str) -> str:
+        """Key of one user's attempt counter in this campaign."""
+        return f"ft:{{c:{self.campaign_id}}}:rl:{user_id}"
+
+
+@lru_cache(maxsize=4096)
+def keys_of(campaign_id: str) -> CampaignKeys:
+    """CampaignKeys.of, cached: the hot path builds no key strings for a known campaign."""
+    return CampaignKeys.of(campaign_id)

@@ -1,0 +1,208 @@
+"""Values the engine hands out: campaigns, items, orders, and their states.
+
+Times are UTC-aware datetimes in Python and integer milliseconds in Redis; money is integer
+minor units (cents), never floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from engine.errors import ValidationError
+from engine.keys import campaign_of_order, check_id
+
+MAX_ITEMS = 100
+MAX_UNITS = 1_000_000_000
+
+
+class CampaignKind(StrEnum):
+    FLASH = "flash"
+    TEAM = "team"
+
+
+class CampaignStatus(StrEnum):
+    SCHEDULED = "scheduled"
+    ACTIVE = "active"
+    ENDED = "ended"
+    INVALIDATED = "invalidated"
+
+
+class OrderState(StrEnum):
+    HELD = "held"
+    PAID = "paid"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    REFUNDED = "refunded"
+
+
+class OrderKind(StrEnum):
+    FLASH = "flash"
+    TEAM = "team"
+
+
+_STATE_CODES = {
+    "H": OrderState.HELD,
+    "P": OrderState.PAID,
+    "C": OrderState.CANCELLED,
+    "E": OrderState.EXPIRED,
+    "R": OrderState.REFUNDED,
+}
+_KIND_CODES = {"f": OrderKind.FLASH, "t": OrderKind.TEAM}
+
+
+def to_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch of an aware datetime."""
+    return int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    """The UTC datetime of a millisecond timestamp."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _positive_int(value: object, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(f"{field} must be an integer from {low} to {high}", field=field)
+    return value
+
+
+def _aware(value: object, field: str) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValidationError(f"{field} must be a timezone-aware datetime", field=field)
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One item on sale: its sku, unit price in minor units and the stock offered."""
+
+    sku: str
+    price: int
+    stock: int
+
+    def __post_init__(self) -> None:
+        check_id(self.sku, "sku")
+        _positive_int(self.price, "price", 0, MAX_UNITS * 100)
+        _positive_int(self.stock, "stock", 0, MAX_UNITS)
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """A campaign definition (SPEC section 2); construction validates every field."""
+
+    id: str
+    kind: CampaignKind
+    title: str
+    starts_at: datetime
+    ends_at: datetime
+    items: tuple[Item, ...]
+    per_user_limit: int
+    hold_seconds: int
+    team_size: int | None = None
+    team_ttl_seconds: int | None = None
+    invalidated_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.id, "id")
+        if self.kind not in tuple(CampaignKind):
+            raise ValidationError("kind must be 'flash' or 'team'", field="kind")
+        if not isinstance(self.title, str) or not 1 <= len(self.title) <= 200:
+            raise ValidationError("title must be 1 to 200 characters", field="title")
+        starts, ends = _aware(self.starts_at, "starts_at"), _aware(self.ends_at, "ends_at")
+        if ends <= starts:
+            raise ValidationError("ends_at must be after starts_at", field="ends_at")
+        if not self.items or len(self.items) > MAX_ITEMS:
+            raise ValidationError(f"items must hold 1 to {MAX_ITEMS} items", field="items")
+        if len({item.sku for item in self.items}) != len(self.items):
+            raise ValidationError("every item needs its own sku", field="items")
+        _positive_int(self.per_user_limit, "per_user_limit", 1, MAX_UNITS)
+        _positive_int(self.hold_seconds, "hold_seconds", 1, 86_400)
+        self._check_team_fields()
+
+    def _check_team_fields(self) -> None:
+        if self.kind is CampaignKind.TEAM:
+            _positive_int(self.team_size, "team_size", 2, 100)
+            _positive_int(self.team_ttl_seconds, "team_ttl_seconds", 1, 7 * 86_400)
+        elif self.team_size is not None or self.team_ttl_seconds is not None:
+            raise ValidationError(
+                "team_size and team_ttl_seconds belong to team campaigns only", field="kind"
+            )
+
+    def status(self, now: datetime) -> CampaignStatus:
+        """Lifecycle status at ``now`` (SPEC section 3)."""
+        if self.invalidated_at is not None:
+            return CampaignStatus.INVALIDATED
+        if now < self.starts_at:
+            return CampaignStatus.SCHEDULED
+        if now >= self.ends_at:
+            return CampaignStatus.ENDED
+        return CampaignStatus.ACTIVE
+
+    def item(self, sku: str) -> Item | None:
+        """The item with this sku, if the campaign sells it."""
+        return next((item for item in self.items if item.sku == sku), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemStock:
+    """Live inventory of one item; available + held + paid + gone == initial (SPEC 6.1)."""
+
+    sku: str
+    price: int
+    initial: int
+    available: int
+    held: int
+    paid: int
+    gone: int  # refunded without restock: left the sale
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignView:
+    """A campaign with its live status and stock, as read from Redis."""
+
+    campaign: Campaign
+    status: CampaignStatus
+    stock: tuple[ItemStock, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One user's claim on ``qty`` units of one item, as stored in Redis."""
+
+    order_id: str
+    campaign_id: str
+    user_id: str
+    sku: str
+    qty: int
+    amount: int
+    state: OrderState
+    created_at: datetime
+    expires_at: datetime  # the payment deadline of the hold
+    version: int
+    kind: OrderKind
+    team_id: str | None
+    payment_ref: str | None
+
+    @classmethod
+    def from_record(cls, order_id: str, record: str) -> Order:
+        """Decode the packed record of lua/lib/common.lua."""
+        user, sku, qty, amount, state, created, deadline, version, kind, team, payref = (
+            record.split("|")
+        )
+        return cls(
+            order_id=order_id,
+            campaign_id=campaign_of_order(order_id),
+            user_id=user,
+            sku=sku,
+            qty=int(qty),
+            amount=int(amount),
+            state=_STATE_CODES[state],
+            created_at=from_ms(int(created)),
+            expires_at=from_ms(int(deadline)),
+            version=int(version),
+            kind=_KIND_CODES[kind],
+            team_id=team or None,
+            payment_ref=payref or None,
+        )

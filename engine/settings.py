@@ -1,0 +1,95 @@
+"""One frozen settings object, built from ``FLASHTEAM_*`` environment variables.
+
+FLASHTEAM_REDIS_URL        Redis to use. Unset: ``flashteam run`` starts a private redis-server
+                           under FLASHTEAM_DATA_DIR.
+FLASHTEAM_REDIS_CLUSTER    ``1``: the URL names a node of a Redis Cluster (default 0).
+FLASHTEAM_DATABASE_URL     ``sqlite:///path`` (default ``sqlite:///<data dir>/flashteam.db``).
+FLASHTEAM_DATA_DIR         where local data lives: Redis AOF, SQLite (default ``./var``).
+FLASHTEAM_APPENDFSYNC      the private Redis's AOF fsync: ``everysec`` (default; up to ~1 s of
+                           acknowledged writes lost on power loss) or ``always`` (zero loss).
+FLASHTEAM_RATE_LIMIT       order attempts per user per campaign per second (default 5, 0 = off).
+FLASHTEAM_IDEMPOTENCY_TTL  seconds an idempotency key is remembered (default and minimum 86400).
+FLASHTEAM_REAPER_INTERVAL  seconds between reaper passes, at most 1 (default 0.2).
+FLASHTEAM_REAPER_BATCH     held orders ended per script call (default 500).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from engine.errors import ConfigurationError
+
+_PREFIX = "FLASHTEAM_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable, with production-safe defaults."""
+
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    database_url: str | None = None
+    data_dir: Path = Path("var")
+    appendfsync: str = "everysec"
+    rate_limit: int = 5
+    idempotency_ttl: int = 86_400
+    reaper_interval: float = 0.2
+    reaper_batch: int = 500
+
+    def __post_init__(self) -> None:
+        if self.appendfsync not in ("everysec", "always"):
+            raise ConfigurationError("FLASHTEAM_APPENDFSYNC must be 'everysec' or 'always'")
+        if self.rate_limit < 0 or self.idempotency_ttl < 86_400:
+            raise ConfigurationError(
+                "FLASHTEAM_RATE_LIMIT must be >= 0 and FLASHTEAM_IDEMPOTENCY_TTL >= 86400 (24 h)"
+            )
+        if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:
+            raise ConfigurationError(
+                "FLASHTEAM_REAPER_INTERVAL must be in (0, 1] seconds (holds expire within 1 s)"
+                " and FLASHTEAM_REAPER_BATCH >= 1"
+            )
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file: from ``sqlite:///...`` or the default under the data dir."""
+        url = self.database_url
+        if url is None:
+            return self.data_dir / "flashteam.db"
+        if not url.startswith("sqlite:///"):
+            raise ConfigurationError(f"not a SQLite URL: {url.split('://')[0]}://...")
+        return Path(url.removeprefix("sqlite:///"))
+
+    def with_(self, **changes: object) -> Settings:
+        """A copy with some fields changed (tests, CLI flags)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``FLASHTEAM_*`` variable; ConfigurationError names a bad one."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(_PREFIX + name)
+            return value if value else None
+
+        def number(name: str, kind: type[int] | type[float], default: float) -> float:
+            raw = get(name)
+            try:
+                return default if raw is None else kind(raw)
+            except ValueError as exc:
+                raise ConfigurationError(f"{_PREFIX}{name} must be a number, not {raw!r}") from exc
+
+        return cls(
+            redis_url=get("REDIS_URL"),
+            redis_cluster=(get("REDIS_CLUSTER") or "0").lower() in ("1", "true", "yes"),
+            database_url=get("DATABASE_URL"),
+            data_dir=Path(get("DATA_DIR") or "var"),
+            appendfsync=get("APPENDFSYNC") or "everysec",
+            rate_limit=int(number("RATE_LIMIT", int, 5)),
+            idempotency_ttl=int(number("IDEMPOTENCY_TTL", int, 86_400)),
+            reaper_interval=number("REAPER_INTERVAL", float, 0.2),
+            reaper_batch=int(number("REAPER_BATCH", int, 500)),
+        )

@@ -1,0 +1,44 @@
+-- warm_campaign.lua: load a campaign definition and its stock into Redis (warm-up), or edit it.
+-- Guards the lifecycle on the Redis clock, so an edit racing the start can never reset the
+-- stock of a campaign that has begun selling.
+--
+-- KEYS[1] meta   hash   definition and flags
+-- KEYS[2] inv    hash   inventory buckets (a:/h:/p:/r: units, i: initial stock, $: price per sku)
+-- ARGV[1] mode   'define'  replace definition and stock; only while not started (by Redis time)
+--                'ensure'  like define, but only when the campaign is absent (start-up warm-up)
+--                'extend'  move ends to ARGV[2] (ms); only while running and never earlier
+-- ARGV[2..9] (define, ensure) kind, starts_ms, ends_ms, per_user_limit, hold_ms, team_size,
+--            team_ttl_ms, invalidated_at_ms (0 = not invalidated)
+-- ARGV[10..] (define, ensure) sku, price, stock triples
+-- returns {0, loaded 0|1}   done (loaded = 1 when the definition was written)
+--         {1}               extend: no such campaign
+--         {12, reason}      not editable: 'started', 'ended', 'invalidated' or 'earlier'
+local mode = ARGV[1]
+local now = now_ms()
+local m = load_meta(KEYS[1])
+
+if mode == 'extend' then
+  if not m then return {NOT_FOUND} end
+  if m.invalid > 0 then return {NOT_EDITABLE, 'invalidated'} end
+  if now >= m.ends then return {NOT_EDITABLE, 'ended'} end
+  local ends = tonumber(ARGV[2])
+  if ends < m.ends then return {NOT_EDITABLE, 'earlier'} end
+  redis.call('HSET', KEYS[1], 'ends', ARGV[2])
+  return {OK, 1}
+end
+
+if m then
+  if mode == 'ensure' then return {OK, 0} end
+  if m.invalid > 0 then return {NOT_EDITABLE, 'invalidated'} end
+  if now >= m.starts then return {NOT_EDITABLE, 'started'} end
+end
+
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'kind', ARGV[2], 'starts', ARGV[3], 'ends', ARGV[4], 'limit', ARGV[5],
+  'hold', ARGV[6], 'team_size', ARGV[7], 'team_ttl', ARGV[8], 'invalid', ARGV[9])
+for i = 10, #ARGV, 3 do
+  local sku = ARGV[i]
+  redis.call('HSET', KEYS[2], '$:' .. sku, ARGV[i + 1], 'i:' .. sku, ARGV[i + 2],
+    'a:' .. sku, ARGV[i + 2], 'h:' .. sku, 0, 'p:' .. sku, 0, 'r:' .. sku, 0)
+end
+return {OK, 1}

@@ -1,0 +1,89 @@
+"""Real servers for the suite: a redis-server and a 3-master Redis Cluster on free loopback
+ports in temp dirs, started once per session; every test gets a flushed database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine import Campaign, CampaignKind, Engine, Item, Settings
+from engine.redis_server import RedisClusterServers, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    with RedisClusterServers(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client on the session server, with every key and script flushed first."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushall()
+    await client.script_flush()
+    yield client
+    await client.aclose()
+
+
+def make_settings(url: str, tmp_path: Path, **changes: object) -> Settings:
+    """Test settings: a private SQLite file, no rate limit unless a test asks for one."""
+    settings = Settings(redis_url=url, data_dir=tmp_path, rate_limit=0, reaper_interval=0.05)
+    return settings.with_(**changes) if changes else settings
+
+
+@pytest.fixture
+async def engine(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[Engine]:
+    async with await Engine.open(make_settings(redis_server.url, tmp_path)) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def cluster_engine(
+    redis_cluster: RedisClusterServers, tmp_path: Path
+) -> AsyncIterator[Engine]:
+    for server in redis_cluster.servers:
+        client = aioredis.Redis.from_url(server.url)
+        await client.flushall()
+        await client.aclose()
+    settings = make_settings(redis_cluster.url, tmp_path, redis_cluster=True)
+    async with await Engine.open(settings) as opened:
+        yield opened
+
+
+def flash_campaign(
+    now: datetime,
+    campaign_id: str = "sale",
+    *,
+    stock: int = 100,
+    limit: int = 2,
+    hold_seconds: int = 60,
+    starts_in: float = -1.0,
+    lasts: float = 3600.0,
+    skus: tuple[str, ...] = ("sku-1",),
+    price: int = 1999,
+) -> Campaign:
+    """A flash campaign relative to ``now`` (the Redis clock); active by default."""
+    starts = now + timedelta(seconds=starts_in)
+    return Campaign(
+        id=campaign_id,
+        kind=CampaignKind.FLASH,
+        title=f"Flash sale {campaign_id}",
+        starts_at=starts,
+        ends_at=starts + timedelta(seconds=lasts),
+        items=tuple(Item(sku, price, stock) for sku in skus),
+        per_user_limit=limit,
+        hold_seconds=hold_seconds,
+    )
