@@ -6,9 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +20,8 @@ from types import TracebackType
 from engine.errors import ConfigurationError
 
 _START_TIMEOUT = 15.0
+_PR_SET_PDEATHSIG = 1
+_CLUSTER_BUS_OFFSET = 10_000
 
 
 def redis_server_binary() -> str:
@@ -29,11 +35,29 @@ def redis_server_binary() -> str:
     return path
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(*, below: int = 65536, bus_offset: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, under ``below``; with
+    ``bus_offset``, port + offset must be free too (a cluster node's bus port)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port >= below:
+            continue
+        if bus_offset is None:
+            return port
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + bus_offset))
+            except OSError:
+                continue
+        return port
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when its parent dies (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _ping(port: int) -> bytes:
@@ -79,7 +103,11 @@ class RedisServer:
             "--logfile", "redis.log",
             *self.extra_args,
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -133,6 +161,7 @@ class RedisClusterServers:
         self.servers = [
             RedisServer(
                 data_dir / f"node{i}",
+                port=free_port(below=65536 - _CLUSTER_BUS_OFFSET, bus_offset=_CLUSTER_BUS_OFFSET),
                 extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
             )
             for i in range(masters)
@@ -144,6 +173,14 @@ class RedisClusterServers:
 
     def start(self) -> RedisClusterServers:
         """Start the nodes, assign the 16384 slots, join them, and wait for ``cluster_state:ok``."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         for server in self.servers:
             server.start()
         share = 16384 // len(self.servers)
@@ -155,9 +192,8 @@ class RedisClusterServers:
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if all("cluster_state:ok" in _command(s.port, "CLUSTER", "INFO") for s in self.servers):
-                return self
+                return
             time.sleep(0.05)
-        self.stop()
         raise ConfigurationError("the Redis Cluster did not reach cluster_state:ok in time")
 
     def stop(self) -> None:
