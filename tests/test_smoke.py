@@ -13,3 +13,15 @@ async def test_cluster_reserve(cluster_engine: Engine) -> None:
     await cluster_engine.campaigns.create(flash_campaign(await cluster_engine.runtime.now()))
     held = await cluster_engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
     assert held.order.state is OrderState.HELD
+
+
+async def test_audit_sees_a_planted_oversell(engine: Engine) -> None:
+    from engine.audit import audit_campaign
+    from engine.keys import keys_of
+
+    await engine.campaigns.create(flash_campaign(await engine.runtime.now(), stock=1))
+    await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
+    assert (await audit_campaign(engine.runtime, "sale")).ok
+    await engine.runtime.redis.hincrby(keys_of("sale").inv, "a:sku-1", -1)
+    audit = await audit_campaign(engine.runtime, "sale")
+    assert any("below zero" in v for v in audit.violations)
