@@ -109,7 +109,7 @@ class Campaigns:
             self._rt.scripts.invalidate_campaign, (keys.meta, keys.events), ()
         )
         if reply[0] != Code.OK:
-            raise rejection(reply[0], f"campaign {campaign_id} already ended", reason=reply[1])
+            raise NotEditable(f"campaign {campaign_id} already ended", reason=reply[1])
         if current.invalidated_at is None:
             await self._rt.store.replace_campaign(
                 dataclasses.replace(current, invalidated_at=from_ms(int(reply[1])))

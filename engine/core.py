@@ -22,6 +22,7 @@ from engine.runtime import Runtime
 from engine.scripts import RedisClient, Scripts, guarded
 from engine.settings import Settings
 from engine.store import Store, open_store
+from engine.teams import Teams
 
 _MAX_IN_FLIGHT = 256
 
@@ -60,12 +61,13 @@ async def check_eviction_policy(client: RedisClient) -> None:
 
 
 class Engine:
-    """Campaigns, the flash sale and the reaper over one Redis and one durable store."""
+    """Campaigns, flash sale, teams and the reaper over one Redis and one durable store."""
 
     def __init__(self, rt: Runtime) -> None:
         self.runtime = rt
         self.campaigns = Campaigns(rt)
         self.flash = FlashSale(rt)
+        self.teams = Teams(rt)
         self.reaper = Reaper(rt)
 
     @classmethod

@@ -11,25 +11,9 @@ from typing import Any
 
 from engine.errors import NotFound, ValidationError
 from engine.keys import campaign_of_order, check_id, check_key, keys_of
-from engine.models import MAX_UNITS, Order, from_ms
+from engine.models import MAX_UNITS, Order
 from engine.runtime import Runtime
-from engine.scripts import Code, guarded, rejection
-
-_MESSAGES = {
-    Code.NOT_FOUND: "no such campaign, sku or order",
-    Code.NOT_STARTED: "the campaign has not started yet",
-    Code.ENDED: "the campaign has ended",
-    Code.INVALIDATED: "the campaign was invalidated",
-    Code.SOLD_OUT: "sold out",
-    Code.LIMIT_EXCEEDED: "the per-user limit would be exceeded",
-    Code.RATE_LIMITED: "too many attempts: retry after the given delay",
-    Code.IDEMPOTENCY_MISMATCH: "this idempotency key was used with another sku or qty",
-    Code.FORBIDDEN: "the order belongs to another user",
-    Code.HOLD_EXPIRED: "the hold expired before payment: the payment must be refunded",
-    Code.INVALID_STATE: "the order is not in a state that allows this",
-    Code.WRONG_KIND: "this is a team campaign: open or join a team instead",
-}
-_STATE_NAMES = {"H": "held", "P": "paid", "C": "cancelled", "E": "expired", "R": "refunded"}
+from engine.scripts import Code, check_reply, guarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,32 +24,9 @@ class Reservation:
     replayed: bool
 
 
-def _details(code: int, reply: list[Any]) -> dict[str, Any]:
-    extra: Any = reply[1] if len(reply) > 1 else None
-    if code == Code.NOT_STARTED:
-        return {"starts_at": from_ms(int(extra))}
-    if code == Code.ENDED:
-        return {"ends_at": from_ms(int(extra))}
-    if code == Code.RATE_LIMITED:
-        return {"retry_after": int(extra) / 1000}
-    if code == Code.SOLD_OUT:
-        return {"available": int(extra)}
-    if code == Code.LIMIT_EXCEEDED:
-        return {"units_left": int(extra)}
-    if code == Code.INVALID_STATE and extra is not None:
-        return {"state": _STATE_NAMES.get(extra, extra)}
-    if code == Code.NOT_FOUND and extra is not None:
-        return {"sku": extra}
-    return {}
-
-
 def order_from_reply(reply: list[Any]) -> Order:
     """The order of a ``{0, order_id, record, ...}`` reply, or the matching rejection."""
-    code = reply[0]
-    if code != Code.OK:
-        raise rejection(
-            code, _MESSAGES.get(Code(code), Code(code).name.lower()), **_details(code, reply)
-        )
+    check_reply(reply)
     return Order.from_record(reply[1], reply[2])
 
 

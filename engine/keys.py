@@ -11,6 +11,10 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
     ft:{c:<cid>}:users       hash    user id -> held + paid units (the per-user limit)
     ft:{c:<cid>}:deadlines   zset    held order id -> payment deadline (ms); the reaper's index
     ft:{c:<cid>}:events      stream  the outbox: one entry per state change (engine.events)
+    ft:{c:<cid>}:teams       hash    team id -> packed team record (see lua/lib/team.lua)
+    ft:{c:<cid>}:joinable    zset    open teams with a free seat, ordered per sku by remaining
+                                     seats then expiry (lexicographic members, scores 0)
+    ft:{c:<cid>}:team_deadlines zset open team id -> expires_at (ms); the reaper's team index
     ft:{c:<cid>}:idem:<user>:<key>   string  idempotency record, expires after 24 h
     ft:{c:<cid>}:rl:<user>           string  attempts in the current one-second window
     ft:campaigns             set     ids of campaigns warmed into Redis (read by the reaper)
@@ -104,7 +108,17 @@ class CampaignKeys:
             teams=f"{tag}:teams",
             team_index=f"{tag}:joinable",
             team_expiry=f"{tag}:team_deadlines",
-            order_keys=(meta, inv, orders, users, deadlines, events),
+            order_keys=(
+                meta,
+                inv,
+                orders,
+                users,
+                deadlines,
+                events,
+                f"{tag}:teams",
+                f"{tag}:joinable",
+                f"{tag}:team_deadlines",
+            ),
         )
 
     def idempotency(self, user_id: str, key: str) -> str:

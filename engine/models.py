@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from engine.errors import ValidationError
-from engine.keys import campaign_of_order, check_id
+from engine.keys import campaign_of_order, campaign_of_team, check_id
 
 MAX_ITEMS = 100
 MAX_UNITS = 1_000_000_000
@@ -42,6 +42,21 @@ class OrderKind(StrEnum):
     TEAM = "team"
 
 
+class TeamState(StrEnum):
+    PENDING = "pending"  # leader's order held, unpaid: not open, no clock, not joinable
+    OPEN = "open"  # leader paid: joinable until expires_at
+    SUCCEEDED = "succeeded"  # every seat paid
+    FAILED = "failed"  # expired before success, or the campaign was invalidated
+    DISSOLVED = "dissolved"  # the leader never paid (or cancelled)
+
+
+_TEAM_CODES = {
+    "W": TeamState.PENDING,
+    "O": TeamState.OPEN,
+    "S": TeamState.SUCCEEDED,
+    "F": TeamState.FAILED,
+    "D": TeamState.DISSOLVED,
+}
 _STATE_CODES = {
     "H": OrderState.HELD,
     "P": OrderState.PAID,
@@ -205,4 +220,62 @@ class Order:
             kind=_KIND_CODES[kind],
             team_id=team or None,
             payment_ref=payref or None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Seat:
+    """A taken seat of a team: the member's order (held or paid)."""
+
+    order_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A team (团单) as stored in Redis (lua/lib/team.lua)."""
+
+    team_id: str
+    campaign_id: str
+    leader_id: str
+    sku: str
+    qty: int  # units per seat
+    size: int
+    state: TeamState
+    created_at: datetime
+    opened_at: datetime | None  # the leader's payment time
+    expires_at: datetime | None  # opened_at + team_ttl_seconds
+    held: int  # seats held, awaiting payment
+    paid: int  # seats paid (for a failed team: paid, then refunded)
+    version: int
+    why: str | None  # expired | invalidated | leader_unpaid | leader_cancelled
+    seats: tuple[Seat, ...]  # leader first
+
+    @property
+    def remaining(self) -> int:
+        """Seats nobody holds or paid: what is left to fill."""
+        return self.size - self.held - self.paid
+
+    @classmethod
+    def from_record(cls, team_id: str, record: str) -> Team:
+        """Decode the packed record of lua/lib/team.lua."""
+        (leader, sku, qty, size, state, created, opened, expires, held, paid, version, why,
+         members) = record.split("|")  # fmt: skip
+        seats = tuple(Seat(*entry.split("=", 1)) for entry in members.split(",") if entry)
+        return cls(
+            team_id=team_id,
+            campaign_id=campaign_of_team(team_id),
+            leader_id=leader,
+            sku=sku,
+            qty=int(qty),
+            size=int(size),
+            state=_TEAM_CODES[state],
+            created_at=from_ms(int(created)),
+            opened_at=from_ms(int(opened)) if int(opened) else None,
+            expires_at=from_ms(int(expires)) if int(expires) else None,
+            held=int(held),
+            paid=int(paid),
+            version=int(version),
+            why=why or None,
+            seats=seats,
         )

@@ -1,11 +1,12 @@
-"""The reaper: ends held orders whose payment deadline passed, within 1 s, exactly once.
+"""The reaper: ends held orders whose payment deadline passed, and fails open teams whose
+expiry passed, within 1 s, exactly once.
 
 It polls (no keyspace notifications, SPEC 4): every ``reaper_interval`` seconds it runs
-``expire_orders.lua`` for each campaign in ``ft:campaigns``, in batches, until nothing is due.
-Several reapers may run at once: the script removes each order from the deadline index in the
-same atomic step that ends it, so an order is ended by exactly one of them. The same pass
-finishes the invalidation cascade (every held order of an invalidated campaign is cancelled),
-so a crash in the middle of ``Campaigns.invalidate`` leaves nothing behind.
+``expire_teams.lua`` then ``expire_orders.lua`` for each campaign in ``ft:campaigns``, in
+batches, until nothing is due. Several reapers may run at once: each script removes what it
+ends from its index in the same atomic step, so everything is ended by exactly one of them.
+The same pass finishes the invalidation cascade (open teams fail and refund, held orders are
+cancelled), so a crash in the middle of ``Campaigns.invalidate`` leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+
+from redis.commands.core import AsyncScript
 
 from engine.errors import Unavailable
 from engine.keys import CAMPAIGN_SET, keys_of
@@ -29,16 +32,24 @@ class Reaper:
         self._rt = rt
 
     async def expire_campaign(self, campaign_id: str) -> tuple[int, bool]:
-        """End every due held order of one campaign; returns (orders ended, campaign is over)."""
-        keys = keys_of(campaign_id)
+        """Fail every due team, then end every due held order of one campaign.
+
+        Returns (teams failed + orders ended, the campaign is over and can hold nothing more).
+        """
         scripts = self._rt.scripts
+        teams, _ = await self._drain(scripts.expire_teams, campaign_id)
+        orders, upcoming = await self._drain(scripts.expire_orders, campaign_id)
+        return teams + orders, upcoming == -2
+
+    async def _drain(self, script: AsyncScript, campaign_id: str) -> tuple[int, int]:
+        keys = keys_of(campaign_id)
         batch = self._rt.settings.reaper_batch
         total = 0
         while True:
-            ended, upcoming = await scripts.run(scripts.expire_orders, keys.order_keys, (batch,))
+            ended, upcoming = await self._rt.scripts.run(script, keys.order_keys, (batch,))
             total += ended
             if int(upcoming) != 0:
-                return total, int(upcoming) == -2
+                return total, int(upcoming)
 
     async def run_once(self) -> int:
         """One pass over every campaign; forgets campaigns that can hold nothing any more."""
@@ -58,7 +69,7 @@ class Reaper:
             try:
                 ended = await self.run_once()
                 if ended:
-                    log.info("reaper ended %d held orders", ended)
+                    log.info("reaper ended %d held orders and teams", ended)
             except Unavailable as exc:
                 log.warning("reaper waiting for Redis: %s", exc)
             with contextlib.suppress(TimeoutError):

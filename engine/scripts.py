@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from engine import errors
+from engine.models import from_ms
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
@@ -69,9 +70,63 @@ _REJECTIONS: dict[Code, type[errors.Rejected]] = {
 }
 
 
+_MESSAGES = {
+    Code.NOT_FOUND: "no such campaign, sku, order or team",
+    Code.NOT_STARTED: "the campaign has not started yet",
+    Code.ENDED: "the campaign has ended",
+    Code.INVALIDATED: "the campaign was invalidated",
+    Code.SOLD_OUT: "sold out",
+    Code.LIMIT_EXCEEDED: "the per-user limit would be exceeded",
+    Code.RATE_LIMITED: "too many attempts: retry after the given delay",
+    Code.IDEMPOTENCY_MISMATCH: "this idempotency key was used with other parameters",
+    Code.FORBIDDEN: "the order belongs to another user",
+    Code.HOLD_EXPIRED: "the hold expired before payment: the payment must be refunded",
+    Code.INVALID_STATE: "the order is not in a state that allows this",
+    Code.NOT_EDITABLE: "the campaign can no longer be changed this way",
+    Code.TEAM_FULL: "every seat of the team is taken",
+    Code.TEAM_CLOSED: "the team is not open for joining or paying",
+    Code.ALREADY_IN_TEAM: "the user already has a seat in this team",
+    Code.TEAM_IN_PROGRESS: "a paid seat of a team in progress cannot be cancelled or refunded",
+    Code.WRONG_KIND: "the campaign is of the other kind (flash or team)",
+}
+_ORDER_STATES = {"H": "held", "P": "paid", "C": "cancelled", "E": "expired", "R": "refunded"}
+_TEAM_STATES = {"W": "pending", "O": "open", "S": "succeeded", "F": "failed", "D": "dissolved"}
+
+
 def rejection(code: int, message: str, **details: Any) -> errors.Rejected:
     """The exception for a script's non-zero outcome code."""
     return _REJECTIONS[Code(code)](message, **details)
+
+
+def _details(code: Code, extra: Any) -> dict[str, Any]:
+    if extra is None:
+        return {}
+    if code is Code.NOT_STARTED:
+        return {"starts_at": from_ms(int(extra))}
+    if code is Code.ENDED:
+        return {"ends_at": from_ms(int(extra))}
+    if code is Code.RATE_LIMITED:
+        return {"retry_after": int(extra) / 1000}
+    if code is Code.SOLD_OUT:
+        return {"available": int(extra)}
+    if code is Code.LIMIT_EXCEEDED:
+        return {"units_left": int(extra)}
+    if code is Code.INVALID_STATE:
+        return {"state": _ORDER_STATES.get(extra, extra)}
+    if code is Code.TEAM_CLOSED:
+        return {"team_state": _TEAM_STATES.get(extra, extra)}
+    if code is Code.NOT_FOUND:
+        return {"sku": extra}
+    return {}
+
+
+def check_reply(reply: list[Any]) -> list[Any]:
+    """Return a script's reply when its code is OK; else raise the matching rejection with
+    its details (``starts_at``, ``retry_after``, ``available``, ...)."""
+    code = Code(reply[0])
+    if code is Code.OK:
+        return reply
+    raise rejection(code, _MESSAGES[code], **_details(code, reply[1] if len(reply) > 1 else None))
 
 
 def _lua_dir() -> Path:
@@ -81,9 +136,10 @@ def _lua_dir() -> Path:
 
 
 def script_source(name: str) -> str:
-    """The text sent to Redis for ``lua/<name>.lua``: the shared library, then the script."""
+    """The text sent to Redis for ``lua/<name>.lua``: the shared libraries, then the script."""
     lua = _lua_dir()
-    return (lua / "lib" / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    parts = [lua / "lib" / "common.lua", lua / "lib" / "team.lua", lua / f"{name}.lua"]
+    return "\n".join(part.read_text() for part in parts)
 
 
 class Scripts:
@@ -97,6 +153,11 @@ class Scripts:
         "expire_orders",
         "warm_campaign",
         "invalidate_campaign",
+        "open_team",
+        "join_team",
+        "quick_join",
+        "expire_teams",
+        "list_teams",
     )
 
     def __init__(self, client: RedisClient, max_in_flight: int = 256) -> None:
@@ -111,6 +172,11 @@ class Scripts:
         self.expire_orders: AsyncScript = make(self._sources["expire_orders"])
         self.warm_campaign: AsyncScript = make(self._sources["warm_campaign"])
         self.invalidate_campaign: AsyncScript = make(self._sources["invalidate_campaign"])
+        self.open_team: AsyncScript = make(self._sources["open_team"])
+        self.join_team: AsyncScript = make(self._sources["join_team"])
+        self.quick_join: AsyncScript = make(self._sources["quick_join"])
+        self.expire_teams: AsyncScript = make(self._sources["expire_teams"])
+        self.list_teams: AsyncScript = make(self._sources["list_teams"])
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (on every primary of a cluster) so the first call is warm."""

@@ -1,18 +1,29 @@
--- cancel_order.lua: the owner cancels a held order; its stock is sellable again at once.
+-- cancel_order.lua: the owner cancels a held order; its stock is sellable again at once. A held
+-- team seat is freed (the team is joinable again); a pending team's leader dissolves the team.
 --
--- KEYS[1] meta  KEYS[2] inv  KEYS[3] orders  KEYS[4] users  KEYS[5] deadlines  KEYS[6] events
+-- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] order id   ARGV[2] user id
--- returns {0, order_id, record}   cancelled now, or already cancelled (a retry)
+-- returns {0, order_id, record, 0[, team_id, team_record, opened]}
+--                                 cancelled now, or already cancelled (a retry)
 --         {1}                     no such order
 --         {9}                     the order belongs to another user
+--         {16}                    a paid seat of a team still in progress (refunded only if
+--                                 the team fails)
 --         {11, state}             not held (paid, expired or refunded)
-local k = {meta = KEYS[1], inv = KEYS[2], orders = KEYS[3], users = KEYS[4], deadlines = KEYS[5],
-  events = KEYS[6]}
+local k = order_keys()
 local id, user = ARGV[1], ARGV[2]
 
 local o = load_order(k.orders, id)
 if not o then return {NOT_FOUND} end
 if o.user ~= user then return {FORBIDDEN} end
-if o.state == 'C' then return {OK, id, redis.call('HGET', k.orders, id)} end
+if o.state == 'C' then return order_reply(k, id, 0) end
+if o.state == 'P' and o.kind == 't' then
+  local state = load_team(k.teams, o.team).state
+  if state == 'O' or state == 'W' then return {TEAM_IN_PROGRESS} end
+end
 if o.state ~= 'H' then return {INVALID_STATE, o.state} end
-return {OK, id, release_hold(k, o, 'C', now_ms(), 'user')}
+
+local now = now_ms()
+release_hold(k, o, 'C', now, 'user')
+if o.kind == 't' then seat_released(k, o, now, 'user') end
+return order_reply(k, id, 0)

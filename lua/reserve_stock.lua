@@ -1,13 +1,9 @@
 -- reserve_stock.lua: reserve qty units of one item of a flash campaign for one user.
 --
--- KEYS[1] meta       hash    campaign definition (kind, starts, ends, limit, hold, invalid)
--- KEYS[2] inv        hash    inventory buckets a:/h:/p:/r:/i:/$: per sku
--- KEYS[3] orders     hash    order id -> record
--- KEYS[4] users      hash    user id -> held + paid units
--- KEYS[5] deadlines  zset    held order id -> payment deadline (ms)
--- KEYS[6] events     stream  outbox
--- KEYS[7] idem       string  this (user, idempotency key)'s record: "<order id>|<fingerprint>"
--- KEYS[8] rl         string  this user's attempts in the current second
+-- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys): meta, inv, orders, users,
+--            deadlines, events, teams, joinable, team_deadlines
+-- KEYS[10] idem  string  this (user, idempotency key)'s record: "<order id>|<fingerprint>"
+-- KEYS[11] rl    string  this user's attempts in the current second
 -- ARGV[1] campaign id     ARGV[2] user id      ARGV[3] sku      ARGV[4] qty (>= 1)
 -- ARGV[5] rate limit (attempts per second, 0 = off)  ARGV[6] idempotency TTL (s)
 -- returns {0, order_id, record, replayed 0|1}       reserved, or the original order on a retry
@@ -17,29 +13,19 @@
 --         {2, starts_ms} | {3, ends_ms}             not started | ended
 --         {1, sku} | {6, units_left} | {5, available} unknown sku | over the limit | sold out
 -- Checks run before the first write (the rate-limit counter aside, which counts attempts).
-local k = {meta = KEYS[1], inv = KEYS[2], orders = KEYS[3], users = KEYS[4], deadlines = KEYS[5],
-  events = KEYS[6]}
+local k = order_keys()
 local cid, user, sku, qty = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local fingerprint = 'reserve:' .. sku .. ':' .. ARGV[4]
 
-local prior = redis.call('GET', KEYS[7])
-if prior then
-  local sep = string.find(prior, '|', 1, true)
-  if string.sub(prior, sep + 1) ~= fingerprint then return {IDEMPOTENCY_MISMATCH} end
-  local id = string.sub(prior, 1, sep - 1)
-  return {OK, id, redis.call('HGET', k.orders, id), 1}
-end
-
-local wait = rate_limited(KEYS[8], tonumber(ARGV[5]))
+local prior = replay(k, KEYS[10], fingerprint)
+if prior then return prior end
+local wait = rate_limited(KEYS[11], tonumber(ARGV[5]))
 if wait then return {RATE_LIMITED, wait} end
 
 local now = now_ms()
 local m = load_meta(k.meta)
-local code = gate(m, now)
-if code == NOT_STARTED then return {code, string.format('%d', m.starts)} end
-if code == ENDED then return {code, string.format('%d', m.ends)} end
-if code ~= OK then return {code} end
-if m.kind ~= 'flash' then return {WRONG_KIND} end
+local closed = gate_reply(m, now, 'flash')
+if closed then return closed end
 
 local price = redis.call('HGET', k.inv, '$:' .. sku)
 if not price then return {NOT_FOUND, sku} end
@@ -54,5 +40,6 @@ local id = cid .. '.o' .. redis.call('HINCRBY', k.meta, 'oseq', 1)
 local o = {id = id, user = user, sku = sku, qty = qty, amount = qty * tonumber(price), state = 'H',
   created = now, deadline = now + m.hold, version = 0, kind = 'f', team = '', payref = ''}
 redis.call('ZADD', k.deadlines, o.deadline, id)
-redis.call('SET', KEYS[7], id .. '|' .. fingerprint, 'EX', tonumber(ARGV[6]))
-return {OK, id, save_order(k.orders, k.events, o, now, 'user'), 0}
+remember(KEYS[10], id, fingerprint, tonumber(ARGV[6]))
+save_order(k.orders, k.events, o, now, 'user')
+return order_reply(k, id, 0)

@@ -1,0 +1,213 @@
+"""Team-join (group-buy, 拼团) operations: open, join, quick-join, and the team views.
+
+Payment and cancellation of team orders go through ``engine.flash`` (``pay``, ``cancel``): the
+same scripts open a team on the leader's payment, make it succeed on the last paid seat and
+free a held seat. Team expiry, failure refunds and leader-hold expiry run in the reaper
+(SPEC section 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from engine.errors import NotFound, ValidationError
+from engine.keys import campaign_of_team, check_id, check_key, keys_of
+from engine.models import MAX_UNITS, Order, Team, TeamState
+from engine.runtime import Runtime
+from engine.scripts import check_reply, guarded
+
+# Index entries quick_join looks at before it opens a new team (skipping the user's own teams).
+_QUICK_JOIN_SCAN = 64
+MAX_LIST = 100
+
+
+@dataclass(frozen=True, slots=True)
+class TeamSeatResult:
+    """A held team order with its team; ``opened`` when the user leads a new team."""
+
+    order: Order
+    team: Team
+    opened: bool
+    replayed: bool
+
+
+class ShareState(StrEnum):
+    """What the page behind a shared team link shows (SPEC section 5)."""
+
+    PENDING = "pending"
+    OPEN = "open"
+    FULL_AWAITING_PAYMENT = "full_awaiting_payment"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DISSOLVED = "dissolved"
+    CAMPAIGN_INVALIDATED = "campaign_invalidated"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """One seat on the share page, with the user id masked."""
+
+    name: str
+    leader: bool
+    paid: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TeamView:
+    """The share view of one team for one viewer."""
+
+    team: Team
+    share_state: ShareState
+    members: tuple[MemberView, ...]
+    viewer_can_join: bool
+    viewer_in_team: bool
+
+
+def mask_user(user_id: str) -> str:
+    """``shopper-1234`` -> ``s***4``: enough to recognise a friend, not to identify anyone."""
+    return user_id[0] + "***" + (user_id[-1] if len(user_id) > 1 else "")
+
+
+def seat_result(reply: list[Any]) -> TeamSeatResult:
+    """Decode ``{0, order_id, record, replayed, team_id, team_record, opened}``."""
+    check_reply(reply)
+    return TeamSeatResult(
+        order=Order.from_record(reply[1], reply[2]),
+        team=Team.from_record(reply[4], reply[5]),
+        opened=reply[6] == 1,
+        replayed=reply[3] == 1,
+    )
+
+
+class Teams:
+    """Team-join on top of the flash-sale core (SPEC section 5)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._scripts = rt.scripts
+
+    async def open(
+        self, campaign_id: str, leader_id: str, sku: str, qty: int, idempotency_key: str
+    ) -> TeamSeatResult:
+        """Open a pending team: the leader's units are held; paying opens the team."""
+        keys = keys_of(campaign_id)
+        check_id(leader_id, "user_id")
+        check_id(sku, "sku")
+        check_key(idempotency_key, "idempotency_key")
+        if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= MAX_UNITS:
+            raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
+        settings = self._rt.settings
+        reply = await self._scripts.run(
+            self._scripts.open_team,
+            (*keys.order_keys, keys.idempotency(leader_id, idempotency_key), keys.rate(leader_id)),
+            (campaign_id, leader_id, sku, qty, settings.rate_limit, settings.idempotency_ttl),
+        )
+        return seat_result(reply)
+
+    async def join(self, team_id: str, user_id: str, idempotency_key: str) -> TeamSeatResult:
+        """Take a seat in an open team; it is held until paid (``engine.flash.pay``)."""
+        campaign_id = campaign_of_team(team_id)
+        keys = keys_of(campaign_id)
+        check_id(user_id, "user_id")
+        check_key(idempotency_key, "idempotency_key")
+        settings = self._rt.settings
+        reply = await self._scripts.run(
+            self._scripts.join_team,
+            (*keys.order_keys, keys.idempotency(user_id, idempotency_key), keys.rate(user_id)),
+            (campaign_id, user_id, team_id, settings.rate_limit, settings.idempotency_ttl),
+        )
+        return seat_result(reply)
+
+    async def quick_join(
+        self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
+    ) -> TeamSeatResult:
+        """Seat the user in the best open team of the sku, or open a new one (``opened``)."""
+        keys = keys_of(campaign_id)
+        check_id(user_id, "user_id")
+        check_id(sku, "sku")
+        check_key(idempotency_key, "idempotency_key")
+        settings = self._rt.settings
+        reply = await self._scripts.run(
+            self._scripts.quick_join,
+            (*keys.order_keys, keys.idempotency(user_id, idempotency_key), keys.rate(user_id)),
+            (
+                campaign_id,
+                user_id,
+                sku,
+                settings.rate_limit,
+                settings.idempotency_ttl,
+                _QUICK_JOIN_SCAN,
+            ),
+        )
+        return seat_result(reply)
+
+    async def joinable(
+        self, campaign_id: str, sku: str, viewer: str | None = None, limit: int = 20
+    ) -> list[Team]:
+        """Open teams of the sku with a free seat, without the viewer's own; fewest remaining
+        seats first, then earliest expiry (read from team records, not orders)."""
+        keys = keys_of(campaign_id)
+        check_id(sku, "sku")
+        if viewer is not None:
+            check_id(viewer, "viewer")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+            raise ValidationError(f"limit must be an integer from 1 to {MAX_LIST}", field="limit")
+        reply = await self._scripts.run(
+            self._scripts.list_teams, keys.order_keys, (sku, viewer or "", limit)
+        )
+        return [Team.from_record(reply[i], reply[i + 1]) for i in range(1, len(reply), 2)]
+
+    async def get(self, team_id: str) -> Team:
+        """The team's current record."""
+        keys = keys_of(campaign_of_team(team_id))
+        record = await guarded(self._rt.redis.hget(keys.teams, team_id))
+        if record is None:
+            raise NotFound(f"no team {team_id}", id=team_id)
+        return Team.from_record(team_id, record)
+
+    async def orders(self, team_id: str) -> list[Order]:
+        """The orders of the team's seats (held or paid; refunded once a team failed)."""
+        team = await self.get(team_id)
+        if not team.seats:
+            return []
+        keys = keys_of(team.campaign_id)
+        ids = [seat.order_id for seat in team.seats]
+        records: list[str | None] = await guarded(self._rt.redis.hmget(keys.orders, ids))
+        return [Order.from_record(i, r) for i, r in zip(ids, records, strict=True) if r]
+
+    async def view(self, team_id: str, viewer: str | None = None) -> TeamView:
+        """The share view: state, seats, masked members, and whether the viewer can join."""
+        if viewer is not None:
+            check_id(viewer, "viewer")
+        team = await self.get(team_id)
+        orders = {order.order_id: order for order in await self.orders(team_id)}
+        keys = keys_of(team.campaign_id)
+        invalidated = int(await guarded(self._rt.redis.hget(keys.meta, "invalid")) or 0) > 0
+        now = await self._rt.now()
+        in_team = viewer is not None and any(seat.user_id == viewer for seat in team.seats)
+        state = _share_state(team, invalidated, now)
+        members = tuple(
+            MemberView(
+                name=mask_user(seat.user_id),
+                leader=i == 0,
+                paid=orders[seat.order_id].state.value in ("paid", "refunded")
+                if seat.order_id in orders
+                else False,
+            )
+            for i, seat in enumerate(team.seats)
+        )
+        can_join = state is ShareState.OPEN and viewer is not None and not in_team
+        return TeamView(team, state, members, can_join, in_team)
+
+
+def _share_state(team: Team, invalidated: bool, now: datetime) -> ShareState:
+    if invalidated and team.state is not TeamState.SUCCEEDED:
+        return ShareState.CAMPAIGN_INVALIDATED
+    if team.state is TeamState.OPEN:
+        if team.expires_at is not None and now >= team.expires_at:
+            return ShareState.FAILED  # its time ran out; the reaper is about to fail it
+        return ShareState.OPEN if team.remaining > 0 else ShareState.FULL_AWAITING_PAYMENT
+    return ShareState(team.state.value)

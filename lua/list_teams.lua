@@ -1,0 +1,23 @@
+-- list_teams.lua: the joinable teams of one item for a product page (read only): open, not
+-- full, not expired, without the viewer; fewest remaining seats first, then earliest expiry.
+--
+-- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
+-- ARGV[1] sku   ARGV[2] viewer user id ('' = anonymous)   ARGV[3] at most this many teams
+-- returns {now_ms, team_id, team_record, team_id, team_record, ...}
+local k = order_keys()
+local sku, viewer, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now = now_ms()
+local out = {string.format('%d', now)}
+local entries = redis.call('ZRANGEBYLEX', k.joinable, '[' .. sku .. '|', '[' .. sku .. '|~',
+  'LIMIT', 0, limit * 4 + 16)
+for _, entry in ipairs(entries) do
+  local id = string.match(entry, '[^|]+$')
+  local t = load_team(k.teams, id)
+  if t and t.state == 'O' and now < t.expires and t.held + t.paid < t.size
+      and (viewer == '' or not member_index(t, viewer)) then
+    out[#out + 1] = id
+    out[#out + 1] = redis.call('HGET', k.teams, id)
+    if #out > limit * 2 then break end
+  end
+end
+return out
