@@ -1,10 +1,13 @@
-"""The invariant audit of one campaign's Redis state (SPEC section 6, items 1 and 2).
+"""The invariant audit of one campaign's Redis state (SPEC section 6, items 1 to 3).
 
 Reads everything the scripts maintain and recomputes it from the orders:
 - per item: available + held + paid + gone == initial stock, and available >= 0;
-- per item: the held, paid and gone buckets equal the sums over the orders in those states;
+- per item: the held and paid buckets equal the sums over the orders in those states;
 - per user: the units counter equals held + paid units over their orders, within the limit;
-- the deadline index holds exactly the held orders.
+- the deadline index holds exactly the held orders;
+- per team: held + paid seats <= team_size, one seat per user, the seat counters match the
+  seats' orders, a succeeded team has exactly team_size paid seats, every held or paid team
+  order sits in its team, and the joinable and expiry indexes hold exactly the open teams.
 Used by the tests, ``flashteam demo`` and the load-test verdict. Reads are not atomic with
 traffic: audit a quiet campaign (after the sale, or between test steps).
 """
@@ -15,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from engine.keys import keys_of
-from engine.models import Order, OrderState
+from engine.models import Order, OrderState, Team, TeamState, to_ms
 from engine.runtime import Runtime
 from engine.scripts import guarded
 
@@ -27,6 +30,7 @@ class Audit:
     campaign_id: str
     orders: dict[OrderState, int] = field(default_factory=dict)
     units: dict[OrderState, int] = field(default_factory=dict)
+    teams: dict[TeamState, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -43,6 +47,9 @@ async def audit_campaign(rt: Runtime, campaign_id: str) -> Audit:
     users: dict[str, str] = await guarded(redis.hgetall(keys.users))
     records: dict[str, str] = await guarded(redis.hgetall(keys.orders))
     indexed: list[str] = await guarded(redis.zrange(keys.deadlines, 0, -1))
+    team_records: dict[str, str] = await guarded(redis.hgetall(keys.teams))
+    joinable: list[str] = await guarded(redis.zrange(keys.team_index, 0, -1))
+    team_deadlines: list[str] = await guarded(redis.zrange(keys.team_expiry, 0, -1))
     audit = Audit(campaign_id)
     if not meta:
         audit.violations.append(f"campaign {campaign_id} is not in Redis")
@@ -66,6 +73,11 @@ async def audit_campaign(rt: Runtime, campaign_id: str) -> Audit:
         audit.violations.append(
             f"deadline index differs from held orders: {len(set(indexed) ^ held)} ids"
         )
+    teams = [Team.from_record(team_id, raw) for team_id, raw in team_records.items()]
+    for team in teams:
+        audit.teams[team.state] = audit.teams.get(team.state, 0) + 1
+    by_id = {order.order_id: order for order in orders}
+    audit.violations += _team_violations(teams, by_id, set(joinable), set(team_deadlines))
     return audit
 
 
@@ -93,4 +105,56 @@ def _user_violations(users: dict[str, str], per_user: Counter[str], limit: int) 
             found.append(f"user {user}: counter {actual}, orders say {counted}")
         if counted > limit:
             found.append(f"user {user}: {counted} units over the limit {limit}")
+    return found
+
+
+def _team_violations(
+    teams: list[Team], orders: dict[str, Order], joinable: set[str], expiring: set[str]
+) -> list[str]:
+    found = []
+    seated: set[str] = set()
+    should_index: set[str] = set()
+    for team in teams:
+        found += _one_team_violations(team, orders)
+        seated.update(seat.order_id for seat in team.seats)
+        if team.state is TeamState.OPEN:
+            if team.remaining > 0 and team.expires_at is not None:
+                expires = to_ms(team.expires_at)
+                should_index.add(f"{team.sku}|{team.remaining:03d}|{expires:013d}|{team.team_id}")
+            if team.team_id not in expiring:
+                found.append(f"team {team.team_id}: open but not in the expiry index")
+        elif team.team_id in expiring:
+            found.append(f"team {team.team_id}: {team.state} but in the expiry index")
+    if joinable != should_index:
+        found.append(
+            f"joinable index differs from open teams with seats: {joinable ^ should_index}"
+        )
+    for order in orders.values():
+        active = order.state in (OrderState.HELD, OrderState.PAID)
+        if order.team_id and active and order.order_id not in seated:
+            found.append(f"order {order.order_id}: {order.state} but not seated in its team")
+    return found
+
+
+def _one_team_violations(team: Team, orders: dict[str, Order]) -> list[str]:
+    found = []
+    name = f"team {team.team_id}"
+    if team.held + team.paid > team.size:
+        found.append(f"{name}: held {team.held} + paid {team.paid} > size {team.size}")
+    users = [seat.user_id for seat in team.seats]
+    if len(set(users)) != len(users):
+        found.append(f"{name}: a user holds two seats")
+    states = Counter(
+        orders[seat.order_id].state if seat.order_id in orders else None for seat in team.seats
+    )
+    if None in states:
+        found.append(f"{name}: a seat's order is missing")
+    if team.state in (TeamState.PENDING, TeamState.OPEN, TeamState.SUCCEEDED) and (
+        states[OrderState.HELD] != team.held or states[OrderState.PAID] != team.paid
+    ):
+        found.append(f"{name}: counters held {team.held} paid {team.paid}, seats say {states}")
+    if team.state is TeamState.SUCCEEDED and team.paid != team.size:
+        found.append(f"{name}: succeeded with {team.paid} paid seats of {team.size}")
+    if team.state is TeamState.FAILED and states[OrderState.HELD] + states[OrderState.PAID]:
+        found.append(f"{name}: failed but seats are still held or paid: {states}")
     return found
