@@ -69,7 +69,7 @@ _KIND_CODES = {"f": OrderKind.FLASH, "t": OrderKind.TEAM}
 
 def to_ms(moment: datetime) -> int:
     """Milliseconds since the epoch of an aware datetime."""
-    return int(moment.timestamp() * 1000)
+    return round(moment.timestamp() * 1000)
 
 
 def from_ms(ms: int) -> datetime:
