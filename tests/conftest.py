@@ -87,3 +87,33 @@ def flash_campaign(
         per_user_limit=limit,
         hold_seconds=hold_seconds,
     )
+
+
+def team_campaign(
+    now: datetime,
+    campaign_id: str = "group",
+    *,
+    stock: int = 100,
+    limit: int = 2,
+    team_size: int = 3,
+    hold_seconds: int = 60,
+    team_ttl_seconds: int = 600,
+    starts_in: float = -1.0,
+    lasts: float = 3600.0,
+    skus: tuple[str, ...] = ("sku-1",),
+    price: int = 990,
+) -> Campaign:
+    """A team campaign relative to ``now`` (the Redis clock); active by default."""
+    starts = now + timedelta(seconds=starts_in)
+    return Campaign(
+        id=campaign_id,
+        kind=CampaignKind.TEAM,
+        title=f"Team deal {campaign_id}",
+        starts_at=starts,
+        ends_at=starts + timedelta(seconds=lasts),
+        items=tuple(Item(sku, price, stock) for sku in skus),
+        per_user_limit=limit,
+        hold_seconds=hold_seconds,
+        team_size=team_size,
+        team_ttl_seconds=team_ttl_seconds,
+    )

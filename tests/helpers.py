@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine import Engine
 from engine.audit import audit_campaign
-from engine.keys import campaign_of_order, keys_of
+from engine.keys import campaign_of_order, campaign_of_team, keys_of
 
 
 async def age_order(engine: Engine, order_id: str, by_ms: int) -> None:
@@ -28,3 +28,29 @@ async def assert_invariants(engine: Engine, campaign_id: str) -> None:
     """Fail with every violation the audit finds (SPEC 6.1, 6.2)."""
     audit = await audit_campaign(engine.runtime, campaign_id)
     assert audit.ok, "\n".join(audit.violations)
+
+
+async def age_team(engine: Engine, team_id: str, by_ms: int) -> None:
+    """Move an open team's expiry ``by_ms`` into the past, as if time had passed.
+
+    Rewrites ``expires_ms`` in the packed team record (field 8), the team's score in the expiry
+    index and its joinable-index entry (which embeds the expiry).
+    """
+    keys = keys_of(campaign_of_team(team_id))
+    redis = engine.runtime.redis
+    record = await redis.hget(keys.teams, team_id)
+    assert isinstance(record, str), f"no team {team_id}"
+    fields = record.split("|")
+    old = int(fields[7])
+    fields[7] = str(old - by_ms)
+    await redis.hset(keys.teams, team_id, "|".join(fields))
+    if await redis.zscore(keys.team_expiry, team_id) is not None:
+        await redis.zadd(keys.team_expiry, {team_id: int(fields[7])})
+    entries: list[str] = await redis.zrange(keys.team_index, 0, -1)
+    for entry in entries:
+        if entry.endswith(f"|{team_id}"):
+            await redis.zrem(keys.team_index, entry)
+            sku, remaining, _, _ = entry.split("|")
+            await redis.zadd(
+                keys.team_index, {f"{sku}|{remaining}|{int(fields[7]):013d}|{team_id}": 0}
+            )
