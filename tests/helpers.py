@@ -46,8 +46,7 @@ async def age_team(engine: Engine, team_id: str, by_ms: int) -> None:
     await redis.hset(keys.teams, team_id, "|".join(fields))
     if await redis.zscore(keys.team_expiry, team_id) is not None:
         await redis.zadd(keys.team_expiry, {team_id: int(fields[7])})
-    entries: list[str] = await redis.zrange(keys.team_index, 0, -1)
-    for entry in entries:
+    for entry in map(str, await redis.zrange(keys.team_index, 0, -1)):
         if entry.endswith(f"|{team_id}"):
             await redis.zrem(keys.team_index, entry)
             sku, remaining, _, _ = entry.split("|")
