@@ -97,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("reaper", help="run only the reaper against FLASHTEAM_REDIS_URL")
     demo = sub.add_parser(
-        "demo", help="simulate a flash sale on a throw-away private Redis and check invariants"
+        "demo",
+        help="simulate a flash sale and a team sale on a throw-away private Redis and check "
+        "the invariants",
     )
     plan = DemoPlan()
     demo.add_argument("--shoppers", type=int, default=plan.shoppers, help="%(default)s")
@@ -106,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--pay-rate", type=float, default=plan.pay_rate, help="%(default)s")
     demo.add_argument("--cancel-rate", type=float, default=plan.cancel_rate, help="%(default)s")
     demo.add_argument("--seed", type=int, default=plan.seed, help="%(default)s")
+    demo.add_argument("--team-shoppers", type=int, default=plan.team_shoppers, help="%(default)s")
+    demo.add_argument("--team-size", type=int, default=plan.team_size, help="%(default)s")
     return parser
 
 
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 pay_rate=args.pay_rate,
                 cancel_rate=args.cancel_rate,
                 seed=args.seed,
+                team_shoppers=args.team_shoppers,
+                team_size=args.team_size,
             )
             with tempfile.TemporaryDirectory(prefix="flashteam-demo-") as tmp:
                 demo_settings = settings.with_(

@@ -1,9 +1,12 @@
-"""`flashteam demo`: a simulated flash sale on a private Redis, with an invariant verdict.
+"""`flashteam demo`: a simulated flash sale and team sale on a private Redis, with verdicts.
 
-Shoppers rush one item the moment the sale opens. Some pay, some cancel, the rest abandon
-their hold; the reaper returns abandoned stock when the holds expire and a second wave buys
-it. The demo prints what sold, what expired, rejections by reason and the no-oversell check,
-and exits non-zero when any invariant fails.
+Flash: shoppers rush one item the moment the sale opens. Some pay, some cancel, the rest
+abandon their hold; the reaper returns abandoned stock when the holds expire and a second
+wave buys it. Team: shoppers arrive in waves and quick-join teams of three; some never pay,
+so some teams never fill: they fail when their time runs out and every paid member is
+refunded; teams whose leader never pays are dissolved. The demo prints what sold, expired,
+failed and was refunded, rejections by reason and the invariant checks, and exits non-zero
+when any invariant fails.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from datetime import timedelta
 from engine.audit import audit_campaign
 from engine.core import Engine
 from engine.errors import Rejected
-from engine.models import Campaign, CampaignKind, Item, OrderState
+from engine.models import Campaign, CampaignKind, Item, OrderState, TeamState
 
 _CONCURRENCY = 512
 _REAPER_SLACK = 0.3
@@ -34,6 +37,10 @@ class DemoPlan:
     cancel_rate: float = 0.1
     hold_seconds: int = 1
     seed: int = 7
+    team_shoppers: int = 5_000
+    team_size: int = 3
+    team_ttl_seconds: int = 2
+    team_batch: int = 100  # shoppers arriving together; the next batch sees the teams opened
 
 
 @dataclass(slots=True)
@@ -77,15 +84,28 @@ async def _wave(engine: Engine, plan: DemoPlan, users: list[str], wave: int, tal
     await asyncio.gather(*(one(user) for user in users))
 
 
-async def _let_holds_expire(engine: Engine, plan: DemoPlan) -> None:
+async def _let_holds_expire(engine: Engine, plan: DemoPlan, seconds: float = 0) -> None:
     """Wait out the hold time (the background reaper works meanwhile), then one last pass so
     every hold whose deadline has passed is ended before the next wave."""
-    await asyncio.sleep(plan.hold_seconds + _REAPER_SLACK)
+    await asyncio.sleep(seconds or plan.hold_seconds + _REAPER_SLACK)
     await engine.reaper.run_once()
 
 
 async def run_demo(engine: Engine, plan: DemoPlan, out: list[str]) -> bool:
-    """Run the simulated sale, append the report lines to ``out``; True when invariants hold."""
+    """Run both simulated sales, append the report lines to ``out``; True when all hold."""
+    stop = asyncio.Event()
+    reaper = asyncio.create_task(engine.reaper.run(stop))
+    try:
+        flash_ok = await _flash_sale(engine, plan, out)
+        out.append("")
+        team_ok = await _team_sale(engine, plan, out)
+    finally:
+        stop.set()
+        await reaper
+    return flash_ok and team_ok
+
+
+async def _flash_sale(engine: Engine, plan: DemoPlan, out: list[str]) -> bool:
     now = await engine.runtime.now()
     await engine.campaigns.create(
         Campaign(
@@ -101,18 +121,12 @@ async def run_demo(engine: Engine, plan: DemoPlan, out: list[str]) -> bool:
     )
     users = [f"shopper-{n}" for n in range(plan.shoppers)]
     tally = _Tally(Counter(), Counter())
-    stop = asyncio.Event()
-    reaper = asyncio.create_task(engine.reaper.run(stop))
-    try:
-        await _wave(engine, plan, users[:50], 0, tally)  # too early: they get not_started
-        await asyncio.sleep(0.4)
-        await _wave(engine, plan, users, 1, tally)
-        await _let_holds_expire(engine, plan)
-        await _wave(engine, plan, users[::4], 2, tally)  # a second wave buys the returned stock
-        await _let_holds_expire(engine, plan)
-    finally:
-        stop.set()
-        await reaper
+    await _wave(engine, plan, users[:50], 0, tally)  # too early: they get not_started
+    await asyncio.sleep(0.4)
+    await _wave(engine, plan, users, 1, tally)
+    await _let_holds_expire(engine, plan)
+    await _wave(engine, plan, users[::4], 2, tally)  # a second wave buys the returned stock
+    await _let_holds_expire(engine, plan)
     return await _report(engine, plan, tally, out)
 
 
@@ -132,10 +146,88 @@ async def _report(engine: Engine, plan: DemoPlan, tally: _Tally, out: list[str])
         f"  cancelled     {units.get(OrderState.CANCELLED, 0):>7} units",
         f"  available     {stock.available:>7} units left",
         "  rejections by reason:",
-        *(f"    {reason:<28} {n:>7}" for reason, n in sorted(tally.rejections.items())),
+        *_rejection_lines(tally),
         f"  no oversell: paid {stock.paid} + held {stock.held} <= stock {plan.stock}: "
         f"{'OK' if no_oversell else 'FAILED'}",
         f"  invariants (SPEC 6.1, 6.2): {'OK' if audit.ok else 'FAILED'}",
         *(f"    violation: {v}" for v in audit.violations),
     ]
     return no_oversell and audit.ok
+
+
+async def _team_shopper(
+    engine: Engine, plan: DemoPlan, rng: random.Random, user: str, tally: _Tally
+) -> None:
+    try:
+        seat = await engine.teams.quick_join("demo-team", user, "fruit-box", "q")
+    except Rejected as exc:
+        tally.rejections[exc.code] += 1
+        return
+    tally.outcomes["opened" if seat.opened else "joined"] += 1
+    # Leaders mostly pay (or the team is dissolved); members a little less often.
+    if rng.random() < (0.85 if seat.opened else plan.pay_rate + 0.15):
+        try:
+            await engine.flash.pay(seat.order.order_id, user, f"pay-{seat.order.order_id}")
+        except Rejected as exc:
+            tally.rejections[f"{exc.code} (at payment)"] += 1
+
+
+async def _team_sale(engine: Engine, plan: DemoPlan, out: list[str]) -> bool:
+    now = await engine.runtime.now()
+    await engine.campaigns.create(
+        Campaign(
+            id="demo-team",
+            kind=CampaignKind.TEAM,
+            title="Demo team deal",
+            starts_at=now,
+            ends_at=now + timedelta(minutes=10),
+            items=(Item("fruit-box", 3_990, plan.team_shoppers),),
+            per_user_limit=1,
+            hold_seconds=plan.hold_seconds,
+            team_size=plan.team_size,
+            team_ttl_seconds=plan.team_ttl_seconds,
+        )
+    )
+    rng = random.Random(plan.seed)
+    tally = _Tally(Counter(), Counter())
+
+    async def one(user: str) -> None:
+        await _team_shopper(engine, plan, rng, user, tally)
+
+    users = [f"buyer-{n}" for n in range(plan.team_shoppers)]
+    for start in range(0, len(users), plan.team_batch):
+        await asyncio.gather(*(one(user) for user in users[start : start + plan.team_batch]))
+    await _let_holds_expire(engine, plan, plan.team_ttl_seconds + _REAPER_SLACK)
+    return await _team_report(engine, plan, tally, out)
+
+
+async def _team_report(engine: Engine, plan: DemoPlan, tally: _Tally, out: list[str]) -> bool:
+    audit = await audit_campaign(engine.runtime, "demo-team")
+    teams = audit.teams
+    succeeded, failed = teams.get(TeamState.SUCCEEDED, 0), teams.get(TeamState.FAILED, 0)
+    opened = succeeded + failed + teams.get(TeamState.OPEN, 0)
+    rate = f"{100 * succeeded / opened:.1f}%" if opened else "n/a"
+    out += [
+        f"team sale: {plan.team_shoppers} shoppers quick-joining teams of {plan.team_size} "
+        f"(team time {plan.team_ttl_seconds} s)",
+        f"  teams created {sum(teams.values()):>7}",
+        f"  opened        {opened:>7} (leader paid)",
+        f"  succeeded     {succeeded:>7} (success rate {rate})",
+        f"  failed        {failed:>7} (time ran out: paid members refunded)",
+        f"  dissolved     {teams.get(TeamState.DISSOLVED, 0):>7} (leader never paid)",
+        f"  refunds       {audit.orders.get(OrderState.REFUNDED, 0):>7} orders refunded",
+        f"  paid orders   {audit.orders.get(OrderState.PAID, 0):>7} "
+        f"(= {plan.team_size} x succeeded teams: "
+        f"{'OK' if audit.orders.get(OrderState.PAID, 0) == plan.team_size * succeeded else 'NO'})",
+        "  rejections by reason:",
+        *_rejection_lines(tally),
+        f"  invariants (SPEC 6.1-6.3: stock, limits, no over-filled team): "
+        f"{'OK' if audit.ok else 'FAILED'}",
+        *(f"    violation: {v}" for v in audit.violations),
+    ]
+    return audit.ok and audit.orders.get(OrderState.PAID, 0) == plan.team_size * succeeded
+
+
+def _rejection_lines(tally: _Tally) -> list[str]:
+    lines = [f"    {reason:<28} {n:>7}" for reason, n in sorted(tally.rejections.items())]
+    return lines or ["    none"]

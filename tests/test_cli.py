@@ -17,9 +17,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_demo_sells_out_without_oversell(tmp_path: Path) -> None:
+def test_demo_sells_out_without_oversell_and_fills_teams_exactly(tmp_path: Path) -> None:
     done = subprocess.run(
-        [*FLASHTEAM, "demo", "--shoppers", "2000", "--stock", "100"],
+        [*FLASHTEAM, "demo", "--shoppers", "2000", "--stock", "100", "--team-shoppers", "600"],
         env=_env(tmp_path),
         capture_output=True,
         text=True,
@@ -29,6 +29,8 @@ def test_demo_sells_out_without_oversell(tmp_path: Path) -> None:
     assert "no oversell: paid" in done.stdout
     assert "invariants (SPEC 6.1, 6.2): OK" in done.stdout
     assert "sold_out" in done.stdout
+    assert "invariants (SPEC 6.1-6.3: stock, limits, no over-filled team): OK" in done.stdout
+    assert "= 3 x succeeded teams: OK" in done.stdout
 
 
 def test_run_starts_private_redis_and_stops_on_sigterm(tmp_path: Path) -> None:
