@@ -8,7 +8,8 @@ clock inside ``warm_campaign.lua`` so an edit racing the start cannot reset live
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from engine.errors import AlreadyExists, NotEditable, NotFound, ValidationError
@@ -63,8 +64,10 @@ def _definition_args(campaign: Campaign) -> list[str | int]:
 class Campaigns:
     """Campaign definitions and their lifecycle (SPEC section 3)."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, cascade: Callable[[str], Awaitable[object]]) -> None:
+        """``cascade`` ends what an invalidation leaves open (the reaper's campaign pass)."""
         self._rt = rt
+        self._cascade = cascade
 
     async def create(self, campaign: Campaign) -> CampaignView:
         """Store a new campaign and warm it into Redis; it sells from ``starts_at``."""
@@ -89,6 +92,9 @@ class Campaigns:
         if status in (CampaignStatus.ENDED, CampaignStatus.INVALIDATED):
             raise NotEditable(f"campaign {campaign_id} is {status}: create a new one")
         changes = self._coerce(changes)
+        ends = changes.get("ends_at")
+        if isinstance(ends, datetime) and ends.tzinfo and ends <= await self._rt.now():
+            raise ValidationError("ends_at must be in the future", field="ends_at")
         if status is CampaignStatus.ACTIVE:
             if set(changes) - {"ends_at"}:
                 raise NotEditable("an active campaign only accepts a later ends_at")
@@ -114,6 +120,7 @@ class Campaigns:
             await self._rt.store.replace_campaign(
                 dataclasses.replace(current, invalidated_at=from_ms(int(reply[1])))
             )
+        await self._cascade(campaign_id)
         return await self.get(campaign_id)
 
     async def get(self, campaign_id: str) -> CampaignView:
@@ -158,7 +165,7 @@ class Campaigns:
             except ValueError as exc:
                 raise ValidationError("kind must be 'flash' or 'team'", field="kind") from exc
         if "items" in out:
-            out["items"] = tuple(i if isinstance(i, Item) else Item(**i) for i in out["items"])
+            out["items"] = tuple(_item(i) for i in _listed(out["items"]))
         return out
 
     async def _warm(self, campaign: Campaign, mode: str) -> None:
@@ -181,3 +188,17 @@ class Campaigns:
         )
         if reply[0] != Code.OK:
             raise rejection(reply[0], f"ends_at can only move later ({reply[1]})", reason=reply[1])
+
+
+def _listed(value: object) -> list[object]:
+    if not isinstance(value, list | tuple):
+        raise ValidationError("items must be a list of {sku, price, stock}", field="items")
+    return list(value)
+
+
+def _item(value: object) -> Item:
+    if isinstance(value, Item):
+        return value
+    if not isinstance(value, Mapping) or set(value) != {"sku", "price", "stock"}:
+        raise ValidationError("each item is exactly {sku, price, stock}", field="items")
+    return Item(sku=value["sku"], price=value["price"], stock=value["stock"])

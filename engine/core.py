@@ -65,10 +65,10 @@ class Engine:
 
     def __init__(self, rt: Runtime) -> None:
         self.runtime = rt
-        self.campaigns = Campaigns(rt)
+        self.reaper = Reaper(rt)
+        self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
         self.flash = FlashSale(rt)
         self.teams = Teams(rt)
-        self.reaper = Reaper(rt)
 
     @classmethod
     async def open(cls, settings: Settings, store: Store | None = None) -> Engine:

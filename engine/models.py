@@ -121,8 +121,10 @@ class Campaign:
 
     def __post_init__(self) -> None:
         check_id(self.id, "id")
-        if self.kind not in tuple(CampaignKind):
-            raise ValidationError("kind must be 'flash' or 'team'", field="kind")
+        try:
+            object.__setattr__(self, "kind", CampaignKind(self.kind))
+        except ValueError as exc:
+            raise ValidationError("kind must be 'flash' or 'team'", field="kind") from exc
         if not isinstance(self.title, str) or not 1 <= len(self.title) <= 200:
             raise ValidationError("title must be 1 to 200 characters", field="title")
         starts, ends = _aware(self.starts_at, "starts_at"), _aware(self.ends_at, "ends_at")
