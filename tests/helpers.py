@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from engine import Engine
 from engine.audit import audit_campaign
+from engine.events import Event
 from engine.keys import campaign_of_order, campaign_of_team, keys_of
 
 
@@ -53,3 +56,12 @@ async def age_team(engine: Engine, team_id: str, by_ms: int) -> None:
             await redis.zadd(
                 keys.team_index, {f"{sku}|{remaining}|{int(fields[7]):013d}|{team_id}": 0}
             )
+
+
+async def stream_events(engine: Engine, campaign_id: str) -> list[Event]:
+    """Every event of the campaign's outbox stream, decoded, oldest first."""
+    entries = cast(
+        list[tuple[str, dict[str, str]]],
+        await engine.runtime.redis.xrange(keys_of(campaign_id).events),
+    )
+    return [Event.decode(entry_id, fields) for entry_id, fields in entries]
