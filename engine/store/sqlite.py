@@ -1,8 +1,7 @@
-"""SQLite store (the embedded default): WAL mode, one connection, schema created on open."""
+"""SQLite store (the embedded default): WAL mode, one connection, schema migrated on open."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from datetime import datetime
 from pathlib import Path
@@ -11,81 +10,35 @@ from typing import Any
 import aiosqlite
 
 from engine.errors import AlreadyExists, Unavailable
-from engine.models import Campaign, CampaignKind, Item, from_ms, to_ms
+from engine.models import Campaign, Order, to_ms
+from engine.store import Batch, Totals
+from engine.store import schema as sql
+from engine.store.rows import campaign_from, campaign_row, order_from, order_row, team_row
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS campaigns (
-    id               TEXT PRIMARY KEY,
-    kind             TEXT NOT NULL,
-    title            TEXT NOT NULL,
-    starts_at        INTEGER NOT NULL,
-    ends_at          INTEGER NOT NULL,
-    per_user_limit   INTEGER NOT NULL,
-    hold_seconds     INTEGER NOT NULL,
-    team_size        INTEGER,
-    team_ttl_seconds INTEGER,
-    invalidated_at   INTEGER,
-    items            TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS campaigns_ends_at ON campaigns (ends_at);
-"""
-
-_COLUMNS = (
-    "id, kind, title, starts_at, ends_at, per_user_limit, hold_seconds, team_size,"
-    " team_ttl_seconds, invalidated_at, items"
-)
-
-
-def _row(campaign: Campaign) -> tuple[Any, ...]:
-    items = [{"sku": i.sku, "price": i.price, "stock": i.stock} for i in campaign.items]
-    invalidated = campaign.invalidated_at
-    return (
-        campaign.id,
-        campaign.kind.value,
-        campaign.title,
-        to_ms(campaign.starts_at),
-        to_ms(campaign.ends_at),
-        campaign.per_user_limit,
-        campaign.hold_seconds,
-        campaign.team_size,
-        campaign.team_ttl_seconds,
-        None if invalidated is None else to_ms(invalidated),
-        json.dumps(items),
-    )
-
-
-def _campaign(row: sqlite3.Row) -> Campaign:
-    return Campaign(
-        id=row["id"],
-        kind=CampaignKind(row["kind"]),
-        title=row["title"],
-        starts_at=from_ms(row["starts_at"]),
-        ends_at=from_ms(row["ends_at"]),
-        items=tuple(Item(**item) for item in json.loads(row["items"])),
-        per_user_limit=row["per_user_limit"],
-        hold_seconds=row["hold_seconds"],
-        team_size=row["team_size"],
-        team_ttl_seconds=row["team_ttl_seconds"],
-        invalidated_at=None if row["invalidated_at"] is None else from_ms(row["invalidated_at"]),
-    )
+_Q = sql.qmark
+_UPSERT_ORDER = sql.upsert_newer("orders", sql.ORDER_COLUMNS, _Q)
+_UPSERT_TEAM = sql.upsert_newer("teams", sql.TEAM_COLUMNS, _Q)
+_INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _Q)
+_REPLACE_CAMPAIGN = sql.replace_campaign(_Q)
 
 
 class SqliteStore:
-    """Campaign definitions in one SQLite file."""
+    """Campaigns, orders and teams in one SQLite file."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
+        """Open the file (created if missing) in WAL mode and migrate it to the schema."""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = await aiosqlite.connect(path)
+            db = await aiosqlite.connect(path, isolation_level=None)
             db.row_factory = sqlite3.Row
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
-            await db.executescript(_SCHEMA)
-            await db.commit()
+            await db.execute("PRAGMA busy_timeout=5000")
+            await _migrate(db)
         except sqlite3.Error as exc:
             raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
         return cls(db)
@@ -95,32 +48,76 @@ class SqliteStore:
 
     async def insert_campaign(self, campaign: Campaign) -> None:
         try:
-            await self._db.execute(
-                f"INSERT INTO campaigns ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                _row(campaign),
-            )
-            await self._db.commit()
+            await self._db.execute(_INSERT_CAMPAIGN, campaign_row(campaign))
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"campaign {campaign.id} already exists", id=campaign.id) from exc
 
     async def replace_campaign(self, campaign: Campaign) -> None:
-        await self._db.execute(
-            f"INSERT OR REPLACE INTO campaigns ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            _row(campaign),
-        )
-        await self._db.commit()
+        await self._db.execute(_REPLACE_CAMPAIGN, campaign_row(campaign))
 
     async def get_campaign(self, campaign_id: str) -> Campaign | None:
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM campaigns WHERE id = ?", (campaign_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _campaign(row)
+        rows = await self._fetch(sql.GET_CAMPAIGN, campaign_id)
+        return campaign_from(rows[0]) if rows else None
 
     async def campaigns_ending_after(self, moment: datetime) -> list[Campaign]:
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM campaigns WHERE ends_at > ? ORDER BY starts_at",
-            (to_ms(moment),),
-        ) as cursor:
-            rows = await cursor.fetchall()
-        return [_campaign(row) for row in rows]
+        return [
+            campaign_from(r) for r in await self._fetch(sql.CAMPAIGNS_ENDING_AFTER, to_ms(moment))
+        ]
+
+    async def apply(self, batch: Batch) -> None:
+        db = self._db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(
+                _UPSERT_ORDER, [order_row(o, at) for o, at in batch.orders.values()]
+            )
+            await db.executemany(_UPSERT_TEAM, [team_row(t, at) for t, at in batch.teams.values()])
+            await db.executemany(
+                sql.query(sql.INVALIDATE, _Q),
+                [(at, cid) for cid, at in batch.invalidations.items()],
+            )
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise Unavailable(f"SQLite write failed: {exc}") from exc
+
+    async def get_order(self, order_id: str) -> Order | None:
+        rows = await self._fetch(sql.GET_ORDER, order_id)
+        return order_from(rows[0]) if rows else None
+
+    async def user_orders(self, user_id: str, limit: int = 100) -> list[Order]:
+        return [order_from(r) for r in await self._fetch(sql.USER_ORDERS, user_id, limit)]
+
+    async def team_orders(self, team_id: str) -> list[Order]:
+        return [order_from(r) for r in await self._fetch(sql.TEAM_ORDERS, team_id)]
+
+    async def order_totals(self, campaign_id: str) -> list[Totals]:
+        rows = await self._fetch(sql.ORDER_TOTALS, campaign_id)
+        return [Totals(r["sku"], r["state"], r["orders"], r["units"], r["amount"]) for r in rows]
+
+    async def team_totals(self, campaign_id: str) -> dict[str, int]:
+        return {r["state"]: r["teams"] for r in await self._fetch(sql.TEAM_TOTALS, campaign_id)}
+
+    async def _fetch(self, template: str, *args: Any) -> list[sqlite3.Row]:
+        try:
+            async with self._db.execute(sql.query(template, _Q), args) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise Unavailable(f"SQLite read failed: {exc}") from exc
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    await db.execute(sql.VERSION_TABLE)
+    async with db.execute("SELECT version FROM schema_version") as cursor:
+        row = await cursor.fetchone()
+    current = 0 if row is None else int(row[0])
+    if current >= sql.SCHEMA_VERSION:
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    for statements in sql.MIGRATIONS[current:]:
+        for statement in statements:
+            await db.execute(statement)
+    await db.execute("DELETE FROM schema_version")
+    await db.execute("INSERT INTO schema_version (version) VALUES (?)", (sql.SCHEMA_VERSION,))
+    await db.execute("COMMIT")

@@ -1,0 +1,118 @@
+"""Conversions between engine values and SQL rows, shared by every backend.
+
+Rows come back as mappings (sqlite3.Row, asyncpg.Record): read by column name.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from engine.models import (
+    Campaign,
+    CampaignKind,
+    Item,
+    Order,
+    OrderKind,
+    OrderState,
+    Team,
+    from_ms,
+    to_ms,
+)
+
+
+class Row(Protocol):
+    """A result row readable by column name (sqlite3.Row, asyncpg.Record)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def campaign_row(campaign: Campaign) -> tuple[Any, ...]:
+    items = [{"sku": i.sku, "price": i.price, "stock": i.stock} for i in campaign.items]
+    invalidated = campaign.invalidated_at
+    return (
+        campaign.id,
+        campaign.kind.value,
+        campaign.title,
+        to_ms(campaign.starts_at),
+        to_ms(campaign.ends_at),
+        campaign.per_user_limit,
+        campaign.hold_seconds,
+        campaign.team_size,
+        campaign.team_ttl_seconds,
+        None if invalidated is None else to_ms(invalidated),
+        json.dumps(items),
+    )
+
+
+def campaign_from(row: Row) -> Campaign:
+    return Campaign(
+        id=row["id"],
+        kind=CampaignKind(row["kind"]),
+        title=row["title"],
+        starts_at=from_ms(row["starts_at"]),
+        ends_at=from_ms(row["ends_at"]),
+        items=tuple(Item(**item) for item in json.loads(row["items"])),
+        per_user_limit=row["per_user_limit"],
+        hold_seconds=row["hold_seconds"],
+        team_size=row["team_size"],
+        team_ttl_seconds=row["team_ttl_seconds"],
+        invalidated_at=None if row["invalidated_at"] is None else from_ms(row["invalidated_at"]),
+    )
+
+
+def order_row(order: Order, at_ms: int) -> tuple[Any, ...]:
+    return (
+        order.order_id,
+        order.campaign_id,
+        order.user_id,
+        order.sku,
+        order.qty,
+        order.amount,
+        order.state.value,
+        order.kind.value,
+        order.team_id,
+        order.payment_ref,
+        to_ms(order.created_at),
+        to_ms(order.expires_at),
+        at_ms,
+        order.version,
+    )
+
+
+def order_from(row: Row) -> Order:
+    return Order(
+        order_id=row["order_id"],
+        campaign_id=row["campaign_id"],
+        user_id=row["user_id"],
+        sku=row["sku"],
+        qty=row["qty"],
+        amount=row["amount"],
+        state=OrderState(row["state"]),
+        created_at=from_ms(row["created_at"]),
+        expires_at=from_ms(row["expires_at"]),
+        version=row["version"],
+        kind=OrderKind(row["order_type"]),
+        team_id=row["team_id"],
+        payment_ref=row["payment_ref"],
+    )
+
+
+def team_row(team: Team, at_ms: int) -> tuple[Any, ...]:
+    return (
+        team.team_id,
+        team.campaign_id,
+        team.leader_id,
+        team.sku,
+        team.qty,
+        team.size,
+        team.state.value,
+        team.why,
+        team.held,
+        team.paid,
+        to_ms(team.created_at),
+        None if team.opened_at is None else to_ms(team.opened_at),
+        None if team.expires_at is None else to_ms(team.expires_at),
+        at_ms,
+        team.version,
+    )

@@ -1,0 +1,180 @@
+"""The one SQL schema both backends share, its migrations, and the idempotent upserts.
+
+Times are integer milliseconds since the epoch (the Redis clock), money integer minor units.
+Orders and teams are written only by the flush worker, from outbox events, with an upsert that
+applies a row only when its ``version`` is newer than the stored one: replays and out-of-order
+deliveries can never move a row back to an earlier state (SPEC 6.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# Each migration moves the schema from version i to i + 1; applied in order on open.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS campaigns (
+            id               TEXT PRIMARY KEY,
+            kind             TEXT NOT NULL,
+            title            TEXT NOT NULL,
+            starts_at        BIGINT NOT NULL,
+            ends_at          BIGINT NOT NULL,
+            per_user_limit   INTEGER NOT NULL,
+            hold_seconds     INTEGER NOT NULL,
+            team_size        INTEGER,
+            team_ttl_seconds INTEGER,
+            invalidated_at   BIGINT,
+            items            TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS campaigns_ends_at ON campaigns (ends_at)",
+        """CREATE TABLE IF NOT EXISTS orders (
+            order_id    TEXT PRIMARY KEY,
+            campaign_id TEXT NOT NULL,
+            user_id     TEXT NOT NULL,
+            sku         TEXT NOT NULL,
+            qty         INTEGER NOT NULL,
+            amount      BIGINT NOT NULL,
+            state       TEXT NOT NULL,
+            order_type  TEXT NOT NULL,
+            team_id     TEXT,
+            payment_ref TEXT,
+            created_at  BIGINT NOT NULL,
+            expires_at  BIGINT NOT NULL,
+            updated_at  BIGINT NOT NULL,
+            version     INTEGER NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS orders_user ON orders (user_id, created_at)",
+        "CREATE INDEX IF NOT EXISTS orders_team ON orders (team_id)",
+        "CREATE INDEX IF NOT EXISTS orders_campaign ON orders (campaign_id, sku, state)",
+        """CREATE TABLE IF NOT EXISTS teams (
+            team_id     TEXT PRIMARY KEY,
+            campaign_id TEXT NOT NULL,
+            leader_id   TEXT NOT NULL,
+            sku         TEXT NOT NULL,
+            qty         INTEGER NOT NULL,
+            size        INTEGER NOT NULL,
+            state       TEXT NOT NULL,
+            why         TEXT,
+            held        INTEGER NOT NULL,
+            paid        INTEGER NOT NULL,
+            created_at  BIGINT NOT NULL,
+            opened_at   BIGINT,
+            expires_at  BIGINT,
+            updated_at  BIGINT NOT NULL,
+            version     INTEGER NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS teams_campaign ON teams (campaign_id, state)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+CAMPAIGN_COLUMNS = (
+    "id",
+    "kind",
+    "title",
+    "starts_at",
+    "ends_at",
+    "per_user_limit",
+    "hold_seconds",
+    "team_size",
+    "team_ttl_seconds",
+    "invalidated_at",
+    "items",
+)
+ORDER_COLUMNS = (
+    "order_id",
+    "campaign_id",
+    "user_id",
+    "sku",
+    "qty",
+    "amount",
+    "state",
+    "order_type",
+    "team_id",
+    "payment_ref",
+    "created_at",
+    "expires_at",
+    "updated_at",
+    "version",
+)
+TEAM_COLUMNS = (
+    "team_id",
+    "campaign_id",
+    "leader_id",
+    "sku",
+    "qty",
+    "size",
+    "state",
+    "why",
+    "held",
+    "paid",
+    "created_at",
+    "opened_at",
+    "expires_at",
+    "updated_at",
+    "version",
+)
+
+Placeholder = Callable[[int], str]
+
+
+def qmark(_: int) -> str:
+    """SQLite's placeholder."""
+    return "?"
+
+
+def dollar(n: int) -> str:
+    """PostgreSQL's (asyncpg) placeholder."""
+    return f"${n}"
+
+
+def insert(table: str, columns: tuple[str, ...], mark: Placeholder) -> str:
+    """A plain INSERT of every column."""
+    values = ", ".join(mark(i + 1) for i in range(len(columns)))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values})"
+
+
+def upsert_newer(table: str, columns: tuple[str, ...], mark: Placeholder) -> str:
+    """INSERT, or UPDATE the existing row only when the new row's version is higher."""
+    key = columns[0]
+    assignments = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    return (
+        f"{insert(table, columns, mark)} ON CONFLICT ({key}) DO UPDATE SET {assignments}"
+        f" WHERE excluded.version > {table}.version"
+    )
+
+
+def replace_campaign(mark: Placeholder) -> str:
+    """INSERT a campaign, or overwrite every field of the existing one."""
+    assignments = ", ".join(f"{c} = excluded.{c}" for c in CAMPAIGN_COLUMNS[1:])
+    return (
+        f"{insert('campaigns', CAMPAIGN_COLUMNS, mark)} ON CONFLICT (id) DO UPDATE SET"
+        f" {assignments}"
+    )
+
+
+INVALIDATE = "UPDATE campaigns SET invalidated_at = COALESCE(invalidated_at, {0}) WHERE id = {1}"
+USER_ORDERS = (
+    f"SELECT {', '.join(ORDER_COLUMNS)} FROM orders WHERE user_id = {{0}}"
+    " ORDER BY created_at DESC, order_id DESC LIMIT {1}"
+)
+TEAM_ORDERS = (
+    f"SELECT {', '.join(ORDER_COLUMNS)} FROM orders WHERE team_id = {{0}}"
+    " ORDER BY created_at, order_id"
+)
+GET_ORDER = f"SELECT {', '.join(ORDER_COLUMNS)} FROM orders WHERE order_id = {{0}}"
+ORDER_TOTALS = (
+    "SELECT sku, state, COUNT(*) AS orders, SUM(qty) AS units, SUM(amount) AS amount"
+    " FROM orders WHERE campaign_id = {0} GROUP BY sku, state"
+)
+TEAM_TOTALS = "SELECT state, COUNT(*) AS teams FROM teams WHERE campaign_id = {0} GROUP BY state"
+GET_CAMPAIGN = f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE id = {{0}}"
+CAMPAIGNS_ENDING_AFTER = (
+    f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE ends_at > {{0}} ORDER BY starts_at"
+)
+
+
+def query(template: str, mark: Placeholder) -> str:
+    """Fill a ``{0}``, ``{1}``... template with the backend's placeholders."""
+    return template.format(*(mark(i + 1) for i in range(template.count("{"))))
