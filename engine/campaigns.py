@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from engine.errors import AlreadyExists, NotEditable, NotFound, ValidationError
-from engine.keys import CAMPAIGN_SET, check_id, keys_of
+from engine.keys import CAMPAIGN_SET, STREAM_SET, check_id, keys_of
 from engine.models import (
     Campaign,
     CampaignKind,
@@ -179,6 +179,7 @@ class Campaigns:
                 reply[0], f"campaign {campaign.id} can no longer be redefined: {reply[1]}"
             )
         await guarded(self._rt.redis.sadd(CAMPAIGN_SET, campaign.id))
+        await guarded(self._rt.redis.sadd(STREAM_SET, campaign.id))
 
     async def _extend(self, campaign: Campaign) -> None:
         keys = keys_of(campaign.id)

@@ -1,4 +1,4 @@
-"""The `flashteam` command line: run, reaper, demo. `flashteam --help` explains each."""
+"""The `flashteam` command line: run, reaper, worker, reconcile, demo (`flashteam --help`)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ import uvloop
 from engine.core import Engine
 from engine.demo import DemoPlan, run_demo
 from engine.errors import ConfigurationError, EngineError
+from engine.reconcile import reconcile
 from engine.redis_server import RedisServer
 from engine.settings import Settings
+from engine.worker import FlushWorker
 
 log = logging.getLogger("flashteam")
 
@@ -56,14 +58,50 @@ async def _engine(settings: Settings) -> AsyncIterator[Engine]:
 async def _run(settings: Settings) -> int:
     stop = await _until_signalled()
     async with _engine(settings) as engine:
+        worker = FlushWorker(engine.runtime)
         print(f"flashteam is running on Redis {settings.redis_url}", flush=True)
-        print(f"  campaigns in SQLite {settings.sqlite_path}", flush=True)
+        print(f"  durable store: {_store_name(settings)}")
         print("  running: the reaper (expires held orders within 1 s of their deadline)")
-        print("  not yet built: the HTTP API and the flush worker (see the issues)")
+        print(f"  running: the flush worker {worker.name} (Redis Streams -> SQL)")
+        print("  not yet built: the HTTP API (see the issues)")
         print("  stop with Ctrl-C", flush=True)
-        await engine.reaper.run(stop)
+        await asyncio.gather(engine.reaper.run(stop), worker.run(stop))
     print("flashteam stopped", flush=True)
     return 0
+
+
+def _store_name(settings: Settings) -> str:
+    url = settings.database_url
+    if url is not None and url.startswith(("postgresql://", "postgres://")):
+        return "PostgreSQL " + url.split("@")[-1]
+    return f"SQLite {settings.sqlite_path}"
+
+
+async def _worker(settings: Settings, drain: bool) -> int:
+    async with _engine(settings) as engine:
+        worker = FlushWorker(engine.runtime)
+        if drain:
+            moved = await worker.drain()
+            print(f"drained: {moved} entries flushed, {worker.dead_lettered} dead-lettered")
+            return 0
+        stop = await _until_signalled()
+        log.info("flush worker %s running on %s", worker.name, settings.redis_url)
+        await worker.run(stop)
+        log.info("flush worker %s stopped after %d entries", worker.name, worker.flushed)
+    return 0
+
+
+async def _reconcile(settings: Settings, campaign_id: str) -> int:
+    async with _engine(settings) as engine:
+        result = await reconcile(engine.runtime, campaign_id)
+    print("\n".join(result.lines) or f"no orders or teams for {campaign_id}")
+    if result.unflushed:
+        print(f"note: {result.unflushed} events are not flushed yet: run the worker first")
+    if result.ok:
+        print(f"reconcile {campaign_id}: Redis and SQL agree")
+        return 0
+    print(f"reconcile {campaign_id}: {len(result.differences)} differences", file=sys.stderr)
+    return 1
 
 
 async def _reaper(settings: Settings) -> int:
@@ -93,9 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "run",
         help="start everything locally: a private redis-server under FLASHTEAM_DATA_DIR "
-        "(unless FLASHTEAM_REDIS_URL is set), SQLite, and the reaper",
+        "(unless FLASHTEAM_REDIS_URL is set), SQLite, the reaper and the flush worker",
     )
     sub.add_parser("reaper", help="run only the reaper against FLASHTEAM_REDIS_URL")
+    worker = sub.add_parser(
+        "worker", help="run the flush worker (outbox streams -> SQL) against FLASHTEAM_REDIS_URL"
+    )
+    worker.add_argument(
+        "--drain", action="store_true", help="flush until every stream is empty, then exit"
+    )
+    rec = sub.add_parser(
+        "reconcile",
+        help="compare a campaign's orders and teams in Redis with SQL; exit 1 on a difference",
+    )
+    rec.add_argument("campaign", help="campaign id")
     demo = sub.add_parser(
         "demo",
         help="simulate a flash sale and a team sale on a throw-away private Redis and check "
@@ -145,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                     return _serve(lambda: _demo(ready, plan))
         if args.command == "reaper":
             return _serve(lambda: _reaper(settings))
+        if args.command == "worker":
+            return _serve(lambda: _worker(settings, args.drain))
+        if args.command == "reconcile":
+            return _serve(lambda: _reconcile(settings, args.campaign))
         with _redis_for(settings, settings.data_dir) as ready:
             return _serve(lambda: _run(ready))
     except (ConfigurationError, EngineError) as exc:

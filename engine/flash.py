@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import NotFound, ValidationError
-from engine.keys import campaign_of_order, check_id, check_key, keys_of
+from engine.keys import STREAM_SET, campaign_of_order, check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Order
 from engine.runtime import Runtime
 from engine.scripts import Code, check_reply, guarded
@@ -80,7 +80,11 @@ class FlashSale:
         reply = await self._scripts.run(
             self._scripts.refund_order, keys.order_keys, (order_id, int(bool(restock)))
         )
-        return order_from_reply(reply)
+        order = order_from_reply(reply)
+        # The campaign may be over and its outbox forgotten by the flush worker: register it
+        # again after the event is in the stream (the worker re-checks after forgetting).
+        await guarded(self._rt.redis.sadd(STREAM_SET, keys.campaign_id))
+        return order
 
     async def get_order(self, order_id: str) -> Order:
         """The order's current state in Redis."""

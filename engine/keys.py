@@ -17,7 +17,10 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
     ft:{c:<cid>}:team_deadlines zset open team id -> expires_at (ms); the reaper's team index
     ft:{c:<cid>}:idem:<user>:<key>   string  idempotency record, expires after 24 h
     ft:{c:<cid>}:rl:<user>           string  attempts in the current one-second window
-    ft:campaigns             set     ids of campaigns warmed into Redis (read by the reaper)
+    ft:campaigns             set     campaigns that may still hold orders or teams (the reaper's)
+    ft:streams               set     campaigns whose outbox may hold unflushed events (the
+                                     flush worker's); both found without KEYS scans
+    ft:dead                  stream  dead letters: outbox entries the worker could not decode
 
 Order ids are ``<cid>.o<n>`` and team ids ``<cid>.t<n>``: the campaign (and so the slot) is
 derivable from the id alone.
@@ -40,6 +43,8 @@ _ORDER_ID = re.compile(rf"({ID_PATTERN})\.o([0-9]{{1,18}})")
 _TEAM_ID = re.compile(rf"({ID_PATTERN})\.t([0-9]{{1,18}})")
 
 CAMPAIGN_SET: Final = "ft:campaigns"
+STREAM_SET: Final = "ft:streams"
+DEAD_LETTERS: Final = "ft:dead"
 
 
 def check_id(value: str, field: str) -> str:

@@ -158,6 +158,7 @@ class Scripts:
         "quick_join",
         "expire_teams",
         "list_teams",
+        "ack_events",
     )
 
     def __init__(self, client: RedisClient, max_in_flight: int = 256) -> None:
@@ -177,6 +178,7 @@ class Scripts:
         self.quick_join: AsyncScript = make(self._sources["quick_join"])
         self.expire_teams: AsyncScript = make(self._sources["expire_teams"])
         self.list_teams: AsyncScript = make(self._sources["list_teams"])
+        self.ack_events: AsyncScript = make(self._sources["ack_events"])
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (on every primary of a cluster) so the first call is warm."""

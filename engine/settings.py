@@ -11,6 +11,11 @@ FLASHTEAM_RATE_LIMIT       order attempts per user per campaign per second (defa
 FLASHTEAM_IDEMPOTENCY_TTL  seconds an idempotency key is remembered (default and minimum 86400).
 FLASHTEAM_REAPER_INTERVAL  seconds between reaper passes, at most 1 (default 0.2).
 FLASHTEAM_REAPER_BATCH     held orders ended per script call (default 500).
+FLASHTEAM_FLUSH_BATCH      outbox entries the flush worker reads per stream and step
+                           (default 1000).
+FLASHTEAM_CLAIM_IDLE       seconds an entry may sit unacknowledged with a consumer before
+                           another worker claims it (XAUTOCLAIM; default 30).
+FLASHTEAM_WORKER_NAME      this worker's consumer name (default <hostname>-<pid>).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class Settings:
     idempotency_ttl: int = 86_400
     reaper_interval: float = 0.2
     reaper_batch: int = 500
+    flush_batch: int = 1000
+    claim_idle: float = 30.0
+    worker_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.appendfsync not in ("everysec", "always"):
@@ -45,6 +53,10 @@ class Settings:
         if self.rate_limit < 0 or self.idempotency_ttl < 86_400:
             raise ConfigurationError(
                 "FLASHTEAM_RATE_LIMIT must be >= 0 and FLASHTEAM_IDEMPOTENCY_TTL >= 86400 (24 h)"
+            )
+        if self.flush_batch < 1 or self.claim_idle <= 0:
+            raise ConfigurationError(
+                "FLASHTEAM_FLUSH_BATCH must be >= 1 and FLASHTEAM_CLAIM_IDLE > 0 seconds"
             )
         if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:
             raise ConfigurationError(
@@ -92,4 +104,7 @@ class Settings:
             idempotency_ttl=int(number("IDEMPOTENCY_TTL", int, 86_400)),
             reaper_interval=number("REAPER_INTERVAL", float, 0.2),
             reaper_batch=int(number("REAPER_BATCH", int, 500)),
+            flush_batch=int(number("FLUSH_BATCH", int, 1000)),
+            claim_idle=number("CLAIM_IDLE", float, 30.0),
+            worker_name=get("WORKER_NAME"),
         )

@@ -1,0 +1,218 @@
+"""The flush worker: moves every outbox event from Redis Streams into the durable SQL store.
+
+Each campaign's stream ``ft:{c:<id>}:events`` is read through one consumer group
+(``flashteam-flush``) by any number of workers. A step, per stream:
+
+1. read this consumer's own unacknowledged entries first (a batch whose SQL write failed),
+   else claim entries idle longer than ``claim_idle`` from dead consumers (XAUTOCLAIM),
+   else read new entries (XREADGROUP ``>``);
+2. decode them into one ``Batch`` (newest version per order and team); an entry that cannot
+   be decoded goes to the dead-letter stream ``ft:dead`` with the reason;
+3. write the batch in one SQL transaction (version-gated upserts: replays are harmless);
+4. only then acknowledge and delete the entries (``ack_events.lua``).
+
+A crash anywhere before 4 leaves the entries pending: this or another worker reads them again
+and the upserts make the second write a no-op, so every change lands exactly once in effect
+(SPEC 6.4). Streams are found through the ``ft:streams`` set (no KEYS scans; works on Redis
+Cluster, one stream per call). SQL outages are waited out with backoff, nothing acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from redis import exceptions as redis_errors
+
+from engine.errors import EngineError, Unavailable, ValidationError
+from engine.events import Event
+from engine.keys import CAMPAIGN_SET, DEAD_LETTERS, STREAM_SET, keys_of
+from engine.runtime import Runtime
+from engine.scripts import guarded
+from engine.store import Batch
+
+log = logging.getLogger(__name__)
+
+GROUP = "flashteam-flush"
+_IDLE_WAIT = 0.05
+_MAX_BACKOFF = 5.0
+
+Entry = tuple[str, dict[str, str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """How far the durable store is behind Redis."""
+
+    streams: int  # campaign streams being watched
+    unflushed: int  # entries not yet committed to SQL (read or not)
+    pending: int  # of those, read by a worker and not yet acknowledged
+    oldest_ms: int  # age of the oldest unflushed entry, 0 when none
+
+
+class FlushWorker:
+    """One consumer of the flush group; run several for throughput or availability."""
+
+    def __init__(self, rt: Runtime, name: str | None = None) -> None:
+        self._rt = rt
+        self.name = name or rt.settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+        self._groups: set[str] = set()
+        self.flushed = 0
+        self.dead_lettered = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until ``stop`` is set; the batch in flight finishes first (graceful)."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                moved = await self.step()
+                backoff = 0.1
+            except Unavailable as exc:
+                log.warning("flush worker waiting %.1f s: %s", backoff, exc)
+                moved = 0
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            if not moved:
+                await _wait(stop, _IDLE_WAIT)
+
+    async def drain(self) -> int:
+        """Flush until every stream is empty (nothing unread, nothing pending); for tests and
+        `flashteam worker --drain`. Entries pending with another live consumer are claimed
+        once they have been idle for ``claim_idle``."""
+        total = 0
+        while True:
+            moved = await self.step()
+            total += moved
+            if not moved and (await self.lag()).unflushed == 0:
+                return total
+            if not moved:
+                await asyncio.sleep(_IDLE_WAIT)
+
+    async def step(self) -> int:
+        """One pass over every stream; returns the entries committed (or dead-lettered)."""
+        moved = 0
+        for campaign_id in await self._campaigns():
+            moved += await self._flush(campaign_id)
+        return moved
+
+    async def lag(self) -> Lag:
+        """Unflushed and pending entries over every stream, and the oldest one's age."""
+        redis = self._rt.redis
+        campaigns = await self._campaigns()
+        unflushed = pending = 0
+        oldest: int | None = None
+        for campaign_id in campaigns:
+            stream = keys_of(campaign_id).events
+            unflushed += int(await guarded(redis.xlen(stream)))
+            first = await guarded(redis.xrange(stream, count=1))
+            if first:
+                created = int(first[0][0].split("-")[0])
+                oldest = created if oldest is None else min(oldest, created)
+            with contextlib.suppress(Unavailable, EngineError):
+                info = await guarded(redis.xpending(stream, GROUP))
+                pending += int(info["pending"])
+        now_ms = int((await self._rt.now()).timestamp() * 1000)
+        return Lag(len(campaigns), unflushed, pending, 0 if oldest is None else now_ms - oldest)
+
+    async def _campaigns(self) -> list[str]:
+        members: set[str] = await guarded(self._rt.redis.smembers(STREAM_SET))
+        return sorted(members)
+
+    async def _flush(self, campaign_id: str) -> int:
+        stream = keys_of(campaign_id).events
+        await self._ensure_group(stream)
+        entries = await self._read(stream)
+        if not entries:
+            await self._maybe_forget(campaign_id, stream)
+            return 0
+        batch, dead = Batch(), 0
+        for entry_id, fields in entries:
+            if fields is None:  # deleted while pending: nothing left to write
+                continue
+            try:
+                _add(batch, campaign_id, Event.decode(entry_id, fields))
+            except ValidationError as exc:
+                await self._dead_letter(stream, entry_id, fields, exc)
+                dead += 1
+        if len(batch):
+            await self._rt.store.apply(batch)
+        ids = [entry_id for entry_id, _ in entries]
+        scripts = self._rt.scripts
+        await scripts.run(scripts.ack_events, (stream,), (GROUP, *ids))
+        self.flushed += len(entries) - dead
+        self.dead_lettered += dead
+        return len(entries)
+
+    async def _read(self, stream: str) -> list[Entry]:
+        redis = self._rt.redis
+        count = self._rt.settings.flush_batch
+        mine = await guarded(redis.xreadgroup(GROUP, self.name, {stream: "0"}, count=count))
+        if mine and mine[0][1]:
+            return list(mine[0][1])
+        idle_ms = int(self._rt.settings.claim_idle * 1000)
+        claimed = await guarded(redis.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count))
+        if claimed and claimed[1]:
+            return list(claimed[1])
+        fresh = await guarded(redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=count))
+        return list(fresh[0][1]) if fresh else []
+
+    async def _ensure_group(self, stream: str) -> None:
+        if stream in self._groups:
+            return
+        try:
+            await guarded(self._rt.redis.xgroup_create(stream, GROUP, id="0", mkstream=True))
+        except EngineError as exc:
+            if not isinstance(exc.__cause__, redis_errors.ResponseError) or "BUSYGROUP" not in str(
+                exc.__cause__
+            ):
+                raise
+        self._groups.add(stream)
+
+    async def _dead_letter(
+        self, stream: str, entry_id: str, fields: dict[str, str], exc: ValidationError
+    ) -> None:
+        log.error("dead-lettering %s %s: %s", stream, entry_id, exc)
+        await guarded(
+            self._rt.redis.xadd(
+                DEAD_LETTERS,
+                {
+                    "stream": stream,
+                    "id": entry_id,
+                    "reason": exc.message,
+                    "fields": json.dumps(fields),
+                },
+            )
+        )
+
+    async def _maybe_forget(self, campaign_id: str, stream: str) -> None:
+        """Stop watching the stream of a campaign that is over (the reaper forgot it) once the
+        stream is empty. A refund after that re-registers it; the second look catches one
+        that lands in between."""
+        redis = self._rt.redis
+        if await guarded(redis.sismember(CAMPAIGN_SET, campaign_id)):
+            return
+        if await guarded(redis.xlen(stream)):
+            return
+        await guarded(redis.srem(STREAM_SET, campaign_id))
+        if await guarded(redis.xlen(stream)):
+            await guarded(redis.sadd(STREAM_SET, campaign_id))
+
+
+def _add(batch: Batch, campaign_id: str, event: Event) -> None:
+    if event.order is not None:
+        batch.add_order(event.order, event.at_ms)
+    elif event.team is not None:
+        batch.add_team(event.team, event.at_ms)
+    elif event.type == "campaign.invalidated":
+        batch.invalidations[campaign_id] = event.at_ms
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
