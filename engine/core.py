@@ -35,7 +35,10 @@ def connect_redis(settings: Settings) -> RedisClient:
             "redis-server, or point FLASHTEAM_REDIS_URL at your Redis"
         )
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, decode_responses=True)
+        # Per node; scripts are capped at _MAX_IN_FLIGHT by Scripts, other calls share the rest.
+        return RedisCluster.from_url(
+            settings.redis_url, decode_responses=True, max_connections=_MAX_IN_FLIGHT * 4
+        )
     return aioredis.Redis.from_url(
         settings.redis_url, decode_responses=True, max_connections=_MAX_IN_FLIGHT * 2
     )
