@@ -149,12 +149,16 @@ def _one_team_violations(team: Team, orders: dict[str, Order]) -> list[str]:
     )
     if None in states:
         found.append(f"{name}: a seat's order is missing")
-    if team.state in (TeamState.PENDING, TeamState.OPEN, TeamState.SUCCEEDED) and (
+    if team.state in (TeamState.PENDING, TeamState.OPEN) and (
         states[OrderState.HELD] != team.held or states[OrderState.PAID] != team.paid
     ):
         found.append(f"{name}: counters held {team.held} paid {team.paid}, seats say {states}")
-    if team.state is TeamState.SUCCEEDED and team.paid != team.size:
-        found.append(f"{name}: succeeded with {team.paid} paid seats of {team.size}")
+    # A succeeded team's seats stay paid, or were refunded after sale.
+    paid_then = states[OrderState.PAID] + states[OrderState.REFUNDED]
+    if team.state is TeamState.SUCCEEDED and not (
+        team.held == 0 and team.paid == paid_then == team.size
+    ):
+        found.append(f"{name}: succeeded with held {team.held}, paid {team.paid}, seats {states}")
     if team.state is TeamState.FAILED and states[OrderState.HELD] + states[OrderState.PAID]:
         found.append(f"{name}: failed but seats are still held or paid: {states}")
     return found

@@ -12,10 +12,13 @@ from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from engine.campaigns import Campaigns
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, Unavailable
 from engine.flash import FlashSale
 from engine.reaper import Reaper
 from engine.runtime import Runtime
@@ -37,19 +40,37 @@ def connect_redis(settings: Settings) -> RedisClient:
     if settings.redis_cluster:
         # Per node; scripts are capped at _MAX_IN_FLIGHT by Scripts, other calls share the rest.
         return RedisCluster.from_url(
-            settings.redis_url, decode_responses=True, max_connections=_MAX_IN_FLIGHT * 4
+            settings.redis_url,
+            decode_responses=True,
+            max_connections=_MAX_IN_FLIGHT * 4,
+            retry=_retry(),
         )
     return aioredis.Redis.from_url(
-        settings.redis_url, decode_responses=True, max_connections=_MAX_IN_FLIGHT * 2
+        settings.redis_url,
+        decode_responses=True,
+        max_connections=_MAX_IN_FLIGHT * 2,
+        retry=_retry(),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
     )
+
+
+def _retry() -> Retry:
+    """Two quick retries on a broken connection: a pooled connection that went stale across a
+    Redis restart is replaced instead of failing the call. Safe because every script may run
+    twice: reserve and joins replay through their idempotency key, pay with the same reference
+    is a no-op, cancel/refund/expire/invalidate answer OK when already done."""
+    return Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2)
 
 
 async def check_eviction_policy(client: RedisClient) -> None:
     """Refuse a Redis that may evict keys: an evicted stock key is an oversell (SPEC 11)."""
     if isinstance(client, RedisCluster):
+        await guarded(client.initialize())
+        primaries = client.get_primaries()
+        if not primaries:
+            raise Unavailable("the Redis Cluster reports no primaries")
         replies: list[Any] = [
-            await guarded(client.info("memory", target_nodes=node))
-            for node in client.get_primaries()
+            await guarded(client.info("memory", target_nodes=node)) for node in primaries
         ]
     else:
         replies = [await guarded(client.info("memory"))]

@@ -3,7 +3,9 @@
 FLASHTEAM_REDIS_URL        Redis to use. Unset: ``flashteam run`` starts a private redis-server
                            under FLASHTEAM_DATA_DIR.
 FLASHTEAM_REDIS_CLUSTER    ``1``: the URL names a node of a Redis Cluster (default 0).
-FLASHTEAM_DATABASE_URL     ``sqlite:///path`` (default ``sqlite:///<data dir>/flashteam.db``).
+FLASHTEAM_DATABASE_URL     the durable store: ``sqlite:///path`` (default
+                           ``sqlite:///<data dir>/flashteam.db``) or
+                           ``postgresql://user:password@host:port/database``.
 FLASHTEAM_DATA_DIR         where local data lives: Redis AOF, SQLite (default ``./var``).
 FLASHTEAM_APPENDFSYNC      the private Redis's AOF fsync: ``everysec`` (default; up to ~1 s of
                            acknowledged writes lost on power loss) or ``always`` (zero loss).
@@ -28,6 +30,12 @@ from pathlib import Path
 from engine.errors import ConfigurationError
 
 _PREFIX = "FLASHTEAM_"
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True} | {
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +58,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.appendfsync not in ("everysec", "always"):
             raise ConfigurationError("FLASHTEAM_APPENDFSYNC must be 'everysec' or 'always'")
-        if self.rate_limit < 0 or self.idempotency_ttl < 86_400:
-            raise ConfigurationError(
-                "FLASHTEAM_RATE_LIMIT must be >= 0 and FLASHTEAM_IDEMPOTENCY_TTL >= 86400 (24 h)"
-            )
+        if self.rate_limit < 0:
+            raise ConfigurationError("FLASHTEAM_RATE_LIMIT must be >= 0 (0 turns it off)")
+        if self.idempotency_ttl < 86_400:
+            raise ConfigurationError("FLASHTEAM_IDEMPOTENCY_TTL must be >= 86400 (24 h)")
         if self.flush_batch < 1 or self.claim_idle <= 0:
             raise ConfigurationError(
                 "FLASHTEAM_FLUSH_BATCH must be >= 1 and FLASHTEAM_CLAIM_IDLE > 0 seconds"
@@ -94,9 +102,15 @@ class Settings:
             except ValueError as exc:
                 raise ConfigurationError(f"{_PREFIX}{name} must be a number, not {raw!r}") from exc
 
+        def flag(name: str) -> bool:
+            raw = (get(name) or "0").lower()
+            if raw not in _FLAGS:
+                raise ConfigurationError(f"{_PREFIX}{name} must be 1/0, true/false, yes/no, on/off")
+            return _FLAGS[raw]
+
         return cls(
             redis_url=get("REDIS_URL"),
-            redis_cluster=(get("REDIS_CLUSTER") or "0").lower() in ("1", "true", "yes"),
+            redis_cluster=flag("REDIS_CLUSTER"),
             database_url=get("DATABASE_URL"),
             data_dir=Path(get("DATA_DIR") or "var"),
             appendfsync=get("APPENDFSYNC") or "everysec",

@@ -1,6 +1,7 @@
 -- quick_join.lua: in one atomic step, seat the user in the open team of this sku with the
--- fewest remaining seats (then the earliest expiry) that the user is not in; when none fits
--- and the campaign is active, open a new pending team led by the user (one unit per seat).
+-- fewest remaining seats (then the earliest expiry) that the user is not in and can afford
+-- (limit, stock for the team's units per seat); when none fits and the campaign is active,
+-- open a new pending team led by the user (one unit per seat).
 --
 -- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[10] idem  string  this (user, idempotency key)'s record
@@ -33,9 +34,7 @@ local entries = redis.call('ZRANGEBYLEX', k.joinable, '[' .. sku .. '|', '[' .. 
 for _, entry in ipairs(entries) do
   local t = load_team(k.teams, string.match(entry, '[^|]+$'))
   if t and t.state == 'O' and now < t.expires and not member_index(t, user)
-      and t.held + t.paid < t.size then
-    local blocked = seat_blocked(k, m, user, sku, t.qty)
-    if blocked then return blocked end
+      and t.held + t.paid < t.size and not seat_blocked(k, m, user, sku, t.qty) then
     local id = take_seat(k, m, t, user, now, cid)
     remember(KEYS[10], id, fingerprint, tonumber(ARGV[5]))
     return order_reply(k, id, 0)

@@ -1,16 +1,21 @@
-"""Real servers for the suite: a redis-server and a 3-master Redis Cluster on free loopback
-ports in temp dirs, started once per session; every test gets a flushed database."""
+"""Real servers for the suite: a redis-server, a 3-master Redis Cluster and a PostgreSQL
+cluster on free loopback ports in temp dirs, started once per session; every test gets a
+flushed Redis database and, when it asks for one, a fresh PostgreSQL database."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from engine import Campaign, CampaignKind, Engine, Item, Settings
+from engine.pg_server import PostgresServer
 from engine.redis_server import RedisClusterServers, RedisServer
 
 
@@ -24,6 +29,40 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
     with RedisClusterServers(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+async def create_database(server: PostgresServer) -> str:
+    """A new, empty database on the server; returns its name."""
+    name = f"t_{uuid.uuid4().hex}"
+    conn: Any = await asyncpg.connect(server.url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return name
+
+
+@pytest.fixture
+async def pg_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """A fresh, empty database on the session's PostgreSQL (not dropped: the whole cluster
+    goes at the end of the session, and a DROP DATABASE costs a checkpoint)."""
+    yield postgres_server.url_for(await create_database(postgres_server))
+    if not postgres_server.running:  # a test left PostgreSQL stopped
+        postgres_server.start()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each durable backend in turn: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'flashteam.db'}"
+    return cast(str, request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture

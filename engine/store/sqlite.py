@@ -33,13 +33,17 @@ class SqliteStore:
         """Open the file (created if missing) in WAL mode and migrate it to the schema."""
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = await aiosqlite.connect(path, isolation_level=None)
+            db = await aiosqlite.connect(path, isolation_level=None, timeout=10)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+        try:
             db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA busy_timeout=10000")
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=5000")
             await _migrate(db)
         except sqlite3.Error as exc:
+            await db.close()
             raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
         return cls(db)
 
@@ -108,13 +112,15 @@ class SqliteStore:
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
+    """Bring the schema up to date under the write lock, so concurrent openers migrate once."""
+    await db.execute("BEGIN IMMEDIATE")
     await db.execute(sql.VERSION_TABLE)
     async with db.execute("SELECT version FROM schema_version") as cursor:
         row = await cursor.fetchone()
     current = 0 if row is None else int(row[0])
     if current >= sql.SCHEMA_VERSION:
+        await db.execute("COMMIT")
         return
-    await db.execute("BEGIN IMMEDIATE")
     for statements in sql.MIGRATIONS[current:]:
         for statement in statements:
             await db.execute(statement)

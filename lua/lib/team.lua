@@ -112,7 +112,10 @@ local function new_team_order(k, m, t, user, now, cid)
   redis.call('HINCRBY', k.users, user, t.qty)
   local id = cid .. '.o' .. redis.call('HINCRBY', k.meta, 'oseq', 1)
   local deadline = now + m.hold
+  -- A member pays before the team expires; a leader before the campaign ends (no team may
+  -- open after the end, seed 004 §1.2).
   if t.state == 'O' and t.expires < deadline then deadline = t.expires end
+  if t.state == 'W' and m.ends < deadline then deadline = m.ends end
   local price = tonumber(redis.call('HGET', k.inv, '$:' .. t.sku))
   local o = {id = id, user = user, sku = t.sku, qty = t.qty, amount = t.qty * price,
     state = 'H', created = now, deadline = deadline, version = 0, kind = 't', team = t.id,

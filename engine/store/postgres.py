@@ -1,0 +1,176 @@
+"""PostgreSQL store (``FLASHTEAM_DATABASE_URL=postgresql://...``): an asyncpg pool, the shared
+schema migrated on open under an advisory lock.
+
+Every asyncpg, socket and PostgreSQL failure is translated into ``Unavailable`` at one place
+(``_translated``), so the flush worker backs off and retries through an outage. The pool
+replaces broken connections on its own: after PostgreSQL restarts, the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from engine.errors import AlreadyExists, Unavailable
+from engine.models import Campaign, Order, to_ms
+from engine.store import Batch, Totals
+from engine.store import schema as sql
+from engine.store.rows import (
+    Row,
+    campaign_from,
+    campaign_row,
+    order_from,
+    order_row,
+    team_row,
+)
+
+_D = sql.dollar
+_UPSERT_ORDER = sql.upsert_newer("orders", sql.ORDER_COLUMNS, _D)
+_UPSERT_TEAM = sql.upsert_newer("teams", sql.TEAM_COLUMNS, _D)
+_INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _D)
+_REPLACE_CAMPAIGN = sql.replace_campaign(_D)
+_INVALIDATE = sql.query(sql.INVALIDATE, _D)
+
+# Held for the migration's transaction, so processes opening the store at once take turns.
+_MIGRATION_LOCK = 0x66_6C_61_73_68_74_6D  # "flashtm"
+_CONNECT_TIMEOUT = 10.0
+_CLOSE_TIMEOUT = 10.0
+
+# What "PostgreSQL cannot be reached right now" looks like: sockets (refused, reset, timed out),
+# class 08 connection exceptions, class 57 operator intervention (admin shutdown, cannot connect
+# now: starting up or shutting down), class 53 insufficient resources, class 40 serialization
+# failures and deadlocks, and asyncpg's own "connection is closed" / "pool is closing".
+_OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionError, TimeoutError (asyncio's too) are OSErrors
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.InterfaceError,
+)
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn a PostgreSQL failure into ``Unavailable`` (chained), the only place that does.
+
+    Outages and any other server-reported error alike: callers never see asyncpg's exceptions,
+    as with SqliteStore, which reports every sqlite3.Error as Unavailable.
+    """
+    try:
+        yield
+    except _OUTAGES as exc:
+        raise Unavailable(f"PostgreSQL unavailable ({what}): {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise Unavailable(f"PostgreSQL {what} failed [{exc.sqlstate}]: {exc}") from exc
+
+
+class PostgresStore:
+    """Campaigns, orders and teams in one PostgreSQL database, over a small asyncpg pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresStore:
+        """Connect a pool (min 1, max 4 connections) and migrate the schema."""
+        with _translated("open"):
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=_CONNECT_TIMEOUT)
+        try:
+            with _translated("migration"):
+                async with pool.acquire() as conn:
+                    await _migrate(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        return cls(pool)
+
+    async def close(self) -> None:
+        """Close the pool gracefully; terminate it if that hangs (server gone)."""
+        try:
+            await asyncio.wait_for(self._pool.close(), _CLOSE_TIMEOUT)
+        except (TimeoutError, *_OUTAGES, asyncpg.PostgresError):
+            self._pool.terminate()
+
+    async def insert_campaign(self, campaign: Campaign) -> None:
+        with _translated("insert campaign"):
+            try:
+                await self._pool.execute(_INSERT_CAMPAIGN, *campaign_row(campaign))
+            except asyncpg.UniqueViolationError as exc:
+                raise AlreadyExists(
+                    f"campaign {campaign.id} already exists", id=campaign.id
+                ) from exc
+
+    async def replace_campaign(self, campaign: Campaign) -> None:
+        with _translated("replace campaign"):
+            await self._pool.execute(_REPLACE_CAMPAIGN, *campaign_row(campaign))
+
+    async def get_campaign(self, campaign_id: str) -> Campaign | None:
+        rows = await self._fetch(sql.GET_CAMPAIGN, campaign_id)
+        return campaign_from(rows[0]) if rows else None
+
+    async def campaigns_ending_after(self, moment: datetime) -> list[Campaign]:
+        return [
+            campaign_from(r) for r in await self._fetch(sql.CAMPAIGNS_ENDING_AFTER, to_ms(moment))
+        ]
+
+    async def apply(self, batch: Batch) -> None:
+        orders = [order_row(o, at) for o, at in batch.orders.values()]
+        teams = [team_row(t, at) for t, at in batch.teams.values()]
+        invalidations = [(at, cid) for cid, at in batch.invalidations.items()]
+        with _translated("write"):
+            async with self._pool.acquire() as conn, conn.transaction():
+                if orders:
+                    await conn.executemany(_UPSERT_ORDER, orders)
+                if teams:
+                    await conn.executemany(_UPSERT_TEAM, teams)
+                if invalidations:
+                    await conn.executemany(_INVALIDATE, invalidations)
+
+    async def get_order(self, order_id: str) -> Order | None:
+        rows = await self._fetch(sql.GET_ORDER, order_id)
+        return order_from(rows[0]) if rows else None
+
+    async def user_orders(self, user_id: str, limit: int = 100) -> list[Order]:
+        return [order_from(r) for r in await self._fetch(sql.USER_ORDERS, user_id, limit)]
+
+    async def team_orders(self, team_id: str) -> list[Order]:
+        return [order_from(r) for r in await self._fetch(sql.TEAM_ORDERS, team_id)]
+
+    async def order_totals(self, campaign_id: str) -> list[Totals]:
+        rows = await self._fetch(sql.ORDER_TOTALS, campaign_id)
+        # SUM over BIGINT is NUMERIC in PostgreSQL (a Decimal): back to int.
+        return [
+            Totals(r["sku"], r["state"], int(r["orders"]), int(r["units"]), int(r["amount"]))
+            for r in rows
+        ]
+
+    async def team_totals(self, campaign_id: str) -> dict[str, int]:
+        rows = await self._fetch(sql.TEAM_TOTALS, campaign_id)
+        return {r["state"]: int(r["teams"]) for r in rows}
+
+    async def _fetch(self, template: str, *args: Any) -> list[Row]:
+        with _translated("read"):
+            rows: list[Row] = await self._pool.fetch(sql.query(template, _D), *args)
+        return rows
+
+
+async def _migrate(conn: Any) -> None:
+    """Bring the schema to ``sql.SCHEMA_VERSION`` in one transaction, one process at a time."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(sql.VERSION_TABLE)
+        row = await conn.fetchrow("SELECT version FROM schema_version")
+        current = 0 if row is None else int(row["version"])
+        if current >= sql.SCHEMA_VERSION:
+            return
+        for statements in sql.MIGRATIONS[current:]:
+            for statement in statements:
+                await conn.execute(statement)
+        await conn.execute("DELETE FROM schema_version")
+        await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", sql.SCHEMA_VERSION)

@@ -1,0 +1,168 @@
+"""Configuration (SPEC 7, 11): FLASHTEAM_* variables, and refusing an unsafe Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine import ConfigurationError, Engine, Settings
+from engine.redis_server import RedisClusterServers, RedisServer
+from tests.conftest import flash_campaign, make_settings
+
+EVERY_VARIABLE = {
+    "FLASHTEAM_REDIS_URL": "redis://10.0.0.5:6380/2",
+    "FLASHTEAM_REDIS_CLUSTER": "1",
+    "FLASHTEAM_DATABASE_URL": "sqlite:////srv/flashteam/orders.db",
+    "FLASHTEAM_DATA_DIR": "/srv/flashteam",
+    "FLASHTEAM_APPENDFSYNC": "always",
+    "FLASHTEAM_RATE_LIMIT": "12",
+    "FLASHTEAM_IDEMPOTENCY_TTL": "172800",
+    "FLASHTEAM_REAPER_INTERVAL": "0.5",
+    "FLASHTEAM_REAPER_BATCH": "250",
+}
+
+
+def test_from_env_reads_every_variable() -> None:
+    settings = Settings.from_env(EVERY_VARIABLE)
+
+    assert settings.redis_url == "redis://10.0.0.5:6380/2"
+    assert settings.redis_cluster is True
+    assert settings.database_url == "sqlite:////srv/flashteam/orders.db"
+    assert settings.sqlite_path == Path("/srv/flashteam/orders.db")
+    assert settings.data_dir == Path("/srv/flashteam")
+    assert settings.appendfsync == "always"
+    assert settings.rate_limit == 12
+    assert settings.idempotency_ttl == 172_800
+    assert settings.reaper_interval == 0.5
+    assert settings.reaper_batch == 250
+
+
+def test_from_env_defaults_are_production_safe() -> None:
+    # Unprefixed and empty variables are ignored.
+    settings = Settings.from_env({"REDIS_URL": "redis://elsewhere", "FLASHTEAM_RATE_LIMIT": ""})
+
+    assert settings == Settings()
+    assert settings.redis_url is None
+    assert settings.redis_cluster is False
+    assert settings.data_dir == Path("var")
+    assert settings.sqlite_path == Path("var") / "flashteam.db"
+    assert settings.appendfsync == "everysec"
+    assert settings.rate_limit == 5
+    assert settings.idempotency_ttl == 86_400
+    assert 0 < settings.reaper_interval <= 1
+    assert settings.reaper_batch >= 1
+
+
+def test_from_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASHTEAM_REDIS_URL", "redis://127.0.0.1:7000/0")
+    monkeypatch.setenv("FLASHTEAM_RATE_LIMIT", "0")
+
+    settings = Settings.from_env()
+
+    assert (settings.redis_url, settings.rate_limit) == ("redis://127.0.0.1:7000/0", 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", True), ("true", True), ("yes", True), ("TRUE", True), ("0", False), ("no", False)],
+)
+def test_redis_cluster_flag(value: str, expected: bool) -> None:
+    assert Settings.from_env({"FLASHTEAM_REDIS_CLUSTER": value}).redis_cluster is expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RATE_LIMIT", "fast"),
+        ("RATE_LIMIT", "2.5"),
+        ("RATE_LIMIT", "-1"),
+        ("REAPER_INTERVAL", "2"),
+        ("REAPER_INTERVAL", "1.01"),
+        ("REAPER_INTERVAL", "0"),
+        ("REAPER_INTERVAL", "nan"),
+        ("REAPER_INTERVAL", "soon"),
+        ("IDEMPOTENCY_TTL", "86399"),
+        ("IDEMPOTENCY_TTL", "3600"),
+        ("IDEMPOTENCY_TTL", "a day"),
+        ("APPENDFSYNC", "no"),
+        ("APPENDFSYNC", "sometimes"),
+        ("REAPER_BATCH", "0"),
+        ("REAPER_BATCH", "all"),
+        ("REDIS_CLUSTER", "maybe"),
+    ],
+)
+def test_from_env_rejects_a_bad_value_naming_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({**EVERY_VARIABLE, f"FLASHTEAM_{variable}": value})
+
+    assert f"FLASHTEAM_{variable}" in str(caught.value)
+    assert caught.value.code == "configuration_error"
+
+
+async def _refused(settings: Settings) -> ConfigurationError:
+    """Engine.open's ConfigurationError; fails (closing the engine) if it opened instead."""
+    try:
+        opened = await Engine.open(settings)
+    except ConfigurationError as exc:
+        return exc
+    await opened.close()
+    pytest.fail("Engine.open accepted an unsafe configuration")
+
+
+async def test_settings_from_env_open_a_working_engine(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {
+        "FLASHTEAM_REDIS_URL": redis_server.url,
+        "FLASHTEAM_DATA_DIR": str(tmp_path / "data"),
+        "FLASHTEAM_RATE_LIMIT": "0",
+    }
+    async with await Engine.open(Settings.from_env(env)) as engine:
+        await engine.campaigns.create(flash_campaign(await engine.runtime.now()))
+        held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
+        assert held.order.user_id == "u1"
+    assert (tmp_path / "data" / "flashteam.db").is_file()
+
+
+async def test_open_without_a_redis_url_is_refused(tmp_path: Path) -> None:
+    refused = await _refused(Settings(data_dir=tmp_path))
+
+    assert "FLASHTEAM_REDIS_URL" in str(refused)
+
+
+async def test_open_refuses_an_evicting_redis(tmp_path: Path) -> None:
+    evicting = RedisServer(tmp_path / "lru", extra_args=("--maxmemory-policy", "allkeys-lru"))
+    with evicting as server:
+        message = str(await _refused(make_settings(server.url, tmp_path)))
+        assert "allkeys-lru" in message
+        assert "maxmemory-policy noeviction" in message, "the message must say how to fix it"
+
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            assert await client.dbsize() == 0, "a refused start wrote to Redis"
+            for policy in ("volatile-lru", "allkeys-random", "volatile-ttl"):
+                await client.config_set("maxmemory-policy", policy)
+                refused = await _refused(make_settings(server.url, tmp_path))
+                assert policy in str(refused) and "noeviction" in str(refused)
+            # Following the advice in the message makes the engine start.
+            await client.config_set("maxmemory-policy", "noeviction")
+            async with await Engine.open(make_settings(server.url, tmp_path)) as engine:
+                assert await engine.runtime.now()
+        finally:
+            await client.aclose()
+
+
+async def test_open_refuses_a_cluster_with_one_evicting_primary(
+    redis_cluster: RedisClusterServers, tmp_path: Path
+) -> None:
+    node = aioredis.Redis.from_url(redis_cluster.servers[-1].url)
+    try:
+        await node.config_set("maxmemory-policy", "allkeys-lru")
+        settings = make_settings(redis_cluster.url, tmp_path, redis_cluster=True)
+        refused = await _refused(settings)
+        assert "allkeys-lru" in str(refused) and "noeviction" in str(refused)
+    finally:
+        await node.config_set("maxmemory-policy", "noeviction")
+        await node.aclose()
