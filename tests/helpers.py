@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 from engine import Engine
@@ -65,3 +68,28 @@ async def stream_events(engine: Engine, campaign_id: str) -> list[Event]:
         await engine.runtime.redis.xrange(keys_of(campaign_id).events),
     )
     return [Event.decode(entry_id, fields) for entry_id, fields in entries]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
+    """Poll ``check`` until it holds; fail after ``within`` seconds."""
+    for _ in range(int(within / 0.02)):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true within {within} s: {check.__doc__ or check}")
+
+
+async def run_cli(*args: str, env: dict[str, str], limit: float = 120.0) -> tuple[int, str, str]:
+    """Run ``python -m engine.cli ARGS`` without blocking the loop: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), limit)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

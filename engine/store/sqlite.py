@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import os
 import sqlite3
 from datetime import datetime
 from pathlib import Path
@@ -27,37 +30,46 @@ class SqliteStore:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        # One connection: transactions from concurrent tasks (two in-process flush workers,
+        # the API writing a campaign) must take turns or they would nest.
+        self._writing = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
-        """Open the file (created if missing) in WAL mode and migrate it to the schema."""
+        """Open the file (created if missing) in WAL mode and migrate it to the schema.
+
+        Openers of one file take turns under an advisory file lock (``<file>.lock``): the
+        switch to WAL and the migration must not race another process's first open, where
+        SQLite answers "database is locked" without waiting."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
         try:
-            db = await aiosqlite.connect(path, isolation_level=None, timeout=10)
-        except sqlite3.Error as exc:
-            raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
-        try:
-            db.row_factory = sqlite3.Row
-            await db.execute("PRAGMA busy_timeout=10000")
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await _migrate(db)
-        except sqlite3.Error as exc:
-            await db.close()
-            raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
-        return cls(db)
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+            return cls(await _connect(path))
+        finally:
+            os.close(lock)  # releases the lock
 
     async def close(self) -> None:
         await self._db.close()
 
     async def insert_campaign(self, campaign: Campaign) -> None:
         try:
-            await self._db.execute(_INSERT_CAMPAIGN, campaign_row(campaign))
+            await self._write(_INSERT_CAMPAIGN, campaign_row(campaign))
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"campaign {campaign.id} already exists", id=campaign.id) from exc
 
     async def replace_campaign(self, campaign: Campaign) -> None:
-        await self._db.execute(_REPLACE_CAMPAIGN, campaign_row(campaign))
+        await self._write(_REPLACE_CAMPAIGN, campaign_row(campaign))
+
+    async def _write(self, statement: str, row: tuple[Any, ...]) -> None:
+        """One autocommitted statement, never inside another task's batch transaction."""
+        async with self._writing:
+            try:
+                await self._db.execute(statement, row)
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise Unavailable(f"SQLite write failed: {exc}") from exc
 
     async def get_campaign(self, campaign_id: str) -> Campaign | None:
         rows = await self._fetch(sql.GET_CAMPAIGN, campaign_id)
@@ -69,6 +81,10 @@ class SqliteStore:
         ]
 
     async def apply(self, batch: Batch) -> None:
+        async with self._writing:
+            await self._apply(batch)
+
+    async def _apply(self, batch: Batch) -> None:
         db = self._db
         try:
             await db.execute("BEGIN IMMEDIATE")
@@ -109,6 +125,23 @@ class SqliteStore:
                 return list(await cursor.fetchall())
         except sqlite3.Error as exc:
             raise Unavailable(f"SQLite read failed: {exc}") from exc
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    try:
+        db = await aiosqlite.connect(path, isolation_level=None, timeout=10)
+    except sqlite3.Error as exc:
+        raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+    try:
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA busy_timeout=10000")
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await _migrate(db)
+    except sqlite3.Error as exc:
+        await db.close()
+        raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+    return db
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
