@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install redis run demo test lint bench clean
+.PHONY: help install redis postgres run demo test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -18,6 +18,17 @@ redis: ## make sure redis-server is installed (apt-get when missing and possible
 	  else \
 	    echo "flashteam needs redis-server 7 on PATH and cannot install it here (apt-get needs root)." >&2; \
 	    echo "Install it yourself: 'sudo apt-get install redis-server' (Debian/Ubuntu) or 'brew install redis' (macOS)." >&2; \
+	    exit 1; \
+	  fi; }
+
+postgres: ## make sure PostgreSQL's server binaries are installed (the suite starts its own)
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "PostgreSQL is missing: installing it with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "the test suite needs PostgreSQL's initdb and pg_ctl and cannot install them here." >&2; \
+	    echo "Install them yourself: 'sudo apt-get install postgresql' or 'brew install postgresql'." >&2; \
 	    exit 1; \
 	  fi; }
 
@@ -40,10 +51,10 @@ lint: install ## ruff and mypy --strict over the package and the tests
 	$(BIN)/ruff format --check engine tests bench
 	$(BIN)/mypy
 
-test: lint ## lint, then the whole test suite against real servers it starts itself
+test: lint postgres ## lint, then the whole test suite against real servers it starts itself
 	$(BIN)/pytest
 
-bench: install ## benchmarks (excluded from `make test`)
+bench: install postgres ## benchmarks (excluded from `make test`)
 	$(BIN)/pytest bench -m benchmark -p no:cacheprovider
 
 clean: ## remove the venv and local data

@@ -17,13 +17,10 @@ call goes through ``loop.run_until_complete``.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -31,7 +28,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     MultipleResults,
-    RuleBasedStateMachine,
     invariant,
     multiple,
     precondition,
@@ -60,8 +56,8 @@ from engine import (
 from engine.keys import keys_of
 from engine.redis_server import RedisServer
 from engine.scripts import guarded
-from tests.conftest import make_settings
 from tests.helpers import age_order, assert_invariants
+from tests.machine import EngineMachine
 
 T = TypeVar("T")
 
@@ -122,26 +118,14 @@ class Snapshot:
     invalidations: int
 
 
-class FlashSaleMachine(RuleBasedStateMachine):
+class FlashSaleMachine(EngineMachine):
     """Random flash-sale traffic on one campaign, checked step by step against a model."""
 
-    redis_url: ClassVar[str] = ""
-    examples: ClassVar[int] = 0
-
+    prefix = "fsm"
     orders = Bundle("orders")
 
     def __init__(self) -> None:
         super().__init__()
-        FlashSaleMachine.examples += 1
-        self.campaign_id = f"fsm-{FlashSaleMachine.examples}"
-        self.tmp = Path(tempfile.mkdtemp(prefix="flashteam-fsm-"))
-        self.loop = asyncio.new_event_loop()
-        self.engine: Engine | None = None
-        try:
-            self.engine = self.run(self._open())
-        except BaseException:
-            self._close()
-            raise
         # The model.
         self.stock = {
             sku: {"available": n, "held": 0, "paid": 0, "gone": 0} for sku, n in STOCK.items()
@@ -153,49 +137,20 @@ class FlashSaleMachine(RuleBasedStateMachine):
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    async def _open(self) -> Engine:
-        engine = await Engine.open(make_settings(self.redis_url, self.tmp))
-        try:
-            await engine.runtime.redis.flushall()
-            now = await engine.runtime.now()
-            await engine.campaigns.create(
-                Campaign(
-                    id=self.campaign_id,
-                    kind=CampaignKind.FLASH,
-                    title="state machine sale",
-                    starts_at=now - timedelta(seconds=1),
-                    ends_at=now + timedelta(hours=1),
-                    items=tuple(Item(sku, PRICES[sku], STOCK[sku]) for sku in SKUS),
-                    per_user_limit=LIMIT,
-                    hold_seconds=HOLD_SECONDS,
-                )
+    async def prepare(self, engine: Engine) -> None:
+        now = await engine.runtime.now()
+        await engine.campaigns.create(
+            Campaign(
+                id=self.campaign_id,
+                kind=CampaignKind.FLASH,
+                title="state machine sale",
+                starts_at=now - timedelta(seconds=1),
+                ends_at=now + timedelta(hours=1),
+                items=tuple(Item(sku, PRICES[sku], STOCK[sku]) for sku in SKUS),
+                per_user_limit=LIMIT,
+                hold_seconds=HOLD_SECONDS,
             )
-        except BaseException:
-            await engine.close()
-            raise
-        return engine
-
-    def _close(self) -> None:
-        try:
-            if self.engine is not None:
-                self.loop.run_until_complete(self.engine.close())
-                self.engine = None
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        finally:
-            self.loop.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def teardown(self) -> None:
-        self._close()
-
-    @property
-    def eng(self) -> Engine:
-        assert self.engine is not None
-        return self.engine
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
+        )
 
     def call(self, coro: Coroutine[Any, Any, T], expected: type[Rejected] | None) -> T | None:
         """Run one engine call; it must raise exactly ``expected`` (None: must succeed)."""

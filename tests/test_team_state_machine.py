@@ -29,20 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -55,7 +51,6 @@ from engine import (
     Campaign,
     CampaignKind,
     CampaignStatus,
-    Engine,
     Forbidden,
     HoldExpired,
     IdempotencyMismatch,
@@ -78,8 +73,8 @@ from engine.models import Team, TeamState, to_ms
 from engine.redis_server import RedisServer
 from engine.scripts import guarded
 from engine.teams import ShareState, TeamSeatResult, mask_user
-from tests.conftest import make_settings
 from tests.helpers import age_order, age_team, assert_invariants
+from tests.machine import EngineMachine
 
 T = TypeVar("T")
 
@@ -190,24 +185,13 @@ class Snapshot:
     invalidations: int
 
 
-class TeamMachine(RuleBasedStateMachine):
+class TeamMachine(EngineMachine):
     """Random team-join traffic on one campaign, checked step by step against a model."""
 
-    redis_url: ClassVar[str] = ""
-    examples: ClassVar[int] = 0
+    prefix = "tsm"
 
     def __init__(self) -> None:
         super().__init__()
-        TeamMachine.examples += 1
-        self.campaign_id = f"tsm-{TeamMachine.examples}"
-        self.tmp = Path(tempfile.mkdtemp(prefix="flashteam-tsm-"))
-        self.loop = asyncio.new_event_loop()
-        self.engine: Engine | None = None
-        try:
-            self.engine = self.run(self._open())
-        except BaseException:
-            self._close()
-            raise
         self.size = 3
         self.orders: dict[str, ModelOrder] = {}
         self.teams: dict[str, ModelTeam] = {}
@@ -219,38 +203,10 @@ class TeamMachine(RuleBasedStateMachine):
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    async def _open(self) -> Engine:
-        engine = await Engine.open(make_settings(self.redis_url, self.tmp))
-        try:
-            await engine.runtime.redis.flushall()
-        except BaseException:
-            await engine.close()
-            raise
-        return engine
-
-    def _close(self) -> None:
-        try:
-            if self.engine is not None:
-                self.loop.run_until_complete(self.engine.close())
-                self.engine = None
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
-        finally:
-            self.loop.close()
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
     def teardown(self) -> None:
         for team in getattr(self, "teams", {}).values():
             event(f"team ended {team.state}")
-        self._close()
-
-    @property
-    def eng(self) -> Engine:
-        assert self.engine is not None
-        return self.engine
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
+        super().teardown()
 
     def call(self, coro: Coroutine[Any, Any, T], expected: Expected) -> T | None:
         """Run one engine call; it must raise exactly ``expected`` (None: must succeed)."""

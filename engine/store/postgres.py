@@ -11,20 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
 from engine.errors import AlreadyExists, Unavailable
-from engine.models import Campaign, Order, to_ms
-from engine.store import Batch, Totals
+from engine.models import Campaign
+from engine.store import Batch
 from engine.store import schema as sql
+from engine.store.reads import DurableReads
 from engine.store.rows import (
     Row,
-    campaign_from,
     campaign_row,
-    order_from,
     order_row,
     team_row,
 )
@@ -70,7 +68,7 @@ def _translated(what: str) -> Iterator[None]:
         raise Unavailable(f"PostgreSQL {what} failed [{exc.sqlstate}]: {exc}") from exc
 
 
-class PostgresStore:
+class PostgresStore(DurableReads):
     """Campaigns, orders and teams in one PostgreSQL database, over a small asyncpg pool."""
 
     def __init__(self, pool: Any) -> None:
@@ -110,15 +108,6 @@ class PostgresStore:
         with _translated("replace campaign"):
             await self._pool.execute(_REPLACE_CAMPAIGN, *campaign_row(campaign))
 
-    async def get_campaign(self, campaign_id: str) -> Campaign | None:
-        rows = await self._fetch(sql.GET_CAMPAIGN, campaign_id)
-        return campaign_from(rows[0]) if rows else None
-
-    async def campaigns_ending_after(self, moment: datetime) -> list[Campaign]:
-        return [
-            campaign_from(r) for r in await self._fetch(sql.CAMPAIGNS_ENDING_AFTER, to_ms(moment))
-        ]
-
     async def apply(self, batch: Batch) -> None:
         orders = [order_row(o, at) for o, at in batch.orders.values()]
         teams = [team_row(t, at) for t, at in batch.teams.values()]
@@ -131,28 +120,6 @@ class PostgresStore:
                     await conn.executemany(_UPSERT_TEAM, teams)
                 if invalidations:
                     await conn.executemany(_INVALIDATE, invalidations)
-
-    async def get_order(self, order_id: str) -> Order | None:
-        rows = await self._fetch(sql.GET_ORDER, order_id)
-        return order_from(rows[0]) if rows else None
-
-    async def user_orders(self, user_id: str, limit: int = 100) -> list[Order]:
-        return [order_from(r) for r in await self._fetch(sql.USER_ORDERS, user_id, limit)]
-
-    async def team_orders(self, team_id: str) -> list[Order]:
-        return [order_from(r) for r in await self._fetch(sql.TEAM_ORDERS, team_id)]
-
-    async def order_totals(self, campaign_id: str) -> list[Totals]:
-        rows = await self._fetch(sql.ORDER_TOTALS, campaign_id)
-        # SUM over BIGINT is NUMERIC in PostgreSQL (a Decimal): back to int.
-        return [
-            Totals(r["sku"], r["state"], int(r["orders"]), int(r["units"]), int(r["amount"]))
-            for r in rows
-        ]
-
-    async def team_totals(self, campaign_id: str) -> dict[str, int]:
-        rows = await self._fetch(sql.TEAM_TOTALS, campaign_id)
-        return {r["state"]: int(r["teams"]) for r in rows}
 
     async def _fetch(self, template: str, *args: Any) -> list[Row]:
         with _translated("read"):

@@ -6,17 +6,17 @@ import asyncio
 import fcntl
 import os
 import sqlite3
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from engine.errors import AlreadyExists, Unavailable
-from engine.models import Campaign, Order, to_ms
-from engine.store import Batch, Totals
+from engine.models import Campaign
+from engine.store import Batch
 from engine.store import schema as sql
-from engine.store.rows import campaign_from, campaign_row, order_from, order_row, team_row
+from engine.store.reads import DurableReads
+from engine.store.rows import campaign_row, order_row, team_row
 
 _Q = sql.qmark
 _UPSERT_ORDER = sql.upsert_newer("orders", sql.ORDER_COLUMNS, _Q)
@@ -25,7 +25,7 @@ _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _Q)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_Q)
 
 
-class SqliteStore:
+class SqliteStore(DurableReads):
     """Campaigns, orders and teams in one SQLite file."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
@@ -71,15 +71,6 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise Unavailable(f"SQLite write failed: {exc}") from exc
 
-    async def get_campaign(self, campaign_id: str) -> Campaign | None:
-        rows = await self._fetch(sql.GET_CAMPAIGN, campaign_id)
-        return campaign_from(rows[0]) if rows else None
-
-    async def campaigns_ending_after(self, moment: datetime) -> list[Campaign]:
-        return [
-            campaign_from(r) for r in await self._fetch(sql.CAMPAIGNS_ENDING_AFTER, to_ms(moment))
-        ]
-
     async def apply(self, batch: Batch) -> None:
         async with self._writing:
             await self._apply(batch)
@@ -101,23 +92,6 @@ class SqliteStore:
             if db.in_transaction:
                 await db.execute("ROLLBACK")
             raise Unavailable(f"SQLite write failed: {exc}") from exc
-
-    async def get_order(self, order_id: str) -> Order | None:
-        rows = await self._fetch(sql.GET_ORDER, order_id)
-        return order_from(rows[0]) if rows else None
-
-    async def user_orders(self, user_id: str, limit: int = 100) -> list[Order]:
-        return [order_from(r) for r in await self._fetch(sql.USER_ORDERS, user_id, limit)]
-
-    async def team_orders(self, team_id: str) -> list[Order]:
-        return [order_from(r) for r in await self._fetch(sql.TEAM_ORDERS, team_id)]
-
-    async def order_totals(self, campaign_id: str) -> list[Totals]:
-        rows = await self._fetch(sql.ORDER_TOTALS, campaign_id)
-        return [Totals(r["sku"], r["state"], r["orders"], r["units"], r["amount"]) for r in rows]
-
-    async def team_totals(self, campaign_id: str) -> dict[str, int]:
-        return {r["state"]: r["teams"] for r in await self._fetch(sql.TEAM_TOTALS, campaign_id)}
 
     async def _fetch(self, template: str, *args: Any) -> list[sqlite3.Row]:
         try:
