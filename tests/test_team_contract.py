@@ -529,6 +529,22 @@ async def test_after_the_campaign_end_open_teams_fill_but_no_team_is_opened(
     await assert_invariants(engine, CID)
 
 
+async def test_a_leaders_hold_ends_with_the_campaign(engine: Engine) -> None:
+    """A pending team must open before the campaign ends: the leader's payment deadline is
+    capped at the end, and paying after it is hold_expired."""
+    campaign = await start(engine, starts_in=-1, lasts=1.5)  # ends long before a 60 s hold
+    opened = await open_team(engine, "leader")
+    assert opened.order.expires_at == campaign.ends_at
+    await wait_until(engine, campaign.ends_at)
+    with pytest.raises(HoldExpired):
+        await pay(engine, opened.order)
+    await engine.reaper.run_once()
+    dissolved = await engine.teams.get(opened.team.team_id)
+    assert dissolved.state is TeamState.DISSOLVED
+    assert await abc(engine) == (100, 0, 0)
+    await assert_invariants(engine, CID)
+
+
 # --------------------------------------------------------------------------- members pay
 
 
@@ -805,6 +821,29 @@ async def test_quick_join_skips_teams_the_user_is_in(engine: Engine) -> None:
     for team_id in (roomy.team_id, near_full.team_id, mine.team_id):
         users = [seat.user_id for seat in (await engine.teams.get(team_id)).seats]
         assert len(users) == len(set(users))
+    await assert_invariants(engine, CID)
+
+
+async def test_quick_join_skips_teams_the_user_cannot_afford(engine: Engine) -> None:
+    """A team of 2 units per seat is the best candidate, but the shopper has 1 unit of their
+    limit left: the next team that fits is taken; with none left, a one-unit team opens."""
+    await start(engine, team_size=3, limit=2)
+    pairs = await open_paid_team_of(engine, "lead-pairs", 2)
+    await join(engine, pairs.team_id, "pair-buyer")  # 1 seat left: first in line
+    singles = await open_paid_team(engine, "lead-singles")  # 2 seats left
+    held = await open_team(engine, "shopper")  # the shopper holds 1 of 2 units
+    assert await joinable_ids(engine, viewer="shopper") == [pairs.team_id, singles.team_id]
+
+    result = await engine.teams.quick_join(CID, "shopper", SKU, "q1")
+    assert result.team.team_id == singles.team_id and result.order.qty == 1
+    await engine.flash.cancel(held.order.order_id, "shopper")
+    await join(engine, singles.team_id, "filler")  # singles is full now
+    # The shopper has 1 unit left again and only the 2-unit team is open: a new team opens.
+    again = await engine.teams.quick_join(CID, "shopper", SKU, "q2")
+    assert again.opened and again.team.qty == 1 and again.team.leader_id == "shopper"
+    # Someone who can afford the 2-unit seat still gets it.
+    other = await engine.teams.quick_join(CID, "other", SKU, "q1")
+    assert other.team.team_id == pairs.team_id and other.order.qty == 2
     await assert_invariants(engine, CID)
 
 
