@@ -44,6 +44,10 @@ EDITABLE_FIELDS = frozenset(
 _LIVE_AFTER_END = timedelta(days=7, hours=1)
 
 
+def _moment(ms: str | None) -> datetime | None:
+    return None if ms is None else from_ms(int(ms))
+
+
 def _definition_args(campaign: Campaign) -> list[str | int]:
     invalidated = campaign.invalidated_at
     args: list[str | int] = [
@@ -137,6 +141,7 @@ class Campaigns:
                 held=int(inv.get(f"h:{item.sku}", 0)),
                 paid=int(inv.get(f"p:{item.sku}", 0)),
                 gone=int(inv.get(f"r:{item.sku}", 0)),
+                sold_out_at=_moment(inv.get(f"out:{item.sku}")),
             )
             for item in campaign.items
         )

@@ -1,4 +1,4 @@
-"""The `flashteam` command line: run, reaper, worker, reconcile, demo (`flashteam --help`)."""
+"""The `flashteam` command line: run, serve, worker, reaper, reconcile, demo (see --help)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import uvicorn
 import uvloop
 
 from engine.core import Engine
@@ -55,19 +61,140 @@ async def _engine(settings: Settings) -> AsyncIterator[Engine]:
         await engine.close()
 
 
-async def _run(settings: Settings) -> int:
-    stop = await _until_signalled()
-    async with _engine(settings) as engine:
-        worker = FlushWorker(engine.runtime)
-        print(f"flashteam is running on Redis {settings.redis_url}", flush=True)
-        print(f"  durable store: {_store_name(settings)}")
-        print("  running: the reaper (expires held orders within 1 s of their deadline)")
-        print(f"  running: the flush worker {worker.name} (Redis Streams -> SQL)")
-        print("  not yet built: the HTTP API (see the issues)")
-        print("  stop with Ctrl-C", flush=True)
-        await asyncio.gather(engine.reaper.run(stop), worker.run(stop))
-    print("flashteam stopped", flush=True)
+def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
+    """The HTTP API under uvicorn (uvloop, httptools), ``workers`` processes on one socket."""
+    settings.require_tokens()  # refuse before any worker starts
+    if workers > 1:
+        # prometheus_client keeps every worker's histograms here; /metrics sums them.
+        metrics_dir = settings.data_dir / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    log.info("API on http://%s:%d with %d worker(s)", host, port, workers)
+    uvicorn.run(
+        "engine.api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+    )
     return 0
+
+
+def _run(settings: Settings, host: str, port: int, workers: int) -> int:
+    """Everything locally: a private redis-server (unless FLASHTEAM_REDIS_URL is set), then
+    the API, the flush worker and the reaper as child processes, until Ctrl-C or SIGTERM."""
+    generated = {
+        name: secrets.token_urlsafe(24)
+        for name, value in (
+            ("GATEWAY_TOKEN", settings.gateway_token),
+            ("ADMIN_TOKEN", settings.admin_token),
+        )
+        if value is None
+    }
+    settings = settings.with_(
+        gateway_token=settings.gateway_token or generated.get("GATEWAY_TOKEN"),
+        admin_token=settings.admin_token or generated.get("ADMIN_TOKEN"),
+        database_url=settings.database_url or f"sqlite:///{settings.sqlite_path.resolve()}",
+        data_dir=settings.data_dir.resolve(),
+    )
+    settings.require_tokens()
+    with _redis_for(settings, settings.data_dir) as ready:
+        env = {**os.environ, **_env_of(ready)}
+        stop = _stop_on_signals()
+        children = {
+            "api": _child(
+                ["serve", "--host", host, "--port", str(port), "--workers", str(workers)], env
+            ),
+            "flush worker": _child(["worker"], env),
+            "reaper": _child(["reaper"], env),
+        }
+        code = 0
+        try:
+            url = f"http://{host}:{port}"
+            if not _wait_healthy(url, children["api"], stop):
+                code = 1
+            else:
+                print(f"flashteam is running: API {url} ({workers} workers)", flush=True)
+                print(f"  Redis:          {ready.redis_url}")
+                print(f"  durable store:  {_store_name(ready)}")
+                print("  flush worker and reaper running")
+                for name, token in (("gateway", ready.gateway_token), ("admin", ready.admin_token)):
+                    origin = "generated" if f"{name.upper()}_TOKEN" in generated else "from env"
+                    print(f"  {name} token:  {token}  ({origin})")
+                print(f"  try: curl {url}/readyz", flush=True)
+                print("  stop with Ctrl-C", flush=True)
+                code = _supervise(children, stop)
+        finally:
+            _stop_children(children)
+    print("flashteam stopped", flush=True)
+    return code
+
+
+def _env_of(settings: Settings) -> dict[str, str]:
+    values = {
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "DATA_DIR": str(settings.data_dir),
+        "GATEWAY_TOKEN": settings.gateway_token,
+        "ADMIN_TOKEN": settings.admin_token,
+    }
+    return {f"FLASHTEAM_{k}": v for k, v in values.items() if v is not None}
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=env)
+
+
+def _wait_healthy(url: str, api: subprocess.Popen[bytes], stop: threading.Event) -> bool:
+    for _ in range(300):
+        if stop.is_set() or api.poll() is not None:
+            return False
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{url}/healthz", timeout=1) as reply,
+        ):
+            if reply.status == 200:
+                return True
+        stop.wait(0.1)
+    print("flashteam: the API did not come up within 30 s", file=sys.stderr)
+    return False
+
+
+def _supervise(children: dict[str, subprocess.Popen[bytes]], stop: threading.Event) -> int:
+    """Wait for a signal; a child that dies on its own stops everything with exit code 1."""
+    while not stop.wait(0.2):
+        for name, child in children.items():
+            if child.poll() is not None:
+                print(f"flashteam: the {name} exited ({child.returncode})", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each (the API drains requests, the worker finishes its batch), then wait."""
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children.values():
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def _store_name(settings: Settings) -> str:
@@ -128,11 +255,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
+    run = sub.add_parser(
         "run",
         help="start everything locally: a private redis-server under FLASHTEAM_DATA_DIR "
-        "(unless FLASHTEAM_REDIS_URL is set), SQLite, the reaper and the flush worker",
+        "(unless FLASHTEAM_REDIS_URL is set), SQLite, the HTTP API, the flush worker and the "
+        "reaper; prints the URL and the tokens (generated unless set)",
     )
+    serve = sub.add_parser(
+        "serve",
+        help="run only the HTTP API against FLASHTEAM_REDIS_URL (needs FLASHTEAM_GATEWAY_TOKEN "
+        "and FLASHTEAM_ADMIN_TOKEN)",
+    )
+    for command in (run, serve):
+        command.add_argument("--host", default="127.0.0.1", help="%(default)s")
+        command.add_argument("--port", type=int, default=8000, help="%(default)s")
+        command.add_argument(
+            "--workers", type=int, default=2, help="API worker processes; %(default)s"
+        )
     sub.add_parser("reaper", help="run only the reaper against FLASHTEAM_REDIS_URL")
     worker = sub.add_parser(
         "worker", help="run the flush worker (outbox streams -> SQL) against FLASHTEAM_REDIS_URL"
@@ -191,21 +330,24 @@ def main(argv: list[str] | None = None) -> int:
                     redis_url=None, database_url=None, data_dir=Path(tmp), rate_limit=0
                 )
                 with _redis_for(demo_settings, Path(tmp)) as ready:
-                    return _serve(lambda: _demo(ready, plan))
+                    return _loop(lambda: _demo(ready, plan))
         if args.command == "reaper":
-            return _serve(lambda: _reaper(settings))
+            return _loop(lambda: _reaper(settings))
         if args.command == "worker":
-            return _serve(lambda: _worker(settings, args.drain))
+            return _loop(lambda: _worker(settings, args.drain))
         if args.command == "reconcile":
-            return _serve(lambda: _reconcile(settings, args.campaign))
-        with _redis_for(settings, settings.data_dir) as ready:
-            return _serve(lambda: _run(ready))
+            return _loop(lambda: _reconcile(settings, args.campaign))
+        if args.workers < 1:
+            raise ConfigurationError("--workers must be 1 or more")
+        if args.command == "serve":
+            return _serve(settings, args.host, args.port, args.workers)
+        return _run(settings, args.host, args.port, args.workers)
     except (ConfigurationError, EngineError) as exc:
         print(f"flashteam: {exc}", file=sys.stderr)
         return 2
 
 
-def _serve(main_coro: Callable[[], Awaitable[int]]) -> int:
+def _loop(main_coro: Callable[[], Awaitable[int]]) -> int:
     async def runner() -> int:
         return await main_coro()
 

@@ -91,9 +91,10 @@ class CampaignKeys:
     teams: str
     team_index: str
     team_expiry: str
+    rejections: str  # hash: rejections per error code, counted by the API (KPIs)
     order_keys: tuple[
         str, ...
-    ]  # KEYS of every order script: meta inv orders users deadlines events
+    ]  # KEYS of every order and team script (lua/lib/common.lua order_keys)
 
     @classmethod
     def of(cls, campaign_id: str) -> CampaignKeys:
@@ -113,6 +114,7 @@ class CampaignKeys:
             teams=f"{tag}:teams",
             team_index=f"{tag}:joinable",
             team_expiry=f"{tag}:team_deadlines",
+            rejections=f"{tag}:rejections",
             order_keys=(
                 meta,
                 inv,

@@ -173,6 +173,7 @@ class ItemStock:
     held: int
     paid: int
     gone: int  # refunded without restock: left the sale
+    sold_out_at: datetime | None = None  # when available first reached 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ Redis errors are translated here, and only here, into engine errors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from importlib import resources
 from pathlib import Path
@@ -165,6 +166,8 @@ class Scripts:
         self._client = client
         self._sources = {name: script_source(name) for name in self.NAMES}
         self._limit = asyncio.Semaphore(max_in_flight)
+        # Called with (script name, seconds) after every call when set (the API's metrics).
+        self.observe: Callable[[str, float], None] | None = None
         make = client.register_script
         self.reserve_stock: AsyncScript = make(self._sources["reserve_stock"])
         self.pay_order: AsyncScript = make(self._sources["pay_order"])
@@ -179,6 +182,7 @@ class Scripts:
         self.expire_teams: AsyncScript = make(self._sources["expire_teams"])
         self.list_teams: AsyncScript = make(self._sources["list_teams"])
         self.ack_events: AsyncScript = make(self._sources["ack_events"])
+        self._names = {id(getattr(self, name)): name for name in self.NAMES}
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (on every primary of a cluster) so the first call is warm."""
@@ -190,7 +194,16 @@ class Scripts:
     ) -> list[Any]:
         """Call one script; Redis failures become engine errors, the reply a list."""
         async with self._limit:
-            reply = await guarded(script(keys=keys, args=args))
+            if self.observe is None:
+                reply = await guarded(script(keys=keys, args=args))
+            else:
+                started = time.perf_counter()
+                try:
+                    reply = await guarded(script(keys=keys, args=args))
+                finally:
+                    self.observe(
+                        self._names.get(id(script), "other"), time.perf_counter() - started
+                    )
         if not isinstance(reply, list):
             raise errors.EngineError(f"script returned {type(reply).__name__}, not a list")
         return reply

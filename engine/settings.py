@@ -18,6 +18,11 @@ FLASHTEAM_FLUSH_BATCH      outbox entries the flush worker reads per stream and 
 FLASHTEAM_CLAIM_IDLE       seconds an entry may sit unacknowledged with a consumer before
                            another worker claims it (XAUTOCLAIM; default 30).
 FLASHTEAM_WORKER_NAME      this worker's consumer name (default <hostname>-<pid>).
+FLASHTEAM_GATEWAY_TOKEN    bearer token of the storefront gateway (HTTP API; 16+ characters).
+FLASHTEAM_ADMIN_TOKEN      bearer token for campaign management and refunds (16+ characters).
+FLASHTEAM_MAX_BODY         largest HTTP request body accepted, bytes (default 65536).
+FLASHTEAM_ECHO_ROUTE       ``1``: also serve ``POST /bench/echo``, a bare JSON echo (the T2
+                           benchmark's baseline; off by default).
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class Settings:
     flush_batch: int = 1000
     claim_idle: float = 30.0
     worker_name: str | None = None
+    gateway_token: str | None = None
+    admin_token: str | None = None
+    max_body: int = 65_536
+    echo_route: bool = False
 
     def __post_init__(self) -> None:
         if self.appendfsync not in ("everysec", "always"):
@@ -66,6 +75,8 @@ class Settings:
             raise ConfigurationError(
                 "FLASHTEAM_FLUSH_BATCH must be >= 1 and FLASHTEAM_CLAIM_IDLE > 0 seconds"
             )
+        if not 1_024 <= self.max_body <= 16_777_216:
+            raise ConfigurationError("FLASHTEAM_MAX_BODY must be from 1024 to 16777216 bytes")
         if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:
             raise ConfigurationError(
                 "FLASHTEAM_REAPER_INTERVAL must be in (0, 1] seconds (holds expire within 1 s)"
@@ -81,6 +92,23 @@ class Settings:
         if not url.startswith("sqlite:///"):
             raise ConfigurationError(f"not a SQLite URL: {url.split('://')[0]}://...")
         return Path(url.removeprefix("sqlite:///"))
+
+    def require_tokens(self) -> tuple[str, str]:
+        """The gateway and admin tokens; ConfigurationError when either is missing or weak."""
+        tokens = []
+        for name, value in (
+            ("GATEWAY_TOKEN", self.gateway_token),
+            ("ADMIN_TOKEN", self.admin_token),
+        ):
+            if value is None or len(value) < 16:
+                raise ConfigurationError(
+                    f"{_PREFIX}{name} must be set to a secret of 16 or more characters "
+                    "(`flashteam run` generates both when unset)"
+                )
+            tokens.append(value)
+        if tokens[0] == tokens[1]:
+            raise ConfigurationError("the gateway and admin tokens must differ")
+        return tokens[0], tokens[1]
 
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests, CLI flags)."""
@@ -121,4 +149,8 @@ class Settings:
             flush_batch=int(number("FLUSH_BATCH", int, 1000)),
             claim_idle=number("CLAIM_IDLE", float, 30.0),
             worker_name=get("WORKER_NAME"),
+            gateway_token=get("GATEWAY_TOKEN"),
+            admin_token=get("ADMIN_TOKEN"),
+            max_body=int(number("MAX_BODY", int, 65_536)),
+            echo_route=flag("ECHO_ROUTE"),
         )

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from engine import Campaign, CampaignKind, Engine, Item, Settings
 from engine.pg_server import PostgresServer
 from engine.redis_server import RedisClusterServers, RedisServer
+from tests.apiserver import ApiServer
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +56,20 @@ async def pg_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
     yield postgres_server.url_for(await create_database(postgres_server))
     if not postgres_server.running:  # a test left PostgreSQL stopped
         postgres_server.start()
+
+
+@pytest.fixture(scope="session")
+def api_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The HTTP tests' own redis-server: the other tests flush theirs at will."""
+    with RedisServer(tmp_path_factory.mktemp("api-redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def api(api_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """`flashteam serve --workers 2` for the session; tests use their own campaign ids."""
+    with ApiServer(api_redis.url, tmp_path_factory.mktemp("api")) as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
+
+from engine.redis_server import free_port
 
 FLASHTEAM = [sys.executable, "-m", "engine.cli"]
 
@@ -33,9 +39,21 @@ def test_demo_sells_out_without_oversell_and_fills_teams_exactly(tmp_path: Path)
     assert "= 3 x succeeded teams: OK" in done.stdout
 
 
-def test_run_starts_private_redis_and_stops_on_sigterm(tmp_path: Path) -> None:
+def _get(url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_run_starts_everything_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
     process = subprocess.Popen(
-        [*FLASHTEAM, "run"],
+        [*FLASHTEAM, "run", "--port", str(port), "--workers", "1"],
         env=_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -44,19 +62,37 @@ def test_run_starts_private_redis_and_stops_on_sigterm(tmp_path: Path) -> None:
     try:
         assert process.stdout is not None
         first = process.stdout.readline()
-        assert first.startswith("flashteam is running on Redis redis://127.0.0.1:"), first
-        while "stop with Ctrl-C" not in process.stdout.readline():
-            pass
+        assert first.startswith(f"flashteam is running: API http://127.0.0.1:{port}"), first
+        lines: list[str] = []
+        while "stop with Ctrl-C" not in (line := process.stdout.readline()):
+            lines.append(line)
+        tokens = {line.split()[0]: line.split()[2] for line in lines if " token:" in line}
+        assert set(tokens) == {"gateway", "admin"} and all(len(t) >= 16 for t in tokens.values())
+        assert any(line.strip().startswith("Redis:") for line in lines)
         assert (tmp_path / "var" / "redis" / "appendonlydir").is_dir()
         assert (tmp_path / "var" / "flashteam.db").is_file()
+        url = f"http://127.0.0.1:{port}"
+        assert _get(f"{url}/readyz")[0] == 200
+        assert _get(f"{url}/v1/campaigns/nope", tokens["gateway"])[0] == 404
+        assert _get(f"{url}/v1/campaigns/nope", "wrong-token")[0] == 401
+        children = _children(process.pid)
+        assert len(children) >= 3, children  # the API, the flush worker, the reaper
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=20)
+        out, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
     assert process.returncode == 0, err
     assert "flashteam stopped" in out
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child outlived run"
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:

@@ -82,6 +82,9 @@ class Store(Protocol):
     async def team_totals(self, campaign_id: str) -> dict[str, int]:
         """Teams per state."""
 
+    async def team_fill(self, campaign_id: str) -> tuple[int, float | None]:
+        """Teams that opened, and the mean ms from opening to success (None: none filled)."""
+
 
 async def open_store(settings: Settings) -> Store:
     """Open (and create or migrate) the store named by the settings."""

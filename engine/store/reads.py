@@ -49,3 +49,9 @@ class DurableReads:
     async def team_totals(self, campaign_id: str) -> dict[str, int]:
         rows = await self._fetch(sql.TEAM_TOTALS, campaign_id)
         return {r["state"]: int(r["teams"]) for r in rows}
+
+    async def team_fill(self, campaign_id: str) -> tuple[int, float | None]:
+        """Teams that opened, and the mean ms from opening to success of those that filled."""
+        row = (await self._fetch(sql.TEAM_FILL, campaign_id))[0]
+        fill = row["fill_ms"]
+        return int(row["opened"] or 0), None if fill is None else float(fill)

@@ -168,6 +168,11 @@ ORDER_TOTALS = (
     "SELECT sku, state, COUNT(*) AS orders, SUM(qty) AS units, SUM(amount) AS amount"
     " FROM orders WHERE campaign_id = {0} GROUP BY sku, state"
 )
+TEAM_FILL = (
+    "SELECT COUNT(opened_at) AS opened,"
+    " AVG(CASE WHEN state = 'succeeded' THEN updated_at - opened_at END) AS fill_ms"
+    " FROM teams WHERE campaign_id = {0}"
+)
 TEAM_TOTALS = "SELECT state, COUNT(*) AS teams FROM teams WHERE campaign_id = {0} GROUP BY state"
 GET_CAMPAIGN = f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE id = {{0}}"
 CAMPAIGNS_ENDING_AFTER = (

@@ -70,10 +70,14 @@ local function save_order(orders_key, events_key, o, at, reason)
 end
 
 -- Move qty units of sku between inventory buckets: a available, h held, p paid,
--- r refunded without restock (gone from the sale).
+-- r refunded without restock (gone from the sale). The first time an item's available units
+-- reach 0, 'out:<sku>' records when (ms): the KPI "time to sell out".
 local function move(inv_key, sku, from, to, qty)
-  redis.call('HINCRBY', inv_key, from .. ':' .. sku, -qty)
+  local left = redis.call('HINCRBY', inv_key, from .. ':' .. sku, -qty)
   redis.call('HINCRBY', inv_key, to .. ':' .. sku, qty)
+  if from == 'a' and left == 0 then
+    redis.call('HSETNX', inv_key, 'out:' .. sku, string.format('%d', now_ms()))
+  end
 end
 
 -- End a held order (cancelled C or expired E): stock back, user's units freed, index cleaned.

@@ -1,0 +1,98 @@
+"""Prometheus metrics of the API (SPEC section 10, engine side).
+
+Request and script latencies are histograms kept by prometheus_client; with several worker
+processes (`flashteam serve --workers N`) they live in ``PROMETHEUS_MULTIPROC_DIR`` and any
+worker's /metrics sums them all. Stream lag and reaper lag are read from Redis at scrape time,
+so they are right whichever worker answers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from engine.keys import CAMPAIGN_SET, keys_of
+from engine.runtime import Runtime
+from engine.scripts import guarded
+from engine.worker import FlushWorker
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+_REQUESTS = Histogram(
+    "flashteam_http_request_seconds",
+    "HTTP requests by route and outcome (ok or the error code), with their latency",
+    ["route", "outcome"],
+    buckets=_BUCKETS,
+)
+_SCRIPTS = Histogram(
+    "flashteam_script_seconds", "Lua script calls and their latency", ["script"], buckets=_BUCKETS
+)
+
+Observe = Callable[[float], None]
+_request_children: dict[tuple[str, str], Observe] = {}
+_script_children: dict[str, Observe] = {}
+
+
+def observe_request(route: str, outcome: str, seconds: float) -> None:
+    child = _request_children.get((route, outcome))
+    if child is None:
+        child = _request_children[(route, outcome)] = _REQUESTS.labels(route, outcome).observe
+    child(seconds)
+
+
+def observe_script(script: str, seconds: float) -> None:
+    child = _script_children.get(script)
+    if child is None:
+        child = _script_children[script] = _SCRIPTS.labels(script).observe
+    child(seconds)
+
+
+def _registry() -> CollectorRegistry | None:
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+async def render(rt: Runtime) -> bytes:
+    """The exposition text: this process's (or every worker's) histograms, plus the live
+    stream and reaper lag read from Redis."""
+    registry = _registry()
+    text = generate_latest(registry) if registry is not None else generate_latest()
+    lag = await FlushWorker(rt, name="metrics").lag()
+    overdue = await reaper_lag(rt)
+    lines = [
+        "# HELP flashteam_stream_unflushed Outbox entries not yet committed to SQL.",
+        "# TYPE flashteam_stream_unflushed gauge",
+        f"flashteam_stream_unflushed {lag.unflushed}",
+        "# HELP flashteam_stream_pending Outbox entries read by a flush worker, not yet acked.",
+        "# TYPE flashteam_stream_pending gauge",
+        f"flashteam_stream_pending {lag.pending}",
+        "# HELP flashteam_stream_lag_seconds Age of the oldest unflushed outbox entry.",
+        "# TYPE flashteam_stream_lag_seconds gauge",
+        f"flashteam_stream_lag_seconds {lag.oldest_ms / 1000}",
+        "# HELP flashteam_reaper_lag_seconds How far past its deadline the most overdue hold is.",
+        "# TYPE flashteam_reaper_lag_seconds gauge",
+        f"flashteam_reaper_lag_seconds {overdue}",
+    ]
+    return text + ("\n".join(lines) + "\n").encode()
+
+
+async def reaper_lag(rt: Runtime) -> float:
+    """Seconds the most overdue held order or team is past its deadline (0 when none is)."""
+    redis = rt.redis
+    now_ms = int((await rt.now()).timestamp() * 1000)
+    worst = 0
+    campaigns: set[str] = await guarded(redis.smembers(CAMPAIGN_SET))
+    for campaign_id in campaigns:
+        keys = keys_of(campaign_id)
+        for index in (keys.deadlines, keys.team_expiry):
+            first = await guarded(redis.zrange(index, 0, 0, withscores=True))
+            if first:
+                worst = max(worst, now_ms - int(first[0][1]))
+    return worst / 1000

@@ -1,0 +1,122 @@
+"""/openapi.json, generated from the route table and the same msgspec structs the handlers
+decode and encode with."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from engine.api.schemas import ErrorOut, Id
+
+_REF = "#/components/schemas/{name}"
+_PARAM = re.compile(r"\{(\w+)\}")
+_QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+}
+_ERRORS = {
+    "400": "validation_error: a field breaks its type, range or pattern",
+    "401": "unauthorized: missing or unknown bearer token",
+    "403": "forbidden: the admin token is needed, or the order is another user's",
+    "404": "not_found",
+    "409": "a business rule said no: sold_out, limit_exceeded, not_started, ended, "
+    "invalidated, hold_expired, team_full, team_closed, already_in_team, team_in_progress, "
+    "not_editable, idempotency_mismatch, invalid_state, already_exists",
+    "413": "payload_too_large",
+    "429": "rate_limited (see the Retry-After header)",
+    "503": "unavailable: Redis or SQL cannot be reached; retry",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One route as documented: what it takes and what it answers."""
+
+    method: str
+    path: str
+    summary: str
+    auth: bool
+    admin: bool
+    body: type | None
+    out: type | None
+    status: int
+    query: tuple[tuple[str, bool], ...]
+
+
+def openapi_document(operations: list[Operation]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every operation."""
+    types = [t for op in operations for t in (op.body, op.out) if t is not None]
+    refs, components = msgspec.json.schema_components([*types, ErrorOut], ref_template=_REF)
+    schema_of = dict(zip(types, refs[: len(types)], strict=True))
+    id_schema = msgspec.json.schema(Id)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, schema_of, id_schema)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "flashteam",
+            "version": "1",
+            "description": "Flash-sale and team-join (group-buy) engine. Storefront calls take "
+            "the gateway token, campaign management and refunds the admin token "
+            "(`Authorization: Bearer <token>`). Errors: "
+            '`{"error": {"code": "<snake_case>", "message": "...", ...details}}`.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _operation(
+    op: Operation, schema_of: dict[type, Any], id_schema: dict[str, Any]
+) -> dict[str, Any]:
+    params: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": _path_schema(name, id_schema)}
+        for name in _PARAM.findall(op.path)
+    ]
+    params += [
+        {
+            "name": name,
+            "in": "query",
+            "required": required,
+            "schema": _QUERY_SCHEMAS.get(name, id_schema),
+        }
+        for name, required in op.query
+    ]
+    responses: dict[str, Any] = {}
+    if op.out is None:
+        responses[str(op.status)] = {"description": "OK"}
+    else:
+        content = {"application/json": {"schema": schema_of[op.out]}}
+        responses[str(op.status)] = {"description": "OK", "content": content}
+    error = {"application/json": {"schema": {"$ref": _REF.format(name="ErrorOut")}}}
+    for status, description in _ERRORS.items():
+        if op.auth or status in ("404",):
+            responses[status] = {"description": description, "content": error}
+    out: dict[str, Any] = {
+        "summary": op.summary.splitlines()[0],
+        "operationId": op.method.lower() + _PARAM.sub(r"by_\1", op.path).replace("/", "_"),
+        "parameters": params,
+        "responses": responses,
+    }
+    if op.auth:
+        out["security"] = [{"bearer": []}]
+    if op.body is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schema_of[op.body]}},
+        }
+    return out
+
+
+def _path_schema(name: str, id_schema: dict[str, Any]) -> dict[str, Any]:
+    if name == "order_id":
+        return {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}\.o[0-9]{1,18}$"}
+    if name == "team_id":
+        return {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}\.t[0-9]{1,18}$"}
+    return id_schema

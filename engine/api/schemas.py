@@ -1,0 +1,319 @@
+"""The HTTP contract as msgspec structs (SPEC section 8): request bodies are decoded and
+validated by these, responses encoded from them, and /openapi.json is generated from the same
+structs, so the documented schema and the checked one cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from engine.keys import ID_PATTERN, KEY_PATTERN
+from engine.models import MAX_ITEMS, MAX_UNITS, CampaignView, Item, ItemStock, Order, Team
+from engine.teams import TeamSeatResult, TeamView, mask_user
+
+Id = Annotated[str, Meta(pattern=f"^{ID_PATTERN}$", description="[A-Za-z0-9_-]{1,64}")]
+Key = Annotated[str, Meta(pattern=f"^{KEY_PATTERN}$", description="[A-Za-z0-9_.:-]{1,128}")]
+Units = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
+Money = Annotated[int, Meta(ge=0, le=MAX_UNITS * 100, description="minor units (cents)")]
+Moment = Annotated[datetime, Meta(tz=True, description="RFC 3339 with a UTC offset")]
+Kind = Annotated[str, Meta(pattern="^(flash|team)$")]
+
+
+class Request(Struct, forbid_unknown_fields=True):
+    """Every request body: unknown fields are an error, not silently ignored."""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class ItemIn(Request):
+    sku: Id
+    price: Money
+    stock: Annotated[int, Meta(ge=0, le=MAX_UNITS)]
+
+
+class CampaignIn(Request):
+    id: Id
+    kind: Kind
+    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    starts_at: Moment
+    ends_at: Moment
+    items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)]
+    per_user_limit: Units
+    hold_seconds: Annotated[int, Meta(ge=1, le=86_400)]
+    team_size: Annotated[int, Meta(ge=2, le=100)] | None = None
+    team_ttl_seconds: Annotated[int, Meta(ge=1, le=7 * 86_400)] | None = None
+
+
+class CampaignPatch(Request):
+    """Only the fields to change; SPEC section 3 decides which are allowed when."""
+
+    kind: Kind | msgspec.UnsetType = msgspec.UNSET
+    title: Annotated[str, Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    starts_at: Moment | msgspec.UnsetType = msgspec.UNSET
+    ends_at: Moment | msgspec.UnsetType = msgspec.UNSET
+    items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
+    per_user_limit: Units | msgspec.UnsetType = msgspec.UNSET
+    hold_seconds: Annotated[int, Meta(ge=1, le=86_400)] | msgspec.UnsetType = msgspec.UNSET
+    team_size: Annotated[int, Meta(ge=2, le=100)] | msgspec.UnsetType = msgspec.UNSET
+    team_ttl_seconds: Annotated[int, Meta(ge=1, le=7 * 86_400)] | msgspec.UnsetType = msgspec.UNSET
+
+    def changes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for field in self.__struct_fields__:
+            value = getattr(self, field)
+            if value is msgspec.UNSET:
+                continue
+            out[field] = (
+                tuple(Item(i.sku, i.price, i.stock) for i in value) if field == "items" else value
+            )
+        return out
+
+
+class ReserveIn(Request):
+    user_id: Id
+    sku: Id
+    qty: Units
+    idempotency_key: Key
+
+
+class PayIn(Request):
+    user_id: Id
+    payment_ref: Key
+
+
+class CancelIn(Request):
+    user_id: Id
+
+
+class RefundIn(Request):
+    restock: bool = False
+
+
+class OpenTeamIn(Request, kw_only=True):
+    user_id: Id
+    sku: Id
+    qty: Units = 1
+    idempotency_key: Key
+
+
+class JoinIn(Request):
+    user_id: Id
+    idempotency_key: Key
+
+
+class QuickJoinIn(Request):
+    user_id: Id
+    sku: Id
+    idempotency_key: Key
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class ErrorBody(Struct):
+    code: str
+    message: str
+
+
+class ErrorOut(Struct):
+    """Every 4xx/5xx: ``{"error": {"code", "message", ...details}}``."""
+
+    error: ErrorBody
+
+
+class OrderOut(Struct):
+    order_id: str
+    campaign_id: str
+    user_id: str
+    sku: str
+    qty: int
+    amount: int
+    state: str
+    type: str
+    team_id: str | None
+    payment_ref: str | None
+    created_at: datetime
+    expires_at: datetime
+    version: int
+
+    @classmethod
+    def of(cls, order: Order) -> OrderOut:
+        return cls(
+            order.order_id,
+            order.campaign_id,
+            order.user_id,
+            order.sku,
+            order.qty,
+            order.amount,
+            order.state.value,
+            order.kind.value,
+            order.team_id,
+            order.payment_ref,
+            order.created_at,
+            order.expires_at,
+            order.version,
+        )
+
+
+class ReservationOut(OrderOut, kw_only=True):
+    replayed: bool
+
+
+class OrdersOut(Struct):
+    orders: list[OrderOut]
+
+
+class TeamOut(Struct):
+    """A team as a product page or share link shows it: the leader masked, no user ids."""
+
+    team_id: str
+    campaign_id: str
+    sku: str
+    qty: int
+    size: int
+    state: str
+    leader: str
+    held: int
+    paid: int
+    remaining: int
+    created_at: datetime
+    opened_at: datetime | None
+    expires_at: datetime | None
+
+    @classmethod
+    def of(cls, team: Team) -> TeamOut:
+        return cls(
+            team.team_id,
+            team.campaign_id,
+            team.sku,
+            team.qty,
+            team.size,
+            team.state.value,
+            mask_user(team.leader_id),
+            team.held,
+            team.paid,
+            team.remaining,
+            team.created_at,
+            team.opened_at,
+            team.expires_at,
+        )
+
+
+class SeatOut(Struct):
+    team_id: str
+    order_id: str
+    opened: bool
+    replayed: bool
+    order: OrderOut
+    team: TeamOut
+
+    @classmethod
+    def of(cls, seat: TeamSeatResult) -> SeatOut:
+        return cls(
+            seat.team.team_id,
+            seat.order.order_id,
+            seat.opened,
+            seat.replayed,
+            OrderOut.of(seat.order),
+            TeamOut.of(seat.team),
+        )
+
+
+class TeamsOut(Struct):
+    teams: list[TeamOut]
+
+
+class MemberOut(Struct):
+    name: str
+    leader: bool
+    paid: bool
+
+
+class ShareOut(Struct):
+    team: TeamOut
+    share_state: str
+    members: list[MemberOut]
+    viewer_can_join: bool
+    viewer_in_team: bool
+
+    @classmethod
+    def of(cls, view: TeamView) -> ShareOut:
+        return cls(
+            TeamOut.of(view.team),
+            view.share_state.value,
+            [MemberOut(m.name, m.leader, m.paid) for m in view.members],
+            view.viewer_can_join,
+            view.viewer_in_team,
+        )
+
+
+class StockOut(Struct):
+    sku: str
+    price: int
+    initial: int
+    available: int
+    held: int
+    paid: int
+    gone: int
+    sold_out_at: datetime | None
+    sell_through: float
+
+    @classmethod
+    def of(cls, s: ItemStock) -> StockOut:
+        through = s.paid / s.initial if s.initial else 0.0
+        return cls(
+            s.sku, s.price, s.initial, s.available, s.held, s.paid, s.gone, s.sold_out_at, through
+        )
+
+
+class ItemOut(Struct):
+    sku: str
+    price: int
+    stock: int
+
+
+class CampaignOut(Struct):
+    id: str
+    kind: str
+    title: str
+    starts_at: datetime
+    ends_at: datetime
+    items: list[ItemOut]
+    per_user_limit: int
+    hold_seconds: int
+    team_size: int | None
+    team_ttl_seconds: int | None
+    invalidated_at: datetime | None
+    status: str
+    stock: list[StockOut]
+
+    @classmethod
+    def of(cls, view: CampaignView) -> CampaignOut:
+        c = view.campaign
+        return cls(
+            c.id,
+            c.kind.value,
+            c.title,
+            c.starts_at,
+            c.ends_at,
+            [ItemOut(i.sku, i.price, i.stock) for i in c.items],
+            c.per_user_limit,
+            c.hold_seconds,
+            c.team_size,
+            c.team_ttl_seconds,
+            c.invalidated_at,
+            view.status.value,
+            [StockOut.of(s) for s in view.stock],
+        )
+
+
+class Health(Struct):
+    status: str
+    checks: dict[str, str] = {}

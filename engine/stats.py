@@ -1,0 +1,182 @@
+"""Campaign KPIs (SPEC section 10) for ``GET /v1/campaigns/{id}/stats``, the load-test report
+and operators.
+
+Live stock and the sell-out moment come from Redis; order and team figures from the durable
+store (they trail Redis by the flush worker's lag, reported as ``unflushed_events``);
+rejections by reason from the per-campaign counters the API processes add to Redis about once
+a second (``RejectionCounter``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from engine.errors import EngineError
+from engine.keys import keys_of
+from engine.models import CampaignKind, CampaignView, to_ms
+from engine.runtime import Runtime
+from engine.scripts import guarded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemKpis:
+    sku: str
+    price: int
+    initial: int
+    available: int
+    held: int
+    orders: int  # every order ever created for the item (held, paid, ended)
+    paid_orders: int
+    paid_units: int
+    gmv: int  # paid amount, minor units (refunded orders excluded)
+    average_order_value: float | None
+    sell_through: float  # paid units / initial stock
+    time_to_sell_out_s: float | None  # from the campaign start to available == 0
+    hold_to_paid: float | None  # orders that were paid (incl. later refunded) / orders
+    hold_expiry_rate: float | None  # expired / orders
+    cancellations: int
+    expirations: int
+    refunds: int
+
+
+@dataclass(frozen=True, slots=True)
+class TeamKpis:
+    created: int
+    pending: int
+    open: int
+    opened: int  # teams whose leader paid (pending ones never opened)
+    succeeded: int
+    failed: int
+    dissolved: int
+    success_rate: float | None  # succeeded / (succeeded + failed)
+    mean_time_to_fill_s: float | None
+    joins_per_opened_team: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignStats:
+    campaign_id: str
+    status: str
+    items: list[ItemKpis]
+    rejections: dict[str, int]
+    teams: TeamKpis | None
+    unflushed_events: int
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
+
+
+async def campaign_stats(rt: Runtime, view: CampaignView) -> CampaignStats:
+    """The KPIs of one campaign (``view``: its definition and live status)."""
+    campaign = view.campaign
+    campaign_id = campaign.id
+    starts_ms = to_ms(campaign.starts_at)
+    keys = keys_of(campaign_id)
+    redis = rt.redis
+    inv: dict[str, str] = await guarded(redis.hgetall(keys.inv))
+    rejected: dict[str, str] = await guarded(redis.hgetall(keys.rejections))
+    unflushed = int(await guarded(redis.xlen(keys.events)))
+    totals = await rt.store.order_totals(campaign_id)
+    per: dict[tuple[str, str], tuple[int, int, int]] = {
+        (t.sku, t.state): (t.orders, t.units, t.amount) for t in totals
+    }
+
+    def n(sku: str, state: str, i: int = 0) -> int:
+        return per.get((sku, state), (0, 0, 0))[i]
+
+    kpis = []
+    for sku, price in ((i.sku, i.price) for i in campaign.items):
+        orders = sum(n(sku, s) for s in ("held", "paid", "cancelled", "expired", "refunded"))
+        paid, paid_units, gmv = per.get((sku, "paid"), (0, 0, 0))
+        out = inv.get(f"out:{sku}")
+        initial = int(inv.get(f"i:{sku}", 0))
+        kpis.append(
+            ItemKpis(
+                sku=sku,
+                price=price,
+                initial=initial,
+                available=int(inv.get(f"a:{sku}", 0)),
+                held=int(inv.get(f"h:{sku}", 0)),
+                orders=orders,
+                paid_orders=paid,
+                paid_units=paid_units,
+                gmv=gmv,
+                average_order_value=_ratio(gmv, paid),
+                sell_through=paid_units / initial if initial else 0.0,
+                time_to_sell_out_s=None if out is None else (int(out) - starts_ms) / 1000,
+                hold_to_paid=_ratio(paid + n(sku, "refunded"), orders),
+                hold_expiry_rate=_ratio(n(sku, "expired"), orders),
+                cancellations=n(sku, "cancelled"),
+                expirations=n(sku, "expired"),
+                refunds=n(sku, "refunded"),
+            )
+        )
+    teams = None
+    if campaign.kind is CampaignKind.TEAM:
+        teams = await _team_kpis(rt, campaign_id, sum(t.orders for t in totals))
+    return CampaignStats(
+        campaign_id=campaign_id,
+        status=view.status.value,
+        items=kpis,
+        rejections={code: int(count) for code, count in sorted(rejected.items())},
+        teams=teams,
+        unflushed_events=unflushed,
+    )
+
+
+async def _team_kpis(rt: Runtime, campaign_id: str, totals_orders: int) -> TeamKpis:
+    states = await rt.store.team_totals(campaign_id)
+    opened, fill_ms = await rt.store.team_fill(campaign_id)
+    created = sum(states.values())
+    succeeded, failed = states.get("succeeded", 0), states.get("failed", 0)
+    # Every team order is a seat; each team has exactly one leader's seat.
+    joins = totals_orders - created
+    return TeamKpis(
+        created=created,
+        pending=states.get("pending", 0),
+        open=states.get("open", 0),
+        opened=opened,
+        succeeded=succeeded,
+        failed=failed,
+        dissolved=states.get("dissolved", 0),
+        success_rate=_ratio(succeeded, succeeded + failed),
+        mean_time_to_fill_s=None if fill_ms is None else fill_ms / 1000,
+        joins_per_opened_team=_ratio(joins, opened),
+    )
+
+
+class RejectionCounter:
+    """Rejections per (campaign, code), counted in process and added to Redis in one go about
+    once a second: a sold-out storm costs no extra Redis call per request."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def count(self, campaign_id: str, code: str) -> None:
+        self._counts[(campaign_id, code)] += 1
+
+    async def flush(self) -> None:
+        counts, self._counts = self._counts, Counter()
+        for (campaign_id, code), n in counts.items():
+            try:
+                await guarded(self._rt.redis.hincrby(keys_of(campaign_id).rejections, code, n))
+            except EngineError:
+                self._counts[(campaign_id, code)] += n  # Redis is away: keep them for later
+                raise
+
+    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            try:
+                await self.flush()
+            except EngineError as exc:
+                log.warning("rejection counters not saved yet: %s", exc)
