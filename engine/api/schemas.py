@@ -6,7 +6,7 @@ structs, so the documented schema and the checked one cannot drift apart.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import msgspec
 from msgspec import Meta, Struct
@@ -144,7 +144,8 @@ class OrderOut(Struct):
     version: int
 
     @classmethod
-    def of(cls, order: Order) -> OrderOut:
+    def of(cls, order: Order, **extra: Any) -> Self:
+        """The order's fields; ``extra`` fills a subclass's own (``replayed``)."""
         return cls(
             order.order_id,
             order.campaign_id,
@@ -159,11 +160,12 @@ class OrderOut(Struct):
             order.created_at,
             order.expires_at,
             order.version,
+            **extra,
         )
 
 
 class ReservationOut(OrderOut, kw_only=True):
-    replayed: bool
+    replayed: bool  # an idempotent retry returned the original order
 
 
 class OrdersOut(Struct):
