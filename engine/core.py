@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from engine.campaigns import Campaigns
+from engine.coalesce import Coalescer
 from engine.errors import ConfigurationError, Unavailable
 from engine.flash import FlashSale
 from engine.reaper import Reaper
@@ -25,7 +26,7 @@ from engine.runtime import Runtime
 from engine.scripts import RedisClient, Scripts, guarded
 from engine.settings import Settings
 from engine.store import Store, open_store
-from engine.teams import Teams
+from engine.teams import QUICK_JOIN_SCAN, Teams
 
 _MAX_IN_FLIGHT = 256
 
@@ -91,8 +92,9 @@ class Engine:
         self.runtime = rt
         self.reaper = Reaper(rt)
         self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
-        self.flash = FlashSale(rt)
-        self.teams = Teams(rt)
+        self.coalescer = Coalescer(rt, quick_scan=QUICK_JOIN_SCAN)
+        self.flash = FlashSale(rt, self.coalescer)
+        self.teams = Teams(rt, self.coalescer)
 
     @classmethod
     async def open(cls, settings: Settings, store: Store | None = None) -> Engine:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.coalesce import RESERVE, Coalescer
 from engine.errors import NotFound, ValidationError
 from engine.keys import STREAM_SET, campaign_of_order, check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Order
@@ -33,9 +34,10 @@ def order_from_reply(reply: list[Any]) -> Order:
 class FlashSale:
     """The flash-sale path of SPEC section 4."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, coalescer: Coalescer) -> None:
         self._rt = rt
         self._scripts = rt.scripts
+        self._coalescer = coalescer
 
     async def reserve(
         self, campaign_id: str, user_id: str, sku: str, qty: int, idempotency_key: str
@@ -47,11 +49,8 @@ class FlashSale:
         check_key(idempotency_key, "idempotency_key")
         if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= MAX_UNITS:
             raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
-        settings = self._rt.settings
-        reply = await self._scripts.run(
-            self._scripts.reserve_stock,
-            (*keys.order_keys, keys.idempotency(user_id, idempotency_key), keys.rate(user_id)),
-            (campaign_id, user_id, sku, qty, settings.rate_limit, settings.idempotency_ttl),
+        reply = await self._coalescer.submit(
+            keys.campaign_id, RESERVE, user_id, sku, str(qty), idempotency_key
         )
         return Reservation(order_from_reply(reply), replayed=reply[0] == Code.OK and reply[3] == 1)
 

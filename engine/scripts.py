@@ -139,7 +139,8 @@ def _lua_dir() -> Path:
 def script_source(name: str) -> str:
     """The text sent to Redis for ``lua/<name>.lua``: the shared libraries, then the script."""
     lua = _lua_dir()
-    parts = [lua / "lib" / "common.lua", lua / "lib" / "team.lua", lua / f"{name}.lua"]
+    parts = [lua / "lib" / name for name in ("common.lua", "team.lua", "ops.lua")]
+    parts.append(lua / f"{name}.lua")
     return "\n".join(part.read_text() for part in parts)
 
 
@@ -160,6 +161,7 @@ class Scripts:
         "expire_teams",
         "list_teams",
         "ack_events",
+        "batch",
     )
 
     def __init__(self, client: RedisClient, max_in_flight: int = 256) -> None:
@@ -182,6 +184,7 @@ class Scripts:
         self.expire_teams: AsyncScript = make(self._sources["expire_teams"])
         self.list_teams: AsyncScript = make(self._sources["list_teams"])
         self.ack_events: AsyncScript = make(self._sources["ack_events"])
+        self.batch: AsyncScript = make(self._sources["batch"])
         self._names = {id(getattr(self, name)): name for name in self.NAMES}
 
     async def load(self) -> None:

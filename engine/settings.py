@@ -21,6 +21,11 @@ FLASHTEAM_WORKER_NAME      this worker's consumer name (default <hostname>-<pid>
 FLASHTEAM_GATEWAY_TOKEN    bearer token of the storefront gateway (HTTP API; 16+ characters).
 FLASHTEAM_ADMIN_TOKEN      bearer token for campaign management and refunds (16+ characters).
 FLASHTEAM_MAX_BODY         largest HTTP request body accepted, bytes (default 65536).
+FLASHTEAM_COALESCE         ``1`` (default): concurrent reserve/join/quick-join calls of one
+                           campaign share one script call; ``0``: one call each.
+FLASHTEAM_COALESCE_BATCH   most requests in one coalesced call (default 128).
+FLASHTEAM_COALESCE_WINDOW_US  microseconds a batch waits for company (default 0: the current
+                           turn of the event loop, no timer; at most 1000).
 FLASHTEAM_ECHO_ROUTE       ``1``: also serve ``POST /bench/echo``, a bare JSON echo (the T2
                            benchmark's baseline; off by default).
 """
@@ -63,6 +68,9 @@ class Settings:
     admin_token: str | None = None
     max_body: int = 65_536
     echo_route: bool = False
+    coalesce: bool = True
+    coalesce_batch: int = 128
+    coalesce_window_us: int = 0
 
     def __post_init__(self) -> None:
         if self.appendfsync not in ("everysec", "always"):
@@ -74,6 +82,11 @@ class Settings:
         if self.flush_batch < 1 or self.claim_idle <= 0:
             raise ConfigurationError(
                 "FLASHTEAM_FLUSH_BATCH must be >= 1 and FLASHTEAM_CLAIM_IDLE > 0 seconds"
+            )
+        if not 1 <= self.coalesce_batch <= 512 or not 0 <= self.coalesce_window_us <= 1000:
+            raise ConfigurationError(
+                "FLASHTEAM_COALESCE_BATCH must be from 1 to 512 and "
+                "FLASHTEAM_COALESCE_WINDOW_US from 0 to 1000"
             )
         if not 1_024 <= self.max_body <= 16_777_216:
             raise ConfigurationError("FLASHTEAM_MAX_BODY must be from 1024 to 16777216 bytes")
@@ -130,8 +143,8 @@ class Settings:
             except ValueError as exc:
                 raise ConfigurationError(f"{_PREFIX}{name} must be a number, not {raw!r}") from exc
 
-        def flag(name: str) -> bool:
-            raw = (get(name) or "0").lower()
+        def flag(name: str, default: str = "0") -> bool:
+            raw = (get(name) or default).lower()
             if raw not in _FLAGS:
                 raise ConfigurationError(f"{_PREFIX}{name} must be 1/0, true/false, yes/no, on/off")
             return _FLAGS[raw]
@@ -153,4 +166,7 @@ class Settings:
             admin_token=get("ADMIN_TOKEN"),
             max_body=int(number("MAX_BODY", int, 65_536)),
             echo_route=flag("ECHO_ROUTE"),
+            coalesce=flag("COALESCE", default="1"),
+            coalesce_batch=int(number("COALESCE_BATCH", int, 128)),
+            coalesce_window_us=int(number("COALESCE_WINDOW_US", int, 0)),
         )

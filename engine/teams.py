@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from engine.coalesce import JOIN, QUICK, Coalescer
 from engine.errors import NotFound, ValidationError
 from engine.keys import campaign_of_team, check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Order, Team, TeamState
@@ -20,7 +21,7 @@ from engine.runtime import Runtime
 from engine.scripts import check_reply, guarded
 
 # Index entries quick_join looks at before it opens a new team (skipping the user's own teams).
-_QUICK_JOIN_SCAN = 64
+QUICK_JOIN_SCAN = 64
 MAX_LIST = 100
 
 
@@ -85,9 +86,10 @@ def seat_result(reply: list[Any]) -> TeamSeatResult:
 class Teams:
     """Team-join on top of the flash-sale core (SPEC section 5)."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, coalescer: Coalescer) -> None:
         self._rt = rt
         self._scripts = rt.scripts
+        self._coalescer = coalescer
 
     async def open(
         self, campaign_id: str, leader_id: str, sku: str, qty: int, idempotency_key: str
@@ -113,11 +115,8 @@ class Teams:
         keys = keys_of(campaign_id)
         check_id(user_id, "user_id")
         check_key(idempotency_key, "idempotency_key")
-        settings = self._rt.settings
-        reply = await self._scripts.run(
-            self._scripts.join_team,
-            (*keys.order_keys, keys.idempotency(user_id, idempotency_key), keys.rate(user_id)),
-            (campaign_id, user_id, team_id, settings.rate_limit, settings.idempotency_ttl),
+        reply = await self._coalescer.submit(
+            keys.campaign_id, JOIN, user_id, team_id, "", idempotency_key
         )
         return seat_result(reply)
 
@@ -129,18 +128,8 @@ class Teams:
         check_id(user_id, "user_id")
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
-        settings = self._rt.settings
-        reply = await self._scripts.run(
-            self._scripts.quick_join,
-            (*keys.order_keys, keys.idempotency(user_id, idempotency_key), keys.rate(user_id)),
-            (
-                campaign_id,
-                user_id,
-                sku,
-                settings.rate_limit,
-                settings.idempotency_ttl,
-                _QUICK_JOIN_SCAN,
-            ),
+        reply = await self._coalescer.submit(
+            keys.campaign_id, QUICK, user_id, sku, "", idempotency_key
         )
         return seat_result(reply)
 

@@ -1,6 +1,7 @@
--- join_team.lua: a user takes a seat in an open team. The seat is held until payment, at most
--- until the team's own expiry; a held seat counts as taken, so a team never over-fills.
--- Joining works after the campaign's end, until the team's expiry (SPEC 3, seed 004 §2).
+-- join_team.lua: a user takes a seat in an open team (op_join in lib/ops.lua). The seat is
+-- held until payment, at most until the team's own expiry; a held seat counts as taken, so a
+-- team never over-fills. Joining works after the campaign's end, until the team's expiry
+-- (SPEC 3, seed 004 §2).
 --
 -- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[10] idem  string  this (user, idempotency key)'s record
@@ -15,25 +16,5 @@
 --         {15}                              the user already holds a seat (leaders included)
 --         {13}                              every seat is held or paid
 --         {6, units_left} | {5, available}  per-user limit | sold out
-local k = order_keys()
-local cid, user, team_id = ARGV[1], ARGV[2], ARGV[3]
-local fingerprint = 'join:' .. team_id
-
-local prior = replay(k, KEYS[10], fingerprint)
-if prior then return prior end
-local wait = rate_limited(KEYS[11], tonumber(ARGV[4]))
-if wait then return {RATE_LIMITED, wait} end
-
-local m = load_meta(k.meta)
-if not m then return {NOT_FOUND} end
-if m.invalid > 0 then return {INVALIDATED} end
-if m.kind ~= 'team' then return {WRONG_KIND} end
-local t = load_team(k.teams, team_id)
-if not t then return {NOT_FOUND} end
-local now = now_ms()
-local blocked = join_blocked(k, m, t, user, now)
-if blocked then return blocked end
-
-local id = take_seat(k, m, t, user, now, cid)
-remember(KEYS[10], id, fingerprint, tonumber(ARGV[5]))
-return order_reply(k, id, 0)
+return op_join(order_keys(), KEYS[10], KEYS[11], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
+  tonumber(ARGV[5]))

@@ -17,6 +17,7 @@ call goes through ``loop.run_until_complete``.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -51,6 +52,7 @@ from engine import (
     Order,
     OrderState,
     Rejected,
+    Reservation,
     SoldOut,
 )
 from engine.keys import keys_of
@@ -138,6 +140,8 @@ class FlashSaleMachine(EngineMachine):
     # -- plumbing ------------------------------------------------------------------------------
 
     async def prepare(self, engine: Engine) -> None:
+        self.script_calls: Counter[str] = Counter()
+        engine.runtime.scripts.observe = lambda name, _: self.script_calls.update((name,))
         now = await engine.runtime.now()
         await engine.campaigns.create(
             Campaign(
@@ -154,15 +158,18 @@ class FlashSaleMachine(EngineMachine):
 
     def call(self, coro: Coroutine[Any, Any, T], expected: type[Rejected] | None) -> T | None:
         """Run one engine call; it must raise exactly ``expected`` (None: must succeed)."""
-        try:
-            result = self.run(coro)
-        except Rejected as exc:
-            got = type(exc).__name__
-            assert expected is not None, f"the model expected success, the engine said {got}: {exc}"
-            assert type(exc) is expected, f"expected {expected.__name__}, got {got}: {exc}"
+        return self.expect(self.run(_outcome(coro)), expected)
+
+    @staticmethod
+    def expect(outcome: T | Rejected, expected: type[Rejected] | None) -> T | None:
+        """A call's result, or the rejection it raised, against the model's prediction."""
+        if isinstance(outcome, Rejected):
+            got = type(outcome).__name__
+            assert expected is not None, f"the model expected success, the engine said {got}"
+            assert type(outcome) is expected, f"expected {expected.__name__}, got {got}: {outcome}"
             return None
-        assert expected is None, f"expected {expected.__name__}, the engine succeeded: {result!r}"
-        return result
+        assert expected is None, f"expected {expected.__name__}, the engine succeeded: {outcome!r}"
+        return outcome
 
     # -- the model -----------------------------------------------------------------------------
 
@@ -212,10 +219,17 @@ class FlashSaleMachine(EngineMachine):
 
     # -- rules ---------------------------------------------------------------------------------
 
-    def reserve_and_check(self, user: str, sku: str, qty: int, key: str) -> MultipleResults[str]:
+    def reserve_and_check(
+        self, user: str, sku: str, qty: int, key: str, outcome: Reservation | Rejected | None = None
+    ) -> MultipleResults[str]:
+        """One reservation (run now, or its ``outcome`` from a burst) against the model."""
         expected = self.predict_reserve(user, sku, qty, key)
         prior = self.idem.get((user, key))
-        got = self.call(self.eng.flash.reserve(self.campaign_id, user, sku, qty, key), expected)
+        if outcome is None:
+            outcome = self.run(
+                _outcome(self.eng.flash.reserve(self.campaign_id, user, sku, qty, key))
+            )
+        got = self.expect(outcome, expected)
         if got is None:
             return multiple()
         order = got.order
@@ -249,6 +263,43 @@ class FlashSaleMachine(EngineMachine):
             self.fresh += 1
             key = f"fresh-{self.fresh}"
         return self.reserve_and_check(user, sku, qty, key)
+
+    @rule(
+        target=orders,
+        burst=st.lists(
+            st.tuples(
+                st.sampled_from(USERS),
+                st.sampled_from(SKU_CHOICES),
+                st.integers(1, 3),
+                st.sampled_from(("k1", "k2", "fresh")),
+            ),
+            min_size=2,
+            max_size=8,
+        ),
+    )
+    def reserve_burst(self, burst: list[tuple[str, str, int, str]]) -> MultipleResults[str]:
+        """Concurrent reservations: coalesced into one batch.lua call, they run in arrival
+        order, so the model can check each one's own outcome in that order."""
+        calls = []
+        for user, sku, qty, key in burst:
+            if key == "fresh":
+                self.fresh += 1
+                key = f"fresh-{self.fresh}"
+            calls.append((user, sku, qty, key))
+        flash, cid = self.eng.flash, self.campaign_id
+
+        async def burst_of() -> list[Reservation | Rejected]:
+            return await asyncio.gather(
+                *(_outcome(flash.reserve(cid, u, s, q, k)) for u, s, q, k in calls)
+            )
+
+        batches = self.script_calls["batch"]
+        outcomes = self.run(burst_of())
+        assert self.script_calls["batch"] == batches + 1, "the burst was not one coalesced call"
+        made: list[str] = []
+        for (user, sku, qty, key), outcome in zip(calls, outcomes, strict=True):
+            made += self.reserve_and_check(user, sku, qty, key, outcome).values
+        return multiple(*made)
 
     @rule(target=orders, order=orders, mismatch=st.sampled_from(("none", "qty", "sku")))
     def retry_reserve(self, order: str, mismatch: str) -> MultipleResults[str]:
@@ -445,6 +496,14 @@ class FlashSaleMachine(EngineMachine):
         assert snap.invalidations == int(self.invalidated)
         status = CampaignStatus.INVALIDATED if self.invalidated else CampaignStatus.ACTIVE
         assert snap.status is status
+
+
+async def _outcome(coro: Coroutine[Any, Any, T]) -> T | Rejected:
+    """The call's result, or the business rejection it raised."""
+    try:
+        return await coro
+    except Rejected as exc:
+        return exc
 
 
 # A passing run takes seconds; shrinking a failure to its shortest program can take minutes,

@@ -1,0 +1,121 @@
+"""Request coalescing: concurrent reserve, join and quick-join calls for one campaign go to
+Redis together, as one ``batch.lua`` call, instead of one EVALSHA each (SPEC section 9: one
+EVALSHA per request tops out near 14k/s here, batches of 64-256 near 100k/s).
+
+A call joins its campaign's pending batch; the batch is sent when it reaches ``max_batch``
+requests or at the end of the window (by default the current turn of the event loop: every
+request that arrived in it, and no timer). ``batch.lua`` runs each request exactly as its own
+script would, in arrival order, and returns one reply per request, so every caller gets its
+own outcome, idempotency and rate limit, unchanged. A batch of one uses the single script.
+All of a batch's keys carry the campaign's hash tag: one EVALSHA on one Redis Cluster slot,
+never a cluster pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from engine.keys import keys_of
+from engine.runtime import Runtime
+
+# batch.lua's per-request fields: op, user, then (sku, qty) | (team, '') | (sku, '')
+RESERVE, JOIN, QUICK = "r", "j", "q"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request: its op and fields, its idempotency and rate-limit keys, its future."""
+
+    op: str
+    user: str
+    x: str
+    y: str
+    idem: str
+    rl: str
+    done: asyncio.Future[list[Any]] | None  # None when coalescing is off
+
+
+class Coalescer:
+    """Per-campaign batches of order-creating calls."""
+
+    def __init__(self, rt: Runtime, quick_scan: int) -> None:
+        self._rt = rt
+        self._quick_scan = quick_scan
+        settings = rt.settings
+        self._max = settings.coalesce_batch if settings.coalesce else 1
+        self._window = settings.coalesce_window_us / 1_000_000
+        self._pending: dict[str, list[Call]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def submit(
+        self, campaign_id: str, op: str, user: str, x: str, y: str, idempotency_key: str
+    ) -> list[Any]:
+        """Queue one request and wait for its own reply (all arguments already validated)."""
+        keys = keys_of(campaign_id)
+        idem, rl = keys.idempotency(user, idempotency_key), keys.rate(user)
+        if self._max <= 1:  # coalescing off: one script call per request
+            return (await self._run(campaign_id, [Call(op, user, x, y, idem, rl, None)]))[0]
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Any]] = loop.create_future()
+        call = Call(op, user, x, y, idem, rl, done)
+        queue = self._pending.get(campaign_id)
+        if queue is None:
+            queue = self._pending[campaign_id] = []
+            if self._window > 0:
+                loop.call_later(self._window, self._flush, campaign_id, queue)
+            else:
+                loop.call_soon(self._flush, campaign_id, queue)
+        queue.append(call)
+        if len(queue) >= self._max:
+            self._flush(campaign_id, queue)
+        return await done
+
+    def _flush(self, campaign_id: str, queue: list[Call]) -> None:
+        if self._pending.get(campaign_id) is not queue:
+            return  # already sent (it filled up before its window ended)
+        del self._pending[campaign_id]
+        task = asyncio.get_running_loop().create_task(self._send(campaign_id, queue))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, campaign_id: str, queue: list[Call]) -> None:
+        try:
+            replies = await self._run(campaign_id, queue)
+        except BaseException as exc:
+            for call in queue:
+                if call.done is not None and not call.done.done():
+                    call.done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for call, reply in zip(queue, replies, strict=True):
+            # The caller may have gone (a client disconnected): its outcome stands anyway.
+            if call.done is not None and not call.done.done():
+                call.done.set_result(reply)
+
+    async def _run(self, campaign_id: str, queue: list[Call]) -> list[list[Any]]:
+        scripts, settings = self._rt.scripts, self._rt.settings
+        order_keys = keys_of(campaign_id).order_keys
+        rate, ttl = settings.rate_limit, settings.idempotency_ttl
+        if len(queue) == 1:
+            c = queue[0]
+            keys = (*order_keys, c.idem, c.rl)
+            if c.op == RESERVE:
+                args: tuple[Any, ...] = (campaign_id, c.user, c.x, c.y, rate, ttl)
+                return [await scripts.run(scripts.reserve_stock, keys, args)]
+            if c.op == JOIN:
+                return [
+                    await scripts.run(
+                        scripts.join_team, keys, (campaign_id, c.user, c.x, rate, ttl)
+                    )
+                ]
+            args = (campaign_id, c.user, c.x, rate, ttl, self._quick_scan)
+            return [await scripts.run(scripts.quick_join, keys, args)]
+        batch_keys = list(order_keys)
+        batch_args: list[Any] = [campaign_id, len(queue), rate, ttl, self._quick_scan]
+        for c in queue:
+            batch_keys += (c.idem, c.rl)
+            batch_args += (c.op, c.user, c.x, c.y)
+        return await scripts.run(scripts.batch, batch_keys, batch_args)
