@@ -21,6 +21,7 @@ from engine.models import (
     CampaignView,
     Item,
     ItemStock,
+    aware_utc,
     from_ms,
     to_ms,
 )
@@ -96,9 +97,10 @@ class Campaigns:
         if status in (CampaignStatus.ENDED, CampaignStatus.INVALIDATED):
             raise NotEditable(f"campaign {campaign_id} is {status}: create a new one")
         changes = self._coerce(changes)
-        ends = changes.get("ends_at")
-        if isinstance(ends, datetime) and ends.tzinfo and ends <= await self._rt.now():
-            raise ValidationError("ends_at must be in the future", field="ends_at")
+        if "ends_at" in changes:
+            changes["ends_at"] = aware_utc(changes["ends_at"], "ends_at")
+            if changes["ends_at"] <= await self._rt.now():
+                raise ValidationError("ends_at must be in the future", field="ends_at")
         if status is CampaignStatus.ACTIVE:
             if set(changes) - {"ends_at"}:
                 raise NotEditable("an active campaign only accepts a later ends_at")

@@ -21,7 +21,7 @@ from engine.keys import keys_of
 from engine.runtime import Runtime
 
 # batch.lua's per-request fields: op, user, then (sku, qty) | (team, '') | (sku, '')
-RESERVE, JOIN, QUICK = "r", "j", "q"
+RESERVE, PROBE, JOIN, QUICK = "r", "p", "j", "q"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +99,7 @@ class Coalescer:
         scripts, settings = self._rt.scripts, self._rt.settings
         order_keys = keys_of(campaign_id).order_keys
         rate, ttl = settings.rate_limit, settings.idempotency_ttl
-        if len(queue) == 1:
+        if len(queue) == 1 and queue[0].op != PROBE:
             c = queue[0]
             keys = (*order_keys, c.idem, c.rl)
             if c.op == RESERVE:

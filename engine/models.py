@@ -83,10 +83,21 @@ def _positive_int(value: object, field: str, low: int, high: int) -> int:
     return value
 
 
-def _aware(value: object, field: str) -> datetime:
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def aware_utc(value: object, field: str) -> datetime:
+    """A timezone-aware moment in UTC, between the years 2000 and 9000."""
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise ValidationError(f"{field} must be a timezone-aware datetime", field=field)
-    return value.astimezone(UTC)
+    try:
+        moment = value.astimezone(UTC)
+    except (OverflowError, ValueError) as exc:
+        raise ValidationError(f"{field} is out of range", field=field) from exc
+    if not _EARLIEST <= moment < _LATEST:
+        raise ValidationError(f"{field} must be between 2000 and 9000", field=field)
+    return moment
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +138,7 @@ class Campaign:
             raise ValidationError("kind must be 'flash' or 'team'", field="kind") from exc
         if not isinstance(self.title, str) or not 1 <= len(self.title) <= 200:
             raise ValidationError("title must be 1 to 200 characters", field="title")
-        starts, ends = _aware(self.starts_at, "starts_at"), _aware(self.ends_at, "ends_at")
+        starts, ends = aware_utc(self.starts_at, "starts_at"), aware_utc(self.ends_at, "ends_at")
         if ends <= starts:
             raise ValidationError("ends_at must be after starts_at", field="ends_at")
         if not self.items or len(self.items) > MAX_ITEMS:

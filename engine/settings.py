@@ -26,6 +26,8 @@ FLASHTEAM_COALESCE         ``1`` (default): concurrent reserve/join/quick-join c
 FLASHTEAM_COALESCE_BATCH   most requests in one coalesced call (default 128).
 FLASHTEAM_COALESCE_WINDOW_US  microseconds a batch waits for company (default 0: the current
                            turn of the event loop, no timer; at most 1000).
+FLASHTEAM_SOLD_OUT_TTL     seconds a sold-out item is answered without running a reservation
+                           (default 0.5; 0 = off; at most 1: returned units sell within 1 s).
 FLASHTEAM_ECHO_ROUTE       ``1``: also serve ``POST /bench/echo``, a bare JSON echo (the T2
                            benchmark's baseline; off by default).
 """
@@ -71,6 +73,7 @@ class Settings:
     coalesce: bool = True
     coalesce_batch: int = 128
     coalesce_window_us: int = 0
+    sold_out_ttl: float = 0.5
 
     def __post_init__(self) -> None:
         if self.appendfsync not in ("everysec", "always"):
@@ -88,6 +91,8 @@ class Settings:
                 "FLASHTEAM_COALESCE_BATCH must be from 1 to 512 and "
                 "FLASHTEAM_COALESCE_WINDOW_US from 0 to 1000"
             )
+        if not 0 <= self.sold_out_ttl <= 1:
+            raise ConfigurationError("FLASHTEAM_SOLD_OUT_TTL must be from 0 to 1 seconds")
         if not 1_024 <= self.max_body <= 16_777_216:
             raise ConfigurationError("FLASHTEAM_MAX_BODY must be from 1024 to 16777216 bytes")
         if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:
@@ -169,4 +174,5 @@ class Settings:
             coalesce=flag("COALESCE", default="1"),
             coalesce_batch=int(number("COALESCE_BATCH", int, 128)),
             coalesce_window_us=int(number("COALESCE_WINDOW_US", int, 0)),
+            sold_out_ttl=number("SOLD_OUT_TTL", float, 0.5),
         )

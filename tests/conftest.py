@@ -91,8 +91,12 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 def make_settings(url: str, tmp_path: Path, **changes: object) -> Settings:
-    """Test settings: a private SQLite file, no rate limit unless a test asks for one."""
-    settings = Settings(redis_url=url, data_dir=tmp_path, rate_limit=0, reaper_interval=0.05)
+    """Test settings: a private SQLite file, no rate limit and no sold-out fast path (it
+    answers sold_out for a moment after a sell-out: exact per-request outcomes are what most
+    tests check) unless a test asks for them."""
+    settings = Settings(
+        redis_url=url, data_dir=tmp_path, rate_limit=0, reaper_interval=0.05, sold_out_ttl=0
+    )
     return settings.with_(**changes) if changes else settings
 
 

@@ -98,3 +98,12 @@ local function op_quick(k, idem, rl, cid, user, sku, rate, ttl, scan)
   remember(idem, id, fingerprint, ttl)
   return order_reply(k, id, 0)
 end
+
+-- The sold-out fast path (engine/flash.py): the item was sold out a moment ago, so only an
+-- idempotent replay can still succeed. Returns the replay (or the key mismatch), else
+-- {5, 0} sold out, without touching stock, limits or the rate counter.
+local function op_probe(k, idem, sku, qty_arg)
+  local prior = replay(k, idem, 'reserve:' .. sku .. ':' .. qty_arg)
+  if prior then return prior end
+  return {SOLD_OUT, 0}
+end
