@@ -51,6 +51,7 @@ from engine import (
     Campaign,
     CampaignKind,
     CampaignStatus,
+    Engine,
     Forbidden,
     HoldExpired,
     IdempotencyMismatch,
@@ -203,16 +204,21 @@ class TeamMachine(EngineMachine):
 
     # -- plumbing ------------------------------------------------------------------------------
 
+    async def prepare(self, engine: Engine) -> None:
+        self.script_calls: Counter[str] = Counter()
+        engine.runtime.scripts.observe = lambda name, _: self.script_calls.update((name,))
+
     def teardown(self) -> None:
         for team in getattr(self, "teams", {}).values():
             event(f"team ended {team.state}")
         super().teardown()
 
-    def call(self, coro: Coroutine[Any, Any, T], expected: Expected) -> T | None:
-        """Run one engine call; it must raise exactly ``expected`` (None: must succeed)."""
-        name = str(getattr(coro, "__qualname__", "call"))
+    def call(self, coro: Coroutine[Any, Any, T] | Settled, expected: Expected) -> T | None:
+        """Run one engine call (or take the outcome it already had in a burst); it must raise
+        exactly ``expected`` (None: must succeed)."""
+        name = str(getattr(coro, "__qualname__", "burst"))
         try:
-            result = self.run(coro)
+            result = coro.result() if isinstance(coro, Settled) else self.run(coro)
         except Rejected as exc:
             got = type(exc).__name__
             event(f"{name}: {got}")
@@ -457,7 +463,7 @@ class TeamMachine(EngineMachine):
         key: str,
         fingerprint: str,
         plan: Plan,
-        coro: Coroutine[Any, Any, TeamSeatResult],
+        coro: Coroutine[Any, Any, TeamSeatResult] | Settled,
     ) -> str | None:
         """One seat-taking call: a replay of the key's first call, a mismatch, or the plan.
         Returns the new order's id."""
@@ -521,13 +527,17 @@ class TeamMachine(EngineMachine):
         coro = self.eng.teams.open(self.campaign_id, user, SKU, qty, key)
         return self.attempt(user, key, f"open:{SKU}:{qty}", self.plan_open(user, qty), coro)
 
-    def join_and_check(self, team_id: str, user: str, key: str) -> str | None:
-        coro = self.eng.teams.join(team_id, user, key)
-        return self.attempt(user, key, f"join:{team_id}", self.plan_join(team_id, user), coro)
+    def join_and_check(
+        self, team_id: str, user: str, key: str, settled: Settled | None = None
+    ) -> str | None:
+        plan = self.plan_join(team_id, user)
+        coro = settled or self.eng.teams.join(team_id, user, key)
+        return self.attempt(user, key, f"join:{team_id}", plan, coro)
 
-    def quick_and_check(self, user: str, key: str) -> str | None:
-        coro = self.eng.teams.quick_join(self.campaign_id, user, SKU, key)
-        return self.attempt(user, key, f"quick:{SKU}", self.plan_quick(user), coro)
+    def quick_and_check(self, user: str, key: str, settled: Settled | None = None) -> str | None:
+        plan = self.plan_quick(user)
+        coro = settled or self.eng.teams.quick_join(self.campaign_id, user, SKU, key)
+        return self.attempt(user, key, f"quick:{SKU}", plan, coro)
 
     @rule(user=USER, qty=st.integers(1, 2), key=KEY)
     def open_team(self, user: str, qty: int, key: str | None) -> None:
@@ -549,6 +559,41 @@ class TeamMachine(EngineMachine):
         if bogus == 0:
             team_id = f"{self.campaign_id}.t999"
         self.join_and_check(team_id, user, self.key(key))
+
+    @rule(
+        data=st.data(),
+        burst=st.lists(st.tuples(st.booleans(), USER, KEY), min_size=2, max_size=6),
+    )
+    def seat_burst(self, data: st.DataObject, burst: list[tuple[bool, str, str | None]]) -> None:
+        """Concurrent joins and quick-joins: coalesced into one batch.lua call, they run in
+        arrival order, and the model checks each one's own outcome in that order."""
+        teams = sorted(self.teams) or [f"{self.campaign_id}.t999"]
+        calls = [
+            (data.draw(st.sampled_from(teams), label="team") if join else None, user, self.key(key))
+            for join, user, key in burst
+        ]
+        engine, cid = self.eng, self.campaign_id
+
+        async def together() -> list[Settled]:
+            return await asyncio.gather(
+                *(
+                    Settled.of(
+                        engine.teams.join(team, user, key)
+                        if team is not None
+                        else engine.teams.quick_join(cid, user, SKU, key)
+                    )
+                    for team, user, key in calls
+                )
+            )
+
+        batches = self.script_calls["batch"]
+        settled = self.run(together())
+        assert self.script_calls["batch"] == batches + 1, "the burst was not one coalesced call"
+        for (team, user, key), outcome in zip(calls, settled, strict=True):
+            if team is None:
+                self.quick_and_check(user, key, outcome)
+            else:
+                self.join_and_check(team, user, key, outcome)
 
     @rule(user=USER, key=KEY)
     def quick_join(self, user: str, key: str | None) -> None:
@@ -980,6 +1025,25 @@ def check_exactly_once(snap: Snapshot) -> None:
         types = Counter(etype for etype, _ in events)
         assert types["order.refunded"] <= 1, f"{oid} refunded twice: {events}"
         assert types["order.expired"] <= 1, f"{oid} expired twice: {events}"
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The outcome a call already had: its result, or the rejection it raised."""
+
+    value: Any
+
+    @classmethod
+    async def of(cls, coro: Coroutine[Any, Any, Any]) -> Settled:
+        try:
+            return cls(await coro)
+        except Rejected as exc:
+            return cls(exc)
+
+    def result(self) -> Any:
+        if isinstance(self.value, Rejected):
+            raise self.value
+        return self.value
 
 
 # A passing run takes seconds; shrinking a failure can take minutes (see the flash machine).
