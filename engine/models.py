@@ -15,6 +15,9 @@ from engine.keys import campaign_of_order, campaign_of_team, check_id
 
 MAX_ITEMS = 100
 MAX_UNITS = 1_000_000_000
+# The largest amount one order may reach (price x per-user limit), in minor units: Lua numbers
+# are doubles, exact up to 2^53, and order records must hold exact integers.
+MAX_AMOUNT = 10**15
 
 
 class CampaignKind(StrEnum):
@@ -146,6 +149,11 @@ class Campaign:
         if len({item.sku for item in self.items}) != len(self.items):
             raise ValidationError("every item needs its own sku", field="items")
         _positive_int(self.per_user_limit, "per_user_limit", 1, MAX_UNITS)
+        if max(item.price for item in self.items) * self.per_user_limit > MAX_AMOUNT:
+            raise ValidationError(
+                f"price x per_user_limit must stay within {MAX_AMOUNT} minor units",
+                field="per_user_limit",
+            )
         _positive_int(self.hold_seconds, "hold_seconds", 1, 86_400)
         self._check_team_fields()
 

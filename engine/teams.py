@@ -147,6 +147,8 @@ class Teams:
         reply = await self._scripts.run(
             self._scripts.list_teams, keys.order_keys, (sku, viewer or "", limit)
         )
+        if not reply:
+            raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
         return [Team.from_record(reply[i], reply[i + 1]) for i in range(1, len(reply), 2)]
 
     async def get(self, team_id: str) -> Team:

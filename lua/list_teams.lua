@@ -3,8 +3,10 @@
 --
 -- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] sku   ARGV[2] viewer user id ('' = anonymous)   ARGV[3] at most this many teams
--- returns {now_ms, team_id, team_record, team_id, team_record, ...}
+-- returns {now_ms, team_id, team_record, team_id, team_record, ...}, or {} when the campaign
+--         does not exist
 local k = order_keys()
+if redis.call('EXISTS', k.meta) == 0 then return {} end
 local sku, viewer, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local out = {string.format('%d', now)}

@@ -284,8 +284,8 @@ class Api:
                 return await handler(request)
             except errors.EngineError as exc:
                 outcome = exc.http_code if isinstance(exc, ApiError) else exc.code
-                if isinstance(exc, errors.Rejected):
-                    self._count_rejection(request, outcome)
+                if isinstance(exc, errors.Rejected) and not isinstance(exc, errors.NotFound):
+                    self._count_rejection(request, outcome)  # not for ids nobody created
                 return error_response(exc)
             except Exception:
                 outcome = "internal"
@@ -330,8 +330,8 @@ class Api:
             return cast(T, decoder.decode(raw or b"{}"))
         except msgspec.ValidationError as exc:
             raise errors.ValidationError(str(exc)) from exc
-        except msgspec.DecodeError as exc:
-            raise errors.ValidationError(f"the body is not valid JSON: {exc}") from exc
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise errors.ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
 
     def _count_rejection(self, request: Request, code: str) -> None:
         params = request.path_params
@@ -359,7 +359,7 @@ class Api:
         raw = request.query_params.get(name)
         if raw is None:
             return default
-        if not raw.isdigit() or not low <= int(raw) <= high:
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
             raise errors.ValidationError(
                 f"{name} must be an integer from {low} to {high}", field=name
             )

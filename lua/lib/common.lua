@@ -43,7 +43,8 @@ local function split(s)
 end
 
 local function encode_order(o)
-  return table.concat({o.user, o.sku, o.qty, o.amount, o.state, string.format('%d', o.created),
+  return table.concat({o.user, o.sku, string.format('%d', o.qty), string.format('%d', o.amount),
+    o.state, string.format('%d', o.created),
     string.format('%d', o.deadline), o.version, o.kind, o.team, o.payref}, '|')
 end
 

@@ -37,7 +37,7 @@ end
 local function encode_team(t)
   local seats = {}
   for i, m in ipairs(t.members) do seats[i] = m.order .. '=' .. m.user end
-  return table.concat({t.leader, t.sku, t.qty, t.size, t.state, string.format('%d', t.created),
+  return table.concat({t.leader, t.sku, string.format('%d', t.qty), t.size, t.state, string.format('%d', t.created),
     string.format('%d', t.opened), string.format('%d', t.expires), t.held, t.paid, t.version,
     t.why, table.concat(seats, ',')}, '|')
 end
