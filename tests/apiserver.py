@@ -30,6 +30,7 @@ class ApiServer:
     extra: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
 
     @property
     def url(self) -> str:
@@ -55,14 +56,16 @@ class ApiServer:
     def start(self) -> ApiServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [*command, "--workers", str(self.workers)], env=self.env(), stderr=subprocess.PIPE
-        )
+        # The server's log goes to a file: a pipe nobody reads would block it once full.
+        self.log = self.data_dir / "serve.log"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*command, "--workers", str(self.workers)], env=self.env(), stderr=log
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                _, err = self.process.communicate()
-                raise RuntimeError(f"flashteam serve exited: {err.decode()}")
+                raise RuntimeError(f"flashteam serve exited: {self.log.read_text()[-2000:]}")
             with suppress(OSError), urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
                 return self
             time.sleep(0.05)
