@@ -54,8 +54,9 @@ lint: install ## ruff and mypy --strict over the package and the tests
 test: lint postgres ## lint, then the whole test suite against real servers it starts itself
 	$(BIN)/pytest
 
-bench: install postgres ## benchmarks (excluded from `make test`)
+bench: install postgres ## benchmarks (excluded from `make test`), then the report under bench/reports/
 	$(BIN)/pytest bench -m benchmark -p no:cacheprovider
+	$(BIN)/python -m bench.make_report
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
