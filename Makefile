@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install redis postgres run demo test lint bench clean
+.PHONY: help install redis postgres run demo test lint bench loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -47,8 +47,8 @@ demo: install ## simulate a flash sale locally and print the outcome with a no-o
 	$(BIN)/flashteam demo
 
 lint: install ## ruff and mypy --strict over the package and the tests
-	$(BIN)/ruff check engine tests bench
-	$(BIN)/ruff format --check engine tests bench
+	$(BIN)/ruff check engine tests bench loadtests
+	$(BIN)/ruff format --check engine tests bench loadtests
 	$(BIN)/mypy
 
 test: lint postgres ## lint, then the whole test suite against real servers it starts itself
@@ -57,6 +57,9 @@ test: lint postgres ## lint, then the whole test suite against real servers it s
 bench: install postgres ## benchmarks (excluded from `make test`), then the report under bench/reports/
 	$(BIN)/pytest bench -m benchmark -p no:cacheprovider
 	$(BIN)/python -m bench.make_report
+
+loadtest: install ## Locust spike on a local engine, then the invariant verdict (ARGS="--help" lists the options)
+	$(BIN)/python -m loadtests.run $(ARGS)
 
 clean: ## remove the venv and local data
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

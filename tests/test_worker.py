@@ -23,6 +23,7 @@ import pytest
 from redis import exceptions as redis_errors
 
 from engine import Engine, OrderState
+from engine.errors import AlreadyExists
 from engine.keys import DEAD_LETTERS, keys_of
 from engine.pg_server import PostgresServer
 from engine.reconcile import reconcile
@@ -156,7 +157,7 @@ def _start_worker(engine: Engine, name: str) -> subprocess.Popen[bytes]:
 async def _reading_since(engine: Engine, name: str, started: float) -> bool:
     """Whether the consumer ``name`` has read a stream since ``started`` (loop time)."""
     elapsed_ms = (asyncio.get_running_loop().time() - started) * 1000
-    for campaign_id in (FLASH, TEAM):
+    for campaign_id in (FLASH, TEAM, CHURN):
         with contextlib.suppress(redis_errors.ResponseError):  # no stream or group yet
             consumers: Any = await engine.runtime.redis.xinfo_consumers(
                 keys_of(campaign_id).events, GROUP
@@ -166,9 +167,23 @@ async def _reading_since(engine: Engine, name: str, started: float) -> bool:
     return False
 
 
+CHURN = "churn"
+
+
+async def _churn(engine: Engine, prefix: str, n: int = 500) -> None:
+    """``n`` more reservations on a campaign of its own: events for the next worker to be
+    killed on once the sale is over (on a busy machine the sale can end after a few kills)."""
+    with contextlib.suppress(AlreadyExists):
+        now = await engine.runtime.now()
+        await engine.campaigns.create(flash_campaign(now, CHURN, stock=1_000_000, limit=1))
+    await asyncio.gather(
+        *(engine.flash.reserve(CHURN, f"{prefix}-{i}", "sku-1", 1, "k") for i in range(n))
+    )
+
+
 async def _pending(engine: Engine) -> int:
     total = 0
-    for campaign_id in (FLASH, TEAM):
+    for campaign_id in (FLASH, TEAM, CHURN):
         with contextlib.suppress(redis_errors.ResponseError):
             info: Any = await engine.runtime.redis.xpending(keys_of(campaign_id).events, GROUP)
             total += int(info["pending"])
@@ -184,6 +199,8 @@ async def test_worker_killed_repeatedly_loses_and_duplicates_nothing(durable: En
         assert kills < 60, f"only {mid_batch} of {kills} kills hit a batch in flight"
         # A reused name finds its own pending entries; a new one claims a dead one's.
         name = f"w{rng.choice((1, 2, kills + 10))}"
+        if sale.done() and mid_batch < 3:
+            await _churn(engine, f"c{kills}")
         started = asyncio.get_running_loop().time()
         process = _start_worker(engine, name)
         await eventually(functools.partial(_reading_since, engine, name, started))

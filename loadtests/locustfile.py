@@ -1,0 +1,374 @@
+"""Locust scenarios for a flash sale and a team sale against the flashteam HTTP API.
+
+Four kinds of visitor, in the proportions of ``--mix``:
+
+- ``FlashShopper`` (flash): reserves one unit of a random item of the flash campaign, then
+  pays (``--pay-rate``), cancels (``--cancel-rate``) or walks away and lets the hold expire.
+- ``TeamLeader`` (leader): opens a team on the team campaign, pays (the team opens) and shares
+  it: looks at the share view and hands the team to joiners in the same process.
+- ``TeamJoiner`` (joiner): joins a team from the joinable list or a shared link, or
+  quick-joins, then pays (``--pay-rate``) or walks away.
+- ``Browser`` (browser): reads the campaign page, the joinable teams and a team's share view.
+
+Each task run is a new shopper (a fresh user id), so a few hundred Locust users stand for an
+unbounded crowd. Business answers of the engine (``sold_out``, ``team_full``, ``not_started``,
+``rate_limited``, ...) are expected outcomes, not failures; Locust counts as a failure only
+what a correct engine never answers (a 5xx, a malformed request, a missing order). Every
+acknowledged payment is also recorded as the zero-time request ``ACK paid order``: the
+verdict of ``python -m loadtests.run`` checks that each of them is durable.
+
+The load shape is chosen with FLASHTEAM_LOAD_SHAPE (spike, step or soak; default spike) and
+reads the common options ``--users``, ``--spawn-rate`` and ``--run-time``. Run it through
+``make loadtest`` (README, "Load testing"), or by hand:
+
+    FLASHTEAM_LOAD_SHAPE=step locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 \
+        --flash-campaign lt-flash --team-campaign lt-team --gateway-token "$TOKEN" \
+        --headless -u 500 -r 100 -t 60s
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from locust import FastHttpUser, LoadTestShape, between, events, task
+from locust.argument_parser import LocustArgumentParser
+from locust.env import Environment
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtests.plan import DEFAULT_MIX, SHAPES, Knobs, parse_mix
+
+#: 409 and 429 codes the engine gives by design; any other answer than these and 2xx fails.
+BUSINESS = frozenset(
+    {
+        "not_started",
+        "ended",
+        "invalidated",
+        "sold_out",
+        "limit_exceeded",
+        "rate_limited",
+        "hold_expired",
+        "team_full",
+        "team_closed",
+        "already_in_team",
+        "team_in_progress",
+    }
+)
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: LocustArgumentParser) -> None:
+    parser.add_argument(
+        "--flash-campaign",
+        env_var="FLASHTEAM_LOAD_FLASH_CAMPAIGN",
+        default="",
+        help="id of the flash campaign the shoppers buy from",
+    )
+    parser.add_argument(
+        "--team-campaign",
+        env_var="FLASHTEAM_LOAD_TEAM_CAMPAIGN",
+        default="",
+        help="id of the team campaign leaders, joiners and browsers use",
+    )
+    parser.add_argument(
+        "--gateway-token",
+        env_var="FLASHTEAM_GATEWAY_TOKEN",
+        default="",
+        is_secret=True,
+        help="the engine's gateway token (FLASHTEAM_GATEWAY_TOKEN)",
+    )
+    parser.add_argument(
+        "--mix",
+        env_var="FLASHTEAM_LOAD_MIX",
+        default=DEFAULT_MIX,
+        help="scenario weights, NAME=WEIGHT,... over flash, leader, joiner, browser",
+    )
+    parser.add_argument(
+        "--pay-rate",
+        env_var="FLASHTEAM_LOAD_PAY_RATE",
+        type=float,
+        default=0.6,
+        help="share of holds paid (flash shoppers and joiners); leaders pay at 0.9",
+    )
+    parser.add_argument(
+        "--cancel-rate",
+        env_var="FLASHTEAM_LOAD_CANCEL_RATE",
+        type=float,
+        default=0.2,
+        help="share of flash holds cancelled; the rest are abandoned and expire",
+    )
+
+
+@events.init.add_listener
+def _weights(environment: Environment, **_: Any) -> None:
+    """Apply ``--mix`` to the user classes' weights (read by the master when spawning)."""
+    options = environment.parsed_options
+    if options is None:
+        return
+    weights = parse_mix(options.mix)
+    for cls in (FlashShopper, TeamLeader, TeamJoiner, Browser):
+        cls.weight = weights[cls.scenario]
+
+
+#: Teams opened and paid by this process's leaders: the "share links" joiners follow.
+SHARED: deque[str] = deque(maxlen=1000)
+#: Each campaign's item skus, fetched once per process.
+SKUS: dict[str, list[str]] = {}
+
+
+class Visitor(FastHttpUser):
+    """What every scenario shares: the gateway token, the campaigns and the outcome rules."""
+
+    abstract = True
+    scenario = ""
+    wait_time = between(0.05, 0.5)
+    network_timeout = 30.0
+    connection_timeout = 30.0
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        assert options is not None
+        self.headers = {"Authorization": f"Bearer {options.gateway_token}"}
+        self.flash_campaign: str = options.flash_campaign
+        self.team_campaign: str = options.team_campaign
+        self.pay_rate: float = options.pay_rate
+        self.cancel_rate: float = options.cancel_rate
+        self.shopper = ""
+
+    def new_shopper(self) -> str:
+        self.shopper = f"lt-{uuid.uuid4().hex[:16]}"
+        return self.shopper
+
+    def skus(self, campaign_id: str) -> list[str]:
+        if campaign_id not in SKUS:
+            body = self.call("GET", f"/v1/campaigns/{campaign_id}", "campaign")
+            SKUS[campaign_id] = [item["sku"] for item in (body or {}).get("items", [])]
+        return SKUS[campaign_id]
+
+    def call(
+        self, method: str, path: str, name: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """One request; returns the JSON body of a 2xx, None for anything else.
+
+        A 409 or 429 with a business code is an expected outcome (counted as a success, so
+        Locust's failure table lists only what must not happen); everything else fails.
+        """
+        with self.client.request(
+            method, path, json=body, headers=self.headers, name=name, catch_response=True
+        ) as reply:
+            status = reply.status_code
+            if 200 <= status < 300:
+                reply.success()
+                result: dict[str, Any] = reply.json()
+                return result
+            code = _error_code(reply)
+            if status in (409, 429) and code in BUSINESS:
+                reply.success()
+            else:
+                detail = code or getattr(reply, "error", None) or (reply.text or "")[:80]
+                reply.failure(f"{status} {detail}")
+            return None
+
+    def pay(self, order_id: str) -> bool:
+        paid = self.call(
+            "POST",
+            f"/v1/orders/{order_id}/pay",
+            "pay",
+            {"user_id": self.shopper, "payment_ref": f"pay-{order_id}"},
+        )
+        if paid is not None:
+            self.environment.events.request.fire(
+                request_type="ACK",
+                name="paid order",
+                response_time=0,
+                response_length=0,
+                exception=None,
+                context={},
+            )
+        return paid is not None
+
+    def key(self) -> str:
+        return uuid.uuid4().hex
+
+
+def _error_code(reply: Any) -> str:
+    """The ``error.code`` of an engine error body, else ""."""
+    try:
+        return str(reply.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+class FlashShopper(Visitor):
+    scenario = "flash"
+
+    @task
+    def buy(self) -> None:
+        skus = self.skus(self.flash_campaign)
+        if not skus:
+            return
+        user = self.new_shopper()
+        order = self.call(
+            "POST",
+            f"/v1/campaigns/{self.flash_campaign}/orders",
+            "reserve",
+            {"user_id": user, "sku": random.choice(skus), "qty": 1, "idempotency_key": self.key()},
+        )
+        if order is None:
+            return
+        time.sleep(random.uniform(0.1, 1.0))  # the shopper reads the checkout page
+        roll = random.random()
+        if roll < self.pay_rate:
+            self.pay(order["order_id"])
+        elif roll < self.pay_rate + self.cancel_rate:
+            self.call("POST", f"/v1/orders/{order['order_id']}/cancel", "cancel", {"user_id": user})
+        # else: walked away; the hold expires and the unit goes back on sale
+
+
+class TeamLeader(Visitor):
+    scenario = "leader"
+
+    @task
+    def lead(self) -> None:
+        skus = self.skus(self.team_campaign)
+        if not skus:
+            return
+        user = self.new_shopper()
+        seat = self.call(
+            "POST",
+            f"/v1/campaigns/{self.team_campaign}/teams",
+            "open team",
+            {"user_id": user, "sku": random.choice(skus), "qty": 1, "idempotency_key": self.key()},
+        )
+        if seat is None or random.random() >= 0.9 or not self.pay(seat["order_id"]):
+            return
+        team_id = seat["team_id"]
+        self.call("GET", f"/v1/teams/{team_id}?viewer={user}", "share view")
+        SHARED.append(team_id)
+
+
+class TeamJoiner(Visitor):
+    scenario = "joiner"
+
+    @task(3)
+    def join_from_list(self) -> None:
+        skus = self.skus(self.team_campaign)
+        if not skus:
+            return
+        user = self.new_shopper()
+        listed = self.call(
+            "GET",
+            f"/v1/campaigns/{self.team_campaign}/teams?sku={random.choice(skus)}"
+            f"&viewer={user}&limit=10",
+            "list teams",
+        )
+        teams = (listed or {}).get("teams", [])
+        if teams:
+            self.join(random.choice(teams)["team_id"])
+
+    @task(2)
+    def join_shared(self) -> None:
+        if not SHARED:
+            return
+        user = self.new_shopper()
+        team_id = random.choice(SHARED)
+        view = self.call("GET", f"/v1/teams/{team_id}?viewer={user}", "share view")
+        if view is not None and view["viewer_can_join"]:
+            self.join(team_id)
+
+    @task(2)
+    def quick_join(self) -> None:
+        skus = self.skus(self.team_campaign)
+        if not skus:
+            return
+        user = self.new_shopper()
+        seat = self.call(
+            "POST",
+            f"/v1/campaigns/{self.team_campaign}/teams/quick-join",
+            "quick-join",
+            {"user_id": user, "sku": random.choice(skus), "idempotency_key": self.key()},
+        )
+        self.settle(seat)
+
+    def join(self, team_id: str) -> None:
+        seat = self.call(
+            "POST",
+            f"/v1/teams/{team_id}/join",
+            "join",
+            {"user_id": self.shopper, "idempotency_key": self.key()},
+        )
+        self.settle(seat)
+
+    def settle(self, seat: dict[str, Any] | None) -> None:
+        if seat is not None and random.random() < self.pay_rate:
+            time.sleep(random.uniform(0.1, 0.5))
+            self.pay(seat["order_id"])
+
+
+class Browser(Visitor):
+    scenario = "browser"
+
+    @task(2)
+    def campaign_page(self) -> None:
+        campaign = random.choice([self.flash_campaign, self.team_campaign])
+        self.call("GET", f"/v1/campaigns/{campaign}", "campaign")
+
+    @task(2)
+    def team_list(self) -> None:
+        skus = self.skus(self.team_campaign)
+        if skus:
+            self.call(
+                "GET",
+                f"/v1/campaigns/{self.team_campaign}/teams?sku={random.choice(skus)}&limit=20",
+                "list teams",
+            )
+
+    @task(1)
+    def team_page(self) -> None:
+        if SHARED:
+            self.call("GET", f"/v1/teams/{random.choice(SHARED)}", "share view")
+
+
+_CHOSEN = os.environ.get("FLASHTEAM_LOAD_SHAPE", "spike")
+if _CHOSEN not in SHAPES:
+    raise SystemExit(f"FLASHTEAM_LOAD_SHAPE={_CHOSEN!r}: use one of {', '.join(SHAPES)}")
+
+
+class _Shape(LoadTestShape):
+    """Runs one of loadtests.plan.SHAPES over the common options -u, -r and -t.
+
+    Locust runs the first non-abstract shape class it finds, so every shape but the one
+    FLASHTEAM_LOAD_SHAPE names is abstract."""
+
+    abstract = True
+    use_common_options = True
+    curve = "spike"
+
+    def tick(self) -> tuple[int, float] | None:
+        assert self.runner is not None
+        options = self.runner.environment.parsed_options
+        assert options is not None
+        knobs = Knobs(options.num_users or 1, options.spawn_rate or 1.0, options.run_time or 60)
+        return SHAPES[self.curve](knobs, self.get_run_time())
+
+
+class SpikeShape(_Shape):
+    abstract = _CHOSEN != "spike"
+    curve = "spike"
+
+
+class StepShape(_Shape):
+    abstract = _CHOSEN != "step"
+    curve = "step"
+
+
+class SoakShape(_Shape):
+    abstract = _CHOSEN != "soak"
+    curve = "soak"

@@ -1,0 +1,187 @@
+"""`make loadtest`: the load shapes and the scenario mix, the verdict failing on states broken on
+purpose, and a few-second smoke run of the whole thing (engine, Locust, drain, verdict)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from engine import Engine
+from engine.keys import DEAD_LETTERS, keys_of
+from engine.worker import FlushWorker
+from loadtests.plan import SHAPES, Knobs, format_mix, parse_mix, soak, spike, step
+from loadtests.verdict import LocustCounts, Verdict, judge
+from tests.conftest import flash_campaign, team_campaign
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- shapes and mix
+
+
+def test_spike_brings_everyone_at_once_then_decays() -> None:
+    knobs = Knobs(users=500, spawn_rate=250, run_time=20)
+    assert spike(knobs, 0) == (500, 250)
+    assert spike(knobs, 13.9) == (500, 250)
+    assert spike(knobs, 14) == (50, 250)
+    assert spike(knobs, 20) is None
+
+
+def test_step_climbs_five_equal_steps() -> None:
+    knobs = Knobs(users=100, spawn_rate=10, run_time=50)
+    users = [curve[0] for t in range(50) if (curve := step(knobs, t)) is not None]
+    assert sorted(set(users)) == [20, 40, 60, 80, 100]
+    assert users == sorted(users)
+    assert step(knobs, 50) is None
+
+
+def test_soak_holds_until_the_end() -> None:
+    knobs = Knobs(users=7, spawn_rate=1, run_time=3)
+    assert [soak(knobs, t) for t in (0, 2.9, 3)] == [(7, 1), (7, 1), None]
+    assert set(SHAPES) == {"spike", "step", "soak"}
+
+
+def test_mix_parses_weights_and_rejects_nonsense() -> None:
+    weights = parse_mix("flash=5, joiner=2")
+    assert weights == {"flash": 5, "leader": 0, "joiner": 2, "browser": 0}
+    assert parse_mix(format_mix(weights)) == weights
+    for bad in ("flash", "shopper=1", "flash=-1", "flash=x", "flash=0", ""):
+        with pytest.raises(ValueError):
+            parse_mix(bad)
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+async def _sale(engine: Engine) -> tuple[str, str, str]:
+    """A small flash and team sale, flushed: 3 holds (1 paid), a team with a paid leader and
+    a held joiner. Returns (flash campaign, team campaign, team id)."""
+    now = await engine.runtime.now()
+    flash = await engine.campaigns.create(flash_campaign(now, "lt-flash", stock=10))
+    team = await engine.campaigns.create(team_campaign(now, "lt-team", stock=10))
+    holds = [
+        await engine.flash.reserve(flash.campaign.id, f"u{i}", "sku-1", 1, f"k{i}")
+        for i in range(3)
+    ]
+    await engine.flash.pay(holds[0].order.order_id, "u0", "pay-0")
+    seat = await engine.teams.open(team.campaign.id, "leader", "sku-1", 1, "k")
+    await engine.flash.pay(seat.order.order_id, "leader", "pay-l")
+    await engine.teams.join(seat.team.team_id, "joiner", "k")
+    await FlushWorker(engine.runtime).drain()
+    return flash.campaign.id, team.campaign.id, seat.team.team_id
+
+
+def _failed(verdict: Verdict) -> list[str]:
+    return [check.name for check in verdict.checks if not check.ok]
+
+
+async def test_verdict_passes_on_a_consistent_sale(engine: Engine) -> None:
+    flash, team, _ = await _sale(engine)
+    verdict = await judge(engine, [flash, team], LocustCounts(2, 0, 10))
+    assert verdict.ok, verdict.lines()
+    assert len(verdict.checks) == 7
+    assert verdict.lines()[-1] == "verdict: PASS"
+
+
+async def _oversell(engine: Engine, flash: str, team: str, team_id: str) -> None:
+    await engine.runtime.redis.hset(keys_of(flash).inv, "a:sku-1", -1)
+
+
+async def _leak(engine: Engine, flash: str, team: str, team_id: str) -> None:
+    await engine.runtime.redis.hincrby(keys_of(flash).inv, "h:sku-1", -1)
+
+
+async def _overfill(engine: Engine, flash: str, team: str, team_id: str) -> None:
+    keys = keys_of(team)
+    fields = str(await engine.runtime.redis.hget(keys.teams, team_id)).split("|")
+    fields[8] = "3"  # held seats: with the paid leader, 4 seats of a 3-seat team
+    await engine.runtime.redis.hset(keys.teams, team_id, "|".join(fields))
+
+
+async def _sql_behind(engine: Engine, flash: str, team: str, team_id: str) -> None:
+    with sqlite3.connect(engine.runtime.settings.sqlite_path) as db:
+        db.execute(
+            "UPDATE orders SET state = 'cancelled' WHERE state = 'held' AND campaign_id = ?",
+            (flash,),
+        )
+
+
+async def _dead_letter(engine: Engine, flash: str, team: str, team_id: str) -> None:
+    await engine.runtime.redis.xadd(DEAD_LETTERS, {"stream": "x", "reason": "test"})
+
+
+Breakage = Callable[[Engine, str, str, str], Awaitable[None]]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "failing"),
+    [
+        (_oversell, "lt-flash: no oversell"),
+        (_leak, "lt-flash: no oversell"),
+        (_overfill, "lt-team: no oversell"),
+        (_sql_behind, "lt-flash: SQL equals Redis"),
+        (_dead_letter, "no outbox event dead-lettered"),
+    ],
+    ids=["oversold", "stock-leak", "over-filled-team", "sql-differs", "dead-letter"],
+)
+async def test_verdict_fails_on_a_broken_state(
+    engine: Engine, breakage: Breakage, failing: str
+) -> None:
+    flash, team, team_id = await _sale(engine)
+    await breakage(engine, flash, team, team_id)
+    verdict = await judge(engine, [flash, team], LocustCounts(2, 0, 10))
+    assert not verdict.ok
+    assert [name for name in _failed(verdict) if name.startswith(failing)], _failed(verdict)
+    assert len(_failed(verdict)) == 1, _failed(verdict)
+    assert verdict.lines()[-1] == "verdict: FAIL"
+    await engine.runtime.redis.delete(DEAD_LETTERS)
+
+
+async def test_verdict_fails_on_a_lost_payment_or_an_unexpected_answer(engine: Engine) -> None:
+    flash, team, _ = await _sale(engine)
+    lost = await judge(engine, [flash, team], LocustCounts(3, 0, 10))  # 2 paid orders in SQL
+    assert [name.split(":")[0] for name in _failed(lost)] == [
+        "every acknowledged payment is durable"
+    ]
+    errors = await judge(engine, [flash, team], LocustCounts(2, 1, 10))
+    assert [name.split(":")[0] for name in _failed(errors)] == [
+        "no unexpected answer (5xx, rejected request, transport error)"
+    ]
+
+
+# --------------------------------------------------------------------------- smoke run
+
+
+async def test_make_loadtest_smoke_run(tmp_path: Path) -> None:
+    """A 5-second spike through the real driver: engine, Locust, drain, verdict, reports."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "loadtests.run",
+        *("--users", "40", "--spawn-rate", "40", "--run-time", "5", "--open-after", "0.5"),
+        *("--stock", "60", "--hold-seconds", "2", "--team-ttl", "3"),
+        *("--name", "smoke", "--reports", str(tmp_path / "reports")),
+        *("--data-dir", str(tmp_path / "data")),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 100)
+    text = out.decode()
+    assert process.returncode == 0, text
+    assert "verdict: PASS" in text
+    assert text.count("[PASS]") == 7, text
+    reports = tmp_path / "reports"
+    assert (reports / "smoke.html").stat().st_size > 10_000
+    assert (reports / "smoke-verdict.txt").read_text().strip().endswith("verdict: PASS")
+    stats = json.loads((reports / "smoke.json").read_text())
+    names = {entry["name"] for entry in stats}
+    assert {"reserve", "pay", "open team", "quick-join", "list teams", "campaign"} <= names
+    assert sum(e["num_requests"] for e in stats if e["method"] == "ACK") > 0
+    assert "rejections by reason" in text and "teams: created" in text
