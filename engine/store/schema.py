@@ -135,12 +135,22 @@ def insert(table: str, columns: tuple[str, ...], mark: Placeholder) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values})"
 
 
-def upsert_newer(table: str, columns: tuple[str, ...], mark: Placeholder) -> str:
-    """INSERT, or UPDATE the existing row only when the new row's version is higher."""
+def upsert_newer(
+    table: str, columns: tuple[str, ...], mark: Placeholder, *, rows: str | None = None
+) -> str:
+    """INSERT, or UPDATE the existing row only when the new row's version is higher.
+
+    One row of ``mark`` placeholders, or ``rows``: a query giving many (PostgreSQL's unnest).
+    """
     key = columns[0]
     assignments = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    head = (
+        insert(table, columns, mark)
+        if rows is None
+        else (f"INSERT INTO {table} ({', '.join(columns)}) {rows}")
+    )
     return (
-        f"{insert(table, columns, mark)} ON CONFLICT ({key}) DO UPDATE SET {assignments}"
+        f"{head} ON CONFLICT ({key}) DO UPDATE SET {assignments}"
         f" WHERE excluded.version > {table}.version"
     )
 
