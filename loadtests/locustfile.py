@@ -176,6 +176,16 @@ class Visitor(FastHttpUser):
                 reply.failure(f"{status} {detail}")
             return None
 
+    def take(self, campaign_id: str, path: str, name: str, **extra: Any) -> dict[str, Any] | None:
+        """A new shopper's first step on one unit of a random item of the campaign: reserve
+        (``/orders``), open a team (``/teams``) or quick-join (``/teams/quick-join``)."""
+        skus = self.skus(campaign_id)
+        if not skus:
+            return None
+        body = {"user_id": self.new_shopper(), "sku": random.choice(skus), **extra}
+        body["idempotency_key"] = self.key()
+        return self.call("POST", f"/v1/campaigns/{campaign_id}{path}", name, body)
+
     def pay(self, order_id: str) -> bool:
         paid = self.call(
             "POST",
@@ -211,16 +221,7 @@ class FlashShopper(Visitor):
 
     @task
     def buy(self) -> None:
-        skus = self.skus(self.flash_campaign)
-        if not skus:
-            return
-        user = self.new_shopper()
-        order = self.call(
-            "POST",
-            f"/v1/campaigns/{self.flash_campaign}/orders",
-            "reserve",
-            {"user_id": user, "sku": random.choice(skus), "qty": 1, "idempotency_key": self.key()},
-        )
+        order = self.take(self.flash_campaign, "/orders", "reserve", qty=1)
         if order is None:
             return
         time.sleep(random.uniform(0.1, 1.0))  # the shopper reads the checkout page
@@ -228,7 +229,8 @@ class FlashShopper(Visitor):
         if roll < self.pay_rate:
             self.pay(order["order_id"])
         elif roll < self.pay_rate + self.cancel_rate:
-            self.call("POST", f"/v1/orders/{order['order_id']}/cancel", "cancel", {"user_id": user})
+            cancel = f"/v1/orders/{order['order_id']}/cancel"
+            self.call("POST", cancel, "cancel", {"user_id": self.shopper})
         # else: walked away; the hold expires and the unit goes back on sale
 
 
@@ -237,20 +239,11 @@ class TeamLeader(Visitor):
 
     @task
     def lead(self) -> None:
-        skus = self.skus(self.team_campaign)
-        if not skus:
-            return
-        user = self.new_shopper()
-        seat = self.call(
-            "POST",
-            f"/v1/campaigns/{self.team_campaign}/teams",
-            "open team",
-            {"user_id": user, "sku": random.choice(skus), "qty": 1, "idempotency_key": self.key()},
-        )
+        seat = self.take(self.team_campaign, "/teams", "open team", qty=1)
         if seat is None or random.random() >= 0.9 or not self.pay(seat["order_id"]):
             return
         team_id = seat["team_id"]
-        self.call("GET", f"/v1/teams/{team_id}?viewer={user}", "share view")
+        self.call("GET", f"/v1/teams/{team_id}?viewer={self.shopper}", "share view")
         SHARED.append(team_id)
 
 
@@ -285,17 +278,7 @@ class TeamJoiner(Visitor):
 
     @task(2)
     def quick_join(self) -> None:
-        skus = self.skus(self.team_campaign)
-        if not skus:
-            return
-        user = self.new_shopper()
-        seat = self.call(
-            "POST",
-            f"/v1/campaigns/{self.team_campaign}/teams/quick-join",
-            "quick-join",
-            {"user_id": user, "sku": random.choice(skus), "idempotency_key": self.key()},
-        )
-        self.settle(seat)
+        self.settle(self.take(self.team_campaign, "/teams/quick-join", "quick-join"))
 
     def join(self, team_id: str) -> None:
         seat = self.call(

@@ -240,40 +240,28 @@ def _http(target: Target, method: str, path: str, body: Any, token: str) -> tupl
 def create_campaigns(target: Target, args: argparse.Namespace, name: str) -> list[str]:
     """A flash and a team campaign opening ``--open-after`` seconds from now."""
     opens = datetime.now(UTC) + timedelta(seconds=args.open_after)
-    common = {
-        "starts_at": opens.isoformat(),
-        "ends_at": (opens + timedelta(days=1)).isoformat(),
-        "hold_seconds": args.hold_seconds,
-    }
-    flash = {
-        "id": f"lt-{name}-flash",
-        "kind": "flash",
-        "title": f"load test {name}: flash sale",
-        "items": [
-            {"sku": f"flash-{i}", "price": 1999, "stock": args.stock}
-            for i in range(1, args.items + 1)
-        ],
-        "per_user_limit": 2,
-        **common,
-    }
-    team = {
-        "id": f"lt-{name}-team",
-        "kind": "team",
-        "title": f"load test {name}: team sale",
-        "items": [
-            {"sku": f"team-{i}", "price": 999, "stock": args.stock}
-            for i in range(1, args.items + 1)
-        ],
-        "per_user_limit": 1,
-        "team_size": args.team_size,
-        "team_ttl_seconds": args.team_ttl,
-        **common,
-    }
-    for campaign in (flash, team):
+    team = {"team_size": args.team_size, "team_ttl_seconds": args.team_ttl}
+    ids = []
+    for kind, price, limit, extra in (("flash", 1999, 2, {}), ("team", 999, 1, team)):
+        campaign = {
+            "id": f"lt-{name}-{kind}",
+            "kind": kind,
+            "title": f"load test {name}: {kind} sale",
+            "starts_at": opens.isoformat(),
+            "ends_at": (opens + timedelta(days=1)).isoformat(),
+            "items": [
+                {"sku": f"{kind}-{i}", "price": price, "stock": args.stock}
+                for i in range(1, args.items + 1)
+            ],
+            "per_user_limit": limit,
+            "hold_seconds": args.hold_seconds,
+            **extra,
+        }
         status, reply = _http(target, "POST", "/v1/campaigns", campaign, target.admin_token)
         if status != 201:
             raise RuntimeError(f"creating campaign {campaign['id']}: HTTP {status} {reply}")
-    return [str(flash["id"]), str(team["id"])]
+        ids.append(str(campaign["id"]))
+    return ids
 
 
 def run_locust(target: Target, args: argparse.Namespace, prefix: Path, campaigns: list[str]) -> int:
