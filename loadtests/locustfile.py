@@ -13,9 +13,11 @@ Four kinds of visitor, in the proportions of ``--mix``:
 Each task run is a new shopper (a fresh user id), so a few hundred Locust users stand for an
 unbounded crowd. Business answers of the engine (``sold_out``, ``team_full``, ``not_started``,
 ``rate_limited``, ...) are expected outcomes, not failures; Locust counts as a failure only
-what a correct engine never answers (a 5xx, a malformed request, a missing order). Every
-acknowledged payment is also recorded as the zero-time request ``ACK paid order``: the
-verdict of ``python -m loadtests.run`` checks that each of them is durable.
+what a correct engine never answers (a 5xx, a 4xx to a well-formed request, a malformed body)
+and transport errors. Every answer is also tallied by request and outcome, with the id of
+every order whose payment was acknowledged; workers hand their tally to the master with their
+stats reports, and the master writes it to ``--tally-file`` at the end, for the verdict of
+``python -m loadtests.run`` (every acknowledged payment must be a paid order in SQL).
 
 The load shape is chosen with FLASHTEAM_LOAD_SHAPE (spike, step or soak; default spike) and
 reads the common options ``--users``, ``--spawn-rate`` and ``--run-time``. Run it through
@@ -28,39 +30,24 @@ reads the common options ``--users``, ``--spawn-rate`` and ``--run-time``. Run i
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
+from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests.plan import DEFAULT_MIX, SHAPES, Knobs, parse_mix
-
-#: 409 and 429 codes the engine gives by design; any other answer than these and 2xx fails.
-BUSINESS = frozenset(
-    {
-        "not_started",
-        "ended",
-        "invalidated",
-        "sold_out",
-        "limit_exceeded",
-        "rate_limited",
-        "hold_expired",
-        "team_full",
-        "team_closed",
-        "already_in_team",
-        "team_in_progress",
-    }
-)
+from loadtests.plan import DEFAULT_MIX, SHAPES, Knobs, classify, outcome_key, parse_mix
 
 
 @events.init_command_line_parser.add_listener
@@ -104,6 +91,12 @@ def _options(parser: LocustArgumentParser) -> None:
         default=0.2,
         help="share of flash holds cancelled; the rest are abandoned and expire",
     )
+    parser.add_argument(
+        "--tally-file",
+        env_var="FLASHTEAM_LOAD_TALLY_FILE",
+        default="",
+        help="where the master writes every outcome and acknowledged payment (JSON)",
+    )
 
 
 @events.init.add_listener
@@ -117,10 +110,56 @@ def _weights(environment: Environment, **_: Any) -> None:
         cls.weight = weights[cls.scenario]
 
 
+class Tally:
+    """Outcomes by request (``name|category|detail``) and the orders whose payment was
+    acknowledged, since the last hand-over."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.acknowledged: list[str] = []
+
+    def take(self) -> dict[str, Any]:
+        data = {"outcomes": dict(self.outcomes), "acknowledged": self.acknowledged}
+        self.outcomes, self.acknowledged = Counter(), []
+        return data
+
+    def merge(self, data: dict[str, Any]) -> None:
+        self.outcomes.update(data.get("outcomes", {}))
+        self.acknowledged += data.get("acknowledged", [])
+
+
+TALLY = Tally()
+
+
+@events.report_to_master.add_listener
+def _report(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    data["flashteam"] = TALLY.take()  # a worker: what it saw since its last report
+
+
+@events.worker_report.add_listener
+def _collect(client_id: str, data: dict[str, Any], **_: Any) -> None:
+    TALLY.merge(data.get("flashteam", {}))  # the master: add a worker's report
+
+
+@events.user_error.add_listener
+def _task_error(user_instance: Any, exception: Exception, tb: Any, **_: Any) -> None:
+    TALLY.outcomes[outcome_key("task", "unexpected", f"exception {exception!r}"[:120])] += 1
+
+
+@events.quitting.add_listener
+def _save(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    if options is None or not options.tally_file or isinstance(environment.runner, WorkerRunner):
+        return
+    Path(options.tally_file).write_text(json.dumps(TALLY.take()))
+
+
 #: Teams opened and paid by this process's leaders: the "share links" joiners follow.
 SHARED: deque[str] = deque(maxlen=1000)
 #: Each campaign's item skus, fetched once per process.
 SKUS: dict[str, list[str]] = {}
+#: A cancel can meet a hold the reaper has just ended: 409 invalid_state, by design.
+EXPIRED = frozenset({"invalid_state"})
 
 
 class Visitor(FastHttpUser):
@@ -147,34 +186,35 @@ class Visitor(FastHttpUser):
         return self.shopper
 
     def skus(self, campaign_id: str) -> list[str]:
-        if campaign_id not in SKUS:
+        if not SKUS.get(campaign_id):  # an empty answer is asked again next time
             body = self.call("GET", f"/v1/campaigns/{campaign_id}", "campaign")
             SKUS[campaign_id] = [item["sku"] for item in (body or {}).get("items", [])]
         return SKUS[campaign_id]
 
     def call(
-        self, method: str, path: str, name: str, body: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        name: str,
+        body: dict[str, Any] | None = None,
+        also: frozenset[str] = frozenset(),
     ) -> dict[str, Any] | None:
         """One request; returns the JSON body of a 2xx, None for anything else.
 
-        A 409 or 429 with a business code is an expected outcome (counted as a success, so
-        Locust's failure table lists only what must not happen); everything else fails.
+        A 409 or 429 with a business code (or one of ``also``) is an expected outcome,
+        counted as a success, so Locust's failure table lists only what must not happen.
+        Every answer is tallied by ``loadtests.plan.classify``.
         """
         with self.client.request(
             method, path, json=body, headers=self.headers, name=name, catch_response=True
         ) as reply:
-            status = reply.status_code
-            if 200 <= status < 300:
-                reply.success()
-                result: dict[str, Any] = reply.json()
-                return result
-            code = _error_code(reply)
-            if status in (409, 429) and code in BUSINESS:
+            category, detail, result = _judge(reply, also)
+            TALLY.outcomes[outcome_key(name, category, detail)] += 1
+            if category in ("ok", "business"):
                 reply.success()
             else:
-                detail = code or getattr(reply, "error", None) or (reply.text or "")[:80]
-                reply.failure(f"{status} {detail}")
-            return None
+                reply.failure(f"{category}: {detail}")
+            return result
 
     def take(self, campaign_id: str, path: str, name: str, **extra: Any) -> dict[str, Any] | None:
         """A new shopper's first step on one unit of a random item of the campaign: reserve
@@ -194,26 +234,27 @@ class Visitor(FastHttpUser):
             {"user_id": self.shopper, "payment_ref": f"pay-{order_id}"},
         )
         if paid is not None:
-            self.environment.events.request.fire(
-                request_type="ACK",
-                name="paid order",
-                response_time=0,
-                response_length=0,
-                exception=None,
-                context={},
-            )
+            TALLY.acknowledged.append(order_id)
         return paid is not None
 
     def key(self) -> str:
         return uuid.uuid4().hex
 
 
-def _error_code(reply: Any) -> str:
-    """The ``error.code`` of an engine error body, else ""."""
+def _judge(reply: Any, also: frozenset[str]) -> tuple[str, str, dict[str, Any] | None]:
+    """(category, detail, the body of a 2xx) of one answer; a body that is not the JSON the
+    contract promises (an object, with ``error.code`` on errors) is ``unexpected``."""
+    status = reply.status_code
+    if status == 0:  # no answer: refused, reset, timed out
+        return (*classify(0, str(getattr(reply, "error", "") or "")[:120]), None)
     try:
-        return str(reply.json()["error"]["code"])
+        parsed = reply.json()
+        if 200 <= status < 300:
+            return "ok", str(status), dict(parsed)
+        code = str(parsed["error"]["code"])
     except (ValueError, KeyError, TypeError):
-        return ""
+        return "unexpected", f"{status} malformed body", None
+    return (*classify(status, code, also), None)
 
 
 class FlashShopper(Visitor):
@@ -230,7 +271,7 @@ class FlashShopper(Visitor):
             self.pay(order["order_id"])
         elif roll < self.pay_rate + self.cancel_rate:
             cancel = f"/v1/orders/{order['order_id']}/cancel"
-            self.call("POST", cancel, "cancel", {"user_id": self.shopper})
+            self.call("POST", cancel, "cancel", {"user_id": self.shopper}, EXPIRED)
         # else: walked away; the hold expires and the unit goes back on sale
 
 

@@ -1,4 +1,5 @@
-"""What a load run does, as plain functions: the load shapes' user curves and the scenario mix.
+"""What a load run does, as plain functions: the load shapes' user curves, the scenario mix
+and how an answer of the engine is classified.
 
 Kept free of Locust (importing Locust monkey-patches the process with gevent), so the test
 suite and the ``python -m loadtests.run`` driver can use them; ``locustfile.py`` wraps them in
@@ -92,3 +93,43 @@ def format_mix(weights: dict[str, int]) -> str:
 
 
 DEFAULT_MIX = format_mix(SCENARIOS)
+
+
+#: 409 and 429 codes the engine answers by design under load: expected business outcomes.
+BUSINESS = frozenset(
+    {
+        "not_started",
+        "ended",
+        "invalidated",
+        "sold_out",
+        "limit_exceeded",
+        "rate_limited",
+        "hold_expired",
+        "team_full",
+        "team_closed",
+        "already_in_team",
+        "team_in_progress",
+    }
+)
+
+#: Outcome categories, in report order. Only "server_error" and "unexpected" fail a run;
+#: "transport" (timeouts, refused connections) is a capacity finding, not a correctness one.
+CATEGORIES = ("ok", "business", "unexpected", "server_error", "transport")
+
+
+def classify(status: int, code: str, also: frozenset[str] = frozenset()) -> tuple[str, str]:
+    """(category, detail) of one HTTP answer: ``status`` 0 when none came, ``code`` the
+    engine's error code (or ""); ``also`` more codes that are expected for this request."""
+    if 200 <= status < 300:
+        return "ok", str(status)
+    if status == 0:
+        return "transport", code or "no answer"
+    if status in (409, 429) and (code in BUSINESS or code in also):
+        return "business", code
+    detail = f"{status} {code}".strip()
+    return ("server_error" if status >= 500 else "unexpected"), detail
+
+
+def outcome_key(request: str, category: str, detail: str) -> str:
+    """How one outcome is tallied: ``"<request>|<category>|<detail>"``."""
+    return f"{request}|{category}|{detail}"

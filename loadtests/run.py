@@ -5,10 +5,13 @@
    running one with ``--host`` (then ``--redis-url`` and ``--database-url`` let it check).
 2. Creates a flash campaign and a team campaign that open ``--open-after`` seconds later.
 3. Runs Locust headless (``loadtests/locustfile.py``) with the chosen shape for ``--run-time``
-   seconds, writing ``<name>.html`` and ``<name>_stats.csv`` (and the rest) under ``--reports``.
-4. Waits for the flush worker to drain the outbox, stops the local engine, and checks SPEC
-   section 6 (no oversell, no stock leak, per-user limits, no over-filled team, SQL equal to
-   Redis, nothing dead-lettered, every acknowledged payment durable).
+   seconds, writing ``<name>.html``, ``<name>.json`` and Locust's CSV files under
+   ``--reports``, while sampling the engine's /metrics (stream lag, reaper lag).
+4. Lets the sale settle (every hold and team of the run reaches its end), waits for the flush
+   worker to drain the outbox, stops the local engine, and checks SPEC section 6 (no oversell,
+   no stock leak, per-user limits, no over-filled team, SQL equal to Redis, nothing
+   dead-lettered), that every acknowledged payment is a paid order in SQL, and that the run
+   was healthy (it reached the engine; no 5xx, no unexpected answer).
 5. Prints the SPEC section 10 KPIs and the verdict (also saved as ``<name>-verdict.txt``);
    exits 1 if any check fails, 2 on bad options.
 """
@@ -25,11 +28,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,8 +47,10 @@ from engine.settings import Settings
 from engine.worker import FlushWorker
 from loadtests.plan import DEFAULT_MIX, SHAPES, parse_mix
 from loadtests.verdict import (
+    LoadTally,
     Verdict,
     campaign_kpis,
+    dead_letters,
     judge,
     read_locust_json,
     request_table,
@@ -53,6 +59,12 @@ from loadtests.verdict import (
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+STOP_TIMEOUT = 5  # seconds Locust gives a user to finish its task when the load ends
+#: What a run writes next to ``<reports>/<name>``.
+OUTPUTS = (
+    *(".html", ".json", "-tally.json", "-verdict.txt"),
+    *(f"_{kind}.csv" for kind in ("stats", "stats_history", "failures", "exceptions")),
+)
 
 
 @dataclass(slots=True)
@@ -67,20 +79,70 @@ class Target:
     process: subprocess.Popen[bytes] | None = None  # the local `flashteam run`, if ours
 
     def stop(self) -> None:
-        """Stop a local engine (SIGTERM: the API drains, the worker finishes its batch)."""
+        """Stop a local engine (SIGTERM: the API drains, the worker finishes its batch; it
+        gives each of its 3 children up to 20 s)."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=70)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
 
     def settings(self) -> Settings:
+        """The engine's settings as this process's environment gives them, with its stores."""
         return Settings.from_env(
-            {"FLASHTEAM_REDIS_URL": self.redis_url, "FLASHTEAM_DATABASE_URL": self.database_url}
+            {
+                **os.environ,
+                "FLASHTEAM_REDIS_URL": self.redis_url,
+                "FLASHTEAM_DATABASE_URL": self.database_url,
+            }
         )
+
+
+@dataclass(slots=True)
+class Gauges:
+    """The engine's /metrics sampled every second during the run: worst lags seen, and the
+    script latency totals of the last sample."""
+
+    stream_lag_s: float = 0.0
+    reaper_lag_s: float = 0.0
+    samples: int = 0
+    scripts: dict[str, tuple[float, float]] = field(default_factory=dict)  # (seconds, calls)
+
+    def add(self, text: str) -> None:
+        for name, value in re.findall(r"^(flashteam_\w+_lag_seconds) (\S+)$", text, re.M):
+            if name == "flashteam_stream_lag_seconds":
+                self.stream_lag_s = max(self.stream_lag_s, float(value))
+            elif name == "flashteam_reaper_lag_seconds":
+                self.reaper_lag_s = max(self.reaper_lag_s, float(value))
+        totals: dict[str, list[float]] = {}
+        pattern = r'^flashteam_script_seconds_(sum|count)\{script="([^"]+)"\} (\S+)$'
+        for kind, script, value in re.findall(pattern, text, re.M):
+            totals.setdefault(script, [0.0, 0.0])[kind == "count"] += float(value)
+        self.scripts = {script: (s, n) for script, (s, n) in totals.items() if n}
+        self.samples += 1
+
+    def lines(self) -> list[str]:
+        if not self.samples:
+            return ["  /metrics could not be read"]
+        out = [
+            f"  worst stream lag (oldest unflushed event) {self.stream_lag_s:.2f} s, worst "
+            f"reaper lag {self.reaper_lag_s:.2f} s ({self.samples} samples of /metrics)"
+        ]
+        for script, (seconds, calls) in sorted(self.scripts.items()):
+            out.append(
+                f"  script {script:<16} {calls:>10,.0f} calls, mean {seconds / calls * 1000:.2f} ms"
+            )
+        return out
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the None of options that have none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,16 +151,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Reproduce the opening of a flash sale and a team sale with Locust, then "
         "check the SPEC section 6 invariants and print the section 10 KPIs. Without --host it "
         "starts the whole engine locally (private redis-server, SQLite) and stops it after.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
-    target = p.add_argument_group("target (default: a local engine started for the run)")
+    target = p.add_argument_group(
+        "target (default: a local engine started for the run; with --host, the tokens come "
+        "from FLASHTEAM_GATEWAY_TOKEN and FLASHTEAM_ADMIN_TOKEN)"
+    )
     target.add_argument("--host", help="URL of a running engine, e.g. http://10.0.0.5:8000")
-    target.add_argument(
-        "--redis-url", help="its Redis (FLASHTEAM_REDIS_URL), needed with --host for the verdict"
-    )
-    target.add_argument(
-        "--database-url", help="its SQL store (FLASHTEAM_DATABASE_URL), needed with --host"
-    )
+    target.add_argument("--redis-url", help="its Redis (FLASHTEAM_REDIS_URL); needs --host")
+    target.add_argument("--database-url", help="its SQL store (FLASHTEAM_DATABASE_URL)")
     target.add_argument("--api-workers", type=int, default=2, help="local API processes")
     load = p.add_argument_group("load")
     load.add_argument("--shape", choices=sorted(SHAPES), default="spike", help="load shape")
@@ -115,8 +176,8 @@ def _parser() -> argparse.ArgumentParser:
         "--expect-workers",
         type=int,
         default=0,
-        help="run Locust as a distributed master and wait for this many workers "
-        "(`locust -f loadtests/locustfile.py --worker --master-host <this host>`)",
+        help="run Locust as a distributed master (needs --host) and wait up to 5 minutes for "
+        "this many workers: `locust -f loadtests/locustfile.py --worker --master-host <here>`",
     )
     sale = p.add_argument_group("the sale")
     sale.add_argument("--items", type=int, default=2, help="items per campaign")
@@ -125,11 +186,22 @@ def _parser() -> argparse.ArgumentParser:
     sale.add_argument("--hold-seconds", type=int, default=10, help="payment window of a hold")
     sale.add_argument("--team-ttl", type=int, default=20, help="seconds a team stays open")
     sale.add_argument(
-        "--open-after", type=float, default=2.0, help="seconds from start to the sale's opening"
+        "--open-after", type=float, default=2.0, help="seconds from creation to the opening"
+    )
+    sale.add_argument(
+        "--settle",
+        type=float,
+        help="seconds to wait after the load for holds and teams to end (default: hold "
+        "seconds + team TTL + 2)",
     )
     out = p.add_argument_group("output")
-    out.add_argument("--reports", type=Path, default=ROOT / "loadtests" / "reports")
-    out.add_argument("--name", help="report name (default: <shape>-<UTC time>)")
+    out.add_argument(
+        "--reports",
+        type=Path,
+        default=ROOT / "loadtests" / "reports",
+        help="folder for the Locust reports and the verdict",
+    )
+    out.add_argument("--name", help="report name; default <shape>-<UTC time>")
     out.add_argument(
         "--data-dir",
         type=Path,
@@ -142,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(args: argparse.Namespace) -> str | None:
+def _problem(args: argparse.Namespace) -> str | None:
     """A usage problem with the options, or None."""
     try:
         parse_mix(args.mix)
@@ -150,22 +222,41 @@ def _check(args: argparse.Namespace) -> str | None:
         return str(exc)
     if args.name is not None and not re.fullmatch(ID_PATTERN, f"lt-{args.name}-flash"):
         return "--name: letters, digits, '-' and '_' only, at most 55 characters"
-    if args.host and not (args.redis_url and args.database_url):
-        return "--host needs --redis-url and --database-url: the verdict reads both stores"
-    if args.host and not (os.environ.get("FLASHTEAM_GATEWAY_TOKEN") and _admin_token()):
-        return "--host needs FLASHTEAM_GATEWAY_TOKEN and FLASHTEAM_ADMIN_TOKEN in the environment"
-    for name in ("users", "run_time", "items", "stock", "hold_seconds", "team_ttl", "api_workers"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be 1 or more"
-    if args.spawn_rate <= 0 or not 0 <= args.pay_rate + args.cancel_rate <= 1:
-        return "--spawn-rate must be positive; --pay-rate + --cancel-rate between 0 and 1"
-    if not 2 <= args.team_size <= 100:
-        return "--team-size must be between 2 and 100"
+    return _target_problem(args) or _number_problem(args)
+
+
+def _target_problem(args: argparse.Namespace) -> str | None:
+    if args.host:
+        if not (args.redis_url and args.database_url):
+            return "--host needs --redis-url and --database-url: the verdict reads both stores"
+        tokens = ("FLASHTEAM_GATEWAY_TOKEN", "FLASHTEAM_ADMIN_TOKEN")
+        if not all(os.environ.get(token) for token in tokens):
+            return "--host needs FLASHTEAM_GATEWAY_TOKEN and FLASHTEAM_ADMIN_TOKEN set"
+    elif args.redis_url or args.database_url:
+        return "--redis-url and --database-url go with --host"
+    if args.expect_workers and not args.host:
+        return "--expect-workers needs --host: remote workers cannot reach a local engine"
+    if args.expect_workers and args.processes != 1:
+        return "--expect-workers and --processes do not mix: workers bring their own processes"
     return None
 
 
-def _admin_token() -> str | None:
-    return os.environ.get("FLASHTEAM_ADMIN_TOKEN")
+def _number_problem(args: argparse.Namespace) -> str | None:
+    counts = ("users", "run_time", "items", "stock", "hold_seconds", "team_ttl", "api_workers")
+    for name in counts:
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be 1 or more"
+    if args.processes == 0 or args.processes < -1 or args.expect_workers < 0:
+        return "--processes must be -1 or 1 or more; --expect-workers 0 or more"
+    if args.spawn_rate <= 0 or args.drain_timeout <= 0:
+        return "--spawn-rate and --drain-timeout must be positive"
+    if min(args.pay_rate, args.cancel_rate, args.open_after, args.settle or 0) < 0:
+        return "--pay-rate, --cancel-rate, --open-after and --settle cannot be negative"
+    if args.pay_rate + args.cancel_rate > 1:
+        return "--pay-rate + --cancel-rate must be at most 1"
+    if not 2 <= args.team_size <= 100:
+        return "--team-size must be between 2 and 100"
+    return None
 
 
 @contextlib.contextmanager
@@ -191,17 +282,9 @@ def local_engine(data_dir: Path, workers: int, log: Path) -> Iterator[Target]:
             FLASHTEAM_GATEWAY_TOKEN=target.gateway_token,
             FLASHTEAM_ADMIN_TOKEN=target.admin_token,
         )
+        command = ["run", "--port", str(port), "--workers", str(workers)]
         target.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "engine.cli",
-                "run",
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
+            [sys.executable, "-m", "engine.cli", *command],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -232,7 +315,8 @@ def _http(target: Target, method: str, path: str, body: Any, token: str) -> tupl
     request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, json.loads(reply.read() or b"null")
+            raw = reply.read()
+            return reply.status, json.loads(raw) if "json" in reply.headers["content-type"] else raw
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"null")
 
@@ -264,8 +348,31 @@ def create_campaigns(target: Target, args: argparse.Namespace, name: str) -> lis
     return ids
 
 
+@contextlib.contextmanager
+def sampling(target: Target, gauges: Gauges) -> Iterator[None]:
+    """Read the engine's /metrics every second into ``gauges`` while the block runs."""
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                status, text = _http(target, "GET", "/metrics", None, "")
+                if status == 200:
+                    gauges.add(text.decode())
+            if stop.wait(1.0):
+                return
+
+    thread = threading.Thread(target=sample, name="metrics", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_locust(target: Target, args: argparse.Namespace, prefix: Path, campaigns: list[str]) -> int:
-    """Locust headless with the chosen shape; its CSV and HTML reports under ``prefix``."""
+    """Locust headless with the chosen shape; its reports under ``prefix``."""
     env = {
         **os.environ,
         "FLASHTEAM_LOAD_SHAPE": args.shape,
@@ -275,56 +382,63 @@ def run_locust(target: Target, args: argparse.Namespace, prefix: Path, campaigns
         sys.executable, "-m", "locust",
         "-f", str(LOCUSTFILE),
         "--headless", "--only-summary",
-        "--json-file", str(prefix),
         "--host", target.host,
         "--users", str(args.users),
         "--spawn-rate", str(args.spawn_rate),
         "--run-time", f"{args.run_time}s",
-        "--stop-timeout", "5",
-        "--processes", str(args.processes),
+        "--stop-timeout", str(STOP_TIMEOUT),
         "--csv", str(prefix),
         "--html", f"{prefix}.html",
+        "--json-file", str(prefix),
         "--loglevel", "WARNING",
         "--flash-campaign", campaigns[0],
         "--team-campaign", campaigns[1],
         "--mix", args.mix,
         "--pay-rate", str(args.pay_rate),
         "--cancel-rate", str(args.cancel_rate),
+        "--tally-file", f"{prefix}-tally.json",
     ]  # fmt: skip
-    if args.expect_workers > 0:
-        i = command.index("--processes")
-        command[i : i + 2] = ["--master", "--expect-workers", str(args.expect_workers)]
-    elif args.processes == 1:
-        i = command.index("--processes")
-        del command[i : i + 2]
+    if args.expect_workers:
+        command += ["--master", "--expect-workers", str(args.expect_workers)]
+        command += ["--expect-workers-max-wait", "300"]
+    elif args.processes != 1:
+        command += ["--processes", str(args.processes)]
     return subprocess.run(command, env=env, cwd=ROOT, check=False).returncode
 
 
+async def _open(target: Target) -> Engine:
+    try:
+        return await Engine.open(target.settings())
+    except Exception as exc:
+        raise RuntimeError(f"cannot open the engine's stores: {exc}") from exc
+
+
+async def _dead_letters_now(target: Target) -> int:
+    async with await _open(target) as engine:
+        return await dead_letters(engine)
+
+
 async def settle_and_judge(
-    target: Target, args: argparse.Namespace, prefix: Path, campaigns: list[str]
+    target: Target, args: argparse.Namespace, prefix: Path, campaigns: list[str], dead: int
 ) -> tuple[Verdict, list[str]]:
     """Drain, stop a local engine, then judge; returns the verdict and the report lines."""
     lines: list[str] = []
-    async with await Engine.open(target.settings()) as engine:
+    async with await _open(target) as engine:
         drained = await wait_flushed(engine, args.drain_timeout)
     lines.append(
-        f"outbox drained {drained:.1f} s after the load ended"
+        f"outbox drained {drained:.1f} s after the sale settled"
         if drained is not None
-        else f"outbox NOT drained within {args.drain_timeout:.0f} s"
+        else f"outbox NOT drained within {args.drain_timeout:.0f} s of the sale settling"
     )
     if target.process is not None:
         target.stop()  # no reaper racing the checks; what it left in the outbox is flushed now
-        async with await Engine.open(target.settings()) as engine:
+        async with await _open(target) as engine:
             await FlushWorker(engine.runtime).drain()
-    rows, counts = read_locust_json(Path(f"{prefix}.json"))
-    async with await Engine.open(target.settings()) as engine:
-        verdict = await judge(engine, campaigns, counts)
+    async with await _open(target) as engine:
+        verdict = await judge(engine, campaigns, LoadTally.read(Path(f"{prefix}-tally.json")), dead)
         lines += ["", "KPIs (SPEC section 10)"]
         for campaign_id in campaigns:
             lines += await campaign_kpis(engine, campaign_id)
-    lines += ["", f"requests over {args.run_time} s (latency in ms)"]
-    lines += request_table(rows, args.run_time)
-    lines.append(f"  acknowledged payments: {counts.acknowledged_paid}")
     return verdict, lines
 
 
@@ -339,18 +453,21 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    problem = _check(args)
+    problem = _problem(args)
     if problem:
         parser.error(problem)  # exits 2
     name = args.name or f"{args.shape}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     args.reports.mkdir(parents=True, exist_ok=True)
     prefix = args.reports.resolve() / name
+    for suffix in OUTPUTS:
+        Path(f"{prefix}{suffix}").unlink(missing_ok=True)  # a rerun must not read old results
+    settle = args.settle if args.settle is not None else args.hold_seconds + args.team_ttl + 2
     with contextlib.ExitStack() as stack:
         if args.host:
             target = Target(
                 args.host.rstrip("/"),
                 os.environ["FLASHTEAM_GATEWAY_TOKEN"],
-                _admin_token() or "",
+                os.environ["FLASHTEAM_ADMIN_TOKEN"],
                 args.redis_url,
                 args.database_url,
             )
@@ -360,6 +477,7 @@ def _main(argv: list[str] | None) -> int:
             target = stack.enter_context(
                 local_engine(data_dir, args.api_workers, data_dir / "engine.log")
             )
+        dead = uvloop.run(_dead_letters_now(target))  # also proves both stores answer
         campaigns = create_campaigns(target, args, name)
         headline = (
             f"{name}: {args.shape} load on {target.host}, {args.users} users at "
@@ -368,11 +486,22 @@ def _main(argv: list[str] | None) -> int:
             f"{args.open_after:g} s in"
         )
         print(headline, flush=True)
-        locust_code = run_locust(target, args, prefix, campaigns)
-        verdict, lines = uvloop.run(settle_and_judge(target, args, prefix, campaigns))
+        gauges = Gauges()
+        with sampling(target, gauges):
+            locust_code = run_locust(target, args, prefix, campaigns)
+            if not Path(f"{prefix}.json").exists():
+                raise RuntimeError(f"Locust exited with {locust_code} without its results")
+            print(f"load done; {settle:g} s for the holds and teams of the sale to end", flush=True)
+            time.sleep(settle)
+        verdict, lines = uvloop.run(settle_and_judge(target, args, prefix, campaigns, dead))
+    tally = LoadTally.read(Path(f"{prefix}-tally.json"))
     shown = prefix.relative_to(ROOT) if prefix.is_relative_to(ROOT) else prefix
-    lines.append(f"  reports: {shown}.html, {shown}_stats.csv (Locust exit code {locust_code})")
-    lines += ["", "invariants (SPEC section 6)", *verdict.lines()]
+    lines += ["", "engine (/metrics)", *gauges.lines()]
+    lines += ["", f"requests over {args.run_time} s of load (latency in ms)"]
+    lines += request_table(read_locust_json(Path(f"{prefix}.json")), args.run_time)
+    lines += ["", "answers by request", *tally.lines()]
+    lines.append(f"  reports: {shown}.html, {shown}.json (Locust exit code {locust_code})")
+    lines += ["", "invariants (SPEC section 6) and the run", *verdict.lines()]
     text = "\n".join([headline, "", *lines])
     print(text, flush=True)
     Path(f"{prefix}-verdict.txt").write_text(text + "\n")

@@ -1,8 +1,9 @@
 """The verdict of a load run: SPEC section 6 invariants, SQL against Redis, durability of every
-acknowledged payment, and the section 10 KPIs, for campaigns that have gone quiet.
+acknowledged payment, the health of the run itself, and the section 10 KPIs.
 
 No Locust here (it monkey-patches the process): the test suite calls ``judge`` directly on a
-state it has broken on purpose, and ``python -m loadtests.run`` calls it after the run.
+state it has broken on purpose, and ``python -m loadtests.run`` calls it after the run, once
+the holds and teams of the sale have ended and the outbox is flushed.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from typing import Any
 from engine.audit import audit_campaign
 from engine.core import Engine
 from engine.keys import DEAD_LETTERS
+from engine.models import OrderState
 from engine.reconcile import reconcile
 from engine.scripts import guarded
 from engine.stats import CampaignStats, campaign_stats
 from engine.worker import FlushWorker
+from loadtests.plan import CATEGORIES
 
-#: Order states whose orders were paid once: a refunded order was paid before.
-PAID_ONCE = ("paid", "refunded")
+#: What an acknowledged payment may have become since: paid, or refunded (a failed team).
+PAID_ONCE = (OrderState.PAID, OrderState.REFUNDED)
 
 
 @dataclass(slots=True)
@@ -55,13 +58,51 @@ class Verdict:
         return out
 
 
-@dataclass(frozen=True, slots=True)
-class LocustCounts:
-    """From Locust's final stats: acknowledged payments and unexpected answers."""
+@dataclass(slots=True)
+class LoadTally:
+    """What the load generator saw (the locustfile's tally): answers counted as
+    ``request|category|detail``, and every order whose payment was acknowledged."""
 
-    acknowledged_paid: int
-    failures: int
-    requests: int
+    outcomes: Counter[str] = field(default_factory=Counter)
+    acknowledged: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path) -> LoadTally:
+        data = json.loads(path.read_text())
+        return cls(Counter(data["outcomes"]), list(data["acknowledged"]))
+
+    def count(self, category: str, request: str | None = None) -> int:
+        return sum(
+            n
+            for key, n in self.outcomes.items()
+            if key.split("|")[1] == category and request in (None, key.split("|")[0])
+        )
+
+    def of(self, *categories: str) -> list[str]:
+        """``"<request> <detail>: <n>"`` for every outcome in one of ``categories``."""
+        return [
+            f"{key.split('|')[0]} {key.split('|')[2]}: {n}"
+            for key, n in sorted(self.outcomes.items())
+            if key.split("|")[1] in categories
+        ]
+
+    def lines(self) -> list[str]:
+        """Answers per request by category, business codes spelled out."""
+        out = []
+        for request in sorted({key.split("|")[0] for key in self.outcomes}):
+            parts = []
+            for category in CATEGORIES:
+                found = {
+                    key.split("|")[2]: n
+                    for key, n in self.outcomes.items()
+                    if key.split("|")[:2] == [request, category]
+                }
+                if category == "business":
+                    parts += [f"{code} {n:,}" for code, n in sorted(found.items())]
+                elif found:
+                    parts.append(f"{category} {sum(found.values()):,}")
+            out.append(f"  {request:<12} " + ", ".join(parts))
+        return out
 
 
 async def wait_flushed(engine: Engine, within: float) -> float | None:
@@ -76,12 +117,20 @@ async def wait_flushed(engine: Engine, within: float) -> float | None:
     return loop.time() - start
 
 
+async def dead_letters(engine: Engine) -> int:
+    return int(await guarded(engine.runtime.redis.xlen(DEAD_LETTERS)))
+
+
 async def judge(
-    engine: Engine, campaign_ids: Sequence[str], counts: LocustCounts | None = None
+    engine: Engine,
+    campaign_ids: Sequence[str],
+    tally: LoadTally | None = None,
+    dead_before: int = 0,
 ) -> Verdict:
-    """Check every invariant on quiet campaigns (after the load, with the outbox flushed)."""
+    """Check every invariant on quiet campaigns (holds and teams ended, outbox flushed), and,
+    given the load generator's ``tally``, the durability of each acknowledged payment and the
+    health of the run. ``dead_before``: dead letters already there when the run began."""
     checks: list[Check] = []
-    durable_paid = 0
     for campaign_id in campaign_ids:
         audit = await audit_campaign(engine.runtime, campaign_id)
         checks.append(
@@ -103,30 +152,46 @@ async def judge(
                 details,
             )
         )
-        totals = await engine.runtime.store.order_totals(campaign_id)
-        durable_paid += sum(t.orders for t in totals if t.state in PAID_ONCE)
-    dead = int(await guarded(engine.runtime.redis.xlen(DEAD_LETTERS)))
+    dead = await dead_letters(engine) - dead_before
     checks.append(
         Check(
-            "no outbox event dead-lettered", dead == 0, [f"{dead} in {DEAD_LETTERS}"] * bool(dead)
+            f"no outbox event dead-lettered during the run ({dead} new in {DEAD_LETTERS})", not dead
         )
     )
-    if counts is not None:
-        checks.append(
-            Check(
-                f"every acknowledged payment is durable: {durable_paid} paid orders in SQL, "
-                f"{counts.acknowledged_paid} payments acknowledged",
-                durable_paid >= counts.acknowledged_paid,
-            )
-        )
-        checks.append(
-            Check(
-                f"no unexpected answer (5xx, rejected request, transport error): {counts.failures} "
-                f"of {counts.requests} requests",
-                counts.failures == 0,
-            )
-        )
+    if tally is not None:
+        checks += await _load_checks(engine, tally)
     return Verdict(checks)
+
+
+async def _load_checks(engine: Engine, tally: LoadTally) -> list[Check]:
+    store = engine.runtime.store
+    lost = []
+    for order_id in tally.acknowledged:
+        order = await store.get_order(order_id)
+        if order is None or order.state not in PAID_ONCE:
+            lost.append(f"{order_id}: {'missing' if order is None else order.state.value} in SQL")
+    held = tally.count("ok", "reserve")
+    wrong = tally.count("unexpected") + tally.count("server_error")
+    transport = tally.count("transport")
+    return [
+        Check(
+            f"every acknowledged payment is a paid (or refunded) order in SQL: "
+            f"{len(tally.acknowledged) - len(lost)} of {len(tally.acknowledged)}",
+            not lost,
+            lost,
+        ),
+        Check(
+            f"the load reached the engine: {held} reservations held, "
+            f"{len(tally.acknowledged)} payments acknowledged",
+            held > 0 and bool(tally.acknowledged),
+        ),
+        Check(
+            f"no server error, no unexpected or malformed answer, no task exception: {wrong}"
+            + (f" (transport errors, a capacity finding: {transport})" if transport else ""),
+            wrong == 0,
+            tally.of("unexpected", "server_error"),
+        ),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,20 +236,13 @@ def _request_stats(method: str, name: str, entries: list[dict[str, Any]]) -> Req
     )
 
 
-def read_locust_json(path: Path) -> tuple[list[RequestStats], LocustCounts]:
-    """Locust's final stats (``--json-file``): per request name, then all requests, and the
-    counts the verdict needs. Zero-time ``ACK`` entries count acknowledged payments."""
+def read_locust_json(path: Path) -> list[RequestStats]:
+    """Locust's final stats (``--json-file``): one row per request name, then all requests."""
     entries: list[dict[str, Any]] = json.loads(path.read_text())
-    real = [e for e in entries if e["method"] != "ACK"]
-    rows = [_request_stats(e["method"], e["name"], [e]) for e in real]
+    rows = [_request_stats(e["method"], e["name"], [e]) for e in entries]
     rows.sort(key=lambda r: (r.name, r.method))
-    rows.append(_request_stats("", "all requests", real))
-    counts = LocustCounts(
-        acknowledged_paid=sum(e["num_requests"] for e in entries if e["method"] == "ACK"),
-        failures=rows[-1].failures,
-        requests=rows[-1].count,
-    )
-    return rows, counts
+    rows.append(_request_stats("", "all requests", entries))
+    return rows
 
 
 def request_table(rows: list[RequestStats], seconds: float) -> list[str]:

@@ -7,16 +7,28 @@ import asyncio
 import json
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from engine import Engine
+from engine import Engine, Order, OrderState
 from engine.keys import DEAD_LETTERS, keys_of
 from engine.worker import FlushWorker
-from loadtests.plan import SHAPES, Knobs, format_mix, parse_mix, soak, spike, step
-from loadtests.verdict import LocustCounts, Verdict, judge
+from loadtests.plan import (
+    SHAPES,
+    Knobs,
+    classify,
+    format_mix,
+    outcome_key,
+    parse_mix,
+    soak,
+    spike,
+    step,
+)
+from loadtests.verdict import LoadTally, Verdict, judge
 from tests.conftest import flash_campaign, team_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +71,17 @@ def test_mix_parses_weights_and_rejects_nonsense() -> None:
 # --------------------------------------------------------------------------- the verdict
 
 
+def test_answers_are_classified() -> None:
+    assert classify(201, "") == ("ok", "201")
+    assert classify(409, "sold_out") == ("business", "sold_out")
+    assert classify(429, "rate_limited") == ("business", "rate_limited")
+    assert classify(409, "invalid_state") == ("unexpected", "409 invalid_state")
+    assert classify(409, "invalid_state", frozenset({"invalid_state"}))[0] == "business"
+    assert classify(503, "unavailable") == ("server_error", "503 unavailable")
+    assert classify(400, "validation_error")[0] == "unexpected"
+    assert classify(0, "timed out") == ("transport", "timed out")
+
+
 async def _sale(engine: Engine) -> tuple[str, str, str]:
     """A small flash and team sale, flushed: 3 holds (1 paid), a team with a paid leader and
     a held joiner. Returns (flash campaign, team campaign, team id)."""
@@ -81,11 +104,26 @@ def _failed(verdict: Verdict) -> list[str]:
     return [check.name for check in verdict.checks if not check.ok]
 
 
+def _tally(acknowledged: list[str], *outcomes: str) -> LoadTally:
+    """What a healthy load generator saw of the sale of ``_sale``, plus ``outcomes``."""
+    keys = [outcome_key("reserve", "ok", "201")] * 3 + [outcome_key("pay", "ok", "200")] * 2
+    return LoadTally(Counter([*keys, *outcomes]), acknowledged)
+
+
+async def _paid(engine: Engine, campaign_id: str) -> list[str]:
+    orders = cast(dict[str, str], await engine.runtime.redis.hgetall(keys_of(campaign_id).orders))
+    return [
+        i for i, record in orders.items() if Order.from_record(i, record).state is OrderState.PAID
+    ]
+
+
 async def test_verdict_passes_on_a_consistent_sale(engine: Engine) -> None:
     flash, team, _ = await _sale(engine)
-    verdict = await judge(engine, [flash, team], LocustCounts(2, 0, 10))
+    paid = await _paid(engine, flash) + await _paid(engine, team)
+    assert len(paid) == 2
+    verdict = await judge(engine, [flash, team], _tally(paid))
     assert verdict.ok, verdict.lines()
-    assert len(verdict.checks) == 7
+    assert len(verdict.checks) == 8
     assert verdict.lines()[-1] == "verdict: PASS"
 
 
@@ -126,7 +164,7 @@ Breakage = Callable[[Engine, str, str, str], Awaitable[None]]
         (_leak, "lt-flash: no oversell"),
         (_overfill, "lt-team: no oversell"),
         (_sql_behind, "lt-flash: SQL equals Redis"),
-        (_dead_letter, "no outbox event dead-lettered"),
+        (_dead_letter, "no outbox event dead-lettered during the run"),
     ],
     ids=["oversold", "stock-leak", "over-filled-team", "sql-differs", "dead-letter"],
 )
@@ -134,8 +172,9 @@ async def test_verdict_fails_on_a_broken_state(
     engine: Engine, breakage: Breakage, failing: str
 ) -> None:
     flash, team, team_id = await _sale(engine)
+    paid = await _paid(engine, flash) + await _paid(engine, team)
     await breakage(engine, flash, team, team_id)
-    verdict = await judge(engine, [flash, team], LocustCounts(2, 0, 10))
+    verdict = await judge(engine, [flash, team], _tally(paid))
     assert not verdict.ok
     assert [name for name in _failed(verdict) if name.startswith(failing)], _failed(verdict)
     assert len(_failed(verdict)) == 1, _failed(verdict)
@@ -143,16 +182,29 @@ async def test_verdict_fails_on_a_broken_state(
     await engine.runtime.redis.delete(DEAD_LETTERS)
 
 
-async def test_verdict_fails_on_a_lost_payment_or_an_unexpected_answer(engine: Engine) -> None:
+async def test_verdict_fails_on_a_lost_payment_or_a_bad_run(engine: Engine) -> None:
     flash, team, _ = await _sale(engine)
-    lost = await judge(engine, [flash, team], LocustCounts(3, 0, 10))  # 2 paid orders in SQL
-    assert [name.split(":")[0] for name in _failed(lost)] == [
-        "every acknowledged payment is durable"
-    ]
-    errors = await judge(engine, [flash, team], LocustCounts(2, 1, 10))
-    assert [name.split(":")[0] for name in _failed(errors)] == [
-        "no unexpected answer (5xx, rejected request, transport error)"
-    ]
+    paid = await _paid(engine, flash) + await _paid(engine, team)
+    held = cast(list[str], await engine.runtime.redis.hkeys(keys_of(flash).orders))
+    unpaid = next(order_id for order_id in held if order_id not in paid)
+    runs = {
+        "every acknowledged payment": _tally([*paid, unpaid]),  # acknowledged, still held
+        "the load reached the engine": LoadTally(),  # nothing happened at all
+        "no server error": _tally(paid, outcome_key("reserve", "server_error", "500")),
+    }
+    for failing, tally in runs.items():
+        verdict = await judge(engine, [flash, team], tally)
+        assert [name.split(",")[0][: len(failing)] for name in _failed(verdict)] == [failing]
+    quiet_dead = await judge(engine, [flash, team], _tally(paid), dead_before=0)
+    assert quiet_dead.ok
+    await _dead_letter(engine, flash, team, "")
+    assert (await judge(engine, [flash, team], _tally(paid), dead_before=1)).ok  # not ours
+    await engine.runtime.redis.delete(DEAD_LETTERS)
+    transport = await judge(
+        engine, [flash, team], _tally(paid, outcome_key("pay", "transport", "x"))
+    )
+    assert transport.ok  # overload at the client is a finding, not a failure
+    assert "transport errors" in transport.checks[-1].name
 
 
 # --------------------------------------------------------------------------- smoke run
@@ -176,12 +228,15 @@ async def test_make_loadtest_smoke_run(tmp_path: Path) -> None:
     text = out.decode()
     assert process.returncode == 0, text
     assert "verdict: PASS" in text
-    assert text.count("[PASS]") == 7, text
+    assert text.count("[PASS]") == 8, text
     reports = tmp_path / "reports"
     assert (reports / "smoke.html").stat().st_size > 10_000
     assert (reports / "smoke-verdict.txt").read_text().strip().endswith("verdict: PASS")
     stats = json.loads((reports / "smoke.json").read_text())
     names = {entry["name"] for entry in stats}
     assert {"reserve", "pay", "open team", "quick-join", "list teams", "campaign"} <= names
-    assert sum(e["num_requests"] for e in stats if e["method"] == "ACK") > 0
+    tally = LoadTally.read(reports / "smoke-tally.json")
+    assert tally.count("ok", "reserve") > 0 and tally.acknowledged
+    assert sum(e["num_requests"] for e in stats) == sum(tally.outcomes.values())
     assert "rejections by reason" in text and "teams: created" in text
+    assert "worst stream lag" in text
