@@ -30,7 +30,7 @@ MET, NOT_MET, UNMEASURED = "met", "**NOT met**", "not measured"
 IMPLEMENTATIONS = {
     "engine": "engine, coalesced (default)",
     "engine-uncoalesced": "engine, one EVALSHA per request",
-    "bare-batched": "bare batch.lua loop, 128 per EVALSHA (Redis ceiling)",
+    "bare-batched": "bare batch.lua loop, 64 per EVALSHA (Redis ceiling)",
     "redis-watch": "WATCH/MULTI optimistic reserve (Python)",
     "postgres": "PostgreSQL conditional UPDATE + INSERT (asyncpg)",
 }
@@ -638,15 +638,15 @@ def section_memory(results: dict[str, Result], charts: Charts) -> list[str]:
     if redis_memory is not None:
         out += [
             "Redis bytes per held order: `used_memory` difference over the holds; the "
-            "breakdown is `MEMORY USAGE` per key divided by the holds (idempotency records "
-            "and keyspace overhead are the rest).",
+            "breakdown is `MEMORY USAGE` per key divided by the holds (keyspace overhead "
+            "is the rest).",
             "",
             table(redis_memory.rows),
             "",
         ]
         steady = redis_memory.rows[-1]
-        parts = ("orders_hash", "deadline_index", "user_counter", "outbox")
-        labels = [*parts, "idempotency_and_keyspace"]
+        parts = ("orders_hash", "deadline_index", "user_counter", "idempotency", "outbox")
+        labels = [*parts, "keyspace"]
         out += _image(
             charts.bars(
                 "t6-redis-bytes",

@@ -4,8 +4,8 @@ Redis: ``INFO memory`` ``used_memory`` on an otherwise empty Redis before and af
 100,000 holds (coalesced engine reservations), divided by the holds; measured with the
 outbox stream still full (``with_outbox``) and after the flush worker moved it to SQLite and
 trimmed it (``steady``: what a held order costs while it waits for payment, the number the
-target is judged by). ``MEMORY USAGE`` of each of the campaign's keys gives the breakdown;
-the idempotency records (one string key with a TTL per order) are the rest. The engine's
+target is judged by). ``MEMORY USAGE`` of each of the campaign's keys (the idempotency
+records are one hash) gives the breakdown; keyspace overhead is the rest. The engine's
 connections are closed before each reading, so client buffers do not count.
 
 Process: 1,000,000 successful reservations (1,000 coalesced callers, one item with enough
@@ -48,7 +48,7 @@ def _used_memory(url: str) -> int:
 
 
 def _key_usage(url: str) -> dict[str, int]:
-    """MEMORY USAGE (all samples) of each of the campaign's keys, and one idempotency key."""
+    """MEMORY USAGE (all samples) of each of the campaign's keys."""
     keys = keys_of(CID)
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
@@ -58,10 +58,10 @@ def _key_usage(url: str) -> dict[str, int]:
                 ("orders", keys.orders),
                 ("deadlines", keys.deadlines),
                 ("users", keys.users),
+                ("idempotency", keys.idem),
                 ("outbox", keys.events),
             )
         }
-        usage["idem_key"] = int(client.memory_usage(keys.idempotency("u0", "k"), samples=0) or 0)
         return usage
     finally:
         client.close()
@@ -96,7 +96,7 @@ async def _redis_bytes(url: str, tmp: Path) -> list[dict[str, Any]]:
     steady, usage = _used_memory(url), _key_usage(url)
     rows = []
     for phase, after, keys in (("with_outbox", with_outbox, full_usage), ("steady", steady, usage)):
-        per_order = {name: size / HOLDS for name, size in keys.items() if name != "idem_key"}
+        per_order = {name: size / HOLDS for name, size in keys.items()}
         named = sum(per_order.values())
         total = (after - before) / HOLDS
         rows.append(
@@ -107,9 +107,9 @@ async def _redis_bytes(url: str, tmp: Path) -> list[dict[str, Any]]:
                 "orders_hash": per_order["orders"],
                 "deadline_index": per_order["deadlines"],
                 "user_counter": per_order["users"],
+                "idempotency": per_order["idempotency"],
                 "outbox": per_order["outbox"],
-                "idempotency_and_keyspace": total - named,
-                "one_idem_key": keys["idem_key"],
+                "keyspace": total - named,
             }
         )
     return rows

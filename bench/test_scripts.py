@@ -75,8 +75,8 @@ class Scene:
 def _order_call(campaign: str, user: str) -> tuple[list[str], list[Any]]:
     keys = keys_of(campaign)
     return (
-        [*keys.order_keys, keys.idempotency(user, "k"), keys.rate(user)],
-        [campaign, user, "sku-1", 1, 0, TTL],
+        [*keys.order_keys, keys.rate(user)],
+        [campaign, user, "sku-1", 1, 0, TTL, "k"],
     )
 
 
@@ -149,15 +149,15 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
     def join() -> None:
         n = next(joins)
         user = f"j{n}"
-        keys = [*team.order_keys, team.idempotency(user, "k"), team.rate(user)]
+        keys = [*team.order_keys, team.rate(user)]
         team_id = scene.join_teams[n // (TEAM_SIZE - 1)]
-        reply = scene.evalsha("join_team", keys, [TEAM, user, team_id, 0, TTL])
+        reply = scene.evalsha("join_team", keys, [TEAM, user, team_id, 0, TTL, "k"])
         assert reply[0] == 0, reply
 
     def quick() -> None:
         user = f"q{next(scene.users)}"
-        keys = [*team.order_keys, team.idempotency(user, "k"), team.rate(user)]
-        reply = scene.evalsha("quick_join", keys, [TEAM, user, "sku-2", 0, TTL, 64])
+        keys = [*team.order_keys, team.rate(user)]
+        reply = scene.evalsha("quick_join", keys, [TEAM, user, "sku-2", 0, TTL, 64, "k"])
         assert reply[0] == 0 and reply[6] == 0, reply  # seated in an open team
 
     def listing() -> None:
@@ -165,12 +165,9 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
         assert len(reply) == 41, len(reply)
 
     def batch() -> None:
-        keys: list[str] = list(flash.order_keys)
-        args: list[Any] = [FLASH, BATCH, 0, TTL, 64]
-        for _ in range(BATCH):
-            user = f"b{next(scene.users)}"
-            keys += (flash.idempotency(user, "k"), flash.rate(user))
-            args += ("r", user, "sku-1", "1")
+        keys: list[str] = list(flash.order_keys)  # no rate-limit keys: the limit is off
+        fields = "|".join([f"r|b{next(scene.users)}|k|sku-1|1" for _ in range(BATCH)])
+        args: list[Any] = [FLASH, BATCH, 0, TTL, 64, fields]
         replies = scene.evalsha("batch", keys, args)
         assert all(reply[0] == 0 for reply in replies)
 

@@ -35,10 +35,11 @@ class Reservation:
     replayed: bool
 
 
-def order_from_reply(reply: list[Any]) -> Order:
-    """The order of a ``{0, order_id, record, ...}`` reply, or the matching rejection."""
+def order_from_reply(reply: list[Any], campaign_id: str | None = None) -> Order:
+    """The order of a ``{0, order_id, record, ...}`` reply (of ``campaign_id``'s scripts when
+    given), or the matching rejection."""
     check_reply(reply)
-    return Order.from_record(reply[1], reply[2])
+    return Order.from_record(reply[1], reply[2], campaign_id)
 
 
 class FlashSale:
@@ -74,7 +75,7 @@ class FlashSale:
         ttl = self._rt.settings.sold_out_ttl
         if ttl and reply[0] == Code.SOLD_OUT and int(reply[1]) == 0 and not sold_out:
             self._sold_out[flag] = time.monotonic() + ttl
-        return Reservation(order_from_reply(reply), replayed=reply[0] == Code.OK and reply[3] == 1)
+        return Reservation(order_from_reply(reply, keys.campaign_id), replayed=reply[3] == 1)
 
     async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
         """Mark the held order paid; a retry with the same ``payment_ref`` is a no-op."""

@@ -15,7 +15,9 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
     ft:{c:<cid>}:joinable    zset    open teams with a free seat, ordered per sku by remaining
                                      seats then expiry (lexicographic members, scores 0)
     ft:{c:<cid>}:team_deadlines zset open team id -> expires_at (ms); the reaper's team index
-    ft:{c:<cid>}:idem:<user>:<key>   string  idempotency record, expires after 24 h
+    ft:{c:<cid>}:idem        hash    idempotency records: ``<user>:<key>`` -> ``<op><order seq>``
+                                     (lua/lib/ops.lua); the hash expires 24 h after its
+                                     last write, so every record lives at least 24 h
     ft:{c:<cid>}:rl:<user>           string  attempts in the current one-second window
     ft:campaigns             set     campaigns that may still hold orders or teams (the reaper's)
     ft:streams               set     campaigns whose outbox may hold unflushed events (the
@@ -91,6 +93,7 @@ class CampaignKeys:
     teams: str
     team_index: str
     team_expiry: str
+    idem: str  # hash: idempotency records (idempotency_field -> record)
     rejections: str  # hash: rejections per error code, counted by the API (KPIs)
     order_keys: tuple[
         str, ...
@@ -114,6 +117,7 @@ class CampaignKeys:
             teams=f"{tag}:teams",
             team_index=f"{tag}:joinable",
             team_expiry=f"{tag}:team_deadlines",
+            idem=f"{tag}:idem",
             rejections=f"{tag}:rejections",
             order_keys=(
                 meta,
@@ -125,16 +129,19 @@ class CampaignKeys:
                 f"{tag}:teams",
                 f"{tag}:joinable",
                 f"{tag}:team_deadlines",
+                f"{tag}:idem",
             ),
         )
-
-    def idempotency(self, user_id: str, key: str) -> str:
-        """Key of one idempotency record; both parts must already be validated."""
-        return f"ft:{{c:{self.campaign_id}}}:idem:{user_id}:{key}"
 
     def rate(self, user_id: str) -> str:
         """Key of one user's attempt counter in this campaign."""
         return f"ft:{{c:{self.campaign_id}}}:rl:{user_id}"
+
+
+def idempotency_field(user_id: str, key: str) -> str:
+    """The field of one idempotency record in the campaign's ``idem`` hash (both parts already
+    validated: a user id has no ``:``, so the field names one (user, key) pair)."""
+    return f"{user_id}:{key}"
 
 
 @lru_cache(maxsize=4096)

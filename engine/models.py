@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 
 from engine.errors import ValidationError
 from engine.keys import campaign_of_order, campaign_of_team, check_id
@@ -75,6 +76,7 @@ def to_ms(moment: datetime) -> int:
     return round(moment.timestamp() * 1000)
 
 
+@lru_cache(maxsize=1024)  # the orders of one coalesced batch share their timestamps
 def from_ms(ms: int) -> datetime:
     """The UTC datetime of a millisecond timestamp."""
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
@@ -223,14 +225,15 @@ class Order:
     payment_ref: str | None
 
     @classmethod
-    def from_record(cls, order_id: str, record: str) -> Order:
-        """Decode the packed record of lua/lib/common.lua."""
+    def from_record(cls, order_id: str, record: str, campaign_id: str | None = None) -> Order:
+        """Decode the packed record of lua/lib/common.lua; ``campaign_id`` when the caller
+        knows the order belongs to it (else it is parsed from the id)."""
         user, sku, qty, amount, state, created, deadline, version, kind, team, payref = (
             record.split("|")
         )
         return cls(
             order_id=order_id,
-            campaign_id=campaign_of_order(order_id),
+            campaign_id=campaign_id or campaign_of_order(order_id),
             user_id=user,
             sku=sku,
             qty=int(qty),
@@ -279,22 +282,26 @@ class Team:
         return self.size - self.held - self.paid
 
     @classmethod
-    def from_record(cls, team_id: str, record: str) -> Team:
-        """Decode the packed record of lua/lib/team.lua."""
+    def from_record(cls, team_id: str, record: str, campaign_id: str | None = None) -> Team:
+        """Decode the packed record of lua/lib/team.lua; ``campaign_id`` when the caller
+        knows the team belongs to it (else it is parsed from the id)."""
         (leader, sku, qty, size, state, created, opened, expires, held, paid, version, why,
          members) = record.split("|")  # fmt: skip
-        seats = tuple(Seat(*entry.split("=", 1)) for entry in members.split(",") if entry)
+        seats = tuple(
+            [Seat(*entry.split("=", 1)) for entry in members.split(",")] if members else ()
+        )
+        opened_ms, expires_ms = int(opened), int(expires)
         return cls(
             team_id=team_id,
-            campaign_id=campaign_of_team(team_id),
+            campaign_id=campaign_id or campaign_of_team(team_id),
             leader_id=leader,
             sku=sku,
             qty=int(qty),
             size=int(size),
             state=_TEAM_CODES[state],
             created_at=from_ms(int(created)),
-            opened_at=from_ms(int(opened)) if int(opened) else None,
-            expires_at=from_ms(int(expires)) if int(expires) else None,
+            opened_at=from_ms(opened_ms) if opened_ms else None,
+            expires_at=from_ms(expires_ms) if expires_ms else None,
             held=int(held),
             paid=int(paid),
             version=int(version),

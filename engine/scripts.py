@@ -124,9 +124,9 @@ def _details(code: Code, extra: Any) -> dict[str, Any]:
 def check_reply(reply: list[Any]) -> list[Any]:
     """Return a script's reply when its code is OK; else raise the matching rejection with
     its details (``starts_at``, ``retry_after``, ``available``, ...)."""
-    code = Code(reply[0])
-    if code is Code.OK:
+    if reply[0] == 0:
         return reply
+    code = Code(reply[0])
     raise rejection(code, _MESSAGES[code], **_details(code, reply[1] if len(reply) > 1 else None))
 
 

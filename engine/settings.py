@@ -23,7 +23,9 @@ FLASHTEAM_ADMIN_TOKEN      bearer token for campaign management and refunds (16+
 FLASHTEAM_MAX_BODY         largest HTTP request body accepted, bytes (default 65536).
 FLASHTEAM_COALESCE         ``1`` (default): concurrent reserve/join/quick-join calls of one
                            campaign share one script call; ``0``: one call each.
-FLASHTEAM_COALESCE_BATCH   most requests in one coalesced call (default 128).
+FLASHTEAM_COALESCE_BATCH   most requests in one coalesced call (default 64: a burst of
+                           100 callers goes out as two calls, so Redis runs one while this
+                           process prepares the next).
 FLASHTEAM_COALESCE_WINDOW_US  microseconds a batch waits for company (default 0: the current
                            turn of the event loop, no timer; at most 1000).
 FLASHTEAM_SOLD_OUT_TTL     seconds a sold-out item is answered without running a reservation
@@ -71,7 +73,7 @@ class Settings:
     max_body: int = 65_536
     echo_route: bool = False
     coalesce: bool = True
-    coalesce_batch: int = 128
+    coalesce_batch: int = 64
     coalesce_window_us: int = 0
     sold_out_ttl: float = 0.5
 
@@ -172,7 +174,7 @@ class Settings:
             max_body=int(number("MAX_BODY", int, 65_536)),
             echo_route=flag("ECHO_ROUTE"),
             coalesce=flag("COALESCE", default="1"),
-            coalesce_batch=int(number("COALESCE_BATCH", int, 128)),
+            coalesce_batch=int(number("COALESCE_BATCH", int, 64)),
             coalesce_window_us=int(number("COALESCE_WINDOW_US", int, 0)),
             sold_out_ttl=number("SOLD_OUT_TTL", float, 0.5),
         )

@@ -72,12 +72,13 @@ def mask_user(user_id: str) -> str:
     return user_id[0] + "***" + (user_id[-1] if len(user_id) > 1 else "")
 
 
-def seat_result(reply: list[Any]) -> TeamSeatResult:
-    """Decode ``{0, order_id, record, replayed, team_id, team_record, opened}``."""
+def seat_result(reply: list[Any], campaign_id: str) -> TeamSeatResult:
+    """Decode ``{0, order_id, record, replayed, team_id, team_record, opened}`` of one of
+    ``campaign_id``'s scripts."""
     check_reply(reply)
     return TeamSeatResult(
-        order=Order.from_record(reply[1], reply[2]),
-        team=Team.from_record(reply[4], reply[5]),
+        order=Order.from_record(reply[1], reply[2], campaign_id),
+        team=Team.from_record(reply[4], reply[5], campaign_id),
         opened=reply[6] == 1,
         replayed=reply[3] == 1,
     )
@@ -104,10 +105,18 @@ class Teams:
         settings = self._rt.settings
         reply = await self._scripts.run(
             self._scripts.open_team,
-            (*keys.order_keys, keys.idempotency(leader_id, idempotency_key), keys.rate(leader_id)),
-            (campaign_id, leader_id, sku, qty, settings.rate_limit, settings.idempotency_ttl),
+            (*keys.order_keys, keys.rate(leader_id)),
+            (
+                campaign_id,
+                leader_id,
+                sku,
+                qty,
+                settings.rate_limit,
+                settings.idempotency_ttl,
+                idempotency_key,
+            ),
         )
-        return seat_result(reply)
+        return seat_result(reply, keys.campaign_id)
 
     async def join(self, team_id: str, user_id: str, idempotency_key: str) -> TeamSeatResult:
         """Take a seat in an open team; it is held until paid (``engine.flash.pay``)."""
@@ -118,7 +127,7 @@ class Teams:
         reply = await self._coalescer.submit(
             keys.campaign_id, JOIN, user_id, team_id, "", idempotency_key
         )
-        return seat_result(reply)
+        return seat_result(reply, keys.campaign_id)
 
     async def quick_join(
         self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
@@ -131,7 +140,7 @@ class Teams:
         reply = await self._coalescer.submit(
             keys.campaign_id, QUICK, user_id, sku, "", idempotency_key
         )
-        return seat_result(reply)
+        return seat_result(reply, keys.campaign_id)
 
     async def joinable(
         self, campaign_id: str, sku: str, viewer: str | None = None, limit: int = 20

@@ -1,7 +1,7 @@
 -- cancel_order.lua: the owner cancels a held order; its stock is sellable again at once. A held
 -- team seat is freed (the team is joinable again); a pending team's leader dissolves the team.
 --
--- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
+-- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] order id   ARGV[2] user id
 -- returns {0, order_id, record, 0[, team_id, team_record, opened]}
 --                                 cancelled now, or already cancelled (a retry)

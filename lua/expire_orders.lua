@@ -5,7 +5,7 @@
 -- A held team seat that ends is freed (the team is joinable again); a pending team whose
 -- leader never paid is dissolved.
 --
--- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
+-- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] at most this many orders in one call (keeps each script call short)
 -- returns {ended, next}   orders ended now; next = the earliest remaining deadline (ms),
 --                         0 when more are due at once, -1 when none is held; -2 when none is

@@ -3,7 +3,7 @@
 -- Exactly once: the team leaves `team_deadlines` in the same step. Once the campaign is
 -- invalidated every open team fails at once (held seats are then cancelled, SPEC 3).
 --
--- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
+-- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] at most this many teams in one call
 -- returns {failed, next}  teams failed now; next = the earliest remaining team expiry (ms),
 --                         0 when more are due at once, -1 when no team is open

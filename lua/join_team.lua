@@ -3,11 +3,11 @@
 -- team never over-fills. Joining works after the campaign's end, until the team's expiry
 -- (SPEC 3, seed 004 §2).
 --
--- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
--- KEYS[10] idem  string  this (user, idempotency key)'s record
+-- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[11] rl    string  this user's attempts in the current second
 -- ARGV[1] campaign id  ARGV[2] user id  ARGV[3] team id
 -- ARGV[4] rate limit per second (0 = off)  ARGV[5] idempotency TTL (s)
+-- ARGV[6] idempotency key
 -- returns {0, order_id, record, replayed, team_id, team_record, 0}   seated (or a retry)
 --         {8} | {7, retry_after_ms}         key reused differently | too many attempts
 --         {1} | {4} | {17}                  no campaign or team | invalidated | not a team campaign
@@ -16,5 +16,7 @@
 --         {15}                              the user already holds a seat (leaders included)
 --         {13}                              every seat is held or paid
 --         {6, units_left} | {5, available}  per-user limit | sold out
-return op_join(order_keys(), KEYS[10], KEYS[11], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]),
-  tonumber(ARGV[5]))
+local ctx = new_ctx(order_keys(), ARGV[1], 1, tonumber(ARGV[4]), tonumber(ARGV[5]))
+return run_ops(ctx, function()
+  return op_join(ctx, ARGV[6], KEYS[11], ARGV[2], ARGV[3])
+end)

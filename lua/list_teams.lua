@@ -1,7 +1,7 @@
 -- list_teams.lua: the joinable teams of one item for a product page (read only): open, not
 -- full, not expired, without the viewer; fewest remaining seats first, then earliest expiry.
 --
--- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
+-- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] sku   ARGV[2] viewer user id ('' = anonymous)   ARGV[3] at most this many teams
 -- returns {now_ms, team_id, team_record, team_id, team_record, ...}, or {} when the campaign
 --         does not exist

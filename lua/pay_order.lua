@@ -1,7 +1,7 @@
 -- pay_order.lua: record the payment of a held order by its owner. For a team order: the
 -- leader's payment opens the team (its clock starts now); the last paid seat makes it succeed.
 --
--- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
+-- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] order id   ARGV[2] user id   ARGV[3] payment reference
 -- returns {0, order_id, record, 0[, team_id, team_record, opened]}
 --                                 paid now, or already paid with this same reference

@@ -2,7 +2,7 @@
 -- A team order is refundable this way once its team succeeded; while the team is open its
 -- paid seats stay (a failing team refunds them itself, expire_teams.lua).
 --
--- KEYS[1..9] the campaign's order keys (engine/keys.py order_keys)
+-- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] order id   ARGV[2] restock (1 = units go back on sale, 0 = they leave the sale)
 -- returns {0, order_id, record, 0[, team_id, team_record, opened]}
 --                                 refunded now, or already refunded (a retry)

@@ -77,11 +77,13 @@ async def _state(engine: Engine, campaign_id: str) -> tuple[Any, ...]:
     teams: Any = await redis.hgetall(keys.teams)
     inv: Any = await redis.hgetall(keys.inv)
     users: Any = await redis.hgetall(keys.users)
+    idem: Any = await redis.hgetall(keys.idem)  # "<user>:<key>" -> "<op><order seq>"
     return (
         sorted(_order_shape(Order.from_record(i, r)) for i, r in orders.items()),
         sorted(_team_shape(Team.from_record(i, r)) for i, r in teams.items()),
         sorted((k, v) for k, v in inv.items() if not k.startswith("out:")),
         sorted(users.items()),
+        sorted(idem.items()),
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine import Engine, IdempotencyMismatch, OrderState, RateLimited, Reservation
-from engine.keys import keys_of
+from engine.keys import idempotency_field, keys_of
 from engine.redis_server import RedisServer
 from tests.conftest import flash_campaign, make_settings
 from tests.helpers import assert_invariants
@@ -111,12 +111,13 @@ async def test_same_key_in_another_campaign_is_independent(engine: Engine) -> No
 async def test_idempotency_key_lives_at_least_24_hours(engine: Engine) -> None:
     await _sale(engine)
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-    key = keys_of("sale").idempotency("u1", "k1")
+    keys = keys_of("sale")
 
-    ttl = await engine.runtime.redis.ttl(key)
+    ttl = await engine.runtime.redis.ttl(keys.idem)
     assert ttl >= 86_400 - 5
-    record = await engine.runtime.redis.get(key)
-    assert isinstance(record, str) and held.order.order_id in record
+    # The record keeps the op and the order's sequence number: "r<n>" for order "sale.o<n>".
+    record = await engine.runtime.redis.hget(keys.idem, idempotency_field("u1", "k1"))
+    assert record == "r" + held.order.order_id.removeprefix("sale.o")
 
 
 async def test_retry_after_payment_returns_the_paid_order(engine: Engine) -> None:
@@ -156,7 +157,7 @@ async def test_configured_ttl_is_applied(
     async with await Engine.open(settings) as engine:
         await _sale(engine)
         await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-        assert await redis.ttl(keys_of("sale").idempotency("u1", "k1")) >= 3 * 86_400 - 5
+        assert await redis.ttl(keys_of("sale").idem) >= 3 * 86_400 - 5
 
 
 async def test_replays_are_not_rate_limited(

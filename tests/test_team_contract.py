@@ -869,6 +869,23 @@ async def test_quick_join_opens_a_pending_team_when_none_fits(engine: Engine) ->
     await assert_invariants(engine, CID)
 
 
+async def test_quick_join_key_reused_for_a_join_of_the_same_team_mismatches(
+    engine: Engine,
+) -> None:
+    """The idempotency record keeps the operation: a quick-join's key replayed as a join of
+    the very team it seated the user in is another request, not a retry."""
+    await start(engine, limit=5)
+    team = await open_paid_team(engine, "leader")
+    seated = await engine.teams.quick_join(CID, "shopper", SKU, "q1")
+    assert seated.team.team_id == team.team_id and not seated.opened
+    with pytest.raises(IdempotencyMismatch):
+        await engine.teams.join(team.team_id, "shopper", "q1")
+    retry = await engine.teams.quick_join(CID, "shopper", SKU, "q1")
+    assert retry.replayed and retry.order == seated.order
+    assert (await engine.teams.get(team.team_id)).held == 1
+    await assert_invariants(engine, CID)
+
+
 async def test_quick_join_rejections_leave_no_trace(engine: Engine) -> None:
     await start(engine, limit=1, stock=3)
     team = await open_paid_team(engine, "leader")

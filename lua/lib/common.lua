@@ -17,10 +17,11 @@ local SOLD_OUT, LIMIT_EXCEEDED, RATE_LIMITED, IDEMPOTENCY_MISMATCH = 5, 6, 7, 8
 local FORBIDDEN, HOLD_EXPIRED, INVALID_STATE, NOT_EDITABLE = 9, 10, 11, 12
 local TEAM_FULL, TEAM_CLOSED, ALREADY_IN_TEAM, TEAM_IN_PROGRESS, WRONG_KIND = 13, 14, 15, 16, 17
 
--- KEYS[1..9] of every order and team script, in this order (engine/keys.py order_keys).
+-- KEYS[1..10] of every order and team script, in this order (engine/keys.py order_keys).
 local function order_keys()
   return {meta = KEYS[1], inv = KEYS[2], orders = KEYS[3], users = KEYS[4], deadlines = KEYS[5],
-    events = KEYS[6], teams = KEYS[7], joinable = KEYS[8], team_deadlines = KEYS[9]}
+    events = KEYS[6], teams = KEYS[7], joinable = KEYS[8], team_deadlines = KEYS[9],
+    idem = KEYS[10]}
 end
 
 -- One clock for every host: the Redis server's.
@@ -128,19 +129,6 @@ local function order_reply(k, id, replayed)
   local team_raw = redis.call('HGET', k.teams, team)
   local leader_order = string.match(split(team_raw)[13], '^[^=]*')
   return {OK, id, raw, replayed, team, team_raw, leader_order == id and 1 or 0}
-end
-
--- An idempotency record "order_id|fingerprint": the original reply, a mismatch, or nil.
-local function replay(k, idem_key, fingerprint)
-  local prior = redis.call('GET', idem_key)
-  if not prior then return nil end
-  local sep = string.find(prior, '|', 1, true)
-  if string.sub(prior, sep + 1) ~= fingerprint then return {IDEMPOTENCY_MISMATCH} end
-  return order_reply(k, string.sub(prior, 1, sep - 1), 1)
-end
-
-local function remember(idem_key, order_id, fingerprint, ttl)
-  redis.call('SET', idem_key, order_id .. '|' .. fingerprint, 'EX', ttl)
 end
 
 -- Fixed one-second window of attempts per user; returns the window's remaining ms when over.

@@ -106,36 +106,6 @@ local function seat_released(k, o, at, reason)
   save_team(k, t, at, reason, 'team.seat_released', o.id)
 end
 
--- New held order for a seat (or the leader's) on team t, deadline capped by team expiry.
-local function new_team_order(k, m, t, user, now, cid)
-  move(k.inv, t.sku, 'a', 'h', t.qty)
-  redis.call('HINCRBY', k.users, user, t.qty)
-  local id = cid .. '.o' .. redis.call('HINCRBY', k.meta, 'oseq', 1)
-  local deadline = now + m.hold
-  -- A member pays before the team expires; a leader before the campaign ends (no team may
-  -- open after the end, seed 004 §1.2).
-  if t.state == 'O' and t.expires < deadline then deadline = t.expires end
-  if t.state == 'W' and m.ends < deadline then deadline = m.ends end
-  local price = tonumber(redis.call('HGET', k.inv, '$:' .. t.sku))
-  local o = {id = id, user = user, sku = t.sku, qty = t.qty, amount = t.qty * price,
-    state = 'H', created = now, deadline = deadline, version = 0, kind = 't', team = t.id,
-    payref = ''}
-  redis.call('ZADD', k.deadlines, deadline, id)
-  t.members[#t.members + 1] = {order = id, user = user}
-  t.held = t.held + 1
-  return o
-end
-
--- Per-user limit and stock for one more seat of qty units of sku: 0 or {code, detail}.
-local function seat_blocked(k, m, user, sku, qty)
-  local units = tonumber(redis.call('HGET', k.users, user) or '0')
-  if units + qty > m.limit then return {LIMIT_EXCEEDED, m.limit - units} end
-  local available = tonumber(redis.call('HGET', k.inv, 'a:' .. sku) or '-1')
-  if available < 0 then return {NOT_FOUND, sku} end
-  if available < qty then return {SOLD_OUT, available} end
-  return nil
-end
-
 -- Fail an open team: refund every paid seat (stock back), expire every held seat.
 local function fail_team(k, t, now, why)
   unindex(k, t)
@@ -155,34 +125,4 @@ local function fail_team(k, t, now, why)
   t.why = why
   t.held = 0
   save_team(k, t, now, why)
-end
-
--- Why user cannot take a seat in team t now: nil, or the rejection reply.
-local function join_blocked(k, m, t, user, now)
-  if t.state ~= 'O' then return {TEAM_CLOSED, t.state} end
-  if now >= t.expires then return {TEAM_CLOSED, 'expired'} end
-  if member_index(t, user) then return {ALREADY_IN_TEAM} end
-  if t.held + t.paid >= t.size then return {TEAM_FULL} end
-  return seat_blocked(k, m, user, t.sku, t.qty)
-end
-
--- Seat user in open team t: a held order until min(hold deadline, team expiry).
-local function take_seat(k, m, t, user, now, cid)
-  unindex(k, t)
-  local o = new_team_order(k, m, t, user, now, cid)
-  reindex(k, t)
-  save_order(k.orders, k.events, o, now, 'user')
-  save_team(k, t, now, 'user', 'team.joined', o.id)
-  return o.id
-end
-
--- Open a pending team led by user, with the leader's held order; returns the order id.
-local function open_pending_team(k, m, user, sku, qty, now, cid)
-  local t = {id = cid .. '.t' .. redis.call('HINCRBY', k.meta, 'tseq', 1), leader = user,
-    sku = sku, qty = qty, size = m.team_size, state = 'W', created = now, opened = 0,
-    expires = 0, held = 0, paid = 0, version = 0, why = '', members = {}}
-  local o = new_team_order(k, m, t, user, now, cid)
-  save_order(k.orders, k.events, o, now, 'user')
-  save_team(k, t, now, 'user')
-  return o.id
 end
