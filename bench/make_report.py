@@ -622,7 +622,8 @@ def section_t3(results: dict[str, Result], charts: Charts) -> list[str]:
         return [*out, "Not measured.", ""]
     out += [
         "Coalesced engine, same driver. `join`: a given open team (teams of 5, leader paid); "
-        "`quick_join`: seated in pre-opened teams; `reserve`: flash reserve.",
+        "`quick_join`: seated in pre-opened teams; `reserve`: flash reserve. The three run in "
+        "turn, three rounds per level; each row is the median round.",
         "",
         table(teams.rows),
         "",

@@ -59,6 +59,7 @@ from tests.helpers import assert_invariants
 LEVELS = (10, 100, 1000)
 SECONDS = 3.0  # measured window per implementation and level
 WARMUP = 1.0
+T3_ROUNDS = 3
 STOCK = 50_000_000  # never runs out within a window
 STORM_STOCK = 1_000  # the sold-out storm: sold out during its warm-up
 BATCH = 64  # the bare loop's reservations per EVALSHA (the engine's default max batch)
@@ -354,13 +355,24 @@ async def _team_run(url: str, tmp: Path, level: int, kind: str) -> Measurement:
 @pytest.mark.benchmark
 @pytest.mark.timeout(1200)
 def test_t3_team_throughput(redis_server: RedisServer, tmp_path: Path) -> None:
+    """Each level: reserve, join and quick-join in turn, T3_ROUNDS times; each reports its
+    median round (a 3 s window is easily disturbed on a shared 2-core machine)."""
     rows: list[dict[str, Any]] = []
+    kinds = ("reserve", "join", "quick_join")
     for level in LEVELS:
-        runs = {
-            kind: run(_team_run(redis_server.url, tmp_path, level, kind))
-            for kind in ("reserve", "join", "quick_join")
+        rounds: dict[str, list[Measurement]] = {kind: [] for kind in kinds}
+        for _ in range(T3_ROUNDS):
+            for kind in kinds:
+                m = run(_team_run(redis_server.url, tmp_path, level, kind))
+                assert m.completed > 0 and m.rejected == 0
+                rounds[kind].append(m)
+        median = {
+            kind: sorted(ms, key=lambda m: m.rate)[T3_ROUNDS // 2] for kind, ms in rounds.items()
         }
-        for kind, m in runs.items():
-            assert m.completed > 0 and m.rejected == 0
-            rows.append(_row(kind, m, vs_reserve=m.rate / runs["reserve"].rate))
-    report("t3-teams", "T3 team join and quick-join vs flash reserve (coalesced)", rows)
+        for kind, m in median.items():
+            rows.append(_row(kind, m, vs_reserve=m.rate / median["reserve"].rate))
+    report(
+        "t3-teams",
+        f"T3 team join and quick-join vs flash reserve (coalesced, median of {T3_ROUNDS})",
+        rows,
+    )
