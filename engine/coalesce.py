@@ -25,7 +25,7 @@ from engine.runtime import Runtime
 RESERVE, PROBE, JOIN, QUICK = "r", "p", "j", "q"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
 class Call:
     """One request: its op and fields, its idempotency key, its future."""
 

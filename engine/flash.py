@@ -27,7 +27,7 @@ from engine.runtime import Runtime
 from engine.scripts import Code, check_reply, guarded
 
 
-@dataclass(slots=True)  # not frozen: built per request, and frozen __init__ is 7x slower
+@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
 class Reservation:
     """A held order; ``replayed`` when an idempotent retry returned the original order."""
 

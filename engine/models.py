@@ -206,7 +206,9 @@ class CampaignView:
     stock: tuple[ItemStock, ...]
 
 
-@dataclass(slots=True)  # not frozen: built per request, and frozen __init__ is 7x slower
+# Records decoded per request are plain, not frozen, dataclasses: a frozen dataclass's
+# __init__ sets each field through object.__setattr__, about 7x slower. Treat them as read-only.
+@dataclass(slots=True)
 class Order:
     """One user's claim on ``qty`` units of one item, as stored in Redis."""
 
@@ -248,7 +250,7 @@ class Order:
         )
 
 
-@dataclass(slots=True)  # not frozen: built per request, and frozen __init__ is 7x slower
+@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
 class Seat:
     """A taken seat of a team: the member's order (held or paid)."""
 
@@ -256,7 +258,7 @@ class Seat:
     user_id: str
 
 
-@dataclass(slots=True)  # not frozen: built per request, and frozen __init__ is 7x slower
+@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
 class Team:
     """A team (团单) as stored in Redis (lua/lib/team.lua)."""
 

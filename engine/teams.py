@@ -25,7 +25,7 @@ QUICK_JOIN_SCAN = 64
 MAX_LIST = 100
 
 
-@dataclass(slots=True)  # not frozen: built per request, and frozen __init__ is 7x slower
+@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
 class TeamSeatResult:
     """A held team order with its team; ``opened`` when the user leads a new team."""
 

@@ -122,13 +122,19 @@ end
 
 -- Reply of an order-creating script: {0, order id, record, replayed, team id, team record, opened}
 -- (the team fields only for team orders; opened = 1 when this order's user leads the team).
-local function order_reply(k, id, replayed)
-  local raw = redis.call('HGET', k.orders, id)
+-- `raw` is the order's record, `team_record(team_id)` gives a team's.
+local function seat_reply(id, raw, replayed, team_record)
   local team = split(raw)[10]
   if team == '' then return {OK, id, raw, replayed} end
-  local team_raw = redis.call('HGET', k.teams, team)
+  local team_raw = team_record(team)
   local leader_order = string.match(split(team_raw)[13], '^[^=]*')
   return {OK, id, raw, replayed, team, team_raw, leader_order == id and 1 or 0}
+end
+
+-- seat_reply of the order as stored.
+local function order_reply(k, id, replayed)
+  return seat_reply(id, redis.call('HGET', k.orders, id), replayed,
+    function(team) return redis.call('HGET', k.teams, team) end)
 end
 
 -- Fixed one-second window of attempts per user; returns the window's remaining ms when over.

@@ -27,34 +27,29 @@ local function ctx_meta(ctx)
   return ctx.meta
 end
 
+-- A number field of a hash, read from Redis once per call: cache[name], else `default`.
+local function hget_once(cache, name, hash, field, default)
+  local v = cache[name]
+  if v == nil then
+    v = tonumber(redis.call('HGET', hash, field)) or default
+    cache[name] = v
+  end
+  return v
+end
+
 -- Unit price of sku, nil for an unknown sku.
 local function unit_price(ctx, sku)
-  local p = ctx.prices[sku]
-  if p == nil then
-    p = tonumber(redis.call('HGET', ctx.k.inv, '$:' .. sku)) or false
-    ctx.prices[sku] = p
-  end
-  return p or nil
+  return hget_once(ctx.prices, sku, ctx.k.inv, '$:' .. sku, false) or nil
 end
 
 -- Available units of sku, -1 for an unknown sku.
 local function units_available(ctx, sku)
-  local a = ctx.avail[sku]
-  if a == nil then
-    a = tonumber(redis.call('HGET', ctx.k.inv, 'a:' .. sku) or '-1')
-    ctx.avail[sku] = a
-  end
-  return a
+  return hget_once(ctx.avail, sku, ctx.k.inv, 'a:' .. sku, -1)
 end
 
 -- The user's held + paid units in the campaign (the per-user limit).
 local function user_units(ctx, user)
-  local u = ctx.units[user]
-  if u == nil then
-    u = tonumber(redis.call('HGET', ctx.k.users, user) or '0')
-    ctx.units[user] = u
-  end
-  return u
+  return hget_once(ctx.units, user, ctx.k.users, user, 0)
 end
 
 local function ctx_team(ctx, id)
@@ -133,11 +128,9 @@ local function replay(ctx, field, op, want)
   local got = f[2] .. ':' .. f[3]
   if op == 'j' then got = f[10] elseif op == 'q' then got = f[2] end
   if string.sub(prior, 1, 1) ~= op or got ~= want then return {IDEMPOTENCY_MISMATCH} end
-  local team = f[10]
-  if team == '' then return {OK, id, raw, 1} end
-  local team_raw = ctx.team_raws[team] or redis.call('HGET', k.teams, team)
-  local leader_order = string.match(split(team_raw)[13], '^[^=]*')
-  return {OK, id, raw, 1, team, team_raw, leader_order == id and 1 or 0}
+  -- This call's records first: its writes wait for finish().
+  return seat_reply(id, raw, 1,
+    function(team) return ctx.team_raws[team] or redis.call('HGET', k.teams, team) end)
 end
 
 local function remember(ctx, field, op, seq)

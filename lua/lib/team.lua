@@ -75,10 +75,6 @@ local function member_index(t, user)
   return nil
 end
 
-local function is_leader_order(t, order_id)
-  return t.members[1] ~= nil and t.members[1].order == order_id and t.members[1].user == t.leader
-end
-
 -- A held seat ended (cancelled or expired): free it; a pending team whose leader's hold ended
 -- is dissolved. Call after the order itself was released.
 local function seat_released(k, o, at, reason)
