@@ -26,7 +26,6 @@ from bench.report import report
 from engine import Engine
 from engine.redis_server import RedisServer
 from engine.worker import FlushWorker
-from loadtests.verdict import wait_flushed
 from tests.conftest import flash_campaign, make_settings
 
 RATE = 15_000  # reservations (outbox events) per second
@@ -88,7 +87,7 @@ async def test_flush_lag_at_t2_rate(
             await asyncio.gather(
                 *(engine.flash.reserve("lag", f"warm{n}", "sku-1", 1, "k") for n in range(100))
             )
-            assert await wait_flushed(engine, 60) is not None
+            assert await probe.wait_flushed(60) is not None
             samples: list[float] = []
             started = time.perf_counter()
             producer = asyncio.create_task(_produce(engine, started + SECONDS))
@@ -97,7 +96,7 @@ async def test_flush_lag_at_t2_rate(
                 await asyncio.sleep(0.1)
             reserved = await producer
             produced_s = time.perf_counter() - started
-            drained_after = await wait_flushed(engine, 120)
+            drained_after = await probe.wait_flushed(120)
             assert drained_after is not None, "the worker did not catch up within 120 s"
         finally:
             worker.terminate()

@@ -94,6 +94,17 @@ class FlushWorker:
             if not moved:
                 await asyncio.sleep(_IDLE_WAIT)
 
+    async def wait_flushed(self, within: float) -> float | None:
+        """Seconds until the workers flushing these streams (this one or others) have left
+        nothing unflushed; None if ``within`` seconds pass first. Flushes nothing itself."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while (await self.lag()).unflushed:
+            if loop.time() - start > within:
+                return None
+            await asyncio.sleep(_IDLE_WAIT)
+        return loop.time() - start
+
     async def step(self) -> int:
         """One pass over every stream; returns the entries committed (or dead-lettered)."""
         moved = 0

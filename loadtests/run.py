@@ -54,7 +54,6 @@ from loadtests.verdict import (
     judge,
     read_locust_json,
     request_table,
-    wait_flushed,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,23 +418,23 @@ async def _dead_letters_now(target: Target) -> int:
 
 
 async def settle_and_judge(
-    target: Target, args: argparse.Namespace, prefix: Path, campaigns: list[str], dead: int
+    target: Target, args: argparse.Namespace, campaigns: list[str], tally: LoadTally, dead: int
 ) -> tuple[Verdict, list[str]]:
-    """Drain, stop a local engine, then judge; returns the verdict and the report lines."""
-    lines: list[str] = []
+    """Wait for the outbox to drain, stop a local engine, then judge; returns the verdict and
+    the report lines."""
     async with await _open(target) as engine:
-        drained = await wait_flushed(engine, args.drain_timeout)
-    lines.append(
+        drained = await FlushWorker(engine.runtime).wait_flushed(args.drain_timeout)
+    lines = [
         f"outbox drained {drained:.1f} s after the sale settled"
         if drained is not None
         else f"outbox NOT drained within {args.drain_timeout:.0f} s of the sale settling"
-    )
-    if target.process is not None:
-        target.stop()  # no reaper racing the checks; what it left in the outbox is flushed now
-        async with await _open(target) as engine:
-            await FlushWorker(engine.runtime).drain()
+    ]
+    local = target.process is not None
+    target.stop()  # a local engine: no reaper racing the checks
     async with await _open(target) as engine:
-        verdict = await judge(engine, campaigns, LoadTally.read(Path(f"{prefix}-tally.json")), dead)
+        if local:
+            await FlushWorker(engine.runtime).drain()  # what the reaper left at its stop
+        verdict = await judge(engine, campaigns, tally, dead)
         lines += ["", "KPIs (SPEC section 10)"]
         for campaign_id in campaigns:
             lines += await campaign_kpis(engine, campaign_id)
@@ -493,8 +492,8 @@ def _main(argv: list[str] | None) -> int:
                 raise RuntimeError(f"Locust exited with {locust_code} without its results")
             print(f"load done; {settle:g} s for the holds and teams of the sale to end", flush=True)
             time.sleep(settle)
-        verdict, lines = uvloop.run(settle_and_judge(target, args, prefix, campaigns, dead))
-    tally = LoadTally.read(Path(f"{prefix}-tally.json"))
+        tally = LoadTally.read(Path(f"{prefix}-tally.json"))
+        verdict, lines = uvloop.run(settle_and_judge(target, args, campaigns, tally, dead))
     shown = prefix.relative_to(ROOT) if prefix.is_relative_to(ROOT) else prefix
     lines += ["", "engine (/metrics)", *gauges.lines()]
     lines += ["", f"requests over {args.run_time} s of load (latency in ms)"]

@@ -8,7 +8,6 @@ the holds and teams of the sale have ended and the outbox is flushed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -23,7 +22,6 @@ from engine.models import OrderState
 from engine.reconcile import reconcile
 from engine.scripts import guarded
 from engine.stats import CampaignStats, campaign_stats
-from engine.worker import FlushWorker
 from loadtests.plan import CATEGORIES
 
 #: What an acknowledged payment may have become since: paid, or refunded (a failed team).
@@ -71,50 +69,36 @@ class LoadTally:
         data = json.loads(path.read_text())
         return cls(Counter(data["outcomes"]), list(data["acknowledged"]))
 
+    def rows(self) -> list[tuple[str, str, str, int]]:
+        """(request, category, detail, count) of every outcome, sorted."""
+        rows = []
+        for key, n in self.outcomes.items():
+            request, category, detail = key.split("|", 2)
+            rows.append((request, category, detail, n))
+        return sorted(rows)
+
     def count(self, category: str, request: str | None = None) -> int:
-        return sum(
-            n
-            for key, n in self.outcomes.items()
-            if key.split("|")[1] == category and request in (None, key.split("|")[0])
-        )
+        return sum(n for r, c, _, n in self.rows() if c == category and request in (None, r))
 
     def of(self, *categories: str) -> list[str]:
         """``"<request> <detail>: <n>"`` for every outcome in one of ``categories``."""
-        return [
-            f"{key.split('|')[0]} {key.split('|')[2]}: {n}"
-            for key, n in sorted(self.outcomes.items())
-            if key.split("|")[1] in categories
-        ]
+        return [f"{r} {d}: {n}" for r, c, d, n in self.rows() if c in categories]
 
     def lines(self) -> list[str]:
         """Answers per request by category, business codes spelled out."""
+        by_request: dict[str, dict[str, list[tuple[str, int]]]] = {}
+        for r, c, d, n in self.rows():
+            by_request.setdefault(r, {}).setdefault(c, []).append((d, n))
         out = []
-        for request in sorted({key.split("|")[0] for key in self.outcomes}):
+        for request, found in by_request.items():
             parts = []
-            for category in CATEGORIES:
-                found = {
-                    key.split("|")[2]: n
-                    for key, n in self.outcomes.items()
-                    if key.split("|")[:2] == [request, category]
-                }
-                if category == "business":
-                    parts += [f"{code} {n:,}" for code, n in sorted(found.items())]
-                elif found:
-                    parts.append(f"{category} {sum(found.values()):,}")
+            for c in (c for c in CATEGORIES if c in found):
+                if c == "business":
+                    parts += [f"{d} {n:,}" for d, n in found[c]]
+                else:
+                    parts.append(f"{c} {sum(n for _, n in found[c]):,}")
             out.append(f"  {request:<12} " + ", ".join(parts))
         return out
-
-
-async def wait_flushed(engine: Engine, within: float) -> float | None:
-    """Seconds until the flush worker has nothing left to flush; None if ``within`` passes."""
-    worker = FlushWorker(engine.runtime)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while (await worker.lag()).unflushed:
-        if loop.time() - start > within:
-            return None
-        await asyncio.sleep(0.1)
-    return loop.time() - start
 
 
 async def dead_letters(engine: Engine) -> int:
