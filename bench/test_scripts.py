@@ -85,7 +85,7 @@ async def _open_teams(engine: Engine, sku: str, teams: int) -> list[str]:
     ids = []
     for n in range(teams):
         seat = await engine.teams.open(TEAM, f"lead-{sku}-{n}", sku, 1, "k")
-        await engine.flash.pay(seat.order.order_id, f"lead-{sku}-{n}", "p")
+        await engine.orders.pay(seat.order.order_id, f"lead-{sku}-{n}", "p")
         ids.append(seat.team.team_id)
     return ids
 

@@ -3,7 +3,7 @@
 async with await Engine.open(settings) as engine:
     view = await engine.campaigns.create(campaign)
     held = await engine.flash.reserve("c1", "u1", "sku-1", 1, "key-1")
-    await engine.flash.pay(held.order.order_id, "u1", "pay-1")
+    await engine.orders.pay(held.order.order_id, "u1", "pay-1")
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from engine.campaigns import Campaigns
 from engine.coalesce import Coalescer
-from engine.errors import ConfigurationError, Unavailable
+from engine.errors import ConfigurationError, EngineError, Unavailable
 from engine.flash import FlashSale
+from engine.orders import Orders
 from engine.reaper import Reaper
 from engine.runtime import Runtime
 from engine.scripts import RedisClient, Scripts, guarded
@@ -86,7 +87,8 @@ async def check_eviction_policy(client: RedisClient) -> None:
 
 
 class Engine:
-    """Campaigns, flash sale, teams and the reaper over one Redis and one durable store."""
+    """Campaigns, flash sale, teams, orders and the reaper over one Redis and one durable
+    store."""
 
     def __init__(self, rt: Runtime) -> None:
         self.runtime = rt
@@ -94,6 +96,7 @@ class Engine:
         self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
         self.coalescer = Coalescer(rt, quick_scan=QUICK_JOIN_SCAN)
         self.flash = FlashSale(rt, self.coalescer)
+        self.orders = Orders(rt)
         self.teams = Teams(rt, self.coalescer)
 
     @classmethod
@@ -111,6 +114,22 @@ class Engine:
         engine = cls(Runtime(settings, client, scripts, store))
         await engine.campaigns.warm_all()
         return engine
+
+    async def readiness(self) -> dict[str, str]:
+        """Each dependency's state, "ok" or what is wrong: Redis, the scripts, the store."""
+        rt = self.runtime
+        checks: dict[str, str] = {}
+        for name, probe in (
+            ("redis", rt.now()),
+            ("scripts", rt.scripts.load()),
+            ("sql", rt.store.get_campaign("readyz-probe")),
+        ):
+            try:
+                await probe
+                checks[name] = "ok"
+            except EngineError as exc:
+                checks[name] = exc.message
+        return checks
 
     async def close(self) -> None:
         """Close the store and the Redis connections."""

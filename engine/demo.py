@@ -62,10 +62,10 @@ async def _shop(
     roll = rng.random()
     try:
         if roll < plan.pay_rate:
-            await engine.flash.pay(order_id, user, f"pay-{order_id}")
+            await engine.orders.pay(order_id, user, f"pay-{order_id}")
             tally.outcomes["paid"] += 1
         elif roll < plan.pay_rate + plan.cancel_rate:
-            await engine.flash.cancel(order_id, user)
+            await engine.orders.cancel(order_id, user)
             tally.outcomes["cancelled"] += 1
         else:
             tally.outcomes["abandoned"] += 1
@@ -167,7 +167,7 @@ async def _team_shopper(
     # Leaders mostly pay (or the team is dissolved); members a little less often.
     if rng.random() < (0.85 if seat.opened else plan.pay_rate + 0.15):
         try:
-            await engine.flash.pay(seat.order.order_id, user, f"pay-{seat.order.order_id}")
+            await engine.orders.pay(seat.order.order_id, user, f"pay-{seat.order.order_id}")
         except Rejected as exc:
             tally.rejections[f"{exc.code} (at payment)"] += 1
 

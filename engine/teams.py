@@ -1,6 +1,6 @@
 """Team-join (group-buy, 拼团) operations: open, join, quick-join, and the team views.
 
-Payment and cancellation of team orders go through ``engine.flash`` (``pay``, ``cancel``): the
+Payment and cancellation of team orders go through ``engine.orders`` (``pay``, ``cancel``): the
 same scripts open a team on the leader's payment, make it succeed on the last paid seat and
 free a held seat. Team expiry, failure refunds and leader-hold expiry run in the reaper
 (SPEC section 5).
@@ -119,7 +119,7 @@ class Teams:
         return seat_result(reply, keys.campaign_id)
 
     async def join(self, team_id: str, user_id: str, idempotency_key: str) -> TeamSeatResult:
-        """Take a seat in an open team; it is held until paid (``engine.flash.pay``)."""
+        """Take a seat in an open team; it is held until paid (``engine.orders.pay``)."""
         campaign_id = campaign_of_team(team_id)
         keys = keys_of(campaign_id)
         check_id(user_id, "user_id")
@@ -169,8 +169,15 @@ class Teams:
         return Team.from_record(team_id, record)
 
     async def orders(self, team_id: str) -> list[Order]:
-        """The orders of the team's seats (held or paid; refunded once a team failed)."""
-        team = await self.get(team_id)
+        """The orders of the team's seats (held or paid; refunded once a team failed): from
+        Redis while the team is there, else from the durable store."""
+        try:
+            team = await self.get(team_id)
+        except NotFound:
+            stored = await self._rt.store.team_orders(team_id)
+            if not stored:
+                raise
+            return stored
         if not team.seats:
             return []
         keys = keys_of(team.campaign_id)

@@ -296,9 +296,9 @@ async def test_active_campaign_ends_at_moves_later_keeping_live_stock(
     assert view.campaign.starts_at == created.campaign.starts_at
     assert int(await redis.hget(KEYS.meta, "ends") or 0) == to_ms(later)
     assert stock(view) == (100, 98, 2, 0, 0)  # the extension reset nothing
-    assert (await engine.flash.get_order(order.order_id)).state is OrderState.HELD
+    assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
     assert (await engine.campaigns.get(CID)).campaign.ends_at == later
-    await engine.flash.pay(order.order_id, "u1", "pay-1")
+    await engine.orders.pay(order.order_id, "u1", "pay-1")
     await assert_invariants(engine, CID)
 
 
@@ -442,7 +442,7 @@ async def _sale_with_held_and_paid_orders(engine: Engine) -> tuple[str, str]:
     await engine.campaigns.create(flash_campaign(await engine.runtime.now(), CID, limit=5))
     held = (await engine.flash.reserve(CID, "u1", SKU, 2, "k1")).order
     paid = (await engine.flash.reserve(CID, "u2", SKU, 3, "k1")).order
-    await engine.flash.pay(paid.order_id, "u2", "pay-1")
+    await engine.orders.pay(paid.order_id, "u2", "pay-1")
     return held.order_id, paid.order_id
 
 
@@ -454,7 +454,7 @@ async def test_invalidate_cancels_held_orders_and_returns_their_stock(
     assert view.status is CampaignStatus.INVALIDATED
     # SPEC 3: held orders are cancelled and their stock returned by the invalidation itself.
     assert stock(view) == (100, 97, 0, 3, 0)
-    assert (await engine.flash.get_order(held_id)).state is OrderState.CANCELLED
+    assert (await engine.orders.get(held_id)).state is OrderState.CANCELLED
     assert int(await redis.hget(KEYS.users, "u1") or 0) == 0
     await assert_invariants(engine, CID)
 
@@ -469,14 +469,14 @@ async def test_invalidation_keeps_paid_orders_and_stops_new_orders(
         await engine.flash.reserve(CID, "u3", SKU, 1, "k1")
     await engine.reaper.run_once()
 
-    assert (await engine.flash.get_order(held_id)).state is OrderState.CANCELLED
-    paid = await engine.flash.get_order(paid_id)
+    assert (await engine.orders.get(held_id)).state is OrderState.CANCELLED
+    paid = await engine.orders.get(paid_id)
     assert (paid.state, paid.payment_ref) == (OrderState.PAID, "pay-1")
     with pytest.raises(InvalidState):
-        await engine.flash.pay(held_id, "u1", "pay-2")
+        await engine.orders.pay(held_id, "u1", "pay-2")
     assert stock(await engine.campaigns.get(CID)) == (100, 97, 0, 3, 0)
     # Refunds of paid orders still work after an invalidation.
-    await engine.flash.refund(paid_id, True)
+    await engine.orders.refund(paid_id, True)
     assert stock(await engine.campaigns.get(CID)) == (100, 100, 0, 0, 0)
     await assert_invariants(engine, CID)
 
@@ -491,7 +491,7 @@ async def test_reaper_finishes_an_invalidation_interrupted_after_its_first_step(
     reply = await scripts.run(scripts.invalidate_campaign, (KEYS.meta, KEYS.events), ())
     assert reply[0] == 0
     assert await engine.reaper.run_once() == 1
-    order = await engine.flash.get_order(held_id)
+    order = await engine.orders.get(held_id)
     assert order.state is OrderState.CANCELLED
     assert stock(await engine.campaigns.get(CID)) == (100, 97, 0, 3, 0)
     await assert_invariants(engine, CID)
@@ -565,7 +565,7 @@ async def test_warm_all_leaves_a_running_campaign_untouched(
 ) -> None:
     await engine.campaigns.create(flash_campaign(await engine.runtime.now(), CID, limit=5))
     order = (await engine.flash.reserve(CID, "u1", SKU, 3, "k1")).order
-    await engine.flash.pay(order.order_id, "u1", "pay-1")
+    await engine.orders.pay(order.order_id, "u1", "pay-1")
     await engine.flash.reserve(CID, "u2", SKU, 1, "k1")
     assert await engine.campaigns.warm_all() == 1
     assert stock(await engine.campaigns.get(CID)) == (100, 96, 1, 3, 0)
@@ -625,13 +625,13 @@ async def test_ids_with_braces_are_rejected_before_touching_redis(
         lambda: engine.flash.reserve(CID, bad, SKU, 1, "k2"),
         lambda: engine.flash.reserve(CID, "u1", bad, 1, "k2"),
         lambda: engine.flash.reserve(CID, "u1", SKU, 1, "k}{2"),
-        lambda: engine.flash.pay(f"{bad}.o1", "u1", "pay-1"),
-        lambda: engine.flash.pay(order.order_id, bad, "pay-1"),
-        lambda: engine.flash.pay(order.order_id, "u1", "p{1}"),
-        lambda: engine.flash.cancel(f"{bad}.o1", "u1"),
-        lambda: engine.flash.cancel(order.order_id, bad),
-        lambda: engine.flash.refund(f"{bad}.o1", True),
-        lambda: engine.flash.get_order(f"{bad}.o1"),
+        lambda: engine.orders.pay(f"{bad}.o1", "u1", "pay-1"),
+        lambda: engine.orders.pay(order.order_id, bad, "pay-1"),
+        lambda: engine.orders.pay(order.order_id, "u1", "p{1}"),
+        lambda: engine.orders.cancel(f"{bad}.o1", "u1"),
+        lambda: engine.orders.cancel(order.order_id, bad),
+        lambda: engine.orders.refund(f"{bad}.o1", True),
+        lambda: engine.orders.get(f"{bad}.o1"),
         lambda: engine.reaper.expire_campaign(bad),
     ]
     for call in calls:
@@ -639,5 +639,5 @@ async def test_ids_with_braces_are_rejected_before_touching_redis(
             await call()
     assert await redis.dbsize() == size
     assert [key async for key in redis.scan_iter(match="*x}*")] == []
-    assert (await engine.flash.get_order(order.order_id)).state is OrderState.HELD
+    assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
     await assert_invariants(engine, CID)

@@ -98,17 +98,17 @@ async def _flow(engine: Engine, user: str, rounds: int, rng: random.Random) -> l
         order_id = held.order.order_id
         action = rng.choice(("pay", "pay", "cancel", "race", "walk_away"))
         if action == "pay":
-            final.append(await engine.flash.pay(order_id, user, f"pay-{order_id}"))
+            final.append(await engine.orders.pay(order_id, user, f"pay-{order_id}"))
             # A gateway retry of the same payment is a no-op success.
-            assert (await engine.flash.pay(order_id, user, f"pay-{order_id}")).state is (
+            assert (await engine.orders.pay(order_id, user, f"pay-{order_id}")).state is (
                 OrderState.PAID
             )
         elif action == "cancel":
-            final.append(await engine.flash.cancel(order_id, user))
+            final.append(await engine.orders.cancel(order_id, user))
         elif action == "race":
             outcomes = await asyncio.gather(
-                engine.flash.pay(order_id, user, f"pay-{order_id}"),
-                engine.flash.cancel(order_id, user),
+                engine.orders.pay(order_id, user, f"pay-{order_id}"),
+                engine.orders.cancel(order_id, user),
                 return_exceptions=True,
             )
             winners = [o for o in outcomes if isinstance(o, Order)]
@@ -151,7 +151,7 @@ async def test_mixed_reserve_pay_cancel_then_reaper(any_engine: Engine) -> None:
     assert stock.held == 0
     assert stock.available == stock.initial - stock.paid == 300 - by_state[OrderState.PAID]
     for order in orders:
-        current = await engine.flash.get_order(order.order_id)
+        current = await engine.orders.get(order.order_id)
         expected = OrderState.EXPIRED if order.state is OrderState.HELD else order.state
         assert current.state is expected, order.order_id
     await assert_invariants(engine, "mixed")

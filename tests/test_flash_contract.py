@@ -127,7 +127,7 @@ async def test_reserve_holds_units_for_the_hold_time_at_price_times_qty(
     assert before <= order.created_at <= after
     assert order.expires_at == order.created_at + timedelta(seconds=60)
     assert (order.version, order.team_id, order.payment_ref) == (1, None, None)
-    assert await engine.flash.get_order(order.order_id) == order
+    assert await engine.orders.get(order.order_id) == order
 
     stock = await stock_of(engine)
     assert (stock.available, stock.held, stock.paid, stock.gone) == (97, 3, 0, 0)
@@ -202,14 +202,14 @@ async def test_limit_counts_held_and_paid_units_and_cancelling_frees_them(
 ) -> None:
     await open_sale(engine, limit=3)
     paid = await hold(engine, "u1", 1, key="k-paid")
-    await engine.flash.pay(paid.order_id, "u1", "pay-1")
+    await engine.orders.pay(paid.order_id, "u1", "pay-1")
     held = await hold(engine, "u1", 1, key="k-held")
 
     with pytest.raises(LimitExceeded) as caught:
         await engine.flash.reserve(CID, "u1", SKU, 2, "k-two")
     assert caught.value.details == {"units_left": 1}
 
-    await engine.flash.cancel(held.order_id, "u1")
+    await engine.orders.cancel(held.order_id, "u1")
     assert await held_units(redis, "u1") == 1
     again = await engine.flash.reserve(CID, "u1", SKU, 2, "k-two")
     assert again.order.qty == 2
@@ -412,13 +412,13 @@ async def test_idempotency_key_reused_with_other_parameters_is_rejected(
 async def test_pay_moves_held_units_to_paid(engine: Engine, redis: aioredis.Redis) -> None:
     await open_sale(engine)
     order = await hold(engine, "u1", 2)
-    paid = await engine.flash.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
 
     assert paid.state is OrderState.PAID
     assert paid.payment_ref == "pay-1"
     assert paid.version == order.version + 1
     assert (paid.amount, paid.qty, paid.created_at) == (order.amount, 2, order.created_at)
-    assert await engine.flash.get_order(order.order_id) == paid
+    assert await engine.orders.get(order.order_id) == paid
     stock = await stock_of(engine)
     assert (stock.available, stock.held, stock.paid) == (98, 0, 2)
     assert await redis.zscore(KEYS.deadlines, order.order_id) is None
@@ -431,9 +431,9 @@ async def test_pay_retry_with_the_same_ref_is_a_no_op(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.flash.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
     count = len(await events(redis))
-    again = await engine.flash.pay(order.order_id, "u1", "pay-1")
+    again = await engine.orders.pay(order.order_id, "u1", "pay-1")
     assert again == paid
     assert again.version == paid.version
     assert len(await events(redis)) == count
@@ -446,11 +446,11 @@ async def test_pay_with_another_ref_on_a_paid_order_is_invalid_state(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.flash.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
     with pytest.raises(InvalidState) as caught:
-        await engine.flash.pay(order.order_id, "u1", "pay-2")
+        await engine.orders.pay(order.order_id, "u1", "pay-2")
     assert caught.value.details == {"state": "paid"}
-    assert await engine.flash.get_order(order.order_id) == paid
+    assert await engine.orders.get(order.order_id) == paid
     assert (await stock_of(engine)).paid == 1
     await assert_invariants(engine, CID)
 
@@ -459,8 +459,8 @@ async def test_pay_by_another_user_is_forbidden(engine: Engine, redis: aioredis.
     await open_sale(engine)
     order = await hold(engine, "u1")
     with pytest.raises(Forbidden):
-        await engine.flash.pay(order.order_id, "u2", "pay-1")
-    assert await engine.flash.get_order(order.order_id) == order
+        await engine.orders.pay(order.order_id, "u2", "pay-1")
+    assert await engine.orders.get(order.order_id) == order
     assert (await stock_of(engine)).held == 1
     assert len(await events(redis)) == 1
     await assert_invariants(engine, CID)
@@ -473,9 +473,9 @@ async def test_pay_unknown_order_is_not_found(
     await open_sale(engine)
     await hold(engine)
     with pytest.raises(NotFound):
-        await engine.flash.pay(order_id, "u1", "pay-1")
+        await engine.orders.pay(order_id, "u1", "pay-1")
     with pytest.raises(NotFound):
-        await engine.flash.get_order(order_id)
+        await engine.orders.get(order_id)
     assert (await stock_of(engine)).held == 1
     await assert_invariants(engine, CID)
 
@@ -490,7 +490,7 @@ async def test_pay_malformed_order_id_is_a_validation_error(
     await hold(engine)
     size = await redis.dbsize()
     with pytest.raises(ValidationError) as caught:
-        await engine.flash.pay(order_id, "u1", "pay-1")
+        await engine.orders.pay(order_id, "u1", "pay-1")
     assert caught.value.details == {"field": "order_id"}
     assert await redis.dbsize() == size
 
@@ -502,8 +502,8 @@ async def test_pay_with_invalid_user_or_ref_is_a_validation_error(
     await open_sale(engine)
     order = await hold(engine)
     with pytest.raises(ValidationError):
-        await engine.flash.pay(order.order_id, user, ref)
-    assert await engine.flash.get_order(order.order_id) == order
+        await engine.orders.pay(order.order_id, user, ref)
+    assert await engine.orders.get(order.order_id) == order
 
 
 async def test_pay_at_the_deadline_is_hold_expired(engine: Engine, redis: aioredis.Redis) -> None:
@@ -511,10 +511,10 @@ async def test_pay_at_the_deadline_is_hold_expired(engine: Engine, redis: aiored
     order = await hold(engine)
     await age_order(engine, order.order_id, HOLD_MS)  # deadline == created_at <= now
     with pytest.raises(HoldExpired) as caught:
-        await engine.flash.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", "pay-1")
     assert caught.value.code == "hold_expired"
     # Pay does not end the hold itself: the order stays held until the reaper runs.
-    assert (await engine.flash.get_order(order.order_id)).state is OrderState.HELD
+    assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
     stock = await stock_of(engine)
     assert (stock.held, stock.paid) == (1, 0)
     await assert_invariants(engine, CID)
@@ -528,8 +528,8 @@ async def test_pay_after_the_reaper_expired_the_order_is_hold_expired(
     await age_past_deadline(engine, order)
     assert await engine.reaper.run_once() == 1
     with pytest.raises(HoldExpired):
-        await engine.flash.pay(order.order_id, "u1", "pay-1")
-    assert (await engine.flash.get_order(order.order_id)).state is OrderState.EXPIRED
+        await engine.orders.pay(order.order_id, "u1", "pay-1")
+    assert (await engine.orders.get(order.order_id)).state is OrderState.EXPIRED
     stock = await stock_of(engine)
     assert (stock.available, stock.held, stock.paid) == (100, 0, 0)
     await assert_invariants(engine, CID)
@@ -540,9 +540,9 @@ async def test_pay_of_a_cancelled_order_is_invalid_state(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    await engine.flash.cancel(order.order_id, "u1")
+    await engine.orders.cancel(order.order_id, "u1")
     with pytest.raises(InvalidState) as caught:
-        await engine.flash.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", "pay-1")
     assert caught.value.details == {"state": "cancelled"}
     assert (await stock_of(engine)).available == 100
     await assert_invariants(engine, CID)
@@ -558,8 +558,8 @@ async def test_pay_script_rejects_a_held_order_of_an_invalidated_campaign(
     reply = await scripts.run(scripts.invalidate_campaign, (KEYS.meta, KEYS.events), ())
     assert reply[0] == 0
     with pytest.raises(Invalidated):
-        await engine.flash.pay(order.order_id, "u1", "pay-1")
-    assert (await engine.flash.get_order(order.order_id)).state is OrderState.HELD
+        await engine.orders.pay(order.order_id, "u1", "pay-1")
+    assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
     assert (await stock_of(engine)).paid == 0
     await assert_invariants(engine, CID)
 
@@ -571,15 +571,15 @@ async def test_pay_after_invalidation_is_rejected_and_the_cascade_cancels_the_ho
     order = await hold(engine)
     await engine.campaigns.invalidate(CID)
     with pytest.raises((Invalidated, InvalidState)) as caught:
-        await engine.flash.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", "pay-1")
     if isinstance(caught.value, InvalidState):
         assert caught.value.details == {"state": "cancelled"}
 
     await engine.reaper.run_once()  # finishes the cascade if invalidate left it to the reaper
-    cancelled = await engine.flash.get_order(order.order_id)
+    cancelled = await engine.orders.get(order.order_id)
     assert cancelled.state is OrderState.CANCELLED
     with pytest.raises(InvalidState):
-        await engine.flash.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", "pay-1")
     assert [e["reason"] for e in await events_of(redis, order.order_id)] == [
         "user",
         "invalidated",
@@ -598,7 +598,7 @@ async def test_cancel_returns_the_stock_at_once(engine: Engine, redis: aioredis.
     with pytest.raises(SoldOut):
         await engine.flash.reserve(CID, "u2", SKU, 1, "k1")
 
-    cancelled = await engine.flash.cancel(order.order_id, "u1")
+    cancelled = await engine.orders.cancel(order.order_id, "u1")
     assert cancelled.state is OrderState.CANCELLED
     assert cancelled.version == order.version + 1
     stock = await stock_of(engine)
@@ -615,9 +615,9 @@ async def test_cancel_retry_returns_the_same_cancelled_order(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    cancelled = await engine.flash.cancel(order.order_id, "u1")
+    cancelled = await engine.orders.cancel(order.order_id, "u1")
     count = len(await events(redis))
-    again = await engine.flash.cancel(order.order_id, "u1")
+    again = await engine.orders.cancel(order.order_id, "u1")
     assert again == cancelled
     assert len(await events(redis)) == count
     assert (await stock_of(engine)).available == 100
@@ -628,8 +628,8 @@ async def test_cancel_by_another_user_is_forbidden(engine: Engine, redis: aiored
     await open_sale(engine)
     order = await hold(engine, "u1")
     with pytest.raises(Forbidden):
-        await engine.flash.cancel(order.order_id, "u2")
-    assert await engine.flash.get_order(order.order_id) == order
+        await engine.orders.cancel(order.order_id, "u2")
+    assert await engine.orders.get(order.order_id) == order
     assert (await stock_of(engine)).held == 1
     await assert_invariants(engine, CID)
 
@@ -639,11 +639,11 @@ async def test_cancel_of_a_paid_order_is_invalid_state(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.flash.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
     with pytest.raises(InvalidState) as caught:
-        await engine.flash.cancel(order.order_id, "u1")
+        await engine.orders.cancel(order.order_id, "u1")
     assert caught.value.details == {"state": "paid"}
-    assert await engine.flash.get_order(order.order_id) == paid
+    assert await engine.orders.get(order.order_id) == paid
     assert (await stock_of(engine)).paid == 1
     await assert_invariants(engine, CID)
 
@@ -656,7 +656,7 @@ async def test_cancel_of_an_expired_order_is_invalid_state(
     await age_past_deadline(engine, order)
     await engine.reaper.expire_campaign(CID)
     with pytest.raises(InvalidState) as caught:
-        await engine.flash.cancel(order.order_id, "u1")
+        await engine.orders.cancel(order.order_id, "u1")
     assert caught.value.details == {"state": "expired"}
     assert (await stock_of(engine)).available == 100
     await assert_invariants(engine, CID)
@@ -669,7 +669,7 @@ async def test_cancel_unknown_order_is_not_found(
     await open_sale(engine)
     await hold(engine)
     with pytest.raises(NotFound):
-        await engine.flash.cancel(order_id, "u1")
+        await engine.orders.cancel(order_id, "u1")
     assert (await stock_of(engine)).held == 1
     await assert_invariants(engine, CID)
 
@@ -683,8 +683,8 @@ async def test_refund_returns_units_to_sale_only_on_restock(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine, "u1", 2)
-    paid = await engine.flash.pay(order.order_id, "u1", "pay-1")
-    refunded = await engine.flash.refund(order.order_id, restock)
+    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    refunded = await engine.orders.refund(order.order_id, restock)
 
     assert refunded.state is OrderState.REFUNDED
     assert refunded.version == paid.version + 1
@@ -701,11 +701,11 @@ async def test_refund_returns_units_to_sale_only_on_restock(
 async def test_refund_retry_is_a_no_op(engine: Engine, redis: aioredis.Redis) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    await engine.flash.pay(order.order_id, "u1", "pay-1")
-    refunded = await engine.flash.refund(order.order_id, True)
+    await engine.orders.pay(order.order_id, "u1", "pay-1")
+    refunded = await engine.orders.refund(order.order_id, True)
     count = len(await events(redis))
     for restock in (True, False):
-        assert await engine.flash.refund(order.order_id, restock) == refunded
+        assert await engine.orders.refund(order.order_id, restock) == refunded
     assert len(await events(redis)) == count
     stock = await stock_of(engine)
     assert (stock.available, stock.gone) == (100, 0)
@@ -718,21 +718,21 @@ async def test_refund_of_an_order_that_is_not_paid_is_invalid_state(
     await open_sale(engine, limit=5)
     held = await hold(engine, "u1", 1)
     cancelled = await hold(engine, "u1", 2)
-    await engine.flash.cancel(cancelled.order_id, "u1")
+    await engine.orders.cancel(cancelled.order_id, "u1")
     expired = await hold(engine, "u2", 1)
     await age_past_deadline(engine, expired)
     await engine.reaper.expire_campaign(CID)
 
     for order, state in ((held, "held"), (cancelled, "cancelled"), (expired, "expired")):
-        before = await engine.flash.get_order(order.order_id)
+        before = await engine.orders.get(order.order_id)
         with pytest.raises(InvalidState) as caught:
-            await engine.flash.refund(order.order_id, True)
+            await engine.orders.refund(order.order_id, True)
         assert caught.value.details == {"state": state}
-        assert await engine.flash.get_order(order.order_id) == before
+        assert await engine.orders.get(order.order_id) == before
     stock = await stock_of(engine)
     assert (stock.available, stock.held, stock.gone) == (99, 1, 0)
     with pytest.raises(NotFound):
-        await engine.flash.refund(f"{CID}.o999", True)
+        await engine.orders.refund(f"{CID}.o999", True)
     await assert_invariants(engine, CID)
 
 
@@ -748,10 +748,10 @@ async def test_reaper_expires_a_due_hold_exactly_once(
     await age_past_deadline(engine, due)
 
     assert await engine.reaper.run_once() == 1
-    expired = await engine.flash.get_order(due.order_id)
+    expired = await engine.orders.get(due.order_id)
     assert expired.state is OrderState.EXPIRED
     assert expired.version == due.version + 1
-    assert (await engine.flash.get_order(not_due.order_id)).state is OrderState.HELD
+    assert (await engine.orders.get(not_due.order_id)).state is OrderState.HELD
     stock = await stock_of(engine)
     assert (stock.available, stock.held) == (99, 1)
     assert await held_units(redis, "u1") == 0
@@ -786,7 +786,7 @@ async def test_concurrent_reapers_expire_each_of_200_holds_exactly_once(
         for event in expired_events:
             per_order[event["order"]] = per_order.get(event["order"], 0) + 1
         assert per_order == {order.order_id: 1 for order in orders}
-        states = {(await engine.flash.get_order(o.order_id)).state for o in orders}
+        states = {(await engine.orders.get(o.order_id)).state for o in orders}
         assert states == {OrderState.EXPIRED}
         stock = await stock_of(engine)
         assert (stock.available, stock.held) == (250, 0)
@@ -799,11 +799,11 @@ async def test_an_order_paid_before_its_deadline_is_never_expired(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.flash.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
     await age_past_deadline(engine, order)
     assert await engine.reaper.run_once() == 0
     assert await engine.reaper.expire_campaign(CID) == (0, False)
-    current = await engine.flash.get_order(order.order_id)
+    current = await engine.orders.get(order.order_id)
     assert current.state is OrderState.PAID
     assert current.version == paid.version
     assert [e["type"] for e in await events_of(redis, order.order_id)] == [
@@ -820,10 +820,10 @@ async def test_reaper_drops_an_index_entry_of_an_order_that_is_not_held(
     """expire_orders.lua only ends held orders: a stale deadline entry is removed, not acted on."""
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.flash.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
     await redis.zadd(KEYS.deadlines, {order.order_id: 0})  # planted: no script leaves this
     await engine.reaper.run_once()
-    assert await engine.flash.get_order(order.order_id) == paid
+    assert await engine.orders.get(order.order_id) == paid
     assert await redis.zcard(KEYS.deadlines) == 0
     assert (await stock_of(engine)).paid == 1
     assert len(await events_of(redis, order.order_id)) == 2
@@ -849,7 +849,7 @@ async def test_expire_orders_script_reports_what_comes_next(
     assert await step(1) == (1, 0)
     assert await step(1) == (1, int(later.expires_at.timestamp() * 1000))
     assert await step(10) == (0, int(later.expires_at.timestamp() * 1000))
-    await engine.flash.cancel(later.order_id, "u2")
+    await engine.orders.cancel(later.order_id, "u2")
     assert await step(10) == (0, -1)
     await assert_invariants(engine, CID)
 
@@ -865,7 +865,7 @@ async def test_reaper_forgets_a_campaign_that_is_over(
     assert await redis.sismember(CAMPAIGN_SET, CID)
     await engine.campaigns.invalidate(CID)
     await engine.reaper.run_once()
-    assert (await engine.flash.get_order(order.order_id)).state is OrderState.CANCELLED
+    assert (await engine.orders.get(order.order_id)).state is OrderState.CANCELLED
     assert not await redis.sismember(CAMPAIGN_SET, CID)
     assert await engine.reaper.expire_campaign(CID) == (0, True)
     await assert_invariants(engine, CID)
@@ -879,10 +879,10 @@ async def test_every_state_change_appends_exactly_one_event(
 ) -> None:
     await open_sale(engine, limit=5)
     refunded = await hold(engine, "u1")
-    await engine.flash.pay(refunded.order_id, "u1", "pay-1")
-    await engine.flash.refund(refunded.order_id, False)
+    await engine.orders.pay(refunded.order_id, "u1", "pay-1")
+    await engine.orders.refund(refunded.order_id, False)
     cancelled = await hold(engine, "u2")
-    await engine.flash.cancel(cancelled.order_id, "u2")
+    await engine.orders.cancel(cancelled.order_id, "u2")
     expired = await hold(engine, "u3")
     await age_past_deadline(engine, expired)
     await engine.reaper.run_once()
@@ -900,7 +900,7 @@ async def test_every_state_change_appends_exactly_one_event(
         records = [Order.from_record(order_id, e["record"]) for e in mine]
         assert [r.version for r in records] == list(range(1, len(types) + 1))
         assert [r.state for r in records] == [STATE_OF_EVENT[t] for t in types]
-        assert records[-1] == await engine.flash.get_order(order_id)
+        assert records[-1] == await engine.orders.get(order_id)
         assert all(int(e["at"]) > 0 for e in mine)
     await assert_invariants(engine, CID)
 
@@ -910,18 +910,18 @@ async def test_rejections_and_retries_append_no_event(
 ) -> None:
     await open_sale(engine, stock=2, limit=2)
     order = await hold(engine, "u1", 2, key="k1")
-    await engine.flash.pay(order.order_id, "u1", "pay-1")
+    await engine.orders.pay(order.order_id, "u1", "pay-1")
     count = len(await events(redis))
 
     await engine.flash.reserve(CID, "u1", SKU, 2, "k1")  # idempotent replay
-    await engine.flash.pay(order.order_id, "u1", "pay-1")  # payment retry
+    await engine.orders.pay(order.order_id, "u1", "pay-1")  # payment retry
     rejected: list[tuple[type[Exception], Callable[[], Awaitable[object]]]] = [
         (SoldOut, lambda: engine.flash.reserve(CID, "u2", SKU, 1, "k2")),
         (LimitExceeded, lambda: engine.flash.reserve(CID, "u1", SKU, 1, "k3")),
         (IdempotencyMismatch, lambda: engine.flash.reserve(CID, "u1", SKU, 1, "k1")),
-        (Forbidden, lambda: engine.flash.pay(order.order_id, "u2", "pay-1")),
-        (InvalidState, lambda: engine.flash.pay(order.order_id, "u1", "pay-2")),
-        (InvalidState, lambda: engine.flash.cancel(order.order_id, "u1")),
+        (Forbidden, lambda: engine.orders.pay(order.order_id, "u2", "pay-1")),
+        (InvalidState, lambda: engine.orders.pay(order.order_id, "u1", "pay-2")),
+        (InvalidState, lambda: engine.orders.cancel(order.order_id, "u1")),
         (NotFound, lambda: engine.flash.reserve(CID, "u1", "sku-x", 1, "k4")),
     ]
     for error, call in rejected:

@@ -312,7 +312,7 @@ class FlashSaleMachine(EngineMachine):
     def pay_and_check(self, order: str, payer: str, ref: str) -> None:
         m = self.model[order]
         expected = self.predict_pay(m, payer, ref, self.invalidated)
-        paid = self.call(self.eng.flash.pay(order, payer, ref), expected)
+        paid = self.call(self.eng.orders.pay(order, payer, ref), expected)
         if paid is None:
             return
         assert paid.state is OrderState.PAID
@@ -343,7 +343,7 @@ class FlashSaleMachine(EngineMachine):
             expected = Forbidden
         elif m.state not in (OrderState.HELD, OrderState.CANCELLED):
             expected = InvalidState
-        cancelled = self.call(self.eng.flash.cancel(order, user), expected)
+        cancelled = self.call(self.eng.orders.cancel(order, user), expected)
         if cancelled is None:
             return
         assert cancelled.state is OrderState.CANCELLED
@@ -354,7 +354,7 @@ class FlashSaleMachine(EngineMachine):
         m = self.model[order]
         ok = (OrderState.PAID, OrderState.REFUNDED)
         expected = None if m.state in ok else InvalidState
-        refunded = self.call(self.eng.flash.refund(order, restock), expected)
+        refunded = self.call(self.eng.orders.refund(order, restock), expected)
         if refunded is None:
             return
         assert refunded.state is OrderState.REFUNDED

@@ -123,7 +123,7 @@ async def test_idempotency_key_lives_at_least_24_hours(engine: Engine) -> None:
 async def test_retry_after_payment_returns_the_paid_order(engine: Engine) -> None:
     await _sale(engine, stock=3, limit=3)
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-    await engine.flash.pay(held.order.order_id, "u1", "pay-1")
+    await engine.orders.pay(held.order.order_id, "u1", "pay-1")
     before = await _snapshot(engine, "sale")
 
     retry = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
@@ -139,7 +139,7 @@ async def test_retry_after_payment_returns_the_paid_order(engine: Engine) -> Non
 async def test_retry_after_cancel_does_not_reserve_again(engine: Engine) -> None:
     await _sale(engine, stock=3, limit=3)
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-    await engine.flash.cancel(held.order.order_id, "u1")
+    await engine.orders.cancel(held.order.order_id, "u1")
     before = await _snapshot(engine, "sale")
 
     retry = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")

@@ -53,7 +53,7 @@ async def test_two_reaper_loops_expire_each_hold_once_within_a_second(engine: En
         assert event.order is not None
         lag_ms = event.at_ms - int(event.order.expires_at.timestamp() * 1000)
         assert 0 <= lag_ms <= 1000, f"expired {lag_ms} ms after its deadline"
-    assert (await engine.flash.get_order(held[0].order.order_id)).state is OrderState.EXPIRED
+    assert (await engine.orders.get(held[0].order.order_id)).state is OrderState.EXPIRED
     assert (await engine.campaigns.get("sale")).stock[0].available == 50
     await assert_invariants(engine, "sale")
 
@@ -63,9 +63,9 @@ async def test_every_event_in_the_stream_decodes(engine: Engine) -> None:
     await engine.campaigns.create(flash_campaign(now))
     await engine.campaigns.create(team_campaign(now))
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k")
-    await engine.flash.pay(held.order.order_id, "u1", "p")
+    await engine.orders.pay(held.order.order_id, "u1", "p")
     seat = await engine.teams.open("group", "lead", "sku-1", 1, "k")
-    await engine.flash.pay(seat.order.order_id, "lead", "p")
+    await engine.orders.pay(seat.order.order_id, "lead", "p")
     await engine.teams.join(seat.team.team_id, "u2", "k")
     await engine.campaigns.invalidate("group")
     types = set()

@@ -31,11 +31,11 @@ async def test_script_flush_needs_no_manual_step(engine: Engine) -> None:
     await _flush_scripts(engine)
     paid = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
     await _flush_scripts(engine)
-    assert (await engine.flash.pay(paid.order.order_id, "u1", "p1")).state is OrderState.PAID
+    assert (await engine.orders.pay(paid.order.order_id, "u1", "p1")).state is OrderState.PAID
 
     cancelled = await engine.flash.reserve("sale", "u2", "sku-1", 1, "k2")
     await _flush_scripts(engine)
-    assert (await engine.flash.cancel(cancelled.order.order_id, "u2")).state is (
+    assert (await engine.orders.cancel(cancelled.order.order_id, "u2")).state is (
         OrderState.CANCELLED
     )
 
@@ -43,10 +43,10 @@ async def test_script_flush_needs_no_manual_step(engine: Engine) -> None:
     await age_order(engine, expiring.order.order_id, 61_000)
     await _flush_scripts(engine)
     assert await engine.reaper.run_once() == 1
-    assert (await engine.flash.get_order(expiring.order.order_id)).state is OrderState.EXPIRED
+    assert (await engine.orders.get(expiring.order.order_id)).state is OrderState.EXPIRED
 
     await _flush_scripts(engine)
-    assert (await engine.flash.refund(paid.order.order_id, True)).state is OrderState.REFUNDED
+    assert (await engine.orders.refund(paid.order.order_id, True)).state is OrderState.REFUNDED
 
     stock = (await engine.campaigns.get("sale")).stock[0]
     assert (stock.available, stock.held, stock.paid) == (10, 0, 0)
@@ -79,14 +79,14 @@ async def test_script_flush_on_every_cluster_node(
             await node.aclose()
 
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-    assert (await engine.flash.pay(held.order.order_id, "u1", "p1")).state is OrderState.PAID
+    assert (await engine.orders.pay(held.order.order_id, "u1", "p1")).state is OrderState.PAID
     other = await engine.flash.reserve("sale", "u2", "sku-1", 1, "k2")
-    assert (await engine.flash.cancel(other.order.order_id, "u2")).state is OrderState.CANCELLED
+    assert (await engine.orders.cancel(other.order.order_id, "u2")).state is OrderState.CANCELLED
     await assert_invariants(engine, "sale")
 
 
 async def _states(engine: Engine, orders: list[Order]) -> dict[str, OrderState]:
-    return {o.order_id: (await engine.flash.get_order(o.order_id)).state for o in orders}
+    return {o.order_id: (await engine.orders.get(o.order_id)).state for o in orders}
 
 
 async def test_same_engine_survives_a_redis_restart(tmp_path: Path) -> None:
@@ -99,9 +99,9 @@ async def test_same_engine_survives_a_redis_restart(tmp_path: Path) -> None:
                 (await engine.flash.reserve("sale", f"u{n}", "sku-1", 2, f"k{n}")).order
                 for n in range(6)
             ]
-            await engine.flash.pay(orders[0].order_id, "u0", "p0")
-            await engine.flash.pay(orders[1].order_id, "u1", "p1")
-            await engine.flash.cancel(orders[2].order_id, "u2")
+            await engine.orders.pay(orders[0].order_id, "u0", "p0")
+            await engine.orders.pay(orders[1].order_id, "u1", "p1")
+            await engine.orders.cancel(orders[2].order_id, "u2")
             states = await _states(engine, orders)
             stock = (await engine.campaigns.get("sale")).stock
 
@@ -119,7 +119,7 @@ async def test_same_engine_survives_a_redis_restart(tmp_path: Path) -> None:
             fresh = await engine.flash.reserve("sale", "u9", "sku-1", 1, "k9")
             assert not fresh.replayed
             assert fresh.order.order_id not in {o.order_id for o in orders}
-            paid = await engine.flash.pay(orders[3].order_id, "u3", "p3")
+            paid = await engine.orders.pay(orders[3].order_id, "u3", "p3")
             assert paid.state is OrderState.PAID
             await age_order(engine, orders[4].order_id, 61_000)
             assert await engine.reaper.run_once() == 1
@@ -143,7 +143,7 @@ async def test_stale_connections_after_a_restart_are_not_an_outage(tmp_path: Pat
             server.stop()
             server.start()
 
-            assert await engine.flash.get_order(held.order.order_id) == held.order
+            assert await engine.orders.get(held.order.order_id) == held.order
             retry = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
             assert retry.replayed and retry.order == held.order
 
@@ -152,9 +152,9 @@ async def _calls_while_down(engine: Engine, held: Order) -> list[object]:
     return list(
         await asyncio.gather(
             engine.flash.reserve("sale", "late", "sku-1", 1, "late-key"),
-            engine.flash.pay(held.order_id, held.user_id, "p-late"),
-            engine.flash.cancel(held.order_id, held.user_id),
-            engine.flash.get_order(held.order_id),
+            engine.orders.pay(held.order_id, held.user_id, "p-late"),
+            engine.orders.cancel(held.order_id, held.user_id),
+            engine.orders.get(held.order_id),
             engine.campaigns.get("sale"),
             engine.reaper.run_once(),
             engine.runtime.now(),
@@ -198,7 +198,7 @@ async def test_kill_9_with_appendfsync_always_loses_no_acknowledged_reservation(
             for user, acknowledged in acked.items():
                 order_id = acknowledged.order_id
                 assert order_id in records, f"acknowledged order {order_id} of {user} was lost"
-                assert await engine.flash.get_order(order_id) == acknowledged
+                assert await engine.orders.get(order_id) == acknowledged
             await assert_invariants(engine, "sale")
 
             # Clients retry what failed with the same key: each user ends with exactly one order.

@@ -5,7 +5,7 @@ from tests.conftest import flash_campaign
 async def test_reserve_and_pay(engine: Engine) -> None:
     await engine.campaigns.create(flash_campaign(await engine.runtime.now()))
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-    paid = await engine.flash.pay(held.order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(held.order.order_id, "u1", "pay-1")
     assert paid.state is OrderState.PAID
 
 

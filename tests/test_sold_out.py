@@ -62,7 +62,7 @@ async def test_a_retry_still_gets_its_order_after_the_sell_out(fast: Engine) -> 
 
 async def test_cancelled_stock_sells_again_within_a_second(fast: Engine) -> None:
     order_ids = await _sell_out(fast)
-    await fast.flash.cancel(order_ids[0], "u0")
+    await fast.orders.cancel(order_ids[0], "u0")
     cancelled = time.monotonic()
     for attempt in range(40):
         try:

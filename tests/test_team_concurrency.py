@@ -57,7 +57,7 @@ async def start(engine: Engine, campaign_id: str, **options: Any) -> None:
 
 
 async def pay(engine: Engine, order: Order) -> Order:
-    return await engine.flash.pay(order.order_id, order.user_id, f"pay-{order.order_id}")
+    return await engine.orders.pay(order.order_id, order.user_id, f"pay-{order.order_id}")
 
 
 async def paid_team(engine: Engine, campaign_id: str, leader: str) -> Team:
@@ -125,7 +125,7 @@ async def test_last_seat_race_seats_exactly_one_of_200(any_engine: Engine) -> No
     await assert_invariants(engine, "race")
 
     for seat in full.seats[1:]:
-        order = await engine.flash.get_order(seat.order_id)
+        order = await engine.orders.get(seat.order_id)
         await pay(engine, order)
     done = await engine.teams.get(team.team_id)
     assert (done.state, done.paid, done.held) == (TeamState.SUCCEEDED, 3, 0)

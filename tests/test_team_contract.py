@@ -80,7 +80,7 @@ async def open_team(
 
 
 async def pay(engine: Engine, order: Order) -> Order:
-    return await engine.flash.pay(order.order_id, order.user_id, f"pay-{order.order_id}")
+    return await engine.orders.pay(order.order_id, order.user_id, f"pay-{order.order_id}")
 
 
 async def open_paid_team(engine: Engine, leader: str = "leader", sku: str = SKU) -> Team:
@@ -176,7 +176,7 @@ async def test_open_team_is_pending_with_the_leaders_seat_held(engine: Engine) -
     assert (team.held, team.paid, team.remaining) == (1, 0, 2)
     assert team.seats == (Seat(order.order_id, "leader"),)
     assert await engine.teams.get(team.team_id) == team
-    assert await engine.flash.get_order(order.order_id) == order
+    assert await engine.orders.get(order.order_id) == order
 
     assert await abc(engine) == (98, 2, 0)
     assert await units_of(engine, "leader") == 2
@@ -576,7 +576,7 @@ async def test_the_last_paid_seat_makes_the_team_succeed(engine: Engine) -> None
     assert closed.value.details == {"team_state": "succeeded"}
     # A paid seat of a succeeded team is no longer "in progress" but it is not held either.
     with pytest.raises(InvalidState):
-        await engine.flash.cancel(first.order_id, "first")
+        await engine.orders.cancel(first.order_id, "first")
     # Nothing expires a succeeded team.
     await age_team(engine, team.team_id, TTL_MS + 1_000)
     assert await engine.reaper.expire_campaign(CID) == (0, False)
@@ -595,7 +595,7 @@ async def test_cancelling_a_held_seat_frees_it_and_the_team_is_joinable_again(
     member = await join(engine, team.team_id, "friend")
     assert await joinable_ids(engine) == []
 
-    cancelled = await engine.flash.cancel(member.order_id, "friend")
+    cancelled = await engine.orders.cancel(member.order_id, "friend")
     assert cancelled.state is OrderState.CANCELLED
     freed = await engine.teams.get(team.team_id)
     assert (freed.state, freed.held, freed.paid, freed.remaining) == (TeamState.OPEN, 0, 1, 1)
@@ -620,12 +620,12 @@ async def test_a_paid_seat_of_an_open_team_cannot_be_cancelled(engine: Engine) -
     team = await open_paid_team(engine, "leader")
     member = await pay(engine, await join(engine, team.team_id, "friend"))
     with pytest.raises(TeamInProgress):
-        await engine.flash.cancel(member.order_id, "friend")
+        await engine.orders.cancel(member.order_id, "friend")
     with pytest.raises(TeamInProgress):
-        await engine.flash.cancel(team.seats[0].order_id, "leader")
+        await engine.orders.cancel(team.seats[0].order_id, "leader")
     current = await engine.teams.get(team.team_id)
     assert (current.state, current.paid) == (TeamState.OPEN, 2)
-    assert (await engine.flash.get_order(member.order_id)).state is OrderState.PAID
+    assert (await engine.orders.get(member.order_id)).state is OrderState.PAID
     assert await abc(engine) == (98, 0, 2)
     await assert_invariants(engine, CID)
 
@@ -635,12 +635,12 @@ async def test_after_sale_refund_waits_for_the_team_to_succeed(engine: Engine) -
     team = await open_paid_team(engine, "leader")
     leader_order = team.seats[0].order_id
     with pytest.raises(TeamInProgress):
-        await engine.flash.refund(leader_order, restock=True)
-    assert (await engine.flash.get_order(leader_order)).state is OrderState.PAID
+        await engine.orders.refund(leader_order, restock=True)
+    assert (await engine.orders.get(leader_order)).state is OrderState.PAID
 
     await pay(engine, await join(engine, team.team_id, "friend"))
     assert (await engine.teams.get(team.team_id)).state is TeamState.SUCCEEDED
-    refunded = await engine.flash.refund(leader_order, restock=True)
+    refunded = await engine.orders.refund(leader_order, restock=True)
     assert refunded.state is OrderState.REFUNDED
     assert await abc(engine) == (99, 0, 1)
     assert await units_of(engine, "leader") == 0
@@ -657,7 +657,7 @@ async def test_after_sale_refund_waits_for_the_team_to_succeed(engine: Engine) -
 async def test_leader_cancelling_a_pending_team_dissolves_it(engine: Engine) -> None:
     await start(engine)
     opened = await open_team(engine, "leader")
-    cancelled = await engine.flash.cancel(opened.order.order_id, "leader")
+    cancelled = await engine.orders.cancel(opened.order.order_id, "leader")
     assert cancelled.state is OrderState.CANCELLED
 
     team = await engine.teams.get(opened.team.team_id)
@@ -690,7 +690,7 @@ async def test_leader_hold_expiry_dissolves_the_pending_team(engine: Engine) -> 
 
     team = await engine.teams.get(opened.team.team_id)
     assert (team.state, team.why) == (TeamState.DISSOLVED, "leader_unpaid")
-    assert (await engine.flash.get_order(opened.order.order_id)).state is OrderState.EXPIRED
+    assert (await engine.orders.get(opened.order.order_id)).state is OrderState.EXPIRED
     assert await abc(engine) == (100, 0, 0)
     assert await units_of(engine, "leader") == 0
     with pytest.raises(HoldExpired):
@@ -714,7 +714,7 @@ async def test_held_seat_expiry_releases_the_seat_and_its_payment_is_refused(
     ended, _ = await engine.reaper.expire_campaign(CID)
     assert ended == 1
 
-    assert (await engine.flash.get_order(member.order_id)).state is OrderState.EXPIRED
+    assert (await engine.orders.get(member.order_id)).state is OrderState.EXPIRED
     freed = await engine.teams.get(team.team_id)
     assert (freed.state, freed.held, freed.paid) == (TeamState.OPEN, 0, 1)
     assert freed.seats == team.seats
@@ -751,10 +751,10 @@ async def test_team_expiry_fails_the_team_refunds_paid_and_expires_held_seats(
     assert (failed.state, failed.why, failed.held) == (TeamState.FAILED, "expired", 0)
     leader_order = team.seats[0].order_id
     for order_id in (leader_order, paid_member.order_id):
-        assert (await engine.flash.get_order(order_id)).state is OrderState.REFUNDED
+        assert (await engine.orders.get(order_id)).state is OrderState.REFUNDED
         (refund,) = await order_events(engine, order_id, "order.refunded")
         assert refund["reason"] == "team_failed"
-    held_now = await engine.flash.get_order(held_member.order_id)
+    held_now = await engine.orders.get(held_member.order_id)
     assert held_now.state is OrderState.EXPIRED
     assert await abc(engine) == (100, 0, 0)
     for user in ("leader", "paid-friend", "held-friend"):
@@ -836,7 +836,7 @@ async def test_quick_join_skips_teams_the_user_cannot_afford(engine: Engine) -> 
 
     result = await engine.teams.quick_join(CID, "shopper", SKU, "q1")
     assert result.team.team_id == singles.team_id and result.order.qty == 1
-    await engine.flash.cancel(held.order.order_id, "shopper")
+    await engine.orders.cancel(held.order.order_id, "shopper")
     await join(engine, singles.team_id, "filler")  # singles is full now
     # The shopper has 1 unit left again and only the 2-unit team is open: a new team opens.
     again = await engine.teams.quick_join(CID, "shopper", SKU, "q2")
@@ -931,13 +931,13 @@ async def test_invalidation_fails_open_teams_dissolves_pending_and_keeps_succeed
     failed = await engine.teams.get(running.team_id)
     assert (failed.state, failed.why) == (TeamState.FAILED, "invalidated")
     for order_id in (running.seats[0].order_id, paid_member.order_id):
-        assert (await engine.flash.get_order(order_id)).state is OrderState.REFUNDED
+        assert (await engine.orders.get(order_id)).state is OrderState.REFUNDED
         reasons = [e["reason"] for e in await order_events(engine, order_id, "order.refunded")]
         assert reasons == ["team_failed"]
-    assert (await engine.flash.get_order(held_member.order_id)).state is OrderState.CANCELLED
+    assert (await engine.orders.get(held_member.order_id)).state is OrderState.CANCELLED
     dissolved = await engine.teams.get(pending.team.team_id)
     assert (dissolved.state, dissolved.why) == (TeamState.DISSOLVED, "invalidated")
-    assert (await engine.flash.get_order(pending.order.order_id)).state is OrderState.CANCELLED
+    assert (await engine.orders.get(pending.order.order_id)).state is OrderState.CANCELLED
     kept = await engine.teams.get(done.team_id)
     assert (kept.state, kept.paid) == (TeamState.SUCCEEDED, 3)
     assert {o.state for o in await engine.teams.orders(done.team_id)} == {OrderState.PAID}
@@ -1041,7 +1041,7 @@ async def test_share_view_of_every_team_state(engine: Engine) -> None:
     assert view.team.why == "expired"
 
     leaving = await open_team(engine, "dave")
-    await engine.flash.cancel(leaving.order.order_id, "dave")
+    await engine.orders.cancel(leaving.order.order_id, "dave")
     view = await engine.teams.view(leaving.team.team_id, "v")
     assert view.share_state is ShareState.DISSOLVED and not view.viewer_can_join
 
@@ -1086,7 +1086,7 @@ async def test_orders_of_a_team_are_its_seats_with_kind_team(engine: Engine) -> 
     assert all(o.kind is OrderKind.TEAM and o.team_id == team.team_id for o in orders)
     assert orders[1] == paid and orders[2] == held
 
-    await engine.flash.cancel(held.order_id, "held")
+    await engine.orders.cancel(held.order_id, "held")
     assert [o.user_id for o in await engine.teams.orders(team.team_id)] == ["leader", "paid"]
     # Another team's orders are its own.
     other = await open_paid_team(engine, "other")
@@ -1103,7 +1103,7 @@ async def test_every_team_event_reaches_the_stream_with_the_team_record(engine: 
     await start(engine, team_size=3, limit=5)
     winner = await open_paid_team(engine, "leader")  # team.created, team.opened
     dropped = await join(engine, winner.team_id, "fickle")  # team.joined
-    await engine.flash.cancel(dropped.order_id, "fickle")  # team.seat_released
+    await engine.orders.cancel(dropped.order_id, "fickle")  # team.seat_released
     await pay(engine, await join(engine, winner.team_id, "loyal-1"))  # team.seat_paid
     await pay(engine, await join(engine, winner.team_id, "loyal-2"))  # team.succeeded
     loser = await open_paid_team(engine, "loser")
@@ -1111,7 +1111,7 @@ async def test_every_team_event_reaches_the_stream_with_the_team_record(engine: 
     await age_team(engine, loser.team_id, TTL_MS + 1_000)
     await engine.reaper.expire_campaign(CID)  # team.failed + order.refunded team_failed
     gone = await open_team(engine, "quitter")
-    await engine.flash.cancel(gone.order.order_id, "quitter")  # team.dissolved
+    await engine.orders.cancel(gone.order.order_id, "quitter")  # team.dissolved
 
     stream = await events(engine)
     entries: Any = await engine.runtime.redis.xrange(KEYS.events)

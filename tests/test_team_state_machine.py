@@ -17,7 +17,7 @@ rejections included (the engine must raise exactly the predicted class), and aft
 - SPEC 6.5: each order is refunded / expired at most once in the stream, and each order's and
   each team's events are exactly the model's state changes, in order, once each;
 - the engine's audit (``tests.helpers.assert_invariants``);
-- every team and order equals the model (``engine.teams.get``, ``engine.flash.get_order``);
+- every team and order equals the model (``engine.teams.get``, ``engine.orders.get``);
 - the joinable list (anonymous and per user) and every team's share view equal the model's.
 
 The engine is async and the machine is sync: each example runs its own event loop and its own
@@ -624,7 +624,7 @@ class TeamMachine(EngineMachine):
     def pay_and_check(self, order_id: str, payer: str, ref: str) -> None:
         model = self.orders[order_id]
         expected = self.predict_pay(model, payer, ref)
-        paid = self.call(self.eng.flash.pay(order_id, payer, ref), expected)
+        paid = self.call(self.eng.orders.pay(order_id, payer, ref), expected)
         if paid is None:
             return
         assert (paid.state, paid.payment_ref) == (OrderState.PAID, ref)
@@ -702,7 +702,7 @@ class TeamMachine(EngineMachine):
     def cancel_and_check(self, order_id: str, user: str) -> None:
         model = self.orders[order_id]
         expected = self.predict_cancel(model, user)
-        cancelled = self.call(self.eng.flash.cancel(order_id, user), expected)
+        cancelled = self.call(self.eng.orders.cancel(order_id, user), expected)
         if cancelled is None:
             return
         assert cancelled.state is OrderState.CANCELLED
@@ -726,7 +726,7 @@ class TeamMachine(EngineMachine):
 
     def refund_and_check(self, order_id: str, restock: bool) -> None:
         model = self.orders[order_id]
-        refunded = self.call(self.eng.flash.refund(order_id, restock), self.predict_refund(model))
+        refunded = self.call(self.eng.orders.refund(order_id, restock), self.predict_refund(model))
         if refunded is None:
             return
         assert refunded.state is OrderState.REFUNDED
@@ -888,7 +888,7 @@ class TeamMachine(EngineMachine):
             },
             initial=item.initial,
             teams={tid: await eng.teams.get(tid) for tid in self.teams},
-            orders={oid: await eng.flash.get_order(oid) for oid in self.orders},
+            orders={oid: await eng.orders.get(oid) for oid in self.orders},
             team_count=await guarded(redis.hlen(keys.teams)),
             order_count=await guarded(redis.hlen(keys.orders)),
             users={user: int(units) for user, units in users.items()},

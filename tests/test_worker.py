@@ -138,7 +138,7 @@ async def test_replayed_and_out_of_order_entries_never_roll_back(durable: Engine
     redis = engine.runtime.redis
     entries: Any = await redis.xrange(stream)
     reserved = entries[-1][1]
-    await engine.flash.pay(held.order_id, "u1", "p")
+    await engine.orders.pay(held.order_id, "u1", "p")
     await FlushWorker(engine.runtime).drain()
     await redis.xadd(stream, reserved)  # the old 'reserved' entry delivered late
     await FlushWorker(engine.runtime).drain()
@@ -318,7 +318,7 @@ async def test_sql_outage_waits_acknowledges_nothing_and_catches_up(
         server: PostgresServer = request.getfixturevalue("postgres_server")
         server.stop()
     for held in first[:100]:
-        await engine.flash.pay(held.order.order_id, held.order.user_id, "p")
+        await engine.orders.pay(held.order.order_id, held.order.user_id, "p")
     await asyncio.gather(
         *(engine.flash.reserve(FLASH, f"v{n}", "sku-1", 1, "k") for n in range(100))
     )

@@ -55,7 +55,7 @@ async def mixed_sale(engine: Engine, mix: Mix = Mix()) -> None:
 
 
 async def _flash(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Semaphore) -> None:
-    flash = engine.flash
+    flash, orders = engine.flash, engine.orders
     wants = [
         (f"f{n}", rng.choice(("sku-1", "sku-2")), rng.choice((1, 2)))
         for n in range(mix.flash_shoppers)
@@ -70,15 +70,15 @@ async def _flash(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Sema
     fate = {o.order_id: rng.random() for o in held}
     paid = await asyncio.gather(
         *(
-            _bounded(sem, flash.pay(o.order_id, o.user_id, "pay"))
+            _bounded(sem, orders.pay(o.order_id, o.user_id, "pay"))
             for o in held
             if fate[o.order_id] < 0.55
         )
     )
-    cancels = [flash.cancel(o.order_id, o.user_id) for o in held if 0.55 <= fate[o.order_id] < 0.7]
+    cancels = [orders.cancel(o.order_id, o.user_id) for o in held if 0.55 <= fate[o.order_id] < 0.7]
     ages = [age_order(engine, o.order_id, AGED_MS) for o in held if 0.7 <= fate[o.order_id] < 0.85]
     refunds = [
-        flash.refund(o.order_id, restock=rng.random() < 0.5)
+        orders.refund(o.order_id, restock=rng.random() < 0.5)
         for o in paid
         if o is not None and rng.random() < 0.15
     ]
@@ -86,7 +86,7 @@ async def _flash(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Sema
 
 
 async def _teams(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Semaphore) -> None:
-    teams, flash = engine.teams, engine.flash
+    teams, orders = engine.teams, engine.orders
     users = [f"t{n}" for n in range(mix.team_shoppers)]
     # Waves: each wave's leaders pay first, so the next wave finds open teams to join.
     for wave in (users[: len(users) // 3], users[len(users) // 3 :]):
@@ -102,9 +102,9 @@ async def _teams(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Sema
             if seat.opened and roll < 0.1:
                 payments.append(age_order(engine, order.order_id, AGED_MS))  # leader walks off
             elif roll < 0.85:
-                payments.append(flash.pay(order.order_id, order.user_id, "pay"))
+                payments.append(orders.pay(order.order_id, order.user_id, "pay"))
             elif roll < 0.92:
-                payments.append(flash.cancel(order.order_id, order.user_id))
+                payments.append(orders.cancel(order.order_id, order.user_id))
         await asyncio.gather(*(_bounded(sem, p) for p in payments))
     await engine.reaper.run_once()  # dissolve the teams whose leader never paid
     opened = [t.team_id for t in await redis_teams(engine, TEAM) if t.state is TeamState.OPEN]
@@ -117,7 +117,7 @@ async def _teams(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Sema
     for team_id in succeeded[:5]:
         for order in await teams.orders(team_id):
             if order.state is OrderState.PAID and rng.random() < 0.3:
-                await _bounded(sem, flash.refund(order.order_id, restock=False))
+                await _bounded(sem, orders.refund(order.order_id, restock=False))
 
 
 async def redis_orders(engine: Engine, campaign_id: str) -> dict[str, Order]:

@@ -440,41 +440,34 @@ class Api:
         """Pay a held order (the same payment_ref again is a no-op)."""
         body = await self._body(request, s.PayIn)
         order_id = request.path_params["order_id"]
-        order = await self.engine.flash.pay(order_id, body.user_id, body.payment_ref)
+        order = await self.engine.orders.pay(order_id, body.user_id, body.payment_ref)
         return json_response(s.OrderOut.of(order))
 
     async def cancel(self, request: Request) -> Response:
         """Cancel a held order; its units return to stock."""
         body = await self._body(request, s.CancelIn)
-        order = await self.engine.flash.cancel(request.path_params["order_id"], body.user_id)
+        order = await self.engine.orders.cancel(request.path_params["order_id"], body.user_id)
         return json_response(s.OrderOut.of(order))
 
     async def refund(self, request: Request) -> Response:
         """After-sale refund of a paid order (admin), with or without restock."""
         body = await self._body(request, s.RefundIn)
-        order = await self.engine.flash.refund(request.path_params["order_id"], body.restock)
+        order = await self.engine.orders.refund(request.path_params["order_id"], body.restock)
         return json_response(s.OrderOut.of(order))
 
     async def get_order(self, request: Request) -> Response:
         """One order; the gateway names the user (?user_id=), who must own it."""
         order_id = request.path_params["order_id"]
         viewer = self._query_id(request, "user_id", required=not self._is_admin(request))
-        try:
-            order = await self.engine.flash.get_order(order_id)
-        except errors.NotFound:
-            stored = await self.engine.runtime.store.get_order(order_id)
-            if stored is None:
-                raise
-            order = stored
+        order = await self.engine.orders.get(order_id)
         if viewer is not None and order.user_id != viewer:
             raise errors.Forbidden("the order belongs to another user")
         return json_response(s.OrderOut.of(order))
 
     async def user_orders(self, request: Request) -> Response:
         """A user's orders from the durable store, newest first, with their type."""
-        user_id = check_id(request.path_params["user_id"], "user_id")
         limit = self._query_int(request, "limit", 50, 1, 100)
-        orders = await self.engine.runtime.store.user_orders(user_id, limit)
+        orders = await self.engine.orders.of_user(request.path_params["user_id"], limit)
         return json_response(s.OrdersOut([s.OrderOut.of(o) for o in orders]))
 
     # -- teams ---------------------------------------------------------------------------------
@@ -529,12 +522,7 @@ class Api:
     async def team_orders(self, request: Request) -> Response:
         """The orders of one team (admin)."""
         team_id = request.path_params["team_id"]
-        try:
-            orders = await self.engine.teams.orders(team_id)
-        except errors.NotFound:
-            orders = await self.engine.runtime.store.team_orders(team_id)
-            if not orders:
-                raise
+        orders = await self.engine.teams.orders(team_id)
         return json_response(s.OrdersOut([s.OrderOut.of(o) for o in orders]))
 
     # -- operations ----------------------------------------------------------------------------
@@ -545,18 +533,7 @@ class Api:
 
     async def readyz(self, request: Request) -> Response:
         """Readiness: Redis and SQL reachable, scripts loaded."""
-        checks: dict[str, str] = {}
-        rt = self.engine.runtime
-        for name, probe in (
-            ("redis", rt.now()),
-            ("scripts", rt.scripts.load()),
-            ("sql", rt.store.get_campaign("readyz-probe")),
-        ):
-            try:
-                await probe
-                checks[name] = "ok"
-            except errors.EngineError as exc:
-                checks[name] = exc.message
+        checks = await self.engine.readiness()
         ready = all(v == "ok" for v in checks.values())
         return json_response(
             s.Health("ok" if ready else "unavailable", checks), 200 if ready else 503
