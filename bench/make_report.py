@@ -100,7 +100,7 @@ def _proc_field(path: str, key: str) -> str:
 
 def _postgres_version() -> str:
     try:
-        from engine.pg_server import postgres_bin_dir
+        from engine.local.postgres import postgres_bin_dir
 
         return _first_line([str(postgres_bin_dir() / "postgres"), "--version"])
     except Exception:  # not installed: the report says so

@@ -50,8 +50,8 @@ from bench.report import report
 from engine import Engine
 from engine.errors import SoldOut
 from engine.keys import keys_of
-from engine.pg_server import PostgresServer
-from engine.redis_server import RedisServer
+from engine.local.postgres import PostgresServer
+from engine.local.redis_server import RedisServer
 from engine.scripts import script_source
 from tests.conftest import create_database, flash_campaign, team_campaign
 from tests.helpers import assert_invariants

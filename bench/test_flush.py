@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 from bench.report import report
 from engine import Engine
 from engine.keys import keys_of
-from engine.pg_server import PostgresServer
-from engine.redis_server import RedisServer
+from engine.local.postgres import PostgresServer
+from engine.local.redis_server import RedisServer
 from engine.store import Batch, open_store
 from engine.worker import FlushWorker
 from tests.conftest import create_database, flash_campaign, make_settings

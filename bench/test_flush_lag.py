@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from bench.harness import percentile
 from bench.report import report
 from engine import Engine
-from engine.redis_server import RedisServer
+from engine.local.redis_server import RedisServer
 from engine.worker import FlushWorker
 from tests.conftest import flash_campaign, make_settings
 

@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from bench.report import report
-from engine.redis_server import RedisServer
+from engine.local.redis_server import RedisServer
 from tests.apiserver import ADMIN, GATEWAY, ApiServer
 
 SECONDS = 6.0  # per measurement

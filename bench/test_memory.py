@@ -29,7 +29,7 @@ from bench.harness import drive, fresh_engine, redis_info, rss_bytes, run
 from bench.report import report
 from engine import Engine
 from engine.keys import keys_of
-from engine.redis_server import RedisServer
+from engine.local.redis_server import RedisServer
 from engine.worker import FlushWorker
 from tests.conftest import flash_campaign
 from tests.helpers import assert_invariants

@@ -23,8 +23,8 @@ from bench.report import report
 from engine import Engine
 from engine.audit import audit_campaign
 from engine.keys import keys_of
+from engine.local.redis_server import RedisServer
 from engine.models import OrderState, to_ms
-from engine.redis_server import RedisServer
 from engine.settings import Settings
 from tests.conftest import flash_campaign
 

@@ -22,8 +22,8 @@ from bench.harness import fresh_engine, rss_bytes, run
 from bench.report import report
 from engine.audit import audit_campaign
 from engine.errors import SoldOut
+from engine.local.redis_server import RedisServer
 from engine.models import OrderState, to_ms
-from engine.redis_server import RedisServer
 from tests.conftest import flash_campaign
 
 USERS = 1_000_000

@@ -27,7 +27,7 @@ from bench.harness import fresh_engine, run
 from bench.report import report
 from engine import Engine
 from engine.keys import keys_of
-from engine.redis_server import RedisServer
+from engine.local.redis_server import RedisServer
 from engine.scripts import script_source
 from tests.conftest import flash_campaign, team_campaign
 

@@ -24,8 +24,8 @@ import uvloop
 from engine.core import Engine
 from engine.demo import DemoPlan, run_demo
 from engine.errors import ConfigurationError, EngineError
+from engine.local.redis_server import RedisServer
 from engine.reconcile import reconcile
-from engine.redis_server import RedisServer
 from engine.settings import Settings
 from engine.worker import FlushWorker
 

@@ -42,7 +42,8 @@ import uvloop
 
 from engine.core import Engine
 from engine.keys import ID_PATTERN
-from engine.redis_server import RedisServer, free_port
+from engine.local.process import free_port
+from engine.local.redis_server import RedisServer
 from engine.settings import Settings
 from engine.worker import FlushWorker
 from loadtests.plan import DEFAULT_MIX, SHAPES, parse_mix

@@ -13,7 +13,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.redis_server import free_port
+from engine.local.process import free_port
 
 GATEWAY = "gateway-token-for-tests-0001"
 ADMIN = "admin-token-for-tests-00000001"

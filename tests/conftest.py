@@ -15,8 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine import Campaign, CampaignKind, Engine, Item, Settings
-from engine.pg_server import PostgresServer
-from engine.redis_server import RedisClusterServers, RedisServer
+from engine.local.postgres import PostgresServer
+from engine.local.redis_server import RedisClusterServers, RedisServer
 from tests.apiserver import ApiServer
 
 

@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from engine import errors
+from engine.local.redis_server import RedisServer
 from engine.models import Campaign
-from engine.redis_server import RedisServer
 from tests.apiserver import ADMIN, GATEWAY, ApiServer
 from tests.conftest import flash_campaign, team_campaign
 

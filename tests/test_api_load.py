@@ -28,8 +28,8 @@ import httpx
 import redis.asyncio as aioredis
 
 from engine.keys import keys_of
+from engine.local.redis_server import RedisServer
 from engine.models import Order
-from engine.redis_server import RedisServer
 from tests.apiserver import ADMIN, GATEWAY, ApiServer
 
 GW = {"authorization": f"Bearer {GATEWAY}"}

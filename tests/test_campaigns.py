@@ -30,8 +30,8 @@ from engine import (
     ValidationError,
 )
 from engine.keys import CAMPAIGN_SET, check_id, keys_of
+from engine.local.redis_server import RedisServer
 from engine.models import to_ms
-from engine.redis_server import RedisServer
 from tests.conftest import flash_campaign, make_settings
 from tests.helpers import age_order, assert_invariants
 

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from engine.redis_server import free_port
+from engine.local.process import free_port
 
 FLASHTEAM = [sys.executable, "-m", "engine.cli"]
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from engine import Engine, Rejected
 from engine.keys import keys_of
+from engine.local.redis_server import RedisServer
 from engine.models import Order, Team
-from engine.redis_server import RedisServer
 from tests.conftest import flash_campaign, make_settings, team_campaign
 from tests.helpers import assert_invariants
 

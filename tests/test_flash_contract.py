@@ -39,7 +39,7 @@ from engine import (
     ValidationError,
 )
 from engine.keys import CAMPAIGN_SET, keys_of
-from engine.redis_server import RedisServer
+from engine.local.redis_server import RedisServer
 from tests.conftest import flash_campaign, make_settings
 from tests.helpers import age_order, assert_invariants
 

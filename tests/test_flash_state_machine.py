@@ -56,7 +56,7 @@ from engine import (
     SoldOut,
 )
 from engine.keys import keys_of
-from engine.redis_server import RedisServer
+from engine.local.redis_server import RedisServer
 from engine.scripts import guarded
 from tests.helpers import age_order, assert_invariants
 from tests.machine import EngineMachine

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from engine import Engine, IdempotencyMismatch, OrderState, RateLimited, Reservation
 from engine.keys import idempotency_field, keys_of
-from engine.redis_server import RedisServer
+from engine.local.redis_server import RedisServer
 from tests.conftest import flash_campaign, make_settings
 from tests.helpers import assert_invariants
 

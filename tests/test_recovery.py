@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from engine import Engine, Order, OrderState, Reservation, Unavailable
 from engine.keys import keys_of
-from engine.redis_server import RedisClusterServers, RedisServer
+from engine.local.redis_server import RedisClusterServers, RedisServer
 from tests.conftest import flash_campaign, make_settings
 from tests.helpers import age_order, assert_invariants
 

@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine import ConfigurationError, Engine, Settings
-from engine.redis_server import RedisClusterServers, RedisServer
+from engine.local.redis_server import RedisClusterServers, RedisServer
 from tests.conftest import flash_campaign, make_settings
 
 EVERY_VARIABLE = {

@@ -15,6 +15,8 @@ import asyncpg
 import pytest
 
 from engine.errors import AlreadyExists, Unavailable
+from engine.local.postgres import PostgresServer
+from engine.local.process import free_port
 from engine.models import (
     Campaign,
     CampaignKind,
@@ -27,8 +29,6 @@ from engine.models import (
     TeamState,
     from_ms,
 )
-from engine.pg_server import PostgresServer
-from engine.redis_server import free_port
 from engine.store import Batch, Store, Totals
 from engine.store.postgres import PostgresStore
 from engine.store.schema import SCHEMA_VERSION

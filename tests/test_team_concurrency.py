@@ -25,8 +25,8 @@ from engine import (
     TeamFull,
 )
 from engine.keys import keys_of
+from engine.local.redis_server import RedisServer
 from engine.models import Team, TeamState
-from engine.redis_server import RedisServer
 from engine.teams import TeamSeatResult
 from tests.conftest import make_settings, team_campaign
 from tests.helpers import age_order, age_team, assert_invariants

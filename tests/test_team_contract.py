@@ -44,8 +44,8 @@ from engine import (
 )
 from engine.events import Event
 from engine.keys import keys_of
+from engine.local.redis_server import RedisServer
 from engine.models import Seat, Team, TeamState, to_ms
-from engine.redis_server import RedisServer
 from engine.teams import ShareState, TeamSeatResult, mask_user
 from tests.conftest import flash_campaign, make_settings, team_campaign
 from tests.helpers import age_order, age_team, assert_invariants

@@ -70,8 +70,8 @@ from engine import (
     TeamInProgress,
 )
 from engine.keys import keys_of
+from engine.local.redis_server import RedisServer
 from engine.models import Team, TeamState, to_ms
-from engine.redis_server import RedisServer
 from engine.scripts import guarded
 from engine.teams import ShareState, TeamSeatResult, mask_user
 from tests.helpers import age_order, age_team, assert_invariants

@@ -25,9 +25,9 @@ from redis import exceptions as redis_errors
 from engine import Engine, OrderState
 from engine.errors import AlreadyExists
 from engine.keys import DEAD_LETTERS, keys_of
-from engine.pg_server import PostgresServer
+from engine.local.postgres import PostgresServer
+from engine.local.redis_server import RedisServer
 from engine.reconcile import reconcile
-from engine.redis_server import RedisServer
 from engine.store import Batch
 from engine.worker import GROUP, FlushWorker
 from tests.conftest import flash_campaign, make_settings

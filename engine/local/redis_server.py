@@ -6,10 +6,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,9 +15,9 @@ from pathlib import Path
 from types import TracebackType
 
 from engine.errors import ConfigurationError
+from engine.local.process import die_with_parent, free_port
 
 _START_TIMEOUT = 15.0
-_PR_SET_PDEATHSIG = 1
 _CLUSTER_BUS_OFFSET = 10_000
 
 
@@ -33,31 +30,6 @@ def redis_server_binary() -> str:
             "`sudo apt-get install redis-server`, or set FLASHTEAM_REDIS_URL to your Redis"
         )
     return path
-
-
-def free_port(*, below: int = 65536, bus_offset: int | None = None) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, under ``below``; with
-    ``bus_offset``, port + offset must be free too (a cluster node's bus port)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port >= below:
-            continue
-        if bus_offset is None:
-            return port
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + bus_offset))
-            except OSError:
-                continue
-        return port
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM it when its parent dies (no orphans)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _ping(port: int) -> bytes:
@@ -106,7 +78,7 @@ class RedisServer:
         self._process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:

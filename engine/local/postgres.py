@@ -14,7 +14,6 @@ in ``data_dir/pgdata`` and is kept, like RedisServer's AOF.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
 import os
 import pwd
@@ -29,13 +28,12 @@ from types import TracebackType
 from typing import Any
 
 from engine.errors import ConfigurationError
-from engine.redis_server import free_port
+from engine.local.process import die_with_parent, free_port
 
 USER = "flashteam"
 DATABASE = "flashteam"
 _OS_USER = "postgres"
 _START_TIMEOUT = 30.0
-_PR_SET_PDEATHSIG = 1
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.<port>"
 
 
@@ -54,10 +52,9 @@ def postgres_bin_dir() -> Path:
     )
 
 
-def _die_with_parent() -> None:
+def _fast_shutdown_with_parent() -> None:
     """In the child before exec: a fast shutdown (SIGINT) when its parent thread dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+    die_with_parent(signal.SIGINT)
 
 
 class PostgresServer:
@@ -116,7 +113,7 @@ class PostgresServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_fast_shutdown_with_parent if sys.platform == "linux" else None,
                 **self._as_owner(),
             )
         try:
