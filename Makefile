@@ -47,8 +47,8 @@ demo: install ## simulate a flash sale locally and print the outcome with a no-o
 	$(BIN)/flashteam demo
 
 lint: install ## ruff and mypy --strict over the package and the tests
-	$(BIN)/ruff check engine tests bench loadtests
-	$(BIN)/ruff format --check engine tests bench loadtests
+	$(BIN)/ruff check engine testkit tests bench loadtests
+	$(BIN)/ruff format --check engine testkit tests bench loadtests
 	$(BIN)/mypy
 
 test: lint postgres ## lint, then the whole test suite against real servers it starts itself

@@ -27,7 +27,7 @@ import redis
 import uvloop
 
 from engine import Engine
-from tests.conftest import make_settings
+from testkit.factories import make_settings
 
 T = TypeVar("T")
 

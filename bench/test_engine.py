@@ -53,8 +53,8 @@ from engine.keys import keys_of
 from engine.local.postgres import PostgresServer
 from engine.local.redis_server import RedisServer
 from engine.scripts import script_source
-from tests.conftest import create_database, flash_campaign, team_campaign
-from tests.helpers import assert_invariants
+from testkit.factories import create_database, flash_campaign, team_campaign
+from testkit.helpers import assert_invariants
 
 LEVELS = (10, 100, 1000)
 SECONDS = 3.0  # measured window per implementation and level

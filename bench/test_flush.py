@@ -25,7 +25,7 @@ from engine.local.postgres import PostgresServer
 from engine.local.redis_server import RedisServer
 from engine.store import Batch, open_store
 from engine.worker import FlushWorker
-from tests.conftest import create_database, flash_campaign, make_settings
+from testkit.factories import create_database, flash_campaign, make_settings
 
 ORDERS = 10_000  # -> 20,000 events: order.reserved + order.paid
 BATCHES = (100, 1_000, 5_000)

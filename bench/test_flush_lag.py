@@ -26,7 +26,7 @@ from bench.report import report
 from engine import Engine
 from engine.local.redis_server import RedisServer
 from engine.worker import FlushWorker
-from tests.conftest import flash_campaign, make_settings
+from testkit.factories import flash_campaign, make_settings
 
 RATE = 15_000  # reservations (outbox events) per second
 SECONDS = 20.0

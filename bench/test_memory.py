@@ -31,8 +31,8 @@ from engine import Engine
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.worker import FlushWorker
-from tests.conftest import flash_campaign
-from tests.helpers import assert_invariants
+from testkit.factories import flash_campaign
+from testkit.helpers import assert_invariants
 
 HOLDS = 100_000
 REQUESTS = 1_000_000

@@ -26,7 +26,7 @@ from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.models import OrderState, to_ms
 from engine.settings import Settings
-from tests.conftest import flash_campaign
+from testkit.factories import flash_campaign
 
 HOLDS = 100_000
 CALLERS = 1_000

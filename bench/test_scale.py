@@ -24,7 +24,7 @@ from engine.audit import audit_campaign
 from engine.errors import SoldOut
 from engine.local.redis_server import RedisServer
 from engine.models import OrderState, to_ms
-from tests.conftest import flash_campaign
+from testkit.factories import flash_campaign
 
 USERS = 1_000_000
 STOCK = 100_000

@@ -29,7 +29,7 @@ from engine import Engine
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.scripts import script_source
-from tests.conftest import flash_campaign, team_campaign
+from testkit.factories import flash_campaign, team_campaign
 
 ROUNDS = 2_000
 BATCH_ROUNDS = 300

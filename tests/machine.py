@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 from hypothesis.stateful import RuleBasedStateMachine
 
 from engine import Engine
-from tests.conftest import make_settings
+from testkit.factories import make_settings
 
 T = TypeVar("T")
 

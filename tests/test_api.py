@@ -28,8 +28,8 @@ import pytest
 from engine import errors
 from engine.local.redis_server import RedisServer
 from engine.models import Campaign
+from testkit.factories import flash_campaign, team_campaign
 from tests.apiserver import ADMIN, GATEWAY, ApiServer
-from tests.conftest import flash_campaign, team_campaign
 
 Json = dict[str, Any]
 GW = {"Authorization": f"Bearer {GATEWAY}"}

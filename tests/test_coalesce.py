@@ -19,8 +19,8 @@ from engine import Engine, Rejected
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.models import Order, Team
-from tests.conftest import flash_campaign, make_settings, team_campaign
-from tests.helpers import assert_invariants
+from testkit.factories import flash_campaign, make_settings, team_campaign
+from testkit.helpers import assert_invariants
 
 USERS = ("u1", "u2", "u3", "u4")
 KEYS = ("k1", "k2", "k3")

@@ -22,8 +22,8 @@ from engine import (
     SoldOut,
 )
 from engine.keys import keys_of
-from tests.conftest import flash_campaign
-from tests.helpers import age_order, assert_invariants
+from testkit.factories import flash_campaign
+from testkit.helpers import age_order, assert_invariants
 
 
 @pytest.fixture(

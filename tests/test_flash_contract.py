@@ -40,8 +40,8 @@ from engine import (
 )
 from engine.keys import CAMPAIGN_SET, keys_of
 from engine.local.redis_server import RedisServer
-from tests.conftest import flash_campaign, make_settings
-from tests.helpers import age_order, assert_invariants
+from testkit.factories import flash_campaign, make_settings
+from testkit.helpers import age_order, assert_invariants
 
 CID = "sale"
 SKU = "sku-1"

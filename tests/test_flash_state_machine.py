@@ -58,7 +58,7 @@ from engine import (
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.scripts import guarded
-from tests.helpers import age_order, assert_invariants
+from testkit.helpers import age_order, assert_invariants
 from tests.machine import EngineMachine
 
 T = TypeVar("T")

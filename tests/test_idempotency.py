@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from engine import Engine, IdempotencyMismatch, OrderState, RateLimited, Reservation
 from engine.keys import idempotency_field, keys_of
 from engine.local.redis_server import RedisServer
-from tests.conftest import flash_campaign, make_settings
-from tests.helpers import assert_invariants
+from testkit.factories import flash_campaign, make_settings
+from testkit.helpers import assert_invariants
 
 
 async def _snapshot(engine: Engine, campaign_id: str) -> dict[str, object]:

@@ -29,7 +29,7 @@ from loadtests.plan import (
     step,
 )
 from loadtests.verdict import LoadTally, Verdict, judge
-from tests.conftest import flash_campaign, team_campaign
+from testkit.factories import flash_campaign, team_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ import pytest
 from engine import Engine, OrderState, ValidationError
 from engine.events import Event
 from engine.keys import keys_of
-from tests.conftest import flash_campaign, team_campaign
-from tests.helpers import assert_invariants, stream_events
+from testkit.factories import flash_campaign, team_campaign
+from testkit.helpers import assert_invariants, stream_events
 
 
 async def _expired_events(engine: Engine, campaign_id: str, count: int) -> list[Event]:

@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 from engine import Engine, Order, OrderState, Reservation, Unavailable
 from engine.keys import keys_of
 from engine.local.redis_server import RedisClusterServers, RedisServer
-from tests.conftest import flash_campaign, make_settings
-from tests.helpers import age_order, assert_invariants
+from testkit.factories import flash_campaign, make_settings
+from testkit.helpers import age_order, assert_invariants
 
 
 async def _flush_scripts(engine: Engine) -> None:

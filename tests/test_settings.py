@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from engine import ConfigurationError, Engine, Settings
 from engine.local.redis_server import RedisClusterServers, RedisServer
-from tests.conftest import flash_campaign, make_settings
+from testkit.factories import flash_campaign, make_settings
 
 EVERY_VARIABLE = {
     "FLASHTEAM_REDIS_URL": "redis://10.0.0.5:6380/2",

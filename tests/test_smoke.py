@@ -1,5 +1,5 @@
 from engine import Engine, OrderState
-from tests.conftest import flash_campaign
+from testkit.factories import flash_campaign
 
 
 async def test_reserve_and_pay(engine: Engine) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from engine import Engine, IdempotencyMismatch, OrderState, SoldOut
-from tests.conftest import flash_campaign, make_settings
-from tests.helpers import assert_invariants
+from testkit.factories import flash_campaign, make_settings
+from testkit.helpers import assert_invariants
 
 
 @pytest.fixture

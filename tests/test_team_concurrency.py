@@ -28,8 +28,8 @@ from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.models import Team, TeamState
 from engine.teams import TeamSeatResult
-from tests.conftest import make_settings, team_campaign
-from tests.helpers import age_order, age_team, assert_invariants
+from testkit.factories import make_settings, team_campaign
+from testkit.helpers import age_order, age_team, assert_invariants
 
 SKU = "sku-1"
 TTL_MS = 600_000

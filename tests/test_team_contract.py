@@ -47,8 +47,8 @@ from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.models import Seat, Team, TeamState, to_ms
 from engine.teams import ShareState, TeamSeatResult, mask_user
-from tests.conftest import flash_campaign, make_settings, team_campaign
-from tests.helpers import age_order, age_team, assert_invariants
+from testkit.factories import flash_campaign, make_settings, team_campaign
+from testkit.helpers import age_order, age_team, assert_invariants
 
 CID = "group"
 SKU = "sku-1"

@@ -74,7 +74,7 @@ from engine.local.redis_server import RedisServer
 from engine.models import Team, TeamState, to_ms
 from engine.scripts import guarded
 from engine.teams import ShareState, TeamSeatResult, mask_user
-from tests.helpers import age_order, age_team, assert_invariants
+from testkit.helpers import age_order, age_team, assert_invariants
 from tests.machine import EngineMachine
 
 T = TypeVar("T")

@@ -30,8 +30,8 @@ from engine.local.redis_server import RedisServer
 from engine.reconcile import reconcile
 from engine.store import Batch
 from engine.worker import GROUP, FlushWorker
-from tests.conftest import flash_campaign, make_settings
-from tests.helpers import eventually, run_cli
+from testkit.factories import flash_campaign, make_settings
+from testkit.helpers import eventually, run_cli
 from tests.workload import FLASH, TEAM, Mix, mixed_sale, order_key, redis_orders, redis_teams
 
 WORKER = [sys.executable, "-m", "engine.cli", "worker"]

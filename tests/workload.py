@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from engine import Engine, EngineError, Order, OrderState
 from engine.keys import keys_of
 from engine.models import Team, TeamState
-from tests.conftest import flash_campaign, team_campaign
-from tests.helpers import age_order, age_team
+from testkit.factories import flash_campaign, team_campaign
+from testkit.helpers import age_order, age_team
 
 T = TypeVar("T")
 

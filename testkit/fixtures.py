@@ -1,0 +1,84 @@
+"""Real servers for the suite and the benchmarks (a pytest plugin, ``-p testkit.fixtures``): a
+redis-server, a 3-master Redis Cluster and a PostgreSQL cluster on free loopback ports in temp
+dirs, started once per session; every test gets a flushed Redis database and, when it asks
+for one, a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine import Engine
+from engine.local.postgres import PostgresServer
+from engine.local.redis_server import RedisClusterServers, RedisServer
+from testkit.factories import create_database, make_settings
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    with RedisClusterServers(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+async def pg_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """A fresh, empty database on the session's PostgreSQL (not dropped: the whole cluster
+    goes at the end of the session, and a DROP DATABASE costs a checkpoint)."""
+    yield postgres_server.url_for(await create_database(postgres_server))
+    if not postgres_server.running:  # a test left PostgreSQL stopped
+        postgres_server.start()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each durable backend in turn: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'flashteam.db'}"
+    return cast(str, request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client on the session server, with every key and script flushed first."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushall()
+    await client.script_flush()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def engine(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[Engine]:
+    async with await Engine.open(make_settings(redis_server.url, tmp_path)) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def cluster_engine(
+    redis_cluster: RedisClusterServers, tmp_path: Path
+) -> AsyncIterator[Engine]:
+    for server in redis_cluster.servers:
+        client = aioredis.Redis.from_url(server.url)
+        await client.flushall()
+        await client.aclose()
+    settings = make_settings(redis_cluster.url, tmp_path, redis_cluster=True)
+    async with await Engine.open(settings) as opened:
+        yield opened
