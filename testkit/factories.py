@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import asyncpg
 
@@ -34,6 +35,18 @@ def make_settings(url: str, tmp_path: Path, **changes: object) -> Settings:
     return settings.with_(**changes) if changes else settings
 
 
+class _Shape(TypedDict, total=False):
+    """What a campaign of either kind is built from (``flash_campaign``'s defaults)."""
+
+    stock: int
+    limit: int
+    hold_seconds: int
+    starts_in: float
+    lasts: float
+    skus: tuple[str, ...]
+    price: int
+
+
 def flash_campaign(
     now: datetime,
     campaign_id: str = "sale",
@@ -46,7 +59,8 @@ def flash_campaign(
     skus: tuple[str, ...] = ("sku-1",),
     price: int = 1999,
 ) -> Campaign:
-    """A flash campaign relative to ``now`` (the Redis clock); active by default."""
+    """A flash campaign relative to ``now`` (the Redis clock); active by default: it started
+    ``-starts_in`` seconds ago and lasts ``lasts`` seconds."""
     starts = now + timedelta(seconds=starts_in)
     return Campaign(
         id=campaign_id,
@@ -64,27 +78,18 @@ def team_campaign(
     now: datetime,
     campaign_id: str = "group",
     *,
-    stock: int = 100,
-    limit: int = 2,
     team_size: int = 3,
-    hold_seconds: int = 60,
     team_ttl_seconds: int = 600,
-    starts_in: float = -1.0,
-    lasts: float = 3600.0,
-    skus: tuple[str, ...] = ("sku-1",),
-    price: int = 990,
+    **shape: Unpack[_Shape],
 ) -> Campaign:
-    """A team campaign relative to ``now`` (the Redis clock); active by default."""
-    starts = now + timedelta(seconds=starts_in)
-    return Campaign(
-        id=campaign_id,
+    """A team campaign relative to ``now``: ``flash_campaign``'s window, items, limit and
+    holds (the same options and defaults, but a price of 990) plus the team's size and time to
+    live; active by default."""
+    shape.setdefault("price", 990)
+    return dataclasses.replace(
+        flash_campaign(now, campaign_id, **shape),
         kind=CampaignKind.TEAM,
         title=f"Team deal {campaign_id}",
-        starts_at=starts,
-        ends_at=starts + timedelta(seconds=lasts),
-        items=tuple(Item(sku, price, stock) for sku in skus),
-        per_user_limit=limit,
-        hold_seconds=hold_seconds,
         team_size=team_size,
         team_ttl_seconds=team_ttl_seconds,
     )

@@ -1,16 +1,21 @@
-"""Test-only helpers that reach under the engine (never used by the engine itself)."""
+"""Test-only helpers (never used by the engine itself): the one way to wait for something
+(``eventually``, and ``until`` on the Redis clock), and helpers that reach under the engine."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import cast
+from datetime import datetime
+from typing import TypeVar, cast
 
 from engine import Engine
 from engine.audit import audit_campaign
 from engine.events import Event
 from engine.keys import campaign_of_order, campaign_of_team, keys_of
+
+T = TypeVar("T")
+Clock = Callable[[], Awaitable[datetime]]
 
 
 async def age_order(engine: Engine, order_id: str, by_ms: int) -> None:
@@ -31,7 +36,7 @@ async def age_order(engine: Engine, order_id: str, by_ms: int) -> None:
 
 
 async def assert_invariants(engine: Engine, campaign_id: str) -> None:
-    """Fail with every violation the audit finds (SPEC 6.1, 6.2)."""
+    """Fail with every violation the audit finds (invariants I1 and I2, docs/invariants.md)."""
     audit = await audit_campaign(engine.runtime, campaign_id)
     assert audit.ok, "\n".join(audit.violations)
 
@@ -70,13 +75,37 @@ async def stream_events(engine: Engine, campaign_id: str) -> list[Event]:
     return [Event.decode(entry_id, fields) for entry_id, fields in entries]
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 60.0) -> None:
-    """Poll ``check`` until it holds; fail after ``within`` seconds."""
-    for _ in range(int(within / 0.02)):
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not true within {within} s: {check.__doc__ or check}")
+async def eventually(
+    check: Callable[[], Awaitable[T | None]],
+    within: float = 60.0,
+    *,
+    what: str | None = None,
+    every: float = 0.02,
+) -> T:
+    """Poll ``check`` every ``every`` seconds until it returns something truthy (True, a
+    record, not None), and return that; fail after ``within`` seconds, naming ``what`` (or the
+    check's docstring).
+
+    The suite's one way to wait: on the condition itself, never for a fixed time, so a slow
+    machine only makes a test slower, not red.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not (value := await check()):
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {within} s: {what or check.__doc__ or check}")
+        await asyncio.sleep(every)
+    return value
+
+
+async def until(clock: Clock, moment: datetime, within: float = 10.0) -> None:
+    """Wait until ``clock`` (the Redis clock, e.g. ``engine.runtime.now``) reads ``moment`` or
+    later: for what only real time passing can bring, such as a campaign's end."""
+
+    async def reached() -> bool:
+        return await clock() >= moment
+
+    await eventually(reached, within, what=f"the clock to reach {moment.isoformat()}")
 
 
 async def run_cli(*args: str, env: dict[str, str], limit: float = 120.0) -> tuple[int, str, str]:

@@ -3,7 +3,6 @@ read, and warm-up from the durable store after Redis lost everything."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,7 +32,7 @@ from engine.keys import CAMPAIGN_SET, check_id, keys_of
 from engine.local.redis_server import RedisServer
 from engine.models import to_ms
 from testkit.factories import flash_campaign, make_settings
-from testkit.helpers import age_order, assert_invariants
+from testkit.helpers import age_order, assert_invariants, until
 
 CID = "sale"
 SKU = "sku-1"
@@ -65,21 +64,12 @@ def stock(view: CampaignView, sku: str = SKU) -> tuple[int, int, int, int, int]:
     return item.initial, item.available, item.held, item.paid, item.gone
 
 
-async def wait_until(engine: Engine, moment: datetime) -> None:
-    """Bounded wait until the Redis clock reaches ``moment`` (real time has to pass)."""
-    for _ in range(200):
-        if await engine.runtime.now() >= moment:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the Redis clock never reached {moment}")
-
-
 async def ended_campaign(engine: Engine) -> Campaign:
     """Create ``sale`` active for ~0.3 s and wait until it has ended."""
     view = await engine.campaigns.create(
         flash_campaign(await engine.runtime.now(), CID, starts_in=-1, lasts=1.3)
     )
-    await wait_until(engine, view.campaign.ends_at)
+    await until(engine.runtime.now, view.campaign.ends_at)
     return view.campaign
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from engine import (
 from engine.keys import CAMPAIGN_SET, keys_of
 from engine.local.redis_server import RedisServer
 from testkit.factories import flash_campaign, make_settings
-from testkit.helpers import age_order, assert_invariants
+from testkit.helpers import age_order, assert_invariants, until
 
 CID = "sale"
 SKU = "sku-1"
@@ -90,15 +90,6 @@ async def events_of(redis: aioredis.Redis, order_id: str) -> list[dict[str, str]
 
 async def held_units(redis: aioredis.Redis, user: str) -> int:
     return int(await redis.hget(KEYS.users, user) or 0)
-
-
-async def wait_until(engine: Engine, moment: datetime) -> None:
-    """Bounded wait until the Redis clock reaches ``moment`` (real time has to pass)."""
-    for _ in range(200):
-        if await engine.runtime.now() >= moment:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the Redis clock never reached {moment}")
 
 
 async def age_past_deadline(engine: Engine, order: Order) -> None:
@@ -256,7 +247,7 @@ async def test_before_the_start_is_not_started_with_starts_at(
 
 async def test_after_the_end_is_ended_with_ends_at(engine: Engine, redis: aioredis.Redis) -> None:
     campaign = await open_sale(engine, starts_in=-1, lasts=1.3)
-    await wait_until(engine, campaign.ends_at)
+    await until(engine.runtime.now, campaign.ends_at)
     with pytest.raises(Ended) as caught:
         await engine.flash.reserve(CID, "u1", SKU, 1, "k1")
     assert caught.value.details == {"ends_at": campaign.ends_at}

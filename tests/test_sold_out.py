@@ -1,11 +1,12 @@
-"""The sold-out fast path: after a sell-out, reservations of that item skip the reservation
-script for a moment, yet retries still get their orders and returned stock sells again
-within 1 s."""
+"""The sold-out fast path (docs/lifecycle.md#order): after a sell-out, reservations of that
+item skip the reservation script for a moment, yet retries still get their orders and returned
+stock sells again. How long a returned unit takes to sell again is a benchmark figure
+(bench/test_sold_out.py), not an assertion here."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from engine import Engine, IdempotencyMismatch, OrderState, SoldOut
+from engine import Engine, IdempotencyMismatch, OrderState, Reservation, SoldOut
 from testkit.factories import flash_campaign, make_settings
-from testkit.helpers import assert_invariants
+from testkit.helpers import assert_invariants, eventually
 
 
 @pytest.fixture
@@ -60,18 +61,17 @@ async def test_a_retry_still_gets_its_order_after_the_sell_out(fast: Engine) -> 
         await fast.flash.reserve("sale", "u0", "hot", 2, "k")
 
 
-async def test_cancelled_stock_sells_again_within_a_second(fast: Engine) -> None:
+async def test_cancelled_stock_sells_again(fast: Engine) -> None:
     order_ids = await _sell_out(fast)
     await fast.orders.cancel(order_ids[0], "u0")
-    cancelled = time.monotonic()
-    for attempt in range(40):
-        try:
-            bought = await fast.flash.reserve("sale", "patient", "hot", 1, f"try-{attempt}")
-            break
-        except SoldOut:
-            await asyncio.sleep(0.05)
-    else:
-        pytest.fail("the returned unit never sold")
-    assert time.monotonic() - cancelled < 1.0
+    attempts = itertools.count()
+
+    async def resold() -> Reservation | None:
+        try:  # each attempt is a new request, with its own idempotency key
+            return await fast.flash.reserve("sale", "patient", "hot", 1, f"try-{next(attempts)}")
+        except SoldOut:  # the fast path still answers from its flag
+            return None
+
+    bought = await eventually(resold, within=10, what="the returned unit sold again")
     assert bought.order.state is OrderState.HELD
     await assert_invariants(fast, "sale")

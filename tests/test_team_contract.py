@@ -10,9 +10,8 @@ buckets, the joinable list, the outbox stream and the invariant audit. Time is m
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from engine.local.redis_server import RedisServer
 from engine.models import Seat, Team, TeamState, to_ms
 from engine.teams import ShareState, TeamSeatResult, mask_user
 from testkit.factories import flash_campaign, make_settings, team_campaign
-from testkit.helpers import age_order, age_team, assert_invariants
+from testkit.helpers import age_order, age_team, assert_invariants, until
 
 CID = "group"
 SKU = "sku-1"
@@ -139,15 +138,6 @@ async def order_events(engine: Engine, order_id: str, kind: str | None = None) -
 
 async def joinable_ids(engine: Engine, viewer: str | None = None, limit: int = 20) -> list[str]:
     return [team.team_id for team in await engine.teams.joinable(CID, SKU, viewer, limit)]
-
-
-async def wait_until(engine: Engine, moment: datetime) -> None:
-    """Bounded wait until the Redis clock reaches ``moment`` (real time has to pass)."""
-    for _ in range(200):
-        if await engine.runtime.now() >= moment:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the Redis clock never reached {moment}")
 
 
 # --------------------------------------------------------------------------- open_team
@@ -505,7 +495,7 @@ async def test_after_the_campaign_end_open_teams_fill_but_no_team_is_opened(
 ) -> None:
     campaign = await start(engine, starts_in=-1, lasts=1.7)
     team = await open_paid_team(engine, "leader")
-    await wait_until(engine, campaign.ends_at)
+    await until(engine.runtime.now, campaign.ends_at)
     assert (await engine.campaigns.get(CID)).status.value == "ended"
 
     with pytest.raises(Ended) as no_new:
@@ -535,7 +525,7 @@ async def test_a_leaders_hold_ends_with_the_campaign(engine: Engine) -> None:
     campaign = await start(engine, starts_in=-1, lasts=1.5)  # ends long before a 60 s hold
     opened = await open_team(engine, "leader")
     assert opened.order.expires_at == campaign.ends_at
-    await wait_until(engine, campaign.ends_at)
+    await until(engine.runtime.now, campaign.ends_at)
     with pytest.raises(HoldExpired):
         await pay(engine, opened.order)
     await engine.reaper.run_once()
