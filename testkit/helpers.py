@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TypeVar, cast
+
+import redis.asyncio as aioredis
 
 from engine import Engine
 from engine.audit import audit_campaign
 from engine.events import Event
 from engine.keys import campaign_of_order, campaign_of_team, keys_of
+from engine.models import from_ms
 
 T = TypeVar("T")
 Clock = Callable[[], Awaitable[datetime]]
@@ -106,6 +110,22 @@ async def until(clock: Clock, moment: datetime, within: float = 10.0) -> None:
         return await clock() >= moment
 
     await eventually(reached, within, what=f"the clock to reach {moment.isoformat()}")
+
+
+@asynccontextmanager
+async def redis_clock(url: str) -> AsyncIterator[Clock]:
+    """The clock of the Redis at ``url``, read as the engine reads it (``Runtime.now``): for a
+    server the test holds no engine of, such as the HTTP API's."""
+    client = aioredis.Redis.from_url(url)
+
+    async def now() -> datetime:
+        seconds, micros = await client.time()
+        return from_ms(int(seconds) * 1000 + int(micros) // 1000)
+
+    try:
+        yield now
+    finally:
+        await client.aclose()
 
 
 async def run_cli(*args: str, env: dict[str, str], limit: float = 120.0) -> tuple[int, str, str]:

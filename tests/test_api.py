@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,10 +25,13 @@ import httpx
 import pytest
 
 from engine import errors
+from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
+from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
+from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
 from engine.models import Campaign
 from testkit.factories import flash_campaign, team_campaign
-from tests.apiserver import ADMIN, GATEWAY, ApiServer
+from testkit.helpers import Clock, eventually, redis_clock, until
 
 Json = dict[str, Any]
 GW = {"Authorization": f"Bearer {GATEWAY}"}
@@ -167,6 +169,13 @@ async def http(api: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@pytest.fixture
+async def server_clock(api_redis: RedisServer) -> AsyncIterator[Clock]:
+    """The API server's clock: its Redis's, the one every script decides by."""
+    async with redis_clock(api_redis.url) as clock:
+        yield clock
+
+
 async def create(client: httpx.AsyncClient, campaign: Campaign) -> Json:
     return ok(await client.post("/v1/campaigns", json=campaign_json(campaign), headers=AD), 201)
 
@@ -244,23 +253,6 @@ async def joinable(client: httpx.AsyncClient, campaign_id: str, viewer: str) -> 
     params = {"sku": SKU, "viewer": viewer}
     body = ok(await client.get(f"/v1/campaigns/{campaign_id}/teams", params=params, headers=GW))
     return [t["team_id"] for t in body["teams"]]
-
-
-async def sleep_until(moment: datetime, limit: float = 5.0) -> None:
-    """Sleep until ``moment`` (plus a little), never longer than ``limit`` seconds."""
-    delay = (moment - now()).total_seconds() + 0.15
-    assert delay <= limit, f"would wait {delay:.1f} s"
-    await asyncio.sleep(max(0.0, delay))
-
-
-async def eventually(probe: Callable[[], Any], within: float = 4.0) -> Any:
-    """Poll the async ``probe`` until it returns something truthy, at most ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await probe()
-        if value or time.monotonic() > deadline:
-            return value
-        await asyncio.sleep(0.1)
 
 
 async def drain(server: ApiServer) -> str:
@@ -686,12 +678,12 @@ async def test_not_started(http: httpx.AsyncClient) -> None:
     assert (await stock_of(http, campaign.id))["available"] == 100
 
 
-async def test_ended(http: httpx.AsyncClient) -> None:
+async def test_ended(http: httpx.AsyncClient, server_clock: Clock) -> None:
     campaign = flash_campaign(now(), unique("brief"), starts_in=-1.0, lasts=2.5)
     created = await create(http, campaign)
     assert created["status"] == "active"
     ok(await reserve(http, campaign.id, "u1"), 201)
-    await sleep_until(parse_time(created["ends_at"]))
+    await until(server_clock, parse_time(created["ends_at"]))
 
     error = expect_error(await reserve(http, campaign.id, "u2"), "ended")
     assert parse_time(error["ends_at"]) == parse_time(created["ends_at"])
@@ -761,7 +753,7 @@ async def test_reserve_rejections(http: httpx.AsyncClient) -> None:
     assert error["sku"] == "sku-404"
     expect_error(await reserve(http, unique("none"), "u3"), "not_found")
     # A cancelled hold is sellable again within a second (a worker may answer sold_out from
-    # its local sold-out flag for a moment: SPEC 4).
+    # its local sold-out flag for a moment: docs/lifecycle.md#order).
     ok(await cancel(http, first["order_id"], "u1"))
 
     async def resold() -> bool:
@@ -771,7 +763,7 @@ async def test_reserve_rejections(http: httpx.AsyncClient) -> None:
         expect_error(response, "sold_out")
         return False
 
-    assert await eventually(resold, within=1.5), "a cancelled unit was not sellable within 1.5 s"
+    await eventually(resold, within=1.5, what="a cancelled unit sellable again")
     item = await stock_of(http, campaign_id)
     assert (item["available"], item["held"]) == (0, 3)
     assert item["sold_out_at"] is not None
@@ -919,12 +911,12 @@ async def test_get_order_access(http: httpx.AsyncClient) -> None:
     expect_error(await http.get(path), "unauthorized")
 
 
-async def test_hold_expired(http: httpx.AsyncClient) -> None:
+async def test_hold_expired(http: httpx.AsyncClient, server_clock: Clock) -> None:
     campaign_id = await new_flash(http, "expire", hold_seconds=1)
     order = ok(await reserve(http, campaign_id, "u1"), 201)
     expires = parse_time(order["expires_at"])
     assert 0.9 <= (expires - parse_time(order["created_at"])).total_seconds() <= 1.1
-    await sleep_until(expires)
+    await until(server_clock, expires)
     error = expect_error(await pay(http, order["order_id"], "u1"), "hold_expired")
     assert error["message"]
     # Paying is refused however often it is retried; nothing is marked paid.
@@ -1141,7 +1133,7 @@ async def test_wrong_campaign_kind(http: httpx.AsyncClient) -> None:
     assert (await stock_of(http, flash_id))["available"] == 100
 
 
-async def test_team_expiry(http: httpx.AsyncClient) -> None:
+async def test_team_expiry(http: httpx.AsyncClient, server_clock: Clock) -> None:
     """A team whose time ran out (no reaper in this server): closed to joins, shown failed,
     its held seats unpayable; quick-join opens a new team instead."""
     campaign_id = await new_team(http, "ttl", team_ttl_seconds=1)
@@ -1151,7 +1143,7 @@ async def test_team_expiry(http: httpx.AsyncClient) -> None:
     seat = ok(await join(http, team_id, "m1"), 201)
     expires = parse_time((await share(http, team_id))["team"]["expires_at"])
     assert parse_time(seat["order"]["expires_at"]) == expires  # min(hold, team expiry)
-    await sleep_until(expires)
+    await until(server_clock, expires)
 
     error = expect_error(await join(http, team_id, "m2"), "team_closed")
     assert error["team_state"] == "expired"
@@ -1198,8 +1190,7 @@ async def test_stats(api: ApiServer, http: httpx.AsyncClient) -> None:
         stats = ok(await http.get(path, headers=GW))
         return stats if stats["rejections"] == {"sold_out": 2} else None
 
-    stats = await eventually(counted)
-    assert stats is not None, "the two sold_out rejections were not counted within 4 s"
+    stats = await eventually(counted, within=4, what="the two sold_out rejections counted")
     assert (stats["campaign_id"], stats["status"], stats["teams"]) == (campaign_id, "active", None)
     (item,) = stats["items"]
     assert set(item) == {
@@ -1307,7 +1298,7 @@ async def test_redis_down_is_503_then_recovers(tmp_path: Path) -> None:
             async def ready_again() -> bool:
                 return (await client.get("/readyz")).status_code == 200
 
-            assert await eventually(ready_again, within=10), "/readyz stayed 503"
+            await eventually(ready_again, within=10, what="/readyz answering 200 again")
             ok(await reserve(client, campaign_id, "u2"), 201)
             item = await stock_of(client, campaign_id)
             assert (item["available"], item["held"]) == (98, 2)

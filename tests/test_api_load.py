@@ -17,7 +17,7 @@ import ssl
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,9 +28,12 @@ import httpx
 import redis.asyncio as aioredis
 
 from engine.keys import keys_of
+from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
+from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
+from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
 from engine.models import Order
-from tests.apiserver import ADMIN, GATEWAY, ApiServer
+from testkit.helpers import eventually
 
 GW = {"authorization": f"Bearer {GATEWAY}"}
 ADM = {"authorization": f"Bearer {ADMIN}"}
@@ -364,14 +367,7 @@ async def _shop(url: str, campaign_id: str, users: list[str], book: Ledger) -> N
             book.after_kill += time.monotonic() > book.killed_at
 
 
-async def _until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.05)
-
-
-async def _kill_a_worker(server: ApiServer, book: Ledger, trigger: Awaitable[None]) -> int:
+async def _kill_a_worker(server: ApiServer, book: Ledger, trigger: Awaitable[bool]) -> int:
     assert server.process is not None
     supervisor = server.process.pid
     workers = worker_pids(supervisor)
@@ -380,7 +376,11 @@ async def _kill_a_worker(server: ApiServer, book: Ledger, trigger: Awaitable[Non
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)
     book.killed_at = time.monotonic()
-    await _until(lambda: gone(victim), 10, f"worker {victim} to die")
+
+    async def dead() -> bool:
+        return gone(victim)
+
+    await eventually(dead, 10, what=f"worker {victim} to die")
     return victim
 
 
@@ -407,19 +407,23 @@ async def test_a_killed_worker_loses_no_acknowledged_order(
         async with http(server.url) as admin:
             await create_campaign(admin, campaign_id, stock=initial, limit=1)
 
-        async def enough_acked() -> None:
-            await _until(lambda: len(book.acked) >= 200, 30, "200 acknowledged orders")
+        async def acked() -> bool:
+            return len(book.acked) >= 200
+
+        enough_acked = eventually(acked, 30, what="200 acknowledged orders")
 
         async with asyncio.timeout(60):
             load = asyncio.gather(
                 *(_shop(server.url, campaign_id, users[i::clients], book) for i in range(clients))
             )
-            victim, _ = await asyncio.gather(_kill_a_worker(server, book, enough_acked()), load)
+            victim, _ = await asyncio.gather(_kill_a_worker(server, book, enough_acked), load)
         # The supervisor stayed up, and replaced the dead worker with a new one.
         assert server.process.poll() is None
-        await _until(
-            lambda: len(worker_pids(supervisor) - before) == 1, 20, "uvicorn to restart a worker"
-        )
+
+        async def restarted() -> bool:
+            return len(worker_pids(supervisor) - before) == 1
+
+        await eventually(restarted, 20, what="uvicorn to restart a worker")
         now_running = worker_pids(supervisor)
         assert victim not in now_running and len(now_running) == 2, (victim, now_running)
         assert book.after_kill > 0, "no request succeeded after the kill"
