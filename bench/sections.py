@@ -1,0 +1,249 @@
+"""The report's sections: the machine, the targets, then one per benchmark with its charts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bench.charts import Charts, series
+from bench.markdown import fmt, image, table, tabled
+from bench.results import IMPLEMENTATIONS, Result, Results
+from bench.targets import MET, NOT_MET, TARGETS, UNMEASURED, Verdict
+
+NOT_RUN = "Not measured."
+# The parts of a held order's Redis bytes, as the T6 rows name them.
+MEMORY_PARTS = (
+    "orders_hash",
+    "deadline_index",
+    "user_counter",
+    "idempotency",
+    "outbox",
+    "keyspace",
+)
+
+
+def machine_section(facts: Sequence[tuple[str, str]]) -> list[str]:
+    """The machine table."""
+    return ["## Machine", "", "| | |", "|---|---|", *(f"| {k} | {fmt(v)} |" for k, v in facts), ""]
+
+
+def targets_section(found: Sequence[Verdict]) -> list[str]:
+    """Every target's verdict, with how many were met, missed and not measured."""
+    counts = {v: sum(f.verdict == v for f in found) for v in (MET, NOT_MET, UNMEASURED)}
+    return [
+        "## Targets (docs/performance.md)",
+        "",
+        f"{counts[MET]} met, {counts[NOT_MET]} not met, {counts[UNMEASURED]} not measured.",
+        "",
+        "| target | requirement | measured | baseline | verdict |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {f.target.name} | {f.target.stated} | {f.measured} | {f.baseline} | {f.verdict} |"
+            for f in found
+        ),
+        "",
+    ]
+
+
+def t1_section(results: Results, charts: Charts) -> list[str]:
+    """T1: throughput, latency and ratios per concurrency, then the sold-out storm."""
+    out = ["## T1 reserve, one hot item", ""]
+    reserve, ratios = results.get("t1-reserve"), results.get("t1-ratios")
+    if reserve is None or ratios is None:
+        return [*out, "Not measured (bench/test_engine.py did not run).", ""]
+    out += [
+        "Every request of each measured window succeeded (enough stock). Implementations:",
+        "",
+        *(f"- `{k}`: {v}" for k, v in IMPLEMENTATIONS.items()),
+        "",
+        table(reserve.rows),
+        "",
+        *tabled("Engine (coalesced) divided by each baseline:", ratios),
+    ]
+    out += image(
+        charts.lines(
+            "t1-throughput",
+            "T1 reserves/s, one hot item",
+            series(reserve.rows, "impl", "per_s"),
+            "reserves per second (log)",
+        ),
+        "T1 throughput",
+    )
+    out += image(
+        charts.latency("t1-latency", "T1 latency: p99 (solid), p50 (dashed)", reserve.rows),
+        "T1 latency",
+    )
+    out += _t1_ratios_chart(ratios, charts)
+    storm = results.get("t1-sold-out")
+    return out if storm is None else [*out, *_sold_out_storm(storm, charts)]
+
+
+def _sold_out_storm(storm: Result, charts: Charts) -> list[str]:
+    """T1's sold-out storm: rejections per second once the item is gone."""
+    chart = charts.lines(
+        "t1-sold-out",
+        "Sold-out rejections/s",
+        series(storm.rows, "impl", "per_s"),
+        "rejections per second (log)",
+    )
+    return [
+        "### Sold-out storm",
+        "",
+        *tabled(
+            "Every request of the window rejected `sold_out` (the item sold out in the warm-up).",
+            storm,
+        ),
+        *image(chart, "sold-out storm"),
+    ]
+
+
+def _t1_ratios_chart(ratios: Result, charts: Charts) -> list[str]:
+    """Each T1 ratio over concurrency, with its target's floor drawn (WATCH/MULTI has none)."""
+    judged = [t for t in TARGETS if t.id == "T1" and t.bound is not None]
+    labels = {t.column: f"{t.name.removeprefix('T1 ')} (target {t.bound})" for t in judged}
+    labels["vs_redis_watch"] = "vs WATCH/MULTI"
+    lines = {
+        label: [(float(r["concurrency"]), float(r[column])) for r in ratios.rows]
+        for column, label in labels.items()
+    }
+    floors = [(t.bound.limit, t.bound.limit_text) for t in judged if t.bound is not None]
+    chart = charts.lines("t1-ratios", "T1 engine / baseline", lines, "ratio (log)", floors=floors)
+    return image(chart, "T1 ratios")
+
+
+def t3_section(results: Results, charts: Charts) -> list[str]:
+    """T3: join and quick-join against flash reserve, per concurrency."""
+    teams = results.get("t3-teams")
+    out = ["## T3 team join and quick-join vs flash reserve", ""]
+    if teams is None:
+        return [*out, NOT_RUN, ""]
+    out += tabled(
+        "Coalesced engine, same driver. `join`: a given open team (teams of 5, leader paid); "
+        "`quick_join`: seated in pre-opened teams; `reserve`: flash reserve. The three run in "
+        "turn, three rounds per level; each row is the median round.",
+        teams,
+    )
+    lines = series(teams.rows, "impl", "per_s")
+    out += image(charts.lines("t3-teams", "T3 requests/s", lines, "per second", logy=False), "T3")
+    return out
+
+
+def memory_section(results: Results, charts: Charts) -> list[str]:
+    """T6: Redis bytes per held order and their breakdown, then the process RSS."""
+    out = ["## T6 memory", ""]
+    redis_memory, rss = results.get("t6-redis-memory"), results.get("t6-process-memory")
+    if redis_memory is not None:
+        out += tabled(
+            "Redis bytes per held order: `used_memory` difference over the holds; the "
+            "breakdown is `MEMORY USAGE` per key divided by the holds (keyspace overhead "
+            "is the rest).",
+            redis_memory,
+        )
+        steady = redis_memory.rows[-1]
+        chart = charts.bars(
+            "t6-redis-bytes",
+            f"Redis bytes per held order ({steady['phase']})",
+            list(MEMORY_PARTS),
+            [float(steady[p]) for p in MEMORY_PARTS],
+            "bytes per held order",
+        )
+        out += image(chart, "T6 Redis bytes")
+    if rss is not None:
+        out += tabled("Process RSS over the requests:", rss)
+        points = [(float(r["requests"]), float(r["rss_mib"])) for r in rss.rows]
+        out += image(charts.xy("t6-rss", "Process RSS", points, "requests", "RSS MiB"), "T6 RSS")
+    if redis_memory is None and rss is None:
+        out.append(NOT_RUN)
+    return out
+
+
+def scripts_section(results: Results, charts: Charts) -> list[str]:
+    """The Lua scripts' micro benchmarks and the Redis time per request."""
+    scripts = results.get("scripts")
+    out = ["## Lua scripts (micro benchmarks)", ""]
+    if scripts is None:
+        return [*out, NOT_RUN, ""]
+    out += tabled(
+        "One call at a time from a sync client (pytest-benchmark): `median_us` is the round "
+        "trip; `redis_us` the time Redis spent in the script (INFO commandstats), "
+        "`redis_us_per_request` per reservation for the batch: 1e6 / that is one Redis "
+        "core's ceiling.",
+        scripts,
+    )
+    chart = charts.bars(
+        "scripts",
+        "Redis time per request (INFO commandstats)",
+        [str(r["script"]) for r in scripts.rows],
+        [float(r["redis_us_per_request"]) for r in scripts.rows],
+        "microseconds",
+    )
+    return [*out, *image(chart, "scripts")]
+
+
+def plain_section(
+    results: Results, names: Sequence[str], heading: str, intro: str = "", *, optional: bool = False
+) -> list[str]:
+    """Each of ``names``' tables under its title; "Not measured." (or, if ``optional``,
+    nothing at all) when none of them ran."""
+    shown = [results[n] for n in names if n in results]
+    if not shown and optional:
+        return []
+    out = [f"## {heading}", "", *([intro, ""] if intro else [])]
+    if not shown:
+        return [*out, NOT_RUN, ""]
+    for result in shown:
+        out += tabled(f"{result.title}:", result)
+    return out
+
+
+Write = Callable[[Results, Charts], list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A benchmark's section: the result files it shows and how it writes them."""
+
+    names: tuple[str, ...]
+    write: Write
+
+
+def _plain(*names: str, heading: str, intro: str = "", optional: bool = False) -> Section:
+    def write(results: Results, charts: Charts) -> list[str]:
+        return plain_section(results, names, heading, intro, optional=optional)
+
+    return Section(names, write)
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section(("t1-reserve", "t1-ratios", "t1-sold-out"), t1_section),
+    _plain("http", heading="T2 HTTP reserve"),
+    Section(("t3-teams",), t3_section),
+    _plain(
+        "flush-sqlite",
+        "flush-postgresql",
+        "flush-lag-sqlite",
+        "flush-lag-postgresql",
+        heading="T4 flush worker",
+    ),
+    _plain("t5-reaper", heading="T5 mass expiry"),
+    Section(("t6-redis-memory", "t6-process-memory"), memory_section),
+    _plain("t7-scale", heading="T7 one million users"),
+    Section(("scripts",), scripts_section),
+    # Shown once bench/ measures it: the report of a run without it stays as it was.
+    _plain(
+        "sold_out_resell",
+        heading="Sold-out resell",
+        intro="Seconds until stock cancelled after a sell-out is sellable again, per process.",
+        optional=True,
+    ),
+)
+
+
+def benchmark_sections(results: Results, charts: Charts) -> list[str]:
+    """Every benchmark's section in order, then any result no section knows."""
+    out = [line for section in SECTIONS for line in section.write(results, charts)]
+    known = {name for section in SECTIONS for name in section.names}
+    others = sorted(set(results) - known)
+    if others:
+        out += plain_section(results, others, "Other results")
+    return out

@@ -1,0 +1,427 @@
+"""The performance targets T1 to T8 of docs/performance.md, each defined once, and their verdicts.
+
+A target's floor or bound is written only here: the verdicts are judged with it, and every
+sentence of the report that states it (the requirement cells, the target lines of the T1
+ratio chart) is written from it. A target whose benchmark does not exist yet is defined too,
+without a judge, so that the report lists it as "not measured".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from bench.results import IMPLEMENTATIONS, Results, Row, by, top_level
+
+MET, NOT_MET, UNMEASURED = "met", "**NOT met**", "not measured"
+NO_BENCHMARK = "no benchmark yet"
+# The flush worker's default batch (FLASHTEAM_FLUSH_BATCH): T4 is judged at it.
+FLUSH_BATCH = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """What a measured number must be: at least (``>=``), at most (``<=``) or below ``limit``."""
+
+    op: Literal[">=", "<=", "<"]
+    limit: float
+    unit: str = ""
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` meets the bound."""
+        if self.op == ">=":
+            return value >= self.limit
+        if self.op == "<=":
+            return value <= self.limit
+        return value < self.limit
+
+    @property
+    def limit_text(self) -> str:
+        """The limit with its unit: ``0.8x``, ``20,000 events/s``."""
+        return f"{self.limit:,g}{self.unit}"
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.limit_text}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """What a judge read from the results: the measured and baseline cells, and the verdict."""
+
+    measured: str
+    baseline: str
+    ok: bool
+
+
+class NotMeasured(Exception):
+    """A judge found the results lack what the target needs (the message says what)."""
+
+
+Judge = Callable[[Results, "Target"], Reading]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One performance target, one row of the report's targets table.
+
+    ``name`` says what is measured (its first word is the target's id, ``T1``);
+    ``requirement`` is its sentence with ``{bound}`` where the bound goes; ``baseline`` what
+    it is a ratio of or compared with. ``judge`` reads it from the ``needs`` result files at
+    the row ``key`` and the ``column`` the bound applies to; no judge: no benchmark yet.
+    """
+
+    name: str
+    requirement: str
+    bound: Bound | None = None
+    baseline: str = ""
+    judge: Judge | None = None
+    needs: tuple[str, ...] = ()
+    key: str = ""
+    column: str = ""
+
+    @property
+    def id(self) -> str:
+        """``T1`` to ``T8``: the section of docs/performance.md."""
+        return self.name.split()[0]
+
+    @property
+    def stated(self) -> str:
+        """The requirement with its bound written in."""
+        return self.requirement.format(bound=self.bound)
+
+    def holds(self, value: float) -> bool:
+        """Whether ``value`` meets this target's bound."""
+        if self.bound is None:
+            raise TypeError(f"{self.name} has no numeric bound")
+        return self.bound.holds(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A target as judged from one run's results."""
+
+    target: Target
+    measured: str
+    baseline: str
+    verdict: str
+
+
+# --------------------------------------------------------------------------- judges
+
+
+def _t1(results: Results, target: Target) -> Reading:
+    ratio = top_level(results["t1-ratios"].rows)[0]
+    rates = by(top_level(results["t1-reserve"].rows), "impl")
+    value = float(ratio[target.column])
+    return Reading(
+        f"{value:.2f}x (engine {ratio['engine_per_s']:,.0f}/s)",
+        f"{target.baseline}: {rates[target.key]['per_s']:,.0f}/s",
+        target.holds(value),
+    )
+
+
+def _http_route(results: Results, target: Target) -> tuple[Row, str]:
+    """The T2 route row of ``target`` and the echo baseline's cell."""
+    routes = by(results["http"].rows, "route")
+    echo = routes.get("echo")
+    baseline = f"echo route {float(echo['requests_per_s']):,.0f}/s" if echo else "echo: missing"
+    if target.key not in routes:
+        raise NotMeasured(f"no `{target.key}` route in http.json")
+    return routes[target.key], baseline
+
+
+def _t2_vs_echo(results: Results, target: Target) -> Reading:
+    row, baseline = _http_route(results, target)
+    ratio = float(row.get(target.column, 0.0))
+    rate = float(row.get("requests_per_s", 0.0))
+    return Reading(f"{ratio:.2f}x ({rate:,.0f}/s)", baseline, target.holds(ratio))
+
+
+def _t2_p99(results: Results, target: Target) -> Reading:
+    row, baseline = _http_route(results, target)
+    p99 = float(row.get(target.column, 0.0))
+    share = float(row.get("of_peak", 0.0))
+    return Reading(f"p99 {p99:.1f} ms at {share:.0%} of peak", baseline, target.holds(p99))
+
+
+def _t3(results: Results, target: Target) -> Reading:
+    rows = by(top_level(results["t3-teams"].rows), "impl")
+    if target.key not in rows:
+        raise NotMeasured(f"no `{target.key}` rows in t3-teams.json")
+    row, reserve = rows[target.key], rows["reserve"]
+    value = float(row[target.column])
+    return Reading(
+        f"{value:.2f}x ({row['per_s']:,.0f}/s)",
+        f"{target.baseline} {reserve['per_s']:,.0f}/s",
+        target.holds(value),
+    )
+
+
+def _t4_flush(results: Results, target: Target) -> Reading:
+    rows = results[f"flush-{target.key}"].rows
+    row = max(
+        [r for r in rows if int(r["batch"]) == FLUSH_BATCH] or rows,
+        key=lambda r: float(r[target.column]),
+    )
+    rate = float(row[target.column])
+    best = max(float(r[target.column]) for r in rows)
+    return Reading(
+        f"{rate:,.0f} events/s at batch {int(row['batch']):,} (best {best:,.0f})",
+        f"{target.baseline}: {float(row['baseline_per_s']):,.0f}/s",
+        target.holds(rate),
+    )
+
+
+def _t4_lag(results: Results, target: Target) -> Reading:
+    """Max lag, while reserving at least as fast as T2's HTTP reserve of the same run."""
+    row = results[f"flush-lag-{target.key}"].rows[0]
+    rate, worst = float(row["reserved_per_s"]), float(row[target.column])
+    http = by(results["http"].rows, "route") if "http" in results else {}
+    t2 = float(http.get("reserve", {}).get("requests_per_s", 0.0))
+    return Reading(
+        f"max {worst:.2f} s, p99 {float(row['p99_lag_s']):.2f} s, mean "
+        f"{float(row['mean_lag_s']):.2f} s at {rate:,.0f} reservations/s for "
+        f"{float(row['seconds']):.0f} s",
+        f"T2 HTTP reserve {t2:,.0f}/s" if t2 else "T2 not measured: rate as set",
+        target.holds(worst) and rate >= t2,
+    )
+
+
+def _t5(results: Results, target: Target) -> Reading:
+    row = results["t5-reaper"].rows[0]
+    seconds = float(row[target.column])
+    return Reading(
+        f"{int(row['holds']):,} back {seconds:.2f} s after the instant "
+        f"({float(row['returned_per_s']):,.0f}/s)",
+        f"reaper interval {row['reaper_interval_s']} s, batch {row['reaper_batch']}",
+        target.holds(seconds),
+    )
+
+
+def _t6_redis(results: Results, target: Target) -> Reading:
+    rows = results["t6-redis-memory"].rows
+    phases = by(rows, "phase")
+    steady = phases.get("steady", rows[-1])
+    outbox = phases.get("with_outbox", steady)
+    value = float(steady[target.column])
+    return Reading(
+        f"{value:,.0f} B (outbox flushed); {float(outbox[target.column]):,.0f} B before the flush",
+        f"{target.baseline}, {int(steady['holds']):,} holds",
+        target.holds(value),
+    )
+
+
+def _t6_process(results: Results, target: Target) -> Reading:
+    last = max(results["t6-process-memory"].rows, key=lambda r: int(r["requests"]))
+    growth = float(last[target.column])
+    return Reading(
+        f"{growth:+.2f} MiB from 200k to {int(last['requests']):,} "
+        f"(RSS {float(last['rss_mib']):,.1f} MiB)",
+        target.baseline,
+        target.holds(growth),
+    )
+
+
+def _t7(results: Results, target: Target) -> Reading:
+    row = results["t7-scale"].rows[0]
+    exact = int(row["sold"]) == int(row["stock"]) and int(row["oversold"]) == 0
+    return Reading(
+        f"{int(row['sold']):,} sold, {int(row['oversold'])} oversold; sold out after "
+        f"{float(row['sold_out_after_s']):.1f} s, all {int(row['users']):,} answered in "
+        f"{float(row['all_answered_after_s']):.1f} s",
+        f"{int(row['stock']):,} units, {target.baseline}",
+        exact,
+    )
+
+
+# --------------------------------------------------------------------------- the targets
+
+_NAIVE = "naive reference endpoint (FastAPI, one Lua DECR per request)"
+_BATCH = "64 reservations per request"
+_BACKENDS = ("sqlite", "postgresql")
+
+
+def _t1_target(name: str, bound: Bound, impl: str, column: str) -> Target:
+    """A T1 ratio: the coalesced engine over ``impl``, 1,000 callers reserving one item."""
+    return Target(
+        name,
+        "{bound}, 1,000 callers, one hot item",
+        bound,
+        IMPLEMENTATIONS[impl],
+        _t1,
+        ("t1-ratios", "t1-reserve"),
+        impl,
+        column,
+    )
+
+
+def _t2_target(name: str, bound: Bound, route: str) -> Target:
+    """A T2 ratio: one HTTP route's rate over the echo route of the same app and server."""
+    return Target(
+        name, "{bound} echo", bound, "echo route", _t2_vs_echo, ("http",), route, "ratio_to_echo"
+    )
+
+
+def _t3_target(name: str, bound: Bound, operation: str) -> Target:
+    """A T3 ratio: a team operation over flash reserve, 1,000 callers."""
+    return Target(
+        name,
+        "{bound} flash reserve, 1,000 callers",
+        bound,
+        "coalesced flash reserve",
+        _t3,
+        ("t3-teams",),
+        operation,
+        "vs_reserve",
+    )
+
+
+def _t4_flush_target(backend: str, bound: Bound) -> Target:
+    """T4 flush throughput into one store, at the worker's default batch."""
+    return Target(
+        f"T4 flush into {backend}",
+        f"{{bound}} (default batch {FLUSH_BATCH:,})",
+        bound,
+        "same worker, discarding store",
+        _t4_flush,
+        (f"flush-{backend}",),
+        backend,
+        "events_per_s",
+    )
+
+
+def _t4_lag_target(backend: str, bound: Bound) -> Target:
+    """T4 flush lag into one store while reserving at the T2 rate."""
+    return Target(
+        f"T4 flush lag at the T2 rate ({backend})",
+        "{bound}",
+        bound,
+        "T2 HTTP reserve rate",
+        _t4_lag,
+        (f"flush-lag-{backend}",),
+        backend,
+        "max_lag_s",
+    )
+
+
+TARGETS: tuple[Target, ...] = (
+    _t1_target("T1 vs bare batched", Bound(">=", 0.8, "x"), "bare-batched", "vs_bare_batched"),
+    _t1_target(
+        "T1 vs one EVALSHA/request", Bound(">=", 4, "x"), "engine-uncoalesced", "vs_uncoalesced"
+    ),
+    _t1_target("T1 vs PostgreSQL", Bound(">=", 30, "x"), "postgres", "vs_postgres"),
+    _t2_target("T2 reserve vs echo", Bound(">=", 0.6, "x"), "reserve"),
+    Target(
+        "T2 p99 at 70% of peak",
+        "p99 {bound}",
+        Bound("<=", 25, " ms"),
+        baseline="echo route",
+        judge=_t2_p99,
+        needs=("http",),
+        key="reserve@70%",
+        column="p99_ms",
+    ),
+    _t2_target("T2 sold-out vs echo", Bound(">=", 0.9, "x"), "sold_out"),
+    Target("T2 reserve vs naive reference", "{bound} the " + _NAIVE, Bound(">=", 3, "x"), _NAIVE),
+    Target(
+        "T2 batch endpoint vs naive reference",
+        f"{{bound}} the {_NAIVE}, {_BATCH}",
+        Bound(">=", 10, "x"),
+        _NAIVE,
+    ),
+    Target(
+        "T2 batch endpoint vs T1",
+        f"{{bound}} T1, {_BATCH}",
+        Bound(">=", 0.6, "x"),
+        "T1 engine reserve, same run",
+    ),
+    _t3_target("T3 join vs reserve", Bound(">=", 0.5, "x"), "join"),
+    _t3_target("T3 quick-join vs reserve", Bound(">=", 0.5, "x"), "quick_join"),
+    *(_t4_flush_target(backend, Bound(">=", 20_000, " events/s")) for backend in _BACKENDS),
+    *(_t4_lag_target(backend, Bound("<", 2, " s")) for backend in _BACKENDS),
+    Target(
+        "T5 mass expiry",
+        "100,000 holds at one instant, all back {bound}",
+        Bound("<=", 10, " s"),
+        baseline="the reaper's interval and batch",
+        judge=_t5,
+        needs=("t5-reaper",),
+        column="all_returned_after_s",
+    ),
+    Target(
+        "T6 Redis bytes per hold",
+        "{bound} per held order",
+        Bound("<=", 400, " B"),
+        baseline="INFO used_memory, empty Redis",
+        judge=_t6_redis,
+        needs=("t6-redis-memory",),
+        column="bytes_per_hold",
+    ),
+    Target(
+        "T6 process memory flat",
+        "flat RSS over 1,000,000 requests ({bound} growth after 200k)",
+        Bound("<", 16, " MiB"),
+        baseline="RSS sampled every 100,000 reservations",
+        judge=_t6_process,
+        needs=("t6-process-memory",),
+        column="growth_since_200k_mib",
+    ),
+    Target(
+        "T6 Redis memory after archival",
+        "back to its baseline once finished campaigns are archived",
+        baseline="Redis used_memory before the campaigns",
+    ),
+    Target(
+        "T7 1M users, 100k stock",
+        "sells out exactly, zero oversell",
+        baseline="engine defaults (coalesced)",
+        judge=_t7,
+        needs=("t7-scale",),
+    ),
+    Target(
+        "T7 1M users, 100k stock, 3 shards",
+        "sells out exactly, zero oversell",
+        baseline="engine defaults (coalesced), 3 Redis shards",
+    ),
+    Target(
+        "T8 repair after Redis lost data",
+        "a campaign of 100,000 orders repaired in seconds",
+        baseline="the durable store's orders",
+    ),
+    Target(
+        "T8 pay with the durability default",
+        "{bound} the fast mode",
+        Bound(">=", 0.5, "x"),
+        "pay in the fast mode, same run",
+    ),
+    Target("T8 pay p99 at 70% of peak", "p99 {bound}", Bound("<=", 25, " ms"), "pay's own peak"),
+)
+
+
+def target(name: str) -> Target:
+    """The target of that row name (``"T2 reserve vs echo"``)."""
+    for found in TARGETS:
+        if found.name == name:
+            return found
+    raise KeyError(name)
+
+
+def judge(target: Target, results: Results) -> Verdict:
+    """``target`` judged from ``results``: met, NOT met, or not measured (with the reason)."""
+    if target.judge is None:
+        return Verdict(target, NO_BENCHMARK, target.baseline, UNMEASURED)
+    if any(name not in results for name in target.needs):
+        return Verdict(target, "", target.baseline, UNMEASURED)
+    try:
+        reading = target.judge(results, target)
+    except NotMeasured as exc:
+        return Verdict(target, str(exc), target.baseline, UNMEASURED)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        return Verdict(target, f"unreadable result: {exc!r}", target.baseline, UNMEASURED)
+    return Verdict(target, reading.measured, reading.baseline, MET if reading.ok else NOT_MET)
+
+
+def verdicts(results: Results) -> list[Verdict]:
+    """Every target, in order, judged from ``results``."""
+    return [judge(t, results) for t in TARGETS]
