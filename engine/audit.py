@@ -1,4 +1,4 @@
-"""The invariant audit of one campaign's Redis state (SPEC section 6, items 1 to 3).
+"""The invariant audit of one campaign's Redis state: invariants I1 to I3, docs/invariants.md.
 
 Reads everything the scripts maintain and recomputes it from the orders:
 - per item: available + held + paid + gone == initial stock, and available >= 0;

@@ -131,7 +131,7 @@ class AlreadyExists(Rejected):
 
 
 class NotEditable(Rejected):
-    """Raised when a campaign edit breaks the lifecycle rules (SPEC section 3)."""
+    """Raised when a campaign edit breaks the lifecycle rules (docs/lifecycle.md#campaign)."""
 
     code = "not_editable"
 

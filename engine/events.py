@@ -1,4 +1,5 @@
-"""The outbox event schema: what every script appends to ``ft:{c:<campaign>}:events``.
+"""The outbox event schema: what every script appends to ``ft:{c:<campaign>}:events``
+(docs/events.md: who emits each type and how the flush worker applies it).
 
 Each state change appends its stream entry in the same atomic script as the change, so Redis
 state and its events can never disagree. Entry fields (all strings):
@@ -19,12 +20,12 @@ state and its events can never disagree. Entry fields (all strings):
               seats`` (state W/O/S/F/D; lua/lib/team.lua)
     at      when it happened, ms on the Redis clock
     reason  user | deadline | invalidated | team_failed | restock | no_restock | merchant
-            | expired (team.failed) | leader_unpaid
+            | expired (team.failed)
 
 ``version`` starts at 1 and grows by one per change of that order (or team), so a consumer
 that keeps the highest version per id applies changes exactly once in effect, in any delivery
-order (SPEC 6.4). A failed team's refunds are ``order.refunded`` events with reason
-``team_failed``; the team id is in their record.
+order (invariant I4, docs/invariants.md). A failed team's refunds are ``order.refunded``
+events with reason ``team_failed``; the team id is in their record.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Campaign KPIs (SPEC section 10) for ``GET /v1/campaigns/{id}/stats``, the load-test report
+"""Campaign KPIs (docs/kpis.md) for ``GET /v1/campaigns/{id}/stats``, the load-test report
 and operators.
 
 Live stock and the sell-out moment come from Redis; order and team figures from the durable

@@ -1,5 +1,5 @@
-"""The verdict of a load run: SPEC section 6 invariants, SQL against Redis, durability of every
-acknowledged payment, the health of the run itself, and the section 10 KPIs.
+"""The verdict of a load run: the invariants (docs/invariants.md), SQL against Redis, durability
+of every acknowledged payment, the health of the run itself, and the KPIs (docs/kpis.md).
 
 No Locust here (it monkey-patches the process): the test suite calls ``judge`` directly on a
 state it has broken on purpose, and ``python -m loadtests.run`` calls it after the run, once
@@ -120,7 +120,7 @@ async def judge(
         checks.append(
             Check(
                 f"{campaign_id}: no oversell, no stock leak, per-user limits, no over-filled "
-                "team (SPEC 6.1-6.3)",
+                "team (invariants I1-I3)",
                 audit.ok,
                 audit.violations,
             )
@@ -131,7 +131,7 @@ async def judge(
             details.append(f"{rec.unflushed} events still unflushed")
         checks.append(
             Check(
-                f"{campaign_id}: SQL equals Redis, orders and teams per state (SPEC 6.4, 6.5)",
+                f"{campaign_id}: SQL equals Redis, orders and teams per state (invariants I4, I5)",
                 rec.ok and not rec.unflushed,
                 details,
             )
@@ -252,7 +252,7 @@ def _num(value: float | None, unit: str = "") -> str:
 
 
 def kpi_lines(stats: CampaignStats) -> list[str]:
-    """SPEC section 10 KPIs of one campaign, as printed after a load run."""
+    """The KPIs of one campaign (docs/kpis.md), as printed after a load run."""
     out = [f"  campaign {stats.campaign_id} ({stats.status})"]
     out.append(
         f"    {'item':<14} {'stock':>7} {'paid':>7} {'GMV':>12} {'AOV':>9} {'sold':>7} "

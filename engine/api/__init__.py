@@ -1,2 +1,2 @@
-"""The HTTP API (SPEC section 8): ``engine.api.app.create_app`` is the ASGI factory that
+"""The HTTP API (docs/http.md): ``engine.api.app.create_app`` is the ASGI factory that
 `flashteam serve` runs under uvicorn."""

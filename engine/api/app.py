@@ -1,4 +1,4 @@
-"""The HTTP API for the storefront gateway (SPEC section 8): Starlette routes over the engine,
+"""The HTTP API for the storefront gateway (docs/http.md): Starlette routes over the engine,
 msgspec for every body in and out.
 
 Each handler is wrapped once by ``_endpoint``: it checks the bearer token (constant time),
@@ -418,7 +418,7 @@ class Api:
         return json_response(s.CampaignOut.of(view))
 
     async def stats(self, request: Request) -> Response:
-        """Campaign KPIs (SPEC section 10)."""
+        """Campaign KPIs (docs/kpis.md#campaign-kpis)."""
         view = await self.engine.campaigns.get(request.path_params["campaign_id"])
         return json_response(await campaign_stats(self.engine.runtime, view))
 

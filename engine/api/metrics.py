@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API (SPEC section 10, engine side).
+"""Prometheus metrics of the API (docs/kpis.md#engine-metrics).
 
 Request and script latencies are histograms kept by prometheus_client; with several worker
 processes (`flashteam serve --workers N`) they live in ``PROMETHEUS_MULTIPROC_DIR`` and any

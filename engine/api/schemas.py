@@ -1,4 +1,4 @@
-"""The HTTP contract as msgspec structs (SPEC section 8): request bodies are decoded and
+"""The HTTP contract as msgspec structs (docs/http.md): request bodies are decoded and
 validated by these, responses encoded from them, and /openapi.json is generated from the same
 structs, so the documented schema and the checked one cannot drift apart.
 """
@@ -50,7 +50,8 @@ class CampaignIn(Request):
 
 
 class CampaignPatch(Request):
-    """Only the fields to change; SPEC section 3 decides which are allowed when."""
+    """Only the fields to change; the campaign lifecycle decides which are allowed when
+    (docs/lifecycle.md#campaign)."""
 
     kind: Kind | msgspec.UnsetType = msgspec.UNSET
     title: Annotated[str, Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET

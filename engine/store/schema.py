@@ -3,7 +3,7 @@
 Times are integer milliseconds since the epoch (the Redis clock), money integer minor units.
 Orders and teams are written only by the flush worker, from outbox events, with an upsert that
 applies a row only when its ``version`` is newer than the stored one: replays and out-of-order
-deliveries can never move a row back to an earlier state (SPEC 6.4).
+deliveries can never move a row back to an earlier state (invariant I4, docs/invariants.md).
 """
 
 from __future__ import annotations
