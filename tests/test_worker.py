@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,7 @@ async def test_worker_killed_repeatedly_loses_and_duplicates_nothing(durable: En
         started = asyncio.get_running_loop().time()
         process = _start_worker(engine, name)
         await eventually(functools.partial(_reading_since, engine, name, started))
+        # Not a wait: the random moment of the kill is the test (before, in or after a batch).
         await asyncio.sleep(rng.uniform(0, 0.05))
         process.send_signal(signal.SIGKILL)
         assert await asyncio.to_thread(process.wait, 10) == -signal.SIGKILL
@@ -277,22 +278,28 @@ async def test_two_workers_in_one_group_write_each_entry_once(durable: Engine) -
 # --------------------------------------------------------------------------- SQL outages
 
 
-def _lock_sqlite(path: Path, seconds: float) -> threading.Thread:
-    """Another writer holds SQLite's write lock for longer than the busy timeout."""
-    ready = threading.Event()
+def _lock_sqlite(path: Path) -> Callable[[], None]:
+    """Another writer takes SQLite's write lock and holds it (past the store's busy timeout)
+    until the returned function is called, which releases it and waits for the writer."""
+    ready, release = threading.Event(), threading.Event()
 
     def hold() -> None:
         db = sqlite3.connect(path, isolation_level=None)
         db.execute("BEGIN EXCLUSIVE")
         ready.set()
-        threading.Event().wait(seconds)
+        release.wait(120)  # bounded: a test that fails first never releases it
         db.execute("ROLLBACK")
         db.close()
 
     thread = threading.Thread(target=hold)
     thread.start()
     assert ready.wait(10)
-    return thread
+
+    def unlock() -> None:
+        release.set()
+        thread.join()
+
+    return unlock
 
 
 async def test_sql_outage_waits_acknowledges_nothing_and_catches_up(
@@ -313,22 +320,27 @@ async def test_sql_outage_waits_acknowledges_nothing_and_catches_up(
     url = engine.runtime.settings.database_url
     assert url is not None
     if url.startswith("sqlite"):
-        locker = _lock_sqlite(Path(url.removeprefix("sqlite:///")), seconds=12)
+        end_outage: Callable[[], object] = _lock_sqlite(Path(url.removeprefix("sqlite:///")))
     else:
         server: PostgresServer = request.getfixturevalue("postgres_server")
         server.stop()
+        end_outage = server.start
     for held in first[:100]:
         await engine.orders.pay(held.order.order_id, held.order.user_id, "p")
     await asyncio.gather(
         *(engine.flash.reserve(FLASH, f"v{n}", "sku-1", 1, "k") for n in range(100))
     )
-    await asyncio.sleep(1.5)
+
+    async def refused() -> bool:
+        """the flush worker failed to commit and waits"""
+        return any("flush worker waiting" in r.message for r in caplog.records)
+
+    await eventually(refused)
     # Nothing is acknowledged (or deleted) while SQL cannot commit.
     assert await engine.runtime.redis.xlen(keys_of(FLASH).events) == 200
-    if url.startswith("sqlite"):
-        await asyncio.to_thread(locker.join)
-    else:
-        server.start()
+    # On this thread: a server started from a worker thread would die with that thread
+    # (its parent-death signal follows the thread that forked it).
+    end_outage()
     await eventually(lambda: flushed(worker))
     stop.set()
     await running
