@@ -7,15 +7,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import uvicorn
@@ -24,24 +20,12 @@ import uvloop
 from engine.core import Engine
 from engine.demo import DemoPlan, run_demo
 from engine.errors import ConfigurationError, EngineError
-from engine.local.redis_server import RedisServer
+from engine.local.launcher import LocalEngine, StartFailed
 from engine.reconcile import reconcile
-from engine.settings import Settings
+from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings
 from engine.worker import FlushWorker
 
 log = logging.getLogger("flashteam")
-
-
-@contextlib.contextmanager
-def _redis_for(settings: Settings, data_dir: Path) -> Iterator[Settings]:
-    """The settings to use: as given when FLASHTEAM_REDIS_URL is set, else with a private
-    redis-server (AOF on, noeviction) started under ``data_dir`` and stopped on exit."""
-    if settings.redis_url is not None:
-        yield settings
-        return
-    with RedisServer(data_dir / "redis", appendfsync=settings.appendfsync) as server:
-        log.info("private redis-server on %s (data in %s)", server.url, server.data_dir)
-        yield settings.with_(redis_url=server.url)
 
 
 async def _until_signalled() -> asyncio.Event:
@@ -88,113 +72,33 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
 
 
 def _run(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Everything locally: a private redis-server (unless FLASHTEAM_REDIS_URL is set), then
-    the API, the flush worker and the reaper as child processes, until Ctrl-C or SIGTERM."""
-    generated = {
-        name: secrets.token_urlsafe(24)
-        for name, value in (
-            ("GATEWAY_TOKEN", settings.gateway_token),
-            ("ADMIN_TOKEN", settings.admin_token),
-        )
-        if value is None
-    }
-    settings = settings.with_(
-        gateway_token=settings.gateway_token or generated.get("GATEWAY_TOKEN"),
-        admin_token=settings.admin_token or generated.get("ADMIN_TOKEN"),
-        database_url=settings.database_url or f"sqlite:///{settings.sqlite_path.resolve()}",
-        data_dir=settings.data_dir.resolve(),
-    )
-    settings.require_tokens()
-    with _redis_for(settings, settings.data_dir) as ready:
-        env = {**os.environ, **_env_of(ready)}
-        stop = _stop_on_signals()
-        children = {
-            "api": _child(
-                ["serve", "--host", host, "--port", str(port), "--workers", str(workers)], env
-            ),
-            "flush worker": _child(["worker"], env),
-            "reaper": _child(["reaper"], env),
-        }
-        code = 0
-        try:
-            url = f"http://{host}:{port}"
-            if not _wait_healthy(url, children["api"], stop):
-                code = 1
-            else:
-                print(f"flashteam is running: API {url} ({workers} workers)", flush=True)
-                print(f"  Redis:          {ready.redis_url}")
-                print(f"  durable store:  {_store_name(ready)}")
-                print("  flush worker and reaper running")
-                for name, token in (("gateway", ready.gateway_token), ("admin", ready.admin_token)):
-                    origin = "generated" if f"{name.upper()}_TOKEN" in generated else "from env"
-                    print(f"  {name} token:  {token}  ({origin})")
-                print(f"  try: curl {url}/readyz", flush=True)
-                print("  stop with Ctrl-C", flush=True)
-                code = _supervise(children, stop)
-        finally:
-            _stop_children(children)
+    """Everything locally (see LocalEngine): a private redis-server unless FLASHTEAM_REDIS_URL
+    is set, then the API, the flush worker and the reaper, until Ctrl-C or SIGTERM."""
+    local = LocalEngine(settings, host=host, port=port, workers=workers)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: local.request_stop())
+    try:
+        with local:
+            _print_running(local)
+            code = local.supervise()
+    except StartFailed as exc:
+        print(f"flashteam: {exc}", file=sys.stderr)
+        code = 1
     print("flashteam stopped", flush=True)
     return code
 
 
-def _env_of(settings: Settings) -> dict[str, str]:
-    values = {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "DATA_DIR": str(settings.data_dir),
-        "GATEWAY_TOKEN": settings.gateway_token,
-        "ADMIN_TOKEN": settings.admin_token,
-    }
-    return {f"FLASHTEAM_{k}": v for k, v in values.items() if v is not None}
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
-def _child(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=env)
-
-
-def _wait_healthy(url: str, api: subprocess.Popen[bytes], stop: threading.Event) -> bool:
-    for _ in range(300):
-        if stop.is_set() or api.poll() is not None:
-            return False
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{url}/healthz", timeout=1) as reply,
-        ):
-            if reply.status == 200:
-                return True
-        stop.wait(0.1)
-    print("flashteam: the API did not come up within 30 s", file=sys.stderr)
-    return False
-
-
-def _supervise(children: dict[str, subprocess.Popen[bytes]], stop: threading.Event) -> int:
-    """Wait for a signal; a child that dies on its own stops everything with exit code 1."""
-    while not stop.wait(0.2):
-        for name, child in children.items():
-            if child.poll() is not None:
-                print(f"flashteam: the {name} exited ({child.returncode})", file=sys.stderr)
-                return 1
-    return 0
-
-
-def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
-    """SIGTERM to each (the API drains requests, the worker finishes its batch), then wait."""
-    for child in children.values():
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in children.values():
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+def _print_running(local: LocalEngine) -> None:
+    ready = local.settings
+    print(f"flashteam is running: API {local.url} ({local.workers} workers)", flush=True)
+    print(f"  Redis:          {ready.redis_url}")
+    print(f"  durable store:  {_store_name(ready)}")
+    print("  flush worker and reaper running")
+    for name, token in zip(("gateway", "admin"), ready.require_tokens(), strict=True):
+        origin = "generated" if name in local.generated else "from env"
+        print(f"  {name} token:  {token}  ({origin})")
+    print(f"  try: curl {local.url}/readyz", flush=True)
+    print("  stop with Ctrl-C", flush=True)
 
 
 def _store_name(settings: Settings) -> str:
@@ -250,8 +154,10 @@ async def _demo(settings: Settings, plan: DemoPlan) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashteam",
-        description="Flash-sale and team-join engine on atomic Redis Lua scripts. "
-        "Configuration comes from FLASHTEAM_* environment variables (see README).",
+        description="Flash-sale and team-join engine on atomic Redis Lua scripts.\n"
+        "Configuration comes from the FLASHTEAM_* environment variables listed below.",
+        epilog="environment variables:\n" + "\n".join(Settings.describe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -267,10 +173,10 @@ def _parser() -> argparse.ArgumentParser:
         "and FLASHTEAM_ADMIN_TOKEN)",
     )
     for command in (run, serve):
-        command.add_argument("--host", default="127.0.0.1", help="%(default)s")
-        command.add_argument("--port", type=int, default=8000, help="%(default)s")
+        command.add_argument("--host", default=API_HOST, help="%(default)s")
+        command.add_argument("--port", type=int, default=API_PORT, help="%(default)s")
         command.add_argument(
-            "--workers", type=int, default=2, help="API worker processes; %(default)s"
+            "--workers", type=int, default=API_WORKERS, help="API worker processes; %(default)s"
         )
     sub.add_parser("reaper", help="run only the reaper against FLASHTEAM_REDIS_URL")
     worker = sub.add_parser(
@@ -326,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                 team_size=args.team_size,
             )
             with tempfile.TemporaryDirectory(prefix="flashteam-demo-") as tmp:
-                demo_settings = settings.with_(
+                throwaway = settings.with_(
                     redis_url=None, database_url=None, data_dir=Path(tmp), rate_limit=0
                 )
-                with _redis_for(demo_settings, Path(tmp)) as ready:
-                    return _loop(lambda: _demo(ready, plan))
+                with LocalEngine(throwaway, services=()) as local:
+                    return _loop(lambda: _demo(local.settings, plan))
         if args.command == "reaper":
             return _loop(lambda: _reaper(settings))
         if args.command == "worker":

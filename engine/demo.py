@@ -149,7 +149,8 @@ async def _report(engine: Engine, plan: DemoPlan, tally: _Tally, out: list[str])
         *_rejection_lines(tally),
         f"  no oversell: paid {stock.paid} + held {stock.held} <= stock {plan.stock}: "
         f"{'OK' if no_oversell else 'FAILED'}",
-        f"  invariants (SPEC 6.1, 6.2): {'OK' if audit.ok else 'FAILED'}",
+        f"  invariants I1, I2 (stock, limits; docs/invariants.md): "
+        f"{'OK' if audit.ok else 'FAILED'}",
         *(f"    violation: {v}" for v in audit.violations),
     ]
     return no_oversell and audit.ok
@@ -221,7 +222,7 @@ async def _team_report(engine: Engine, plan: DemoPlan, tally: _Tally, out: list[
         f"{'OK' if audit.orders.get(OrderState.PAID, 0) == plan.team_size * succeeded else 'NO'})",
         "  rejections by reason:",
         *_rejection_lines(tally),
-        f"  invariants (SPEC 6.1-6.3: stock, limits, no over-filled team): "
+        f"  invariants I1-I3 (stock, limits, no over-filled team; docs/invariants.md): "
         f"{'OK' if audit.ok else 'FAILED'}",
         *(f"    violation: {v}" for v in audit.violations),
     ]

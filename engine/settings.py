@@ -1,47 +1,29 @@
 """One frozen settings object, built from ``FLASHTEAM_*`` environment variables.
 
-FLASHTEAM_REDIS_URL        Redis to use. Unset: ``flashteam run`` starts a private redis-server
-                           under FLASHTEAM_DATA_DIR.
-FLASHTEAM_REDIS_CLUSTER    ``1``: the URL names a node of a Redis Cluster (default 0).
-FLASHTEAM_DATABASE_URL     the durable store: ``sqlite:///path`` (default
-                           ``sqlite:///<data dir>/flashteam.db``) or
-                           ``postgresql://user:password@host:port/database``.
-FLASHTEAM_DATA_DIR         where local data lives: Redis AOF, SQLite (default ``./var``).
-FLASHTEAM_APPENDFSYNC      the private Redis's AOF fsync: ``everysec`` (default; up to ~1 s of
-                           acknowledged writes lost on power loss) or ``always`` (zero loss).
-FLASHTEAM_RATE_LIMIT       order attempts per user per campaign per second (default 5, 0 = off).
-FLASHTEAM_IDEMPOTENCY_TTL  seconds an idempotency key is remembered (default and minimum 86400).
-FLASHTEAM_REAPER_INTERVAL  seconds between reaper passes, at most 1 (default 0.2).
-FLASHTEAM_REAPER_BATCH     held orders ended per script call (default 500).
-FLASHTEAM_FLUSH_BATCH      outbox entries the flush worker reads per stream and step
-                           (default 1000).
-FLASHTEAM_CLAIM_IDLE       seconds an entry may sit unacknowledged with a consumer before
-                           another worker claims it (XAUTOCLAIM; default 30).
-FLASHTEAM_WORKER_NAME      this worker's consumer name (default <hostname>-<pid>).
-FLASHTEAM_GATEWAY_TOKEN    bearer token of the storefront gateway (HTTP API; 16+ characters).
-FLASHTEAM_ADMIN_TOKEN      bearer token for campaign management and refunds (16+ characters).
-FLASHTEAM_MAX_BODY         largest HTTP request body accepted, bytes (default 65536).
-FLASHTEAM_COALESCE         ``1`` (default): concurrent reserve/join/quick-join calls of one
-                           campaign share one script call; ``0``: one call each.
-FLASHTEAM_COALESCE_BATCH   most requests in one coalesced call (default 64: a burst of
-                           100 callers goes out as two calls, so Redis runs one while this
-                           process prepares the next).
-FLASHTEAM_COALESCE_WINDOW_US  microseconds a batch waits for company (default 0: the current
-                           turn of the event loop, no timer; at most 1000).
-FLASHTEAM_SOLD_OUT_TTL     seconds a sold-out item is answered without running a reservation
-                           (default 0.5; 0 = off; at most 1: returned units sell within 1 s).
-FLASHTEAM_ECHO_ROUTE       ``1``: also serve ``POST /bench/echo``, a bare JSON echo (the T2
-                           benchmark's baseline; off by default).
+Each field of ``Settings`` is one variable, ``FLASHTEAM_<FIELD NAME IN CAPITALS>``; its
+default and its meaning are written once, in the field, and everything else derives from
+there: ``from_env`` reads them, ``to_env`` hands them to a child process, and
+``Settings.describe()`` is the table ``flashteam --help`` prints. Booleans are ``1``/``0``
+(also true/false, yes/no, on/off); an empty variable counts as unset.
+
+``API_HOST``, ``API_PORT`` and ``API_WORKERS`` are the defaults of the ``--host``, ``--port``
+and ``--workers`` options of ``flashteam run`` and ``flashteam serve``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from engine.errors import ConfigurationError
+
+API_HOST = "127.0.0.1"
+API_PORT = 8000
+API_WORKERS = 2
 
 _PREFIX = "FLASHTEAM_"
 _FLAGS = {"1": True, "true": True, "yes": True, "on": True} | {
@@ -50,40 +32,99 @@ _FLAGS = {"1": True, "true": True, "yes": True, "on": True} | {
     "no": False,
     "off": False,
 }
+_MIN_IDEMPOTENCY_TTL = 86_400  # a client retrying within a day is answered, not re-run
+
+_T = TypeVar("_T")
+
+
+def _setting(default: _T, meaning: str) -> _T:
+    """A field with its default and the one-line meaning ``describe`` prints."""
+    made: _T = field(default=default, metadata={"meaning": meaning})
+    return made
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything configurable, with production-safe defaults."""
 
-    redis_url: str | None = None
-    redis_cluster: bool = False
-    database_url: str | None = None
-    data_dir: Path = Path("var")
-    appendfsync: str = "everysec"
-    rate_limit: int = 5
-    idempotency_ttl: int = 86_400
-    reaper_interval: float = 0.2
-    reaper_batch: int = 500
-    flush_batch: int = 1000
-    claim_idle: float = 30.0
-    worker_name: str | None = None
-    gateway_token: str | None = None
-    admin_token: str | None = None
-    max_body: int = 65_536
-    echo_route: bool = False
-    coalesce: bool = True
-    coalesce_batch: int = 64
-    coalesce_window_us: int = 0
-    sold_out_ttl: float = 0.5
+    redis_url: str | None = _setting(
+        None,
+        "Redis to use; unset: `flashteam run` starts a private redis-server under the data dir",
+    )
+    redis_cluster: bool = _setting(False, "1: the Redis URL names a node of a Redis Cluster")
+    database_url: str | None = _setting(
+        None,
+        "the durable store: sqlite:///path or postgresql://user:password@host:port/database; "
+        "unset: SQLite, flashteam.db in the data dir",
+    )
+    data_dir: Path = _setting(  # noqa: RUF009 (a Path is immutable, safe to share)
+        Path("var"), "where local data lives: the private Redis's AOF, SQLite"
+    )
+    appendfsync: str = _setting(
+        "everysec",
+        "the private Redis's AOF fsync: everysec (up to ~1 s of acknowledged writes lost on "
+        "power loss) or always (zero loss)",
+    )
+    rate_limit: int = _setting(5, "order attempts per user per campaign per second; 0 = off")
+    idempotency_ttl: int = _setting(
+        _MIN_IDEMPOTENCY_TTL,
+        f"seconds an idempotency key is remembered, at least {_MIN_IDEMPOTENCY_TTL} (24 h)",
+    )
+    reaper_interval: float = _setting(0.2, "seconds between reaper passes, at most 1")
+    reaper_batch: int = _setting(500, "held orders ended per script call")
+    flush_batch: int = _setting(1000, "outbox entries the flush worker reads per stream and step")
+    claim_idle: float = _setting(
+        30.0,
+        "seconds an entry may sit unacknowledged with a consumer before another worker claims "
+        "it (XAUTOCLAIM)",
+    )
+    worker_name: str | None = _setting(None, "this worker's consumer name; unset: <hostname>-<pid>")
+    gateway_token: str | None = _setting(
+        None,
+        "bearer token of the storefront gateway (HTTP API; 16+ characters; `flashteam run` "
+        "generates one when unset)",
+    )
+    admin_token: str | None = _setting(
+        None,
+        "bearer token for campaign management and refunds (16+ characters; `flashteam run` "
+        "generates one when unset)",
+    )
+    max_body: int = _setting(65_536, "largest HTTP request body accepted, bytes; 1024 to 16777216")
+    echo_route: bool = _setting(
+        False,
+        "1: also serve POST /bench/echo, a bare JSON echo (the baseline of benchmark T2, "
+        "docs/performance.md)",
+    )
+    coalesce: bool = _setting(
+        True,
+        "1: concurrent reserve/join/quick-join calls of one campaign share one script call; "
+        "0: one call each",
+    )
+    coalesce_batch: int = _setting(
+        64,
+        "most requests in one coalesced call, 1 to 512 (a larger burst goes out as several "
+        "calls, so Redis runs one while this process prepares the next)",
+    )
+    coalesce_window_us: int = _setting(
+        0,
+        "microseconds a batch waits for company, at most 1000; 0: the current turn of the "
+        "event loop, no timer",
+    )
+    sold_out_ttl: float = _setting(
+        0.5,
+        "seconds a sold-out item is answered without running a reservation; 0 = off; at most 1 "
+        "(returned units sell within 1 s)",
+    )
 
     def __post_init__(self) -> None:
         if self.appendfsync not in ("everysec", "always"):
             raise ConfigurationError("FLASHTEAM_APPENDFSYNC must be 'everysec' or 'always'")
         if self.rate_limit < 0:
             raise ConfigurationError("FLASHTEAM_RATE_LIMIT must be >= 0 (0 turns it off)")
-        if self.idempotency_ttl < 86_400:
-            raise ConfigurationError("FLASHTEAM_IDEMPOTENCY_TTL must be >= 86400 (24 h)")
+        if self.idempotency_ttl < _MIN_IDEMPOTENCY_TTL:
+            raise ConfigurationError(
+                f"FLASHTEAM_IDEMPOTENCY_TTL must be >= {_MIN_IDEMPOTENCY_TTL} (24 h)"
+            )
         if self.flush_batch < 1 or self.claim_idle <= 0:
             raise ConfigurationError(
                 "FLASHTEAM_FLUSH_BATCH must be >= 1 and FLASHTEAM_CLAIM_IDLE > 0 seconds"
@@ -134,47 +175,77 @@ class Settings:
         """A copy with some fields changed (tests, CLI flags)."""
         return replace(self, **changes)  # type: ignore[arg-type]
 
+    def to_env(self) -> dict[str, str]:
+        """The ``FLASHTEAM_*`` variables that ``from_env`` turns back into these settings
+        (unset fields left out): how the launcher hands its configuration to a child."""
+        return {
+            _variable(each): _text(value)
+            for each in fields(self)
+            if (value := getattr(self, each.name)) is not None
+        }
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every ``FLASHTEAM_*`` variable; ConfigurationError names a bad one."""
         env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for each in fields(cls):
+            raw = env.get(_variable(each))
+            if raw:
+                values[each.name] = _READERS[each.name](_variable(each), raw)
+        return cls(**values)
 
-        def get(name: str) -> str | None:
-            value = env.get(_PREFIX + name)
-            return value if value else None
+    @classmethod
+    def describe(cls) -> list[str]:
+        """One line per variable: its name, meaning and default (``flashteam --help``)."""
+        width = max(len(_variable(each)) for each in fields(cls))
+        return [
+            textwrap.fill(
+                f"{_variable(each):<{width}}  {each.metadata['meaning']}"
+                + ("" if each.default is None else f" (default {_text(each.default)})"),
+                width=100,
+                subsequent_indent=" " * (width + 2),
+            )
+            for each in fields(cls)
+        ]
 
-        def number(name: str, kind: type[int] | type[float], default: float) -> float:
-            raw = get(name)
-            try:
-                return default if raw is None else kind(raw)
-            except ValueError as exc:
-                raise ConfigurationError(f"{_PREFIX}{name} must be a number, not {raw!r}") from exc
 
-        def flag(name: str, default: str = "0") -> bool:
-            raw = (get(name) or default).lower()
-            if raw not in _FLAGS:
-                raise ConfigurationError(f"{_PREFIX}{name} must be 1/0, true/false, yes/no, on/off")
-            return _FLAGS[raw]
+def _variable(each: Field[Any]) -> str:
+    return _PREFIX + each.name.upper()
 
-        return cls(
-            redis_url=get("REDIS_URL"),
-            redis_cluster=flag("REDIS_CLUSTER"),
-            database_url=get("DATABASE_URL"),
-            data_dir=Path(get("DATA_DIR") or "var"),
-            appendfsync=get("APPENDFSYNC") or "everysec",
-            rate_limit=int(number("RATE_LIMIT", int, 5)),
-            idempotency_ttl=int(number("IDEMPOTENCY_TTL", int, 86_400)),
-            reaper_interval=number("REAPER_INTERVAL", float, 0.2),
-            reaper_batch=int(number("REAPER_BATCH", int, 500)),
-            flush_batch=int(number("FLUSH_BATCH", int, 1000)),
-            claim_idle=number("CLAIM_IDLE", float, 30.0),
-            worker_name=get("WORKER_NAME"),
-            gateway_token=get("GATEWAY_TOKEN"),
-            admin_token=get("ADMIN_TOKEN"),
-            max_body=int(number("MAX_BODY", int, 65_536)),
-            echo_route=flag("ECHO_ROUTE"),
-            coalesce=flag("COALESCE", default="1"),
-            coalesce_batch=int(number("COALESCE_BATCH", int, 64)),
-            coalesce_window_us=int(number("COALESCE_WINDOW_US", int, 0)),
-            sold_out_ttl=number("SOLD_OUT_TTL", float, 0.5),
-        )
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _flag(name: str, raw: str) -> bool:
+    if raw.lower() not in _FLAGS:
+        raise ConfigurationError(f"{name} must be 1/0, true/false, yes/no, on/off")
+    return _FLAGS[raw.lower()]
+
+
+def _number(kind: type[int] | type[float]) -> Callable[[str, str], float]:
+    def read(name: str, raw: str) -> float:
+        try:
+            return kind(raw)
+        except ValueError as exc:
+            raise ConfigurationError(f"{name} must be a number, not {raw!r}") from exc
+
+    return read
+
+
+_BY_TYPE: dict[str, Callable[[str, str], object]] = {
+    "bool": _flag,
+    "int": _number(int),
+    "float": _number(float),
+    "Path": lambda _, raw: Path(raw),
+    "str": lambda _, raw: raw,
+    "str | None": lambda _, raw: raw,
+}
+# A field of a type without a reader fails here, at import, not when its variable is first set.
+_READERS = {each.name: _BY_TYPE[str(each.type)] for each in fields(Settings)}
+
+#: Every setting at its default: for options and helpers that mirror a setting.
+DEFAULTS = Settings()

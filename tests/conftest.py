@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
-from tests.apiserver import ApiServer
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,10 @@ from schemathesis.checks import (
 
 from engine.api.app import Api
 from engine.api.openapi import openapi_document
+from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
+from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
+from engine.local.launcher import ApiServer
 from engine.settings import Settings
-from tests.apiserver import ADMIN, GATEWAY, ApiServer
 
 Json = dict[str, Any]
 AD = {"Authorization": f"Bearer {ADMIN}"}

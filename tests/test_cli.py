@@ -33,9 +33,12 @@ def test_demo_sells_out_without_oversell_and_fills_teams_exactly(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     assert "no oversell: paid" in done.stdout
-    assert "invariants (SPEC 6.1, 6.2): OK" in done.stdout
+    assert "invariants I1, I2 (stock, limits; docs/invariants.md): OK" in done.stdout
     assert "sold_out" in done.stdout
-    assert "invariants (SPEC 6.1-6.3: stock, limits, no over-filled team): OK" in done.stdout
+    assert (
+        "invariants I1-I3 (stock, limits, no over-filled team; docs/invariants.md): OK"
+        in done.stdout
+    )
     assert "= 3 x succeeded teams: OK" in done.stdout
 
 

@@ -1,14 +1,18 @@
-"""Configuration (SPEC 7, 11): FLASHTEAM_* variables, and refusing an unsafe Redis."""
+"""Configuration (docs/architecture.md#configuration, docs/operations.md): FLASHTEAM_*
+variables, and refusing an unsafe Redis."""
 
 from __future__ import annotations
 
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from engine import ConfigurationError, Engine, Settings
 from engine.local.redis_server import RedisClusterServers, RedisServer
+from engine.settings import DEFAULTS
 from testkit.factories import flash_campaign, make_settings
 
 EVERY_VARIABLE = {
@@ -43,16 +47,58 @@ def test_from_env_defaults_are_production_safe() -> None:
     # Unprefixed and empty variables are ignored.
     settings = Settings.from_env({"REDIS_URL": "redis://elsewhere", "FLASHTEAM_RATE_LIMIT": ""})
 
-    assert settings == Settings()
+    assert settings == Settings() == DEFAULTS
     assert settings.redis_url is None
     assert settings.redis_cluster is False
-    assert settings.data_dir == Path("var")
-    assert settings.sqlite_path == Path("var") / "flashteam.db"
-    assert settings.appendfsync == "everysec"
-    assert settings.rate_limit == 5
-    assert settings.idempotency_ttl == 86_400
+    assert settings.sqlite_path == settings.data_dir / "flashteam.db"
+    assert settings.appendfsync in ("everysec", "always")  # never "no": the AOF is fsynced
+    assert settings.rate_limit > 0, "rate limiting is on"
+    assert settings.idempotency_ttl >= 86_400, "a retry within a day is answered, not re-run"
     assert 0 < settings.reaper_interval <= 1
     assert settings.reaper_batch >= 1
+    assert settings.gateway_token is None and settings.admin_token is None
+    assert settings.echo_route is False
+
+
+def _changed(value: object) -> object:
+    """Some valid value other than a field's default."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 if value else 1
+    if isinstance(value, Path):
+        return Path("/srv/flashteam")
+    return {"everysec": "always"}.get(str(value), "changed-value-0123456789")
+
+
+def test_every_field_is_one_variable_read_and_written() -> None:
+    """Each field comes from FLASHTEAM_<NAME>, and to_env gives it back: the launcher hands
+    its settings to its processes this way."""
+    changed = Settings(
+        **{each.name: _changed(each.default) for each in fields(Settings)},  # type: ignore[arg-type]
+    ).with_(database_url="sqlite:////srv/flashteam/orders.db", admin_token="admin-" + "x" * 16)
+    assert all(getattr(changed, each.name) != each.default for each in fields(Settings))
+
+    env = changed.to_env()
+
+    assert set(env) == {f"FLASHTEAM_{each.name.upper()}" for each in fields(Settings)}
+    assert Settings.from_env(env) == changed
+    assert Settings.from_env(DEFAULTS.to_env()) == DEFAULTS
+
+
+def test_describe_lists_every_variable_with_its_default() -> None:
+    table = "\n".join(Settings.describe())
+
+    for each in fields(Settings):
+        line = next(entry for entry in Settings.describe() if entry.startswith(_variable(each)))
+        if each.default is not None:
+            assert f"(default {DEFAULTS.to_env()[_variable(each)]})" in " ".join(line.split())
+    assert len(Settings.describe()) == len(fields(Settings))
+    assert "FLASHTEAM_RATE_LIMIT" in table
+
+
+def _variable(each: Field[Any]) -> str:
+    return f"FLASHTEAM_{each.name.upper()}"
 
 
 def test_from_env_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:

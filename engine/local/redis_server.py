@@ -16,6 +16,7 @@ from types import TracebackType
 
 from engine.errors import ConfigurationError
 from engine.local.process import die_with_parent, free_port
+from engine.settings import DEFAULTS
 
 _START_TIMEOUT = 15.0
 _CLUSTER_BUS_OFFSET = 10_000
@@ -46,7 +47,7 @@ class RedisServer:
         data_dir: Path,
         *,
         port: int | None = None,
-        appendfsync: str = "everysec",
+        appendfsync: str = DEFAULTS.appendfsync,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir

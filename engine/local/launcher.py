@@ -1,0 +1,241 @@
+"""One local engine: a private redis-server unless a Redis URL is given, the engine's
+environment, and its processes (the HTTP API, the flush worker, the reaper), supervised.
+
+``LocalEngine`` is what `flashteam run` runs in the foreground and what `make loadtest`
+starts for a run; ``ApiServer`` is the API alone with fixed tokens, what the HTTP tests and
+the HTTP benchmark talk to over real sockets. Every process is ``python -m engine.cli
+<command>`` with the resolved settings handed over as ``FLASHTEAM_*`` variables
+(``Settings.to_env``), so each child reads exactly the configuration its launcher resolved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, Self
+
+from engine.local.process import free_port
+from engine.local.redis_server import RedisServer
+from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings
+
+log = logging.getLogger("flashteam")
+
+Service = Literal["api", "flush worker", "reaper"]
+EVERYTHING: tuple[Service, ...] = ("api", "flush worker", "reaper")
+_COMMANDS: dict[Service, tuple[str, ...]] = {
+    "api": ("serve",),
+    "flush worker": ("worker",),
+    "reaper": ("reaper",),
+}
+_STOP_TIMEOUT = 20.0  # the API drains its requests, the flush worker finishes its batch
+# Loopback health checks must not go through an HTTP proxy named in the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+#: The fixed tokens of an ``ApiServer``: a throw-away test server on loopback.
+TEST_GATEWAY_TOKEN = "gateway-token-for-tests-0001"
+TEST_ADMIN_TOKEN = "admin-token-for-tests-00000001"
+
+
+class StartFailed(RuntimeError):
+    """The engine did not come up: a process exited, the API never answered, or a stop was
+    requested first. Whatever had started is stopped again."""
+
+
+class LocalEngine:
+    """The engine on this machine: ``start()``, ``supervise()`` until ``request_stop()``
+    (signal-safe) or a process dies, then ``stop()``; or use it as a context manager.
+
+    The settings are resolved once, here: missing tokens are generated (``generated`` names
+    them), the data dir is made absolute, and the durable store defaults to SQLite in it.
+    Without a Redis URL, ``start()`` runs a private redis-server under ``<data dir>/redis``
+    (AOF on, noeviction) and ``settings.redis_url`` names it. ``services`` chooses the
+    processes (none: just the Redis, as ``flashteam demo`` uses it). Their output goes to
+    ``log`` (appended) when given, else to this process's stdout and stderr.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        services: tuple[Service, ...] = EVERYTHING,
+        host: str = API_HOST,
+        port: int = API_PORT,
+        workers: int = API_WORKERS,
+        log: Path | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        data_dir = settings.data_dir.resolve()
+        self.generated = frozenset(
+            name
+            for name, token in (
+                ("gateway", settings.gateway_token),
+                ("admin", settings.admin_token),
+            )
+            if token is None
+        )
+        self.settings = settings.with_(
+            data_dir=data_dir,
+            database_url=settings.database_url
+            or f"sqlite:///{settings.with_(data_dir=data_dir).sqlite_path}",
+            gateway_token=settings.gateway_token or secrets.token_urlsafe(24),
+            admin_token=settings.admin_token or secrets.token_urlsafe(24),
+        )
+        if "api" in services:
+            self.settings.require_tokens()  # refuse weak tokens before anything starts
+        self.services = services
+        self.host, self.port, self.workers = host, port, workers
+        self.log = log
+        self.start_timeout = start_timeout
+        self.redis: RedisServer | None = None
+        self.processes: dict[Service, subprocess.Popen[bytes]] = {}
+        self.stopping = threading.Event()
+
+    @property
+    def url(self) -> str:
+        """The HTTP API's base URL."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The API's process (the uvicorn supervisor of its workers), while it runs."""
+        return self.processes.get("api")
+
+    def env(self) -> dict[str, str]:
+        """The environment of every process: this one's without its ``FLASHTEAM_*``
+        variables, plus the resolved settings as ``FLASHTEAM_*`` variables."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLASHTEAM_")}
+        return inherited | self.settings.to_env()
+
+    def start(self) -> Self:
+        """Start the Redis (when ours) and the processes, and wait until the API answers
+        ``/healthz``; StartFailed, with everything stopped again, when it does not."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def supervise(self) -> int:
+        """Block until ``request_stop()`` (0) or until a process exits on its own (1)."""
+        while not self.stopping.wait(0.2):
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    log.error("the %s exited (%s)", name, process.returncode)
+                    return 1
+        return 0
+
+    def request_stop(self) -> None:
+        """Make ``start()`` give up and ``supervise()`` return; safe in a signal handler."""
+        self.stopping.set()
+
+    def stop(self) -> None:
+        """SIGTERM to every process, up to 20 s each to finish (then SIGKILL), then the
+        private redis-server (its AOF flushed). A stopped engine can be started again."""
+        processes, self.processes = self.processes, {}
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.redis is None and self.settings.redis_url is None:
+            self.redis = RedisServer(
+                self.settings.data_dir / "redis", appendfsync=self.settings.appendfsync
+            )
+            self.settings = self.settings.with_(redis_url=self.redis.url)
+        if self.redis is not None:
+            self.redis.start()  # again on a restart: the same port, its AOF reloaded
+            log.info("private redis-server on %s (data in %s)", self.redis.url, self.redis.data_dir)
+        env = self.env()
+        for service in self.services:
+            self.processes[service] = self._spawn(service, env)
+        if "api" in self.processes:
+            self._wait_healthy()
+
+    def _spawn(self, service: Service, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "engine.cli", *_COMMANDS[service]]
+        if service == "api":
+            command += ["--host", self.host, "--port", str(self.port)]
+            command += ["--workers", str(self.workers)]
+        if self.log is None:
+            return subprocess.Popen(command, env=env)
+        # A file, not a pipe: a pipe nobody reads blocks the process once it is full.
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while not self.stopping.is_set():
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise StartFailed(f"the {name} exited ({process.returncode}){self._log_tail()}")
+            with contextlib.suppress(OSError), _DIRECT.open(f"{self.url}/healthz", timeout=1):
+                return
+            if time.monotonic() > deadline:
+                raise StartFailed(
+                    f"the API did not answer /healthz within {self.start_timeout:g} s"
+                    + self._log_tail()
+                )
+            self.stopping.wait(0.05)
+        raise StartFailed("stopped before the API answered")
+
+    def _log_tail(self) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return f"; the end of {self.log}:\n{self.log.read_text(errors='replace')[-2000:]}"
+
+
+class ApiServer(LocalEngine):
+    """The HTTP API alone (no flush worker, no reaper) on a free loopback port, on the given
+    Redis and SQLite under ``data_dir``, with the test tokens and the rate limit off; its
+    output goes to ``<data dir>/serve.log``. ``extra`` sets more settings by field name, as
+    their variables would (``{"rate_limit": "2"}``)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        data_dir: Path,
+        workers: int = API_WORKERS,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        values = {
+            "redis_url": redis_url,
+            "data_dir": str(data_dir),
+            "gateway_token": TEST_GATEWAY_TOKEN,
+            "admin_token": TEST_ADMIN_TOKEN,
+            "rate_limit": "0",
+            **(extra or {}),
+        }
+        settings = Settings.from_env({f"FLASHTEAM_{k.upper()}": v for k, v in values.items()})
+        super().__init__(
+            settings,
+            services=("api",),
+            port=free_port(),
+            workers=workers,
+            log=data_dir / "serve.log",
+        )
