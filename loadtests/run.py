@@ -1,19 +1,20 @@
 """`make loadtest` (``python -m loadtests.run``): the opening of a sale, end to end, with a verdict.
 
-1. Starts the whole engine locally as ``flashteam run`` does (a private redis-server, SQLite,
-   the API, the flush worker and the reaper) under ``var/loadtest/<name>/``, or targets a
-   running one with ``--host`` (then ``--redis-url`` and ``--database-url`` let it check).
+1. Starts the whole engine locally with ``flashteam run``'s launcher (engine.local.launcher: a
+   private redis-server, SQLite, the API, the flush worker and the reaper) under
+   ``var/loadtest/<name>/``, or targets a running one with ``--host`` (then ``--redis-url`` and
+   ``--database-url`` let it check).
 2. Creates a flash campaign and a team campaign that open ``--open-after`` seconds later.
 3. Runs Locust headless (``loadtests/locustfile.py``) with the chosen shape for ``--run-time``
    seconds, writing ``<name>.html``, ``<name>.json`` and Locust's CSV files under
    ``--reports``, while sampling the engine's /metrics (stream lag, reaper lag).
 4. Lets the sale settle (every hold and team of the run reaches its end), waits for the flush
-   worker to drain the outbox, stops the local engine, and checks SPEC section 6 (no oversell,
-   no stock leak, per-user limits, no over-filled team, SQL equal to Redis, nothing
-   dead-lettered), that every acknowledged payment is a paid order in SQL, and that the run
-   was healthy (it reached the engine; no 5xx, no unexpected answer).
-5. Prints the SPEC section 10 KPIs and the verdict (also saved as ``<name>-verdict.txt``);
-   exits 1 if any check fails, 2 on bad options.
+   worker to drain the outbox, stops the local engine, and checks the invariants of
+   docs/invariants.md (no oversell, no stock leak, per-user limits, no over-filled team, SQL
+   equal to Redis, nothing dead-lettered), that every acknowledged payment is a paid order in
+   SQL, and that the run was healthy (it reached the engine; no 5xx, no unexpected answer).
+5. Prints the campaign KPIs (docs/kpis.md) and the verdict (also saved as
+   ``<name>-verdict.txt``); exits 1 if any check fails, 2 on bad options.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -42,9 +41,10 @@ import uvloop
 
 from engine.core import Engine
 from engine.keys import ID_PATTERN
+from engine.local.launcher import LocalEngine
 from engine.local.process import free_port
 from engine.local.redis_server import RedisServer
-from engine.settings import Settings
+from engine.settings import API_WORKERS, DEFAULTS, Settings
 from engine.worker import FlushWorker
 from loadtests.plan import DEFAULT_MIX, SHAPES, parse_mix
 from loadtests.verdict import (
@@ -76,19 +76,13 @@ class Target:
     admin_token: str
     redis_url: str
     database_url: str
-    process: subprocess.Popen[bytes] | None = None  # the local `flashteam run`, if ours
+    local: LocalEngine | None = None  # the engine started for the run, if ours
 
     def stop(self) -> None:
-        """Stop a local engine (SIGTERM: the API drains, the worker finishes its batch; it
-        gives each of its 3 children up to 20 s)."""
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=70)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """Stop a local engine's processes (see LocalEngine.stop); its Redis stays up for the
+        verdict."""
+        if self.local is not None:
+            self.local.stop()
 
     def settings(self) -> Settings:
         """The engine's settings as this process's environment gives them, with its stores."""
@@ -149,8 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loadtests.run",
         description="Reproduce the opening of a flash sale and a team sale with Locust, then "
-        "check the SPEC section 6 invariants and print the section 10 KPIs. Without --host it "
-        "starts the whole engine locally (private redis-server, SQLite) and stops it after.",
+        "check the invariants (docs/invariants.md) and print the KPIs (docs/kpis.md). Without "
+        "--host it starts the whole engine locally (private redis-server, SQLite) and stops it "
+        "after.",
         formatter_class=_Help,
     )
     target = p.add_argument_group(
@@ -160,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--host", help="URL of a running engine, e.g. http://10.0.0.5:8000")
     target.add_argument("--redis-url", help="its Redis (FLASHTEAM_REDIS_URL); needs --host")
     target.add_argument("--database-url", help="its SQL store (FLASHTEAM_DATABASE_URL)")
-    target.add_argument("--api-workers", type=int, default=2, help="local API processes")
+    target.add_argument("--api-workers", type=int, default=API_WORKERS, help="local API processes")
     load = p.add_argument_group("load")
     load.add_argument("--shape", choices=sorted(SHAPES), default="spike", help="load shape")
     load.add_argument("-u", "--users", type=int, default=300, help="peak concurrent users")
@@ -205,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--data-dir",
         type=Path,
-        default=ROOT / "var" / "loadtest",
+        default=ROOT / DEFAULTS.data_dir / "loadtest",
         help="where a local engine keeps its Redis, SQLite and log (in <name>/)",
     )
     out.add_argument(
@@ -261,51 +256,17 @@ def _number_problem(args: argparse.Namespace) -> str | None:
 
 @contextlib.contextmanager
 def local_engine(data_dir: Path, workers: int, log: Path) -> Iterator[Target]:
-    """`flashteam run` on a free port with its own redis-server and SQLite under data_dir
-    (emptied first: a run's name owns its data dir)."""
+    """The engine as `flashteam run` starts it, on a free port, with default settings, its
+    own redis-server and SQLite under data_dir (emptied first: a run's name owns its data
+    dir); the redis-server outlives the processes, for the verdict."""
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
-    with RedisServer(data_dir / "redis") as redis, log.open("ab") as log_file:
-        port = free_port()
-        target = Target(
-            host=f"http://127.0.0.1:{port}",
-            gateway_token=secrets.token_urlsafe(24),
-            admin_token=secrets.token_urlsafe(24),
-            redis_url=redis.url,
-            database_url=f"sqlite:///{(data_dir / 'flashteam.db').resolve()}",
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHTEAM_")}
-        env.update(
-            FLASHTEAM_REDIS_URL=target.redis_url,
-            FLASHTEAM_DATABASE_URL=target.database_url,
-            FLASHTEAM_DATA_DIR=str(data_dir.resolve()),
-            FLASHTEAM_GATEWAY_TOKEN=target.gateway_token,
-            FLASHTEAM_ADMIN_TOKEN=target.admin_token,
-        )
-        command = ["run", "--port", str(port), "--workers", str(workers)]
-        target.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", *command],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_ready(target)
-            yield target
-        finally:
-            target.stop()
-
-
-def _wait_ready(target: Target) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if target.process is not None and target.process.poll() is not None:
-            raise RuntimeError(f"the engine exited with {target.process.returncode}")
-        with contextlib.suppress(OSError):
-            if _http(target, "GET", "/readyz", None, "")[0] == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError("the engine was not ready within 60 s")
+    with RedisServer(data_dir / "redis") as redis:
+        settings = Settings(redis_url=redis.url, data_dir=data_dir)
+        with LocalEngine(settings, port=free_port(), workers=workers, log=log) as local:
+            gateway, admin = local.settings.require_tokens()
+            database_url = f"sqlite:///{local.settings.sqlite_path}"
+            yield Target(local.url, gateway, admin, redis.url, database_url, local)
 
 
 def _http(target: Target, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:
@@ -430,13 +391,13 @@ async def settle_and_judge(
         if drained is not None
         else f"outbox NOT drained within {args.drain_timeout:.0f} s of the sale settling"
     ]
-    local = target.process is not None
+    local = target.local is not None
     target.stop()  # a local engine: no reaper racing the checks
     async with await _open(target) as engine:
         if local:
             await FlushWorker(engine.runtime).drain()  # what the reaper left at its stop
         verdict = await judge(engine, campaigns, tally, dead)
-        lines += ["", "KPIs (SPEC section 10)"]
+        lines += ["", "KPIs (docs/kpis.md)"]
         for campaign_id in campaigns:
             lines += await campaign_kpis(engine, campaign_id)
     return verdict, lines
@@ -501,7 +462,7 @@ def _main(argv: list[str] | None) -> int:
     lines += request_table(read_locust_json(Path(f"{prefix}.json")), args.run_time)
     lines += ["", "answers by request", *tally.lines()]
     lines.append(f"  reports: {shown}.html, {shown}.json (Locust exit code {locust_code})")
-    lines += ["", "invariants (SPEC section 6) and the run", *verdict.lines()]
+    lines += ["", "invariants (docs/invariants.md) and the run", *verdict.lines()]
     text = "\n".join([headline, "", *lines])
     print(text, flush=True)
     Path(f"{prefix}-verdict.txt").write_text(text + "\n")
