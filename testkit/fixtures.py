@@ -1,7 +1,8 @@
 """Real servers for the suite and the benchmarks (a pytest plugin, ``-p testkit.fixtures``): a
 redis-server, a 3-master Redis Cluster and a PostgreSQL cluster on free loopback ports in temp
 dirs, started once per session; every test gets a flushed Redis database and, when it asks
-for one, a fresh PostgreSQL database."""
+for one, a fresh PostgreSQL database; ``any_engine`` runs a test on the standalone Redis and
+then on the cluster."""
 
 from __future__ import annotations
 
@@ -69,6 +70,17 @@ async def engine(
 ) -> AsyncIterator[Engine]:
     async with await Engine.open(make_settings(redis_server.url, tmp_path)) as opened:
         yield opened
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("engine", id="standalone"),
+        pytest.param("cluster_engine", id="cluster", marks=pytest.mark.cluster),
+    ]
+)
+def any_engine(request: pytest.FixtureRequest) -> Engine:
+    """The engine on the standalone redis-server, then the one on the Redis Cluster."""
+    return cast(Engine, request.getfixturevalue(request.param))
 
 
 @pytest.fixture

@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from typing import cast
-
-import pytest
 
 from engine import (
     Engine,
@@ -24,17 +21,6 @@ from engine import (
 from engine.keys import keys_of
 from testkit.factories import flash_campaign
 from testkit.helpers import age_order, assert_invariants
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("engine", id="standalone"),
-        pytest.param("cluster_engine", id="cluster", marks=pytest.mark.cluster),
-    ]
-)
-def any_engine(request: pytest.FixtureRequest) -> Engine:
-    """The engine on the standalone redis-server, then the one on the Redis Cluster."""
-    return cast(Engine, request.getfixturevalue(request.param))
 
 
 def _attempting_users(attempts: int, users: int, seed: int) -> list[str]:

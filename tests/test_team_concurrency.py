@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-import pytest
-
 from engine import (
     AlreadyInTeam,
     Engine,
@@ -36,17 +34,6 @@ TTL_MS = 600_000
 HOLD_MS = 60_000
 
 Entry = dict[str, str]
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("engine", id="standalone"),
-        pytest.param("cluster_engine", id="cluster", marks=pytest.mark.cluster),
-    ]
-)
-def any_engine(request: pytest.FixtureRequest) -> Engine:
-    """The engine on the standalone redis-server, then the one on the Redis Cluster."""
-    return cast(Engine, request.getfixturevalue(request.param))
 
 
 # --------------------------------------------------------------------------- helpers
