@@ -91,6 +91,38 @@ def test_run_starts_everything_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child outlived run"
 
 
+def test_run_stops_everything_when_a_process_dies(tmp_path: Path) -> None:
+    """The launcher supervises: a reaper that dies takes the rest down, and run exits 1."""
+    process = subprocess.Popen(
+        [*FLASHTEAM, "run", "--port", str(free_port()), "--workers", "1"],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "stop with Ctrl-C" in line:
+                break
+        children = _children(process.pid)
+        reaper = next(pid for pid in children if b"reaper" in _cmdline(pid))
+        os.kill(reaper, signal.SIGKILL)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, err
+    assert "the reaper exited" in err
+    assert "flashteam stopped" in out
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child outlived run"
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def _children(pid: int) -> list[int]:
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
