@@ -6,7 +6,7 @@ that every request of the measured window succeeds:
 - ``engine``: ``engine.flash.reserve`` with request coalescing (the default; batches of up to
   64 per ``batch.lua`` call) and the sold-out fast path at its default 0.5 s;
 - ``engine-uncoalesced``: the same engine with ``coalesce=False``: one EVALSHA of
-  ``reserve_stock.lua`` per request (SPEC 9's "one-EVALSHA-per-request");
+  ``reserve_stock.lua`` per request (the "one EVALSHA per request" of docs/performance.md);
 - ``bare-batched``: the Redis ceiling: the raw ``batch.lua`` EVALSHA (the engine's own script,
   doing exactly the engine's work per reservation) with up to 64 reservations per call and
   no engine Python around it: ``c`` callers are ceil(c/64) loops of c/ceil(c/64)
@@ -17,7 +17,8 @@ that every request of the measured window succeeds:
   c connections, as each WATCH holds one);
 - ``postgres``: PostgreSQL's conditional UPDATE (``available = available - 1 WHERE sku = $1
   AND available >= 1 RETURNING``) plus the order INSERT in one transaction, through an
-  asyncpg pool of min(c, 50) connections (pgbench's 50 clients in SPEC 9), fsync on.
+  asyncpg pool of min(c, 50) connections (pgbench's 50 clients, docs/performance.md target
+  T1), fsync on.
 
 Then the sold-out storm: the engine with and without coalescing after the item sold out
 (every request of the window is rejected).
@@ -52,7 +53,7 @@ from engine.errors import SoldOut
 from engine.keys import keys_of
 from engine.local.postgres import PostgresServer
 from engine.local.redis_server import RedisServer
-from engine.scripts import script_source
+from engine.scripts import RESERVE, Call, OrderArgs, is_ok, script_source
 from testkit.factories import create_database, flash_campaign, team_campaign
 from testkit.helpers import assert_invariants
 
@@ -141,16 +142,18 @@ async def _drive_batches(client: aioredis.Redis, sha: str, level: int) -> Measur
     end = start + SECONDS
     latencies: list[float] = []
 
+    order_args = OrderArgs(rate_limit=0, idempotency_ttl=86_400, quick_scan=64)
+
     async def loop(size: int) -> None:
         while (sent := time.perf_counter()) < end:
             batch_keys = list(keys.order_keys)  # no rate-limit keys: the limit is off
-            fields = "|".join([f"r|u{next(numbers)}|k|{SKU}|1" for _ in range(size)])
-            args: list[str | int] = [CID, size, 0, 86_400, 64, fields]
+            calls = [Call(RESERVE, f"u{next(numbers)}", SKU, "", 1, "k") for _ in range(size)]
+            args = order_args.batch(CID, calls)
             replies: list[list[Any]] = await client.evalsha(
                 sha, len(batch_keys), *batch_keys, *args
             )
             received = time.perf_counter()
-            assert all(reply[0] == 0 for reply in replies), replies[0]
+            assert all(is_ok(reply) for reply in replies), replies[0]
             if start <= received <= end:
                 latencies.extend([received - sent] * size)
 

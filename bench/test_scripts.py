@@ -28,7 +28,17 @@ from bench.report import report
 from engine import Engine
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
-from engine.scripts import script_source
+from engine.scripts import (
+    JOIN,
+    QUICK,
+    RESERVE,
+    Call,
+    OrderArgs,
+    is_ok,
+    reservation,
+    script_source,
+    seat_result,
+)
 from testkit.factories import flash_campaign, team_campaign
 
 ROUNDS = 2_000
@@ -38,6 +48,7 @@ TEAM_SIZE = 5
 LISTED_TEAMS = 200
 FLASH, TEAM = "mflash", "mteam"
 TTL = 86_400
+ARGS = OrderArgs(rate_limit=0, idempotency_ttl=TTL, quick_scan=64)
 
 SCRIPTS = (
     "reserve_stock",
@@ -74,10 +85,8 @@ class Scene:
 
 def _order_call(campaign: str, user: str) -> tuple[list[str], list[Any]]:
     keys = keys_of(campaign)
-    return (
-        [*keys.order_keys, keys.rate(user)],
-        [campaign, user, "sku-1", 1, 0, TTL, "k"],
-    )
+    call = Call(RESERVE, user, "sku-1", "", 1, "k")
+    return [*keys.order_keys, keys.rate(user)], list(ARGS.one(campaign, call))
 
 
 async def _open_teams(engine: Engine, sku: str, teams: int) -> list[str]:
@@ -123,9 +132,8 @@ def _held_order(scene: Scene) -> tuple[tuple[str, str], dict[str, Any]]:
     """A setup step: a fresh held order; returns pytest-benchmark's (args, kwargs)."""
     user = f"s{next(scene.users)}"
     keys, args = _order_call(FLASH, user)
-    reply = scene.eval("reserve_stock", keys, args)
-    assert reply[0] == 0, reply
-    return (reply[1], user), {}
+    held = reservation(scene.eval("reserve_stock", keys, args), FLASH)
+    return (held.order.order_id, user), {}
 
 
 def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int]:
@@ -134,15 +142,15 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
 
     def reserve() -> None:
         keys, args = _order_call(FLASH, f"r{next(scene.users)}")
-        assert scene.evalsha("reserve_stock", keys, args)[0] == 0
+        assert is_ok(scene.evalsha("reserve_stock", keys, args))
 
     def pay(order_id: str, user: str) -> None:
         reply = scene.evalsha("pay_order", list(flash.order_keys), [order_id, user, "p"])
-        assert reply[0] == 0, reply
+        assert is_ok(reply), reply
 
     def cancel(order_id: str, user: str) -> None:
         reply = scene.evalsha("cancel_order", list(flash.order_keys), [order_id, user])
-        assert reply[0] == 0, reply
+        assert is_ok(reply), reply
 
     joins = itertools.count()
 
@@ -151,14 +159,16 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
         user = f"j{n}"
         keys = [*team.order_keys, team.rate(user)]
         team_id = scene.join_teams[n // (TEAM_SIZE - 1)]
-        reply = scene.evalsha("join_team", keys, [TEAM, user, team_id, 0, TTL, "k"])
-        assert reply[0] == 0, reply
+        call = Call(JOIN, user, "", team_id, 0, "k")
+        reply = scene.evalsha("join_team", keys, list(ARGS.one(TEAM, call)))
+        assert is_ok(reply), reply
 
     def quick() -> None:
         user = f"q{next(scene.users)}"
         keys = [*team.order_keys, team.rate(user)]
-        reply = scene.evalsha("quick_join", keys, [TEAM, user, "sku-2", 0, TTL, 64, "k"])
-        assert reply[0] == 0 and reply[6] == 0, reply  # seated in an open team
+        call = Call(QUICK, user, "sku-2", "", 0, "k")
+        reply = scene.evalsha("quick_join", keys, list(ARGS.one(TEAM, call)))
+        assert not seat_result(reply, TEAM).opened, reply  # seated in an open team
 
     def listing() -> None:
         reply = scene.evalsha("list_teams", list(team.order_keys), ["sku-3", "viewer", 20])
@@ -166,10 +176,9 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
 
     def batch() -> None:
         keys: list[str] = list(flash.order_keys)  # no rate-limit keys: the limit is off
-        fields = "|".join([f"r|b{next(scene.users)}|k|sku-1|1" for _ in range(BATCH)])
-        args: list[Any] = [FLASH, BATCH, 0, TTL, 64, fields]
-        replies = scene.evalsha("batch", keys, args)
-        assert all(reply[0] == 0 for reply in replies)
+        calls = [Call(RESERVE, f"b{next(scene.users)}", "sku-1", "", 1, "k") for _ in range(BATCH)]
+        replies = scene.evalsha("batch", keys, list(ARGS.batch(FLASH, calls)))
+        assert all(is_ok(reply) for reply in replies)
 
     def held() -> tuple[tuple[str, str], dict[str, Any]]:
         return _held_order(scene)

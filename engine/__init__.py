@@ -25,7 +25,6 @@ from engine.errors import (
     Unavailable,
     ValidationError,
 )
-from engine.flash import Reservation
 from engine.models import (
     Campaign,
     CampaignKind,
@@ -36,6 +35,7 @@ from engine.models import (
     Order,
     OrderKind,
     OrderState,
+    Reservation,
 )
 from engine.settings import Settings
 

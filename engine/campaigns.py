@@ -23,10 +23,9 @@ from engine.models import (
     ItemStock,
     aware_utc,
     from_ms,
-    to_ms,
 )
 from engine.runtime import Runtime
-from engine.scripts import Code, guarded, rejection
+from engine.scripts import guarded
 
 EDITABLE_FIELDS = frozenset(
     {
@@ -49,25 +48,8 @@ def _moment(ms: str | None) -> datetime | None:
     return None if ms is None else from_ms(int(ms))
 
 
-def _definition_args(campaign: Campaign) -> list[str | int]:
-    invalidated = campaign.invalidated_at
-    args: list[str | int] = [
-        campaign.kind.value,
-        to_ms(campaign.starts_at),
-        to_ms(campaign.ends_at),
-        campaign.per_user_limit,
-        campaign.hold_seconds * 1000,
-        campaign.team_size or 0,
-        (campaign.team_ttl_seconds or 0) * 1000,
-        0 if invalidated is None else to_ms(invalidated),
-    ]
-    for item in campaign.items:
-        args += [item.sku, item.price, item.stock]
-    return args
-
-
 class Campaigns:
-    """Campaign definitions and their lifecycle (SPEC section 3)."""
+    """Campaign definitions and their lifecycle (docs/lifecycle.md#campaign)."""
 
     def __init__(self, rt: Runtime, cascade: Callable[[str], Awaitable[object]]) -> None:
         """``cascade`` ends what an invalidation leaves open (the reaper's campaign pass)."""
@@ -84,7 +66,7 @@ class Campaigns:
         if await self._rt.store.get_campaign(campaign.id) is not None:
             raise AlreadyExists(f"campaign {campaign.id} already exists", id=campaign.id)
         await self._rt.store.insert_campaign(campaign)
-        await self._warm(campaign, "define")
+        await self._warm(campaign)
         return await self.get(campaign.id)
 
     async def update(self, campaign_id: str, changes: dict[str, Any]) -> CampaignView:
@@ -108,23 +90,18 @@ class Campaigns:
             await self._extend(edited)
         else:
             edited = dataclasses.replace(current, **changes)
-            await self._warm(edited, "define")
+            await self._warm(edited)
         await self._rt.store.replace_campaign(edited)
         return await self.get(campaign_id)
 
     async def invalidate(self, campaign_id: str) -> CampaignView:
         """End the campaign early: no new orders; held orders are cancelled, stock returned."""
         current = await self._load(campaign_id)
-        keys = keys_of(campaign_id)
-        await self._warm(current, "ensure")
-        reply = await self._rt.scripts.run(
-            self._rt.scripts.invalidate_campaign, (keys.meta, keys.events), ()
-        )
-        if reply[0] != Code.OK:
-            raise NotEditable(f"campaign {campaign_id} already ended", reason=reply[1])
+        await self._warm(current, only_if_absent=True)
+        invalidated_at = await self._rt.scripts.invalidate(campaign_id)
         if current.invalidated_at is None:
             await self._rt.store.replace_campaign(
-                dataclasses.replace(current, invalidated_at=from_ms(int(reply[1])))
+                dataclasses.replace(current, invalidated_at=invalidated_at)
             )
         await self._cascade(campaign_id)
         return await self.get(campaign_id)
@@ -154,7 +131,7 @@ class Campaigns:
         now = await self._rt.now()
         campaigns = await self._rt.store.campaigns_ending_after(now - _LIVE_AFTER_END)
         for campaign in campaigns:
-            await self._warm(campaign, "ensure")
+            await self._warm(campaign, only_if_absent=True)
         return len(campaigns)
 
     async def _load(self, campaign_id: str) -> Campaign:
@@ -175,27 +152,15 @@ class Campaigns:
             out["items"] = tuple(_item(i) for i in _listed(out["items"]))
         return out
 
-    async def _warm(self, campaign: Campaign, mode: str) -> None:
-        keys = keys_of(campaign.id)
-        args: list[str | int] = [mode, *_definition_args(campaign)]
-        reply = await self._rt.scripts.run(
-            self._rt.scripts.warm_campaign, (keys.meta, keys.inv), args
-        )
-        if reply[0] != Code.OK:
-            raise rejection(
-                reply[0], f"campaign {campaign.id} can no longer be redefined: {reply[1]}"
-            )
+    async def _warm(self, campaign: Campaign, *, only_if_absent: bool = False) -> None:
+        """Load the definition into Redis (unless there already, ``only_if_absent``) and
+        register the campaign with the reaper and the flush worker."""
+        await self._rt.scripts.define(campaign, only_if_absent=only_if_absent)
         await guarded(self._rt.redis.sadd(CAMPAIGN_SET, campaign.id))
         await guarded(self._rt.redis.sadd(STREAM_SET, campaign.id))
 
     async def _extend(self, campaign: Campaign) -> None:
-        keys = keys_of(campaign.id)
-        args: list[str | int] = ["extend", to_ms(campaign.ends_at)]
-        reply = await self._rt.scripts.run(
-            self._rt.scripts.warm_campaign, (keys.meta, keys.inv), args
-        )
-        if reply[0] != Code.OK:
-            raise rejection(reply[0], f"ends_at can only move later ({reply[1]})", reason=reply[1])
+        await self._rt.scripts.extend(campaign.id, campaign.ends_at)
 
 
 def _listed(value: object) -> list[object]:

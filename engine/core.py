@@ -24,7 +24,7 @@ from engine.flash import FlashSale
 from engine.orders import Orders
 from engine.reaper import Reaper
 from engine.runtime import Runtime
-from engine.scripts import RedisClient, Scripts, guarded
+from engine.scripts import OrderArgs, RedisClient, Scripts, guarded
 from engine.settings import Settings
 from engine.store import Store, open_store
 from engine.teams import QUICK_JOIN_SCAN, Teams
@@ -65,7 +65,8 @@ def _retry() -> Retry:
 
 
 async def check_eviction_policy(client: RedisClient) -> None:
-    """Refuse a Redis that may evict keys: an evicted stock key is an oversell (SPEC 11)."""
+    """Refuse a Redis that may evict keys: an evicted stock key is an oversell
+    (docs/operations.md)."""
     if isinstance(client, RedisCluster):
         await guarded(client.initialize())
         primaries = client.get_primaries()
@@ -94,7 +95,7 @@ class Engine:
         self.runtime = rt
         self.reaper = Reaper(rt)
         self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
-        self.coalescer = Coalescer(rt, quick_scan=QUICK_JOIN_SCAN)
+        self.coalescer = Coalescer(rt)
         self.flash = FlashSale(rt, self.coalescer)
         self.orders = Orders(rt)
         self.teams = Teams(rt, self.coalescer)
@@ -105,7 +106,8 @@ class Engine:
         client = connect_redis(settings)
         try:
             await check_eviction_policy(client)
-            scripts = Scripts(client, max_in_flight=_MAX_IN_FLIGHT)
+            order_args = OrderArgs(settings.rate_limit, settings.idempotency_ttl, QUICK_JOIN_SCAN)
+            scripts = Scripts(client, _MAX_IN_FLIGHT, order_args)
             await scripts.load()
             store = store or await open_store(settings)
         except BaseException:

@@ -1,46 +1,35 @@
 """Flash-sale reservations: hold units of one item for a shopper until the hold deadline.
 
-A reservation is one Lua script call, coalesced per campaign (``engine.coalesce``); its outcome
-comes back as a code and leaves here as a ``Reservation`` or a ``Rejected`` subclass. Paying,
+A reservation is one Lua script call, coalesced per campaign (``engine.coalesce``); it leaves
+here as a ``Reservation`` or a ``Rejected`` subclass (decoded by ``engine.scripts``). Paying,
 cancelling and refunding the order is ``engine.orders``'s (for every kind of order).
 
 The sold-out fast path: once a reservation finds an item with no units left, this process
 answers further reservations of that item with ``sold_out`` for ``settings.sold_out_ttl``
-seconds
-without running the reservation: they ride in a coalesced batch as a replay probe (one GET of
-their idempotency key), so a retry of a reservation that did succeed still gets its order
-back. Units returned by an expiry or a cancel are sellable again within that time (0.5 s by
-default; never more than 1 s).
+seconds without running the reservation: they ride in a coalesced batch as a replay probe
+(one HGET of their idempotency record), so a retry of a reservation that did succeed still
+gets its order back. Units returned by an expiry or a cancel are sellable again within that
+time (0.5 s by default; never more than 1 s).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-from engine.coalesce import PROBE, RESERVE, Coalescer
-from engine.errors import ValidationError
+from engine.coalesce import Coalescer
+from engine.errors import SoldOut, ValidationError
 from engine.keys import check_id, check_key, keys_of
-from engine.models import MAX_UNITS, Order
-from engine.orders import order_from_reply
+from engine.models import MAX_UNITS, Reservation
 from engine.runtime import Runtime
-from engine.scripts import Code
 
-
-@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
-class Reservation:
-    """A held order; ``replayed`` when an idempotent retry returned the original order."""
-
-    order: Order
-    replayed: bool
+__all__ = ["FlashSale", "Reservation"]
 
 
 class FlashSale:
-    """The flash-sale path of SPEC section 4."""
+    """The flash-sale path (docs/lifecycle.md#order)."""
 
     def __init__(self, rt: Runtime, coalescer: Coalescer) -> None:
         self._rt = rt
-        self._scripts = rt.scripts
         self._coalescer = coalescer
         # (campaign, sku) -> monotonic time until which the item counts as sold out here.
         self._sold_out: dict[tuple[str, str], float] = {}
@@ -57,15 +46,12 @@ class FlashSale:
             raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
         flag = (keys.campaign_id, sku)
         sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
-        reply = await self._coalescer.submit(
-            keys.campaign_id,
-            PROBE if sold_out else RESERVE,
-            user_id,
-            sku,
-            str(qty),
-            idempotency_key,
-        )
-        ttl = self._rt.settings.sold_out_ttl
-        if ttl and reply[0] == Code.SOLD_OUT and int(reply[1]) == 0 and not sold_out:
-            self._sold_out[flag] = time.monotonic() + ttl
-        return Reservation(order_from_reply(reply, keys.campaign_id), replayed=reply[3] == 1)
+        try:
+            return await self._coalescer.reserve(
+                keys.campaign_id, user_id, sku, qty, idempotency_key, probe=sold_out
+            )
+        except SoldOut as exc:
+            ttl = self._rt.settings.sold_out_ttl
+            if ttl and not sold_out and exc.details.get("available") == 0:
+                self._sold_out[flag] = time.monotonic() + ttl
+            raise

@@ -121,7 +121,7 @@ class Item:
 
 @dataclass(frozen=True, slots=True)
 class Campaign:
-    """A campaign definition (SPEC section 2); construction validates every field."""
+    """A campaign definition (docs/lifecycle.md#campaign); construction validates every field."""
 
     id: str
     kind: CampaignKind
@@ -169,7 +169,7 @@ class Campaign:
             )
 
     def status(self, now: datetime) -> CampaignStatus:
-        """Lifecycle status at ``now`` (SPEC section 3)."""
+        """Lifecycle status at ``now`` (docs/lifecycle.md#campaign)."""
         if self.invalidated_at is not None:
             return CampaignStatus.INVALIDATED
         if now < self.starts_at:
@@ -185,7 +185,8 @@ class Campaign:
 
 @dataclass(frozen=True, slots=True)
 class ItemStock:
-    """Live inventory of one item; available + held + paid + gone == initial (SPEC 6.1)."""
+    """Live inventory of one item; available + held + paid + gone == initial (invariant I1,
+    docs/invariants.md)."""
 
     sku: str
     price: int
@@ -228,7 +229,7 @@ class Order:
 
     @classmethod
     def from_record(cls, order_id: str, record: str, campaign_id: str | None = None) -> Order:
-        """Decode the packed record of lua/lib/common.lua; ``campaign_id`` when the caller
+        """Decode the packed record of lua/lib/order.lua; ``campaign_id`` when the caller
         knows the order belongs to it (else it is parsed from the id)."""
         user, sku, qty, amount, state, created, deadline, version, kind, team, payref = (
             record.split("|")
@@ -310,3 +311,21 @@ class Team:
             why=why or None,
             seats=seats,
         )
+
+
+@dataclass(slots=True)  # not frozen: one per request (see Order)
+class Reservation:
+    """A held flash order; ``replayed`` when an idempotent retry returned the original order."""
+
+    order: Order
+    replayed: bool
+
+
+@dataclass(slots=True)  # not frozen: one per request (see Order)
+class TeamSeatResult:
+    """A held team order with its team; ``opened`` when the user leads a new team."""
+
+    order: Order
+    team: Team
+    opened: bool
+    replayed: bool

@@ -7,20 +7,11 @@ fall back to the durable store, which keeps every order the flush worker wrote.
 
 from __future__ import annotations
 
-from typing import Any
-
 from engine.errors import NotFound
 from engine.keys import STREAM_SET, campaign_of_order, check_id, check_key, keys_of
 from engine.models import Order
 from engine.runtime import Runtime
-from engine.scripts import check_reply, guarded
-
-
-def order_from_reply(reply: list[Any], campaign_id: str | None = None) -> Order:
-    """The order of a ``{0, order_id, record, ...}`` reply (of ``campaign_id``'s scripts when
-    given), or the matching rejection."""
-    check_reply(reply)
-    return Order.from_record(reply[1], reply[2], campaign_id)
+from engine.scripts import guarded
 
 
 class Orders:
@@ -32,30 +23,21 @@ class Orders:
 
     async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
         """Mark the held order paid; a retry with the same ``payment_ref`` is a no-op."""
-        keys = keys_of(campaign_of_order(order_id))
+        campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
         check_key(payment_ref, "payment_ref")
-        reply = await self._scripts.run(
-            self._scripts.pay_order, keys.order_keys, (order_id, user_id, payment_ref)
-        )
-        return order_from_reply(reply)
+        return await self._scripts.pay(order_id, user_id, payment_ref)
 
     async def cancel(self, order_id: str, user_id: str) -> Order:
         """The owner cancels a held order; its stock is sellable again at once."""
-        keys = keys_of(campaign_of_order(order_id))
+        campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
-        reply = await self._scripts.run(
-            self._scripts.cancel_order, keys.order_keys, (order_id, user_id)
-        )
-        return order_from_reply(reply)
+        return await self._scripts.cancel(order_id, user_id)
 
     async def refund(self, order_id: str, restock: bool) -> Order:
         """After-sale refund of a paid order; its units go back on sale only if ``restock``."""
         keys = keys_of(campaign_of_order(order_id))
-        reply = await self._scripts.run(
-            self._scripts.refund_order, keys.order_keys, (order_id, int(bool(restock)))
-        )
-        order = order_from_reply(reply)
+        order = await self._scripts.refund(order_id, bool(restock))
         # The campaign may be over and its outbox forgotten by the flush worker: register it
         # again after the event is in the stream (the worker re-checks after forgetting).
         await guarded(self._rt.redis.sadd(STREAM_SET, keys.campaign_id))

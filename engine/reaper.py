@@ -1,10 +1,11 @@
 """The reaper: ends held orders whose payment deadline passed, and fails open teams whose
 expiry passed, within 1 s, exactly once.
 
-It polls (no keyspace notifications, SPEC 4): every ``reaper_interval`` seconds it runs
-``expire_teams.lua`` then ``expire_orders.lua`` for each campaign in ``ft:campaigns``, in
-batches, until nothing is due. Several reapers may run at once: each script removes what it
-ends from its index in the same atomic step, so everything is ended by exactly one of them.
+It polls (no keyspace notifications, docs/architecture.md#reaper): every ``reaper_interval``
+seconds it runs ``expire_teams.lua`` then ``expire_orders.lua`` for each campaign in
+``ft:campaigns``, in batches, until nothing is due. Several reapers may run at once: each
+script removes what it ends from its index in the same atomic step, so everything is ended by
+exactly one of them.
 The same pass finishes the invalidation cascade (open teams fail and refund, held orders are
 cancelled), so a crash in the middle of ``Campaigns.invalidate`` leaves nothing behind.
 """
@@ -14,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-
-from redis.commands.core import AsyncScript
+from collections.abc import Awaitable, Callable
 
 from engine.errors import Unavailable
-from engine.keys import CAMPAIGN_SET, keys_of
+from engine.keys import CAMPAIGN_SET
 from engine.runtime import Runtime
-from engine.scripts import guarded
+from engine.scripts import ExpiryStep, guarded
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,20 @@ class Reaper:
         """
         scripts = self._rt.scripts
         teams, _ = await self._drain(scripts.expire_teams, campaign_id)
-        orders, upcoming = await self._drain(scripts.expire_orders, campaign_id)
-        return teams + orders, upcoming == -2
+        orders, last = await self._drain(scripts.expire_orders, campaign_id)
+        return teams + orders, last.over
 
-    async def _drain(self, script: AsyncScript, campaign_id: str) -> tuple[int, int]:
-        keys = keys_of(campaign_id)
+    async def _drain(
+        self, step: Callable[[str, int], Awaitable[ExpiryStep]], campaign_id: str
+    ) -> tuple[int, ExpiryStep]:
+        """Run one expiry script until nothing more is due at once: (total ended, last step)."""
         batch = self._rt.settings.reaper_batch
         total = 0
         while True:
-            ended, upcoming = await self._rt.scripts.run(script, keys.order_keys, (batch,))
-            total += ended
-            if int(upcoming) != 0:
-                return total, int(upcoming)
+            done = await step(campaign_id, batch)
+            total += done.ended
+            if not done.more_due:
+                return total, done
 
     async def run_once(self) -> int:
         """One pass over every campaign; forgets campaigns that can hold nothing any more."""

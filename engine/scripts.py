@@ -1,20 +1,26 @@
-"""The Lua scripts: loaded once at start-up, called through one translating boundary.
+"""The Lua scripts: loaded once at start-up, called through one typed wrapper each.
 
-Each ``lua/*.lua`` file is one atomic operation; ``lua/lib/common.lua`` is prepended to each
-(EVAL has no module system). redis-py's ``AsyncScript`` does EVALSHA and, on NOSCRIPT (a Redis
-restart, failover or SCRIPT FLUSH), loads the script and retries, so recovery needs no step.
-Redis errors are translated here, and only here, into engine errors.
+Each ``lua/*.lua`` file is one atomic operation. EVAL has no module system, so the libraries a
+script names on its ``-- uses:`` header line (``lua/lib/*.lua``) are sent ahead of it. Every
+wrapper method of ``Scripts`` owns its script's KEYS and ARGV order and decodes the reply into
+the engine's types; a non-zero reply code leaves as the matching ``engine.errors.Rejected``
+with its details. redis-py's ``AsyncScript`` does EVALSHA and, on NOSCRIPT (a Redis restart,
+failover or SCRIPT FLUSH), loads the script and retries, so recovery needs no step. Redis
+errors are translated here, and only here, into engine errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from enum import IntEnum
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -22,7 +28,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from engine import errors
-from engine.models import from_ms
+from engine.keys import campaign_of_order, keys_of
+from engine.models import Campaign, Order, Reservation, Team, TeamSeatResult, from_ms, to_ms
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
@@ -121,13 +128,141 @@ def _details(code: Code, extra: Any) -> dict[str, Any]:
     return {}
 
 
-def check_reply(reply: list[Any]) -> list[Any]:
-    """Return a script's reply when its code is OK; else raise the matching rejection with
-    its details (``starts_at``, ``retry_after``, ``available``, ...)."""
-    if reply[0] == 0:
-        return reply
+def _extra(reply: list[Any]) -> Any:
+    """A rejection's detail (the reply's second field), None when it has none."""
+    return reply[1] if len(reply) > 1 else None
+
+
+def rejected(reply: list[Any]) -> errors.Rejected:
+    """The rejection of a non-zero reply of an order or team script, with its details
+    (``starts_at``, ``retry_after``, ``available``, ...)."""
     code = Code(reply[0])
-    raise rejection(code, _MESSAGES[code], **_details(code, reply[1] if len(reply) > 1 else None))
+    return rejection(code, _MESSAGES[code], **_details(code, _extra(reply)))
+
+
+def is_ok(reply: list[Any]) -> bool:
+    """Whether one script reply (or one request's reply in a batch) carries code OK."""
+    return bool(reply[0] == Code.OK)
+
+
+def _order(reply: list[Any], campaign_id: str | None) -> Order:
+    if reply[0] != Code.OK:
+        raise rejected(reply)
+    return Order.from_record(reply[1], reply[2], campaign_id)
+
+
+def reservation(reply: list[Any], campaign_id: str) -> Reservation:
+    """Decode one reservation reply of ``campaign_id``'s scripts, or raise its rejection."""
+    outcome = _reservation(reply, campaign_id)
+    if isinstance(outcome, errors.Rejected):
+        raise outcome
+    return outcome
+
+
+def _reservation(reply: list[Any], campaign_id: str) -> Reservation | errors.Rejected:
+    """``{0, order_id, record, replayed}``, or the rejection, of a reservation."""
+    if reply[0] != Code.OK:
+        return rejected(reply)
+    return Reservation(Order.from_record(reply[1], reply[2], campaign_id), reply[3] == 1)
+
+
+def _seat(reply: list[Any], campaign_id: str) -> TeamSeatResult | errors.Rejected:
+    """``{0, order_id, record, replayed, team_id, team_record, opened}``, or the rejection, of
+    a team order."""
+    if reply[0] != Code.OK:
+        return rejected(reply)
+    return TeamSeatResult(
+        order=Order.from_record(reply[1], reply[2], campaign_id),
+        team=Team.from_record(reply[4], reply[5], campaign_id),
+        opened=reply[6] == 1,
+        replayed=reply[3] == 1,
+    )
+
+
+def seat_result(reply: list[Any], campaign_id: str) -> TeamSeatResult:
+    """Decode one team order reply of ``campaign_id``'s scripts, or raise its rejection."""
+    outcome = _seat(reply, campaign_id)
+    if isinstance(outcome, errors.Rejected):
+        raise outcome
+    return outcome
+
+
+# The ops of batch.lua (and of its one-call scripts): reserve, sold-out probe, join, quick-join;
+# OPEN (open a team) runs through open_team.lua only.
+RESERVE: Final = "r"
+PROBE: Final = "p"
+JOIN: Final = "j"
+QUICK: Final = "q"
+OPEN: Final = "o"
+
+
+@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
+class Call:
+    """One order-creating request: an op and its fields, in the one order every script and
+    lib/ops.lua use (user, sku or team, qty, idempotency key). ``team_id`` is for JOIN only,
+    ``sku`` and ``qty`` for the others (``qty`` 0 for QUICK: one unit per seat)."""
+
+    op: str
+    user_id: str
+    sku: str
+    team_id: str
+    qty: int
+    idempotency_key: str
+
+    def args(self) -> tuple[str, str, str, str]:
+        """The request's ARGV of its one-call script: user, sku or team, qty, key."""
+        target = self.team_id if self.op == JOIN else self.sku
+        return (self.user_id, target, str(self.qty) if self.qty else "", self.idempotency_key)
+
+    def fields(self) -> str:
+        """The request packed as batch.lua reads it: ``op|user|sku-or-team|qty|key``."""
+        return "|".join((self.op, *self.args()))
+
+
+@dataclass(frozen=True, slots=True)
+class OrderArgs:
+    """What every order-creating script takes ahead of its requests (lib/ops.lua): attempts
+    per user and second (0 = off), the idempotency TTL (s), the quick-join scan bound."""
+
+    rate_limit: int = 0
+    idempotency_ttl: int = 86_400
+    quick_scan: int = 64
+
+    def one(self, campaign_id: str, call: Call) -> tuple[str | int, ...]:
+        """ARGV of reserve_stock, open_team, join_team or quick_join for one request."""
+        return (campaign_id, self.rate_limit, self.idempotency_ttl, self.quick_scan, *call.args())
+
+    def batch(self, campaign_id: str, calls: Sequence[Call]) -> tuple[str | int, ...]:
+        """ARGV of batch.lua: every request's fields in one argument (one string to pack
+        instead of 5 per request)."""
+        packed = "|".join([call.fields() for call in calls])
+        return (campaign_id, self.rate_limit, self.idempotency_ttl, self.quick_scan, packed)
+
+
+Outcome: TypeAlias = Reservation | TeamSeatResult | errors.Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryStep:
+    """One reaper step (expire_orders.lua, expire_teams.lua): how many orders or teams it
+    ended, and ``upcoming``: the earliest remaining deadline in ms, or one of the constants."""
+
+    ended: int
+    upcoming: int
+
+    MORE_DUE: ClassVar[int] = 0  # more are due at once: call again
+    NONE_LEFT: ClassVar[int] = -1  # nothing held (orders) or open (teams)
+    OVER: ClassVar[int] = -2  # orders only: nothing can ever be due again in this campaign
+
+    @property
+    def more_due(self) -> bool:
+        """Whether more are due at once."""
+        return self.upcoming == self.MORE_DUE
+
+    @property
+    def over(self) -> bool:
+        """Whether the campaign can hold nothing any more (the reaper may forget it)."""
+        return self.upcoming == self.OVER
 
 
 def _lua_dir() -> Path:
@@ -136,16 +271,24 @@ def _lua_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "lua"
 
 
+_USES = re.compile(r"^-- uses:(.*)$", re.MULTILINE)
+
+
 def script_source(name: str) -> str:
-    """The text sent to Redis for ``lua/<name>.lua``: the shared libraries, then the script."""
+    """The text sent to Redis for ``lua/<name>.lua``: the libraries its ``-- uses:`` line
+    names, in that order, then the script."""
     lua = _lua_dir()
-    parts = [lua / "lib" / name for name in ("common.lua", "team.lua", "ops.lua")]
-    parts.append(lua / f"{name}.lua")
-    return "\n".join(part.read_text() for part in parts)
+    text = (lua / f"{name}.lua").read_text()
+    uses = _USES.search(text)
+    libraries = uses.group(1).split() if uses else []
+    return "\n".join([*((lua / library).read_text() for library in libraries), text])
 
 
 class Scripts:
-    """Every script of ``lua/``, registered on one client, as typed attributes."""
+    """Every script of ``lua/``, registered on one client, behind one typed method each.
+
+    ``order_args``: the settings every order-creating script takes (lib/ops.lua).
+    """
 
     NAMES = (
         "reserve_stock",
@@ -164,38 +307,34 @@ class Scripts:
         "batch",
     )
 
-    def __init__(self, client: RedisClient, max_in_flight: int = 256) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        max_in_flight: int = 256,
+        order_args: OrderArgs | None = None,
+    ) -> None:
         self._client = client
         self._sources = {name: script_source(name) for name in self.NAMES}
         self._limit = asyncio.Semaphore(max_in_flight)
         # Called with (script name, seconds) after every call when set (the API's metrics).
         self.observe: Callable[[str, float], None] | None = None
-        make = client.register_script
-        self.reserve_stock: AsyncScript = make(self._sources["reserve_stock"])
-        self.pay_order: AsyncScript = make(self._sources["pay_order"])
-        self.cancel_order: AsyncScript = make(self._sources["cancel_order"])
-        self.refund_order: AsyncScript = make(self._sources["refund_order"])
-        self.expire_orders: AsyncScript = make(self._sources["expire_orders"])
-        self.warm_campaign: AsyncScript = make(self._sources["warm_campaign"])
-        self.invalidate_campaign: AsyncScript = make(self._sources["invalidate_campaign"])
-        self.open_team: AsyncScript = make(self._sources["open_team"])
-        self.join_team: AsyncScript = make(self._sources["join_team"])
-        self.quick_join: AsyncScript = make(self._sources["quick_join"])
-        self.expire_teams: AsyncScript = make(self._sources["expire_teams"])
-        self.list_teams: AsyncScript = make(self._sources["list_teams"])
-        self.ack_events: AsyncScript = make(self._sources["ack_events"])
-        self.batch: AsyncScript = make(self._sources["batch"])
-        self._names = {id(getattr(self, name)): name for name in self.NAMES}
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(source) for name, source in self._sources.items()
+        }
+        self._args = order_args or OrderArgs()
+
+    def sha(self, name: str) -> str:
+        """The SHA1 of one script as Redis knows it (``name`` as in NAMES)."""
+        return str(self._scripts[name].sha)
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (on every primary of a cluster) so the first call is warm."""
         for source in self._sources.values():
             await guarded(self._client.script_load(source))
 
-    async def run(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
-    ) -> list[Any]:
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
         """Call one script; Redis failures become engine errors, the reply a list."""
+        script = self._scripts[name]
         async with self._limit:
             if self.observe is None:
                 reply = await guarded(script(keys=keys, args=args))
@@ -204,12 +343,166 @@ class Scripts:
                 try:
                     reply = await guarded(script(keys=keys, args=args))
                 finally:
-                    self.observe(
-                        self._names.get(id(script), "other"), time.perf_counter() - started
-                    )
+                    self.observe(name, time.perf_counter() - started)
         if not isinstance(reply, list):
             raise errors.EngineError(f"script returned {type(reply).__name__}, not a list")
         return reply
+
+    # The order-creating scripts (lib/ops.lua).
+
+    async def _create(self, name: str, campaign_id: str, call: Call) -> list[Any]:
+        keys = keys_of(campaign_id)
+        keys_one = (*keys.order_keys, keys.rate(call.user_id))
+        return await self._call(name, keys_one, self._args.one(campaign_id, call))
+
+    async def reserve(
+        self, campaign_id: str, user_id: str, sku: str, qty: int, idempotency_key: str
+    ) -> Reservation:
+        """reserve_stock.lua: hold ``qty`` units of ``sku`` for the user."""
+        call = Call(RESERVE, user_id, sku, "", qty, idempotency_key)
+        return reservation(await self._create("reserve_stock", campaign_id, call), campaign_id)
+
+    async def open_team(
+        self, campaign_id: str, user_id: str, sku: str, qty: int, idempotency_key: str
+    ) -> TeamSeatResult:
+        """open_team.lua: a pending team led by the user, the leader's units held."""
+        call = Call(OPEN, user_id, sku, "", qty, idempotency_key)
+        return seat_result(await self._create("open_team", campaign_id, call), campaign_id)
+
+    async def join_team(
+        self, campaign_id: str, user_id: str, team_id: str, idempotency_key: str
+    ) -> TeamSeatResult:
+        """join_team.lua: a held seat in the open team."""
+        call = Call(JOIN, user_id, "", team_id, 0, idempotency_key)
+        return seat_result(await self._create("join_team", campaign_id, call), campaign_id)
+
+    async def quick_join(
+        self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
+    ) -> TeamSeatResult:
+        """quick_join.lua: a seat in the best open team of the sku, or a new pending team."""
+        call = Call(QUICK, user_id, sku, "", 0, idempotency_key)
+        return seat_result(await self._create("quick_join", campaign_id, call), campaign_id)
+
+    async def one(self, campaign_id: str, call: Call) -> Reservation | TeamSeatResult:
+        """One RESERVE, JOIN or QUICK request through its own script (a batch of one)."""
+        if call.op == RESERVE:
+            return await self.reserve(
+                campaign_id, call.user_id, call.sku, call.qty, call.idempotency_key
+            )
+        if call.op == JOIN:
+            return await self.join_team(
+                campaign_id, call.user_id, call.team_id, call.idempotency_key
+            )
+        return await self.quick_join(campaign_id, call.user_id, call.sku, call.idempotency_key)
+
+    async def batch(self, campaign_id: str, calls: Sequence[Call]) -> list[Outcome]:
+        """batch.lua: every request of one campaign in one call, in order; one outcome per
+        request: its value, or its rejection (returned, not raised)."""
+        keys = keys_of(campaign_id)
+        batch_keys = list(keys.order_keys)
+        if self._args.rate_limit > 0:  # each request's rate-limit key; none when it is off
+            batch_keys += [keys.rate(call.user_id) for call in calls]
+        replies = await self._call("batch", batch_keys, self._args.batch(campaign_id, calls))
+        return [
+            _reservation(reply, campaign_id)
+            if call.op in (RESERVE, PROBE)
+            else _seat(reply, campaign_id)
+            for call, reply in zip(calls, replies, strict=True)
+        ]
+
+    # Orders of every kind.
+
+    async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
+        """pay_order.lua: the held order paid (its team opened or succeeded)."""
+        keys = keys_of(campaign_of_order(order_id))
+        reply = await self._call("pay_order", keys.order_keys, (order_id, user_id, payment_ref))
+        return _order(reply, keys.campaign_id)
+
+    async def cancel(self, order_id: str, user_id: str) -> Order:
+        """cancel_order.lua: the held order cancelled by its owner, its seat freed."""
+        keys = keys_of(campaign_of_order(order_id))
+        reply = await self._call("cancel_order", keys.order_keys, (order_id, user_id))
+        return _order(reply, keys.campaign_id)
+
+    async def refund(self, order_id: str, restock: bool) -> Order:
+        """refund_order.lua: the paid order refunded; units back on sale if ``restock``."""
+        keys = keys_of(campaign_of_order(order_id))
+        reply = await self._call("refund_order", keys.order_keys, (order_id, int(restock)))
+        return _order(reply, keys.campaign_id)
+
+    # The reaper.
+
+    async def expire_orders(self, campaign_id: str, limit: int) -> ExpiryStep:
+        """expire_orders.lua: end up to ``limit`` held orders past their deadline."""
+        reply = await self._call("expire_orders", keys_of(campaign_id).order_keys, (limit,))
+        return ExpiryStep(int(reply[0]), int(reply[1]))
+
+    async def expire_teams(self, campaign_id: str, limit: int) -> ExpiryStep:
+        """expire_teams.lua: fail up to ``limit`` open teams past their expiry."""
+        reply = await self._call("expire_teams", keys_of(campaign_id).order_keys, (limit,))
+        return ExpiryStep(int(reply[0]), int(reply[1]))
+
+    # Campaigns.
+
+    async def define(self, campaign: Campaign, *, only_if_absent: bool = False) -> bool:
+        """warm_campaign.lua 'define' (or 'ensure' when ``only_if_absent``): load the
+        definition and stock into Redis; False when 'ensure' found it there already."""
+        keys = keys_of(campaign.id)
+        invalidated = campaign.invalidated_at
+        args: list[str | int] = [
+            "ensure" if only_if_absent else "define",
+            campaign.kind.value,
+            to_ms(campaign.starts_at),
+            to_ms(campaign.ends_at),
+            campaign.per_user_limit,
+            campaign.hold_seconds * 1000,
+            campaign.team_size or 0,
+            (campaign.team_ttl_seconds or 0) * 1000,
+            0 if invalidated is None else to_ms(invalidated),
+        ]
+        for item in campaign.items:
+            args += [item.sku, item.price, item.stock]
+        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args)
+        if reply[0] != Code.OK:
+            raise rejection(
+                reply[0], f"campaign {campaign.id} can no longer be redefined: {_extra(reply)}"
+            )
+        return bool(reply[1] == 1)
+
+    async def extend(self, campaign_id: str, ends_at: datetime) -> None:
+        """warm_campaign.lua 'extend': move the running campaign's end later."""
+        keys = keys_of(campaign_id)
+        args: list[str | int] = ["extend", to_ms(ends_at)]
+        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args)
+        if reply[0] != Code.OK:
+            reason = _extra(reply)
+            raise rejection(reply[0], f"ends_at can only move later ({reason})", reason=reason)
+
+    async def invalidate(self, campaign_id: str) -> datetime:
+        """invalidate_campaign.lua: no new orders from now; returns when it was invalidated
+        (the first time, on a retry)."""
+        keys = keys_of(campaign_id)
+        reply = await self._call("invalidate_campaign", (keys.meta, keys.events), ())
+        if reply[0] != Code.OK:
+            raise errors.NotEditable(f"campaign {campaign_id} already ended", reason=_extra(reply))
+        return from_ms(int(reply[1]))
+
+    # Teams and the outbox.
+
+    async def list_teams(
+        self, campaign_id: str, sku: str, viewer: str | None, limit: int
+    ) -> list[Team]:
+        """list_teams.lua: up to ``limit`` joinable teams of the sku, without the viewer's."""
+        keys = keys_of(campaign_id)
+        reply = await self._call("list_teams", keys.order_keys, (sku, viewer or "", limit))
+        if not reply:
+            raise errors.NotFound(f"no campaign {campaign_id}", id=campaign_id)
+        return [Team.from_record(reply[i], reply[i + 1]) for i in range(1, len(reply), 2)]
+
+    async def ack_events(self, stream: str, group: str, entry_ids: Sequence[str]) -> int:
+        """ack_events.lua: acknowledge and delete flushed outbox entries; how many were."""
+        reply = await self._call("ack_events", (stream,), (group, *entry_ids))
+        return int(reply[0])
 
 
 async def guarded(awaitable: Any) -> Any:

@@ -3,7 +3,7 @@
 Payment and cancellation of team orders go through ``engine.orders`` (``pay``, ``cancel``): the
 same scripts open a team on the leader's payment, make it succeed on the last paid seat and
 free a held seat. Team expiry, failure refunds and leader-hold expiry run in the reaper
-(SPEC section 5).
+(docs/lifecycle.md#team).
 """
 
 from __future__ import annotations
@@ -11,32 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
-from engine.coalesce import JOIN, QUICK, Coalescer
+from engine.coalesce import Coalescer
 from engine.errors import NotFound, ValidationError
 from engine.keys import campaign_of_team, check_id, check_key, keys_of
-from engine.models import MAX_UNITS, Order, Team, TeamState
+from engine.models import MAX_UNITS, Order, Team, TeamSeatResult, TeamState
 from engine.runtime import Runtime
-from engine.scripts import check_reply, guarded
+from engine.scripts import guarded
+
+__all__ = [
+    "QUICK_JOIN_SCAN",
+    "MemberView",
+    "ShareState",
+    "TeamSeatResult",
+    "TeamView",
+    "Teams",
+    "mask_user",
+]
 
 # Index entries quick_join looks at before it opens a new team (skipping the user's own teams).
 QUICK_JOIN_SCAN = 64
 MAX_LIST = 100
 
 
-@dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
-class TeamSeatResult:
-    """A held team order with its team; ``opened`` when the user leads a new team."""
-
-    order: Order
-    team: Team
-    opened: bool
-    replayed: bool
-
-
 class ShareState(StrEnum):
-    """What the page behind a shared team link shows (SPEC section 5)."""
+    """What the page behind a shared team link shows (docs/lifecycle.md#share-view)."""
 
     PENDING = "pending"
     OPEN = "open"
@@ -72,20 +71,8 @@ def mask_user(user_id: str) -> str:
     return user_id[0] + "***" + (user_id[-1] if len(user_id) > 1 else "")
 
 
-def seat_result(reply: list[Any], campaign_id: str) -> TeamSeatResult:
-    """Decode ``{0, order_id, record, replayed, team_id, team_record, opened}`` of one of
-    ``campaign_id``'s scripts."""
-    check_reply(reply)
-    return TeamSeatResult(
-        order=Order.from_record(reply[1], reply[2], campaign_id),
-        team=Team.from_record(reply[4], reply[5], campaign_id),
-        opened=reply[6] == 1,
-        replayed=reply[3] == 1,
-    )
-
-
 class Teams:
-    """Team-join on top of the flash-sale core (SPEC section 5)."""
+    """Team-join on top of the flash-sale core (docs/lifecycle.md#team)."""
 
     def __init__(self, rt: Runtime, coalescer: Coalescer) -> None:
         self._rt = rt
@@ -102,21 +89,7 @@ class Teams:
         check_key(idempotency_key, "idempotency_key")
         if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= MAX_UNITS:
             raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
-        settings = self._rt.settings
-        reply = await self._scripts.run(
-            self._scripts.open_team,
-            (*keys.order_keys, keys.rate(leader_id)),
-            (
-                campaign_id,
-                leader_id,
-                sku,
-                qty,
-                settings.rate_limit,
-                settings.idempotency_ttl,
-                idempotency_key,
-            ),
-        )
-        return seat_result(reply, keys.campaign_id)
+        return await self._scripts.open_team(keys.campaign_id, leader_id, sku, qty, idempotency_key)
 
     async def join(self, team_id: str, user_id: str, idempotency_key: str) -> TeamSeatResult:
         """Take a seat in an open team; it is held until paid (``engine.orders.pay``)."""
@@ -124,10 +97,7 @@ class Teams:
         keys = keys_of(campaign_id)
         check_id(user_id, "user_id")
         check_key(idempotency_key, "idempotency_key")
-        reply = await self._coalescer.submit(
-            keys.campaign_id, JOIN, user_id, team_id, "", idempotency_key
-        )
-        return seat_result(reply, keys.campaign_id)
+        return await self._coalescer.join(keys.campaign_id, user_id, team_id, idempotency_key)
 
     async def quick_join(
         self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
@@ -137,10 +107,7 @@ class Teams:
         check_id(user_id, "user_id")
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
-        reply = await self._coalescer.submit(
-            keys.campaign_id, QUICK, user_id, sku, "", idempotency_key
-        )
-        return seat_result(reply, keys.campaign_id)
+        return await self._coalescer.quick_join(keys.campaign_id, user_id, sku, idempotency_key)
 
     async def joinable(
         self, campaign_id: str, sku: str, viewer: str | None = None, limit: int = 20
@@ -153,12 +120,7 @@ class Teams:
             check_id(viewer, "viewer")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
             raise ValidationError(f"limit must be an integer from 1 to {MAX_LIST}", field="limit")
-        reply = await self._scripts.run(
-            self._scripts.list_teams, keys.order_keys, (sku, viewer or "", limit)
-        )
-        if not reply:
-            raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
-        return [Team.from_record(reply[i], reply[i + 1]) for i in range(1, len(reply), 2)]
+        return await self._scripts.list_teams(keys.campaign_id, sku, viewer, limit)
 
     async def get(self, team_id: str) -> Team:
         """The team's current record."""

@@ -13,8 +13,9 @@ Each campaign's stream ``ft:{c:<id>}:events`` is read through one consumer group
 
 A crash anywhere before 4 leaves the entries pending: this or another worker reads them again
 and the upserts make the second write a no-op, so every change lands exactly once in effect
-(SPEC 6.4). Streams are found through the ``ft:streams`` set (no KEYS scans; works on Redis
-Cluster, one stream per call). SQL outages are waited out with backoff, nothing acknowledged.
+(invariant I4, docs/invariants.md). Streams are found through the ``ft:streams`` set (no
+KEYS scans; works on Redis Cluster, one stream per call). SQL outages are waited out with
+backoff, nothing acknowledged.
 """
 
 from __future__ import annotations
@@ -154,8 +155,7 @@ class FlushWorker:
         if len(batch):
             await self._rt.store.apply(batch)
         ids = [entry_id for entry_id, _ in entries]
-        scripts = self._rt.scripts
-        await scripts.run(scripts.ack_events, (stream,), (GROUP, *ids))
+        await self._rt.scripts.ack_events(stream, GROUP, ids)
         self.flushed += len(entries) - dead
         self.dead_lettered += dead
         return len(entries)

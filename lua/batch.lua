@@ -3,35 +3,36 @@
 -- (lib/ops.lua, sharing one context: clock, meta, prices, stock, order ids), and returns one
 -- reply per request. One EVALSHA per batch; every key shares the campaign's hash tag, so a
 -- batch runs on one Redis Cluster slot.
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua
 --
 -- KEYS[1..10]  the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[10 + i] request i's rate-limit key (i = 1..n; only when the rate limit is on)
--- ARGV[1] campaign id  ARGV[2] n  ARGV[3] rate limit per second (0 = off)
--- ARGV[4] idempotency TTL (s)  ARGV[5] quick-join scan bound
--- ARGV[6] the requests' fields joined by '|' (none of them can hold a '|'), 5 per request:
---   op ('r' reserve | 'p' sold-out probe | 'j' join | 'q' quick-join), user id, idempotency
---   key, and  'r', 'p': sku, qty     'j': team id, ''     'q': sku, ''
+-- ARGV[1] campaign id  ARGV[2] rate limit per second (0 = off)  ARGV[3] idempotency TTL (s)
+-- ARGV[4] quick-join scan bound
+-- ARGV[5] the n requests' fields joined by '|' (none of them can hold a '|'), 5 per request,
+--   in the order of the one-call scripts' ARGV[5..8] after the op:
+--   op ('r' reserve | 'p' sold-out probe | 'j' join | 'q' quick-join), user id,
+--   sku ('r', 'p', 'q') or team id ('j'), qty ('r', 'p'; '' for 'j', 'q'), idempotency key
 -- returns {reply_1, ..., reply_n}: each the reply reserve_stock.lua, join_team.lua or
 --   quick_join.lua documents for that request ('p': op_probe's, in lib/ops.lua).
-local n, scan = tonumber(ARGV[2]), tonumber(ARGV[5])
-local ctx = new_ctx(order_keys(), ARGV[1], n, tonumber(ARGV[3]), tonumber(ARGV[4]))
-local f = split(ARGV[6])
+local f = split(ARGV[5])
+local n = #f / 5
+local ctx = creation_ctx(n)
 local replies = {}
-local function run_all()
+return run_ops(ctx, function()
   for i = 1, n do
     local a = (i - 1) * 5
-    local op, user, key, x, y = f[a + 1], f[a + 2], f[a + 3], f[a + 4], f[a + 5]
+    local op, user, target, qty, key = f[a + 1], f[a + 2], f[a + 3], f[a + 4], f[a + 5]
     local rl = KEYS[10 + i]
     if op == 'r' then
-      replies[i] = op_reserve(ctx, key, rl, user, x, y)
+      replies[i] = op_reserve(ctx, rl, user, target, qty, key)
     elseif op == 'p' then
-      replies[i] = op_probe(ctx, key, user, x, y)
+      replies[i] = op_probe(ctx, user, target, qty, key)
     elseif op == 'j' then
-      replies[i] = op_join(ctx, key, rl, user, x)
+      replies[i] = op_join(ctx, rl, user, target, key)
     else
-      replies[i] = op_quick(ctx, key, rl, user, x, scan)
+      replies[i] = op_quick(ctx, rl, user, target, key)
     end
   end
   return replies
-end
-return run_ops(ctx, run_all)
+end)

@@ -1,29 +1,32 @@
 -- expire_teams.lua: the reaper's step for teams: an open team whose expiry passed without
 -- success fails: every paid seat is refunded and every held seat expired, all stock returned.
 -- Exactly once: the team leaves `team_deadlines` in the same step. Once the campaign is
--- invalidated every open team fails at once (held seats are then cancelled, SPEC 3).
+-- invalidated every open team fails at once (held seats are then cancelled,
+-- docs/lifecycle.md#campaign).
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/release.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] at most this many teams in one call
 -- returns {failed, next}  teams failed now; next = the earliest remaining team expiry (ms),
 --                         0 when more are due at once, -1 when no team is open
-local k = order_keys()
-local limit = tonumber(ARGV[1])
-local now = now_ms()
+local ctx = new_ctx(order_keys())
+local k, now = ctx.k, ctx.now
 local invalidated = tonumber(redis.call('HGET', k.meta, 'invalid') or '0') > 0
 local upto = invalidated and '+inf' or now
+local due = redis.call('ZRANGEBYSCORE', k.team_deadlines, '-inf', upto, 'LIMIT', 0,
+  tonumber(ARGV[1]))
 
-local due = redis.call('ZRANGEBYSCORE', k.team_deadlines, '-inf', upto, 'LIMIT', 0, limit)
-for _, id in ipairs(due) do
-  local t = load_team(k.teams, id)
-  if t and t.state == 'O' then
-    fail_team(k, t, now, invalidated and 'invalidated' or 'expired')
-  else
-    redis.call('ZREM', k.team_deadlines, id)
+return run_ops(ctx, function()
+  for _, id in ipairs(due) do
+    local t = ctx_team(ctx, id)
+    if t and t.state == 'O' then
+      fail_team(ctx, t, invalidated and 'invalidated' or 'expired')
+    else
+      redis.call('ZREM', k.team_deadlines, id)
+    end
   end
-end
-
-local head = redis.call('ZRANGE', k.team_deadlines, 0, 0, 'WITHSCORES')
-if #head == 0 then return {#due, -1} end
-if invalidated or tonumber(head[2]) <= now then return {#due, 0} end
-return {#due, head[2]}
+  local head = redis.call('ZRANGE', k.team_deadlines, 0, 0, 'WITHSCORES')
+  if #head == 0 then return {#due, -1} end
+  if invalidated or tonumber(head[2]) <= now then return {#due, 0} end
+  return {#due, head[2]}
+end)

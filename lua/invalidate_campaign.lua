@@ -1,5 +1,6 @@
 -- invalidate_campaign.lua: the merchant ends a campaign early. From this step on no order,
 -- team or join is accepted; the reaper (expire_orders.lua) then cancels every held order.
+-- uses: lib/common.lua
 --
 -- KEYS[1] meta   KEYS[2] events
 -- returns {0, invalidated_at_ms}   invalidated now, or earlier (a retry returns the first time)

@@ -1,13 +1,14 @@
 -- join_team.lua: a user takes a seat in an open team (op_join in lib/ops.lua). The seat is
 -- held until payment, at most until the team's own expiry; a held seat counts as taken, so a
 -- team never over-fills. Joining works after the campaign's end, until the team's expiry
--- (SPEC 3, seed 004 §2).
+-- (docs/lifecycle.md#campaign and #team).
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[11] rl    string  this user's attempts in the current second
--- ARGV[1] campaign id  ARGV[2] user id  ARGV[3] team id
--- ARGV[4] rate limit per second (0 = off)  ARGV[5] idempotency TTL (s)
--- ARGV[6] idempotency key
+-- ARGV[1] campaign id  ARGV[2] rate limit per second (0 = off)  ARGV[3] idempotency TTL (s)
+-- ARGV[4] quick-join scan bound (unused here)
+-- ARGV[5] user id  ARGV[6] team id  ARGV[7] '' (the team's qty applies)  ARGV[8] idempotency key
 -- returns {0, order_id, record, replayed, team_id, team_record, 0}   seated (or a retry)
 --         {8} | {7, retry_after_ms}         key reused differently | too many attempts
 --         {1} | {4} | {17}                  no campaign or team | invalidated | not a team campaign
@@ -16,7 +17,7 @@
 --         {15}                              the user already holds a seat (leaders included)
 --         {13}                              every seat is held or paid
 --         {6, units_left} | {5, available}  per-user limit | sold out
-local ctx = new_ctx(order_keys(), ARGV[1], 1, tonumber(ARGV[4]), tonumber(ARGV[5]))
+local ctx = creation_ctx(1)
 return run_ops(ctx, function()
-  return op_join(ctx, ARGV[6], KEYS[11], ARGV[2], ARGV[3])
+  return op_join(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[8])
 end)

@@ -1,5 +1,6 @@
 -- list_teams.lua: the joinable teams of one item for a product page (read only): open, not
 -- full, not expired, without the viewer; fewest remaining seats first, then earliest expiry.
+-- uses: lib/common.lua lib/team.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] sku   ARGV[2] viewer user id ('' = anonymous)   ARGV[3] at most this many teams
@@ -14,11 +15,12 @@ local entries = redis.call('ZRANGEBYLEX', k.joinable, '[' .. sku .. '|', '[' .. 
   'LIMIT', 0, limit * 4 + 16)
 for _, entry in ipairs(entries) do
   local id = string.match(entry, '[^|]+$')
-  local t = load_team(k.teams, id)
+  local raw = redis.call('HGET', k.teams, id)
+  local t = raw and decode_team(id, raw)
   if t and t.state == 'O' and now < t.expires and t.held + t.paid < t.size
       and (viewer == '' or not member_index(t, viewer)) then
     out[#out + 1] = id
-    out[#out + 1] = redis.call('HGET', k.teams, id)
+    out[#out + 1] = raw
     if #out > limit * 2 then break end
   end
 end

@@ -1,18 +1,19 @@
 -- open_team.lua (op_open in lib/ops.lua): a leader opens a team: their units are held like a
 -- flash order and the team is pending until the leader pays (pay_order.lua then opens it and
 -- starts its clock).
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[11] rl    string  this user's attempts in the current second
--- ARGV[1] campaign id  ARGV[2] leader user id  ARGV[3] sku  ARGV[4] qty per seat (>= 1)
--- ARGV[5] rate limit per second (0 = off)      ARGV[6] idempotency TTL (s)
--- ARGV[7] idempotency key
+-- ARGV[1] campaign id  ARGV[2] rate limit per second (0 = off)  ARGV[3] idempotency TTL (s)
+-- ARGV[4] quick-join scan bound (unused here)
+-- ARGV[5] leader user id  ARGV[6] sku  ARGV[7] qty per seat (>= 1)  ARGV[8] idempotency key
 -- returns {0, order_id, record, replayed, team_id, team_record, 1}   opened (or a retry)
 --         {8} | {7, retry_after_ms}             key reused differently | too many attempts
 --         {1} | {4} | {17}                      no campaign | invalidated | not a team campaign
 --         {2, starts_ms} | {3, ends_ms}         not started | ended (no new teams after the end)
 --         {1, sku} | {6, units_left} | {5, available}   unknown sku | limit | sold out
-local ctx = new_ctx(order_keys(), ARGV[1], 1, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local ctx = creation_ctx(1)
 return run_ops(ctx, function()
-  return op_open(ctx, ARGV[7], KEYS[11], ARGV[2], ARGV[3], ARGV[4])
+  return op_open(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 end)

@@ -1,5 +1,6 @@
 -- pay_order.lua: record the payment of a held order by its owner. For a team order: the
 -- leader's payment opens the team (its clock starts now); the last paid seat makes it succeed.
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- ARGV[1] order id   ARGV[2] user id   ARGV[3] payment reference
@@ -11,46 +12,51 @@
 --         {4}                     the campaign was invalidated
 --         {11, state}             not held (cancelled, refunded, or paid with another reference)
 --         {14, team_state}        the order's team is no longer pending or open
-local k = order_keys()
+local ctx = new_ctx(order_keys())
 local id, user, payref = ARGV[1], ARGV[2], ARGV[3]
 
-local o = load_order(k.orders, id)
+local o = ctx_order(ctx, id)
 if not o then return {NOT_FOUND} end
 if o.user ~= user then return {FORBIDDEN} end
-if o.state == 'P' and o.payref == payref then return order_reply(k, id, 0) end
+if o.state == 'P' and o.payref == payref then return order_reply(ctx, id) end
 if o.state == 'E' then return {HOLD_EXPIRED} end
 if o.state ~= 'H' then return {INVALID_STATE, o.state} end
-local now = now_ms()
-if now >= o.deadline then return {HOLD_EXPIRED} end
-local m = load_meta(k.meta)
+if ctx.now >= o.deadline then return {HOLD_EXPIRED} end
+local m = ctx_meta(ctx)
 if m.invalid > 0 then return {INVALIDATED} end
 local t = nil
 if o.kind == 't' then
-  t = load_team(k.teams, o.team)
+  t = ctx_team(ctx, o.team)
   if t.state ~= 'W' and t.state ~= 'O' then return {TEAM_CLOSED, t.state} end
 end
 
-move(k.inv, o.sku, 'h', 'p', o.qty)
-redis.call('ZREM', k.deadlines, id)
-o.state = 'P'
-o.payref = payref
-save_order(k.orders, k.events, o, now, 'user')
-if t then
+-- The seat changes from held to paid; a pending team opens (joinable from now on), a full
+-- one succeeds.
+local function team_paid()
+  touch_index(ctx, t)
   t.held = t.held - 1
   t.paid = t.paid + 1
   if t.state == 'W' then
     t.state = 'O'
-    t.opened = now
-    t.expires = now + m.team_ttl
-    redis.call('ZADD', k.team_deadlines, t.expires, t.id)
-    reindex(k, t)
-    save_team(k, t, now, 'user', nil, id)
+    t.opened = ctx.now
+    t.expires = ctx.now + m.team_ttl
+    redis.call('ZADD', ctx.k.team_deadlines, t.expires, t.id)
+    emit_team(ctx, t, 'user', nil, id)
   elseif t.paid == t.size then
     t.state = 'S'
-    redis.call('ZREM', k.team_deadlines, t.id)
-    save_team(k, t, now, 'user', nil, id)
+    redis.call('ZREM', ctx.k.team_deadlines, t.id)
+    emit_team(ctx, t, 'user', nil, id)
   else
-    save_team(k, t, now, 'user', 'team.seat_paid', id)
+    emit_team(ctx, t, 'user', 'team.seat_paid', id)
   end
 end
-return order_reply(k, id, 0)
+
+return run_ops(ctx, function()
+  move(ctx, o.sku, 'h', 'p', o.qty)
+  unschedule(ctx, id)
+  o.state = 'P'
+  o.payref = payref
+  emit_order(ctx, o, 'user')
+  if t then team_paid() end
+  return order_reply(ctx, id)
+end)

@@ -1,6 +1,7 @@
 -- warm_campaign.lua: load a campaign definition and its stock into Redis (warm-up), or edit it.
 -- Guards the lifecycle on the Redis clock, so an edit racing the start can never reset the
 -- stock of a campaign that has begun selling.
+-- uses: lib/common.lua
 --
 -- KEYS[1] meta   hash   definition and flags
 -- KEYS[2] inv    hash   inventory buckets (a:/h:/p:/r: units, i: initial stock, $: price per sku)

@@ -477,9 +477,7 @@ async def test_reaper_finishes_an_invalidation_interrupted_after_its_first_step(
     """A crash right after invalidate_campaign.lua: the reaper cancels the held orders."""
     held_id, _ = await _sale_with_held_and_paid_orders(engine)
     await age_order(engine, held_id, -3_600_000)  # not due for another hour
-    scripts = engine.runtime.scripts
-    reply = await scripts.run(scripts.invalidate_campaign, (KEYS.meta, KEYS.events), ())
-    assert reply[0] == 0
+    await engine.runtime.scripts.invalidate(CID)
     assert await engine.reaper.run_once() == 1
     order = await engine.orders.get(held_id)
     assert order.state is OrderState.CANCELLED
@@ -570,16 +568,14 @@ async def test_warm_script_never_redefines_a_started_campaign(
     created = await engine.campaigns.create(flash_campaign(await engine.runtime.now(), CID))
     await engine.flash.reserve(CID, "u1", SKU, 2, "k1")
     scripts = engine.runtime.scripts
-    args: list[str | int] = ["define", "flash", 0, to_ms(created.campaign.ends_at), 2, 60_000]
-    args += [0, 0, 0, SKU, 1, 1000]
-    reply = await scripts.run(scripts.warm_campaign, (KEYS.meta, KEYS.inv), args)
-    assert reply == [12, "started"]
-    earlier = to_ms(created.campaign.ends_at) - 1
-    reply = await scripts.run(scripts.warm_campaign, (KEYS.meta, KEYS.inv), ["extend", earlier])
-    assert reply == [12, "earlier"]
-    missing = keys_of("nope")
-    reply = await scripts.run(scripts.warm_campaign, (missing.meta, missing.inv), ["extend", 1])
-    assert reply == [1]
+    with pytest.raises(NotEditable, match="started"):
+        await scripts.define(created.campaign)
+    earlier = created.campaign.ends_at - timedelta(milliseconds=1)
+    with pytest.raises(NotEditable) as caught:
+        await scripts.extend(CID, earlier)
+    assert caught.value.details == {"reason": "earlier"}
+    with pytest.raises(NotFound):
+        await scripts.extend("nope", created.campaign.ends_at)
     assert stock(await engine.campaigns.get(CID)) == (100, 98, 2, 0, 0)
     await assert_invariants(engine, CID)
 

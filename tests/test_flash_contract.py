@@ -545,9 +545,7 @@ async def test_pay_script_rejects_a_held_order_of_an_invalidated_campaign(
     """pay_order.lua code 4, hit before any cascade: only the invalidation step has run."""
     await open_sale(engine)
     order = await hold(engine)
-    scripts = engine.runtime.scripts
-    reply = await scripts.run(scripts.invalidate_campaign, (KEYS.meta, KEYS.events), ())
-    assert reply[0] == 0
+    await engine.runtime.scripts.invalidate(CID)
     with pytest.raises(Invalidated):
         await engine.orders.pay(order.order_id, "u1", "pay-1")
     assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
@@ -828,8 +826,8 @@ async def test_expire_orders_script_reports_what_comes_next(
     scripts = engine.runtime.scripts
 
     async def step(batch: int) -> tuple[int, int]:
-        ended, upcoming = await scripts.run(scripts.expire_orders, KEYS.order_keys, (batch,))
-        return int(ended), int(upcoming)
+        done = await scripts.expire_orders(CID, batch)
+        return done.ended, done.upcoming
 
     await open_sale(engine, limit=5)
     assert await step(10) == (0, -1)

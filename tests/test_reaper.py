@@ -19,12 +19,12 @@ async def _expired_events(engine: Engine, campaign_id: str, count: int) -> list[
     stream = keys_of(campaign_id).events
     last, found = "0", list[Event]()
     while len(found) < count:
-        reply = cast(
+        streams = cast(
             list[tuple[str, list[tuple[str, dict[str, str]]]]],
             await engine.runtime.redis.xread({stream: last}, block=5000),
         )
-        assert reply, "no event within 5 s"
-        for entry_id, fields in reply[0][1]:
+        assert streams, "no event within 5 s"
+        for entry_id, fields in streams[0][1]:
             last = entry_id
             event = Event.decode(entry_id, fields)
             if event.type == "order.expired":

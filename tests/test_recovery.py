@@ -19,9 +19,9 @@ from testkit.helpers import age_order, assert_invariants
 
 async def _flush_scripts(engine: Engine) -> None:
     await engine.runtime.redis.script_flush()
-    assert await engine.runtime.redis.script_exists(engine.runtime.scripts.reserve_stock.sha) == [
-        False
-    ]
+    assert await engine.runtime.redis.script_exists(
+        engine.runtime.scripts.sha("reserve_stock")
+    ) == [False]
 
 
 async def test_script_flush_needs_no_manual_step(engine: Engine) -> None:
