@@ -197,7 +197,8 @@ class Settings:
 
     @classmethod
     def describe(cls) -> list[str]:
-        """One line per variable: its name, meaning and default (``flashteam --help``)."""
+        """One entry per variable, wrapped to 100 columns: its name, meaning and default
+        (the table ``flashteam --help`` prints)."""
         width = max(len(_variable(each)) for each in fields(cls))
         return [
             textwrap.fill(

@@ -27,7 +27,7 @@ from engine.local.process import free_port
 from engine.local.redis_server import RedisServer
 from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings
 
-log = logging.getLogger("flashteam")
+logger = logging.getLogger("flashteam")
 
 Service = Literal["api", "flush worker", "reaper"]
 EVERYTHING: tuple[Service, ...] = ("api", "flush worker", "reaper")
@@ -117,7 +117,10 @@ class LocalEngine:
 
     def start(self) -> Self:
         """Start the Redis (when ours) and the processes, and wait until the API answers
-        ``/healthz``; StartFailed, with everything stopped again, when it does not."""
+        ``/healthz``; StartFailed, with everything stopped again, when it does not. Starting
+        a running engine does nothing."""
+        if self.processes:
+            return self
         try:
             self._start()
         except BaseException:
@@ -130,7 +133,7 @@ class LocalEngine:
         while not self.stopping.wait(0.2):
             for name, process in self.processes.items():
                 if process.poll() is not None:
-                    log.error("the %s exited (%s)", name, process.returncode)
+                    logger.error("the %s exited (%s)", name, process.returncode)
                     return 1
         return 0
 
@@ -169,7 +172,9 @@ class LocalEngine:
             self.settings = self.settings.with_(redis_url=self.redis.url)
         if self.redis is not None:
             self.redis.start()  # again on a restart: the same port, its AOF reloaded
-            log.info("private redis-server on %s (data in %s)", self.redis.url, self.redis.data_dir)
+            logger.info(
+                "private redis-server on %s (data in %s)", self.redis.url, self.redis.data_dir
+            )
         env = self.env()
         for service in self.services:
             self.processes[service] = self._spawn(service, env)
