@@ -12,7 +12,7 @@ from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
 
-from engine import Engine
+from engine import Engine, OrderState
 from engine.audit import audit_campaign
 from engine.events import Event
 from engine.keys import campaign_of_order, campaign_of_team, keys_of
@@ -20,6 +20,15 @@ from engine.models import from_ms
 
 T = TypeVar("T")
 Clock = Callable[[], Awaitable[datetime]]
+
+# The outbox event that records an order's move into each state (docs/events.md).
+EVENT_OF = {
+    OrderState.HELD: "order.reserved",
+    OrderState.PAID: "order.paid",
+    OrderState.CANCELLED: "order.cancelled",
+    OrderState.EXPIRED: "order.expired",
+    OrderState.REFUNDED: "order.refunded",
+}
 
 
 async def age_order(engine: Engine, order_id: str, by_ms: int) -> None:

@@ -11,12 +11,22 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine
 
 from engine import Engine
 from testkit.factories import make_settings
 
 T = TypeVar("T")
+
+# Both machines' hypothesis settings: 25 examples of up to 30 steps, each step a real Redis
+# round trip or several, hence no deadline and no too-slow health check.
+SETTINGS = settings(
+    max_examples=25,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 class EngineMachine(RuleBasedStateMachine):

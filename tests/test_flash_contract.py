@@ -41,20 +41,14 @@ from engine import (
 from engine.keys import CAMPAIGN_SET, keys_of
 from engine.local.redis_server import RedisServer
 from testkit.factories import flash_campaign, make_settings
-from testkit.helpers import age_order, assert_invariants, until
+from testkit.helpers import EVENT_OF, age_order, assert_invariants, until
 
 CID = "sale"
 SKU = "sku-1"
 PRICE = 1999
 HOLD_MS = 60_000
 KEYS = keys_of(CID)
-STATE_OF_EVENT = {
-    "order.reserved": OrderState.HELD,
-    "order.paid": OrderState.PAID,
-    "order.cancelled": OrderState.CANCELLED,
-    "order.expired": OrderState.EXPIRED,
-    "order.refunded": OrderState.REFUNDED,
-}
+STATE_OF_EVENT = {event: state for state, event in EVENT_OF.items()}
 
 
 # --------------------------------------------------------------------------- helpers

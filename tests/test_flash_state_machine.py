@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -58,8 +58,8 @@ from engine import (
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.scripts import guarded
-from testkit.helpers import age_order, assert_invariants
-from tests.machine import EngineMachine
+from testkit.helpers import EVENT_OF, age_order, assert_invariants
+from tests.machine import SETTINGS, EngineMachine
 
 T = TypeVar("T")
 
@@ -72,24 +72,11 @@ LIMIT = 3
 HOLD_SECONDS = 60
 AGE_MS = (HOLD_SECONDS + 1) * 1000  # moves a fresh hold's deadline 1 s into the past
 
-EVENT_OF = {
-    OrderState.HELD: "order.reserved",
-    OrderState.PAID: "order.paid",
-    OrderState.CANCELLED: "order.cancelled",
-    OrderState.EXPIRED: "order.expired",
-    OrderState.REFUNDED: "order.refunded",
-}
 # The stock bucket of an order's units while it is live; ended orders' units are "available"
 # again, or "gone" after a refund without restock.
 BUCKET_OF = {OrderState.HELD: "held", OrderState.PAID: "paid"}
 
-MACHINE_SETTINGS = settings(
-    max_examples=25,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    report_multiple_bugs=False,
-)
+MACHINE_SETTINGS = settings(SETTINGS, report_multiple_bugs=False)
 
 
 @dataclass

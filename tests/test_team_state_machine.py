@@ -36,7 +36,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     initialize,
@@ -74,8 +74,8 @@ from engine.local.redis_server import RedisServer
 from engine.models import Team, TeamState, to_ms
 from engine.scripts import guarded
 from engine.teams import ShareState, TeamSeatResult, mask_user
-from testkit.helpers import age_order, age_team, assert_invariants
-from tests.machine import EngineMachine
+from testkit.helpers import EVENT_OF, age_order, age_team, assert_invariants
+from tests.machine import SETTINGS, EngineMachine
 
 T = TypeVar("T")
 
@@ -94,13 +94,6 @@ AGE_TEAM_MS = TTL_MS + 1000  # a fresh team's expiry ends up 1 s in the past
 USER = st.sampled_from(USERS)
 KEY = st.sampled_from((None, None, None, "k1", "k2"))  # None: a fresh key; else maybe reused
 
-EVENT_OF = {
-    OrderState.HELD: "order.reserved",
-    OrderState.PAID: "order.paid",
-    OrderState.CANCELLED: "order.cancelled",
-    OrderState.EXPIRED: "order.expired",
-    OrderState.REFUNDED: "order.refunded",
-}
 # SPEC 2: the only moves a team's state may make (staying put included).
 NEXT_STATES = {
     TeamState.PENDING: {TeamState.PENDING, TeamState.OPEN, TeamState.DISSOLVED},
@@ -116,13 +109,6 @@ REACHABLE = {
 }
 DISSOLVED_WHY = {"user": "leader_cancelled", "deadline": "leader_unpaid"}
 LIVE = (OrderState.HELD, OrderState.PAID)
-
-MACHINE_SETTINGS = settings(
-    max_examples=25,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 
 Expected = type[Rejected] | None
 
@@ -1050,4 +1036,4 @@ class Settled:
 @pytest.mark.timeout(420)
 def test_team_state_machine(redis_server: RedisServer) -> None:
     TeamMachine.redis_url = redis_server.url
-    run_state_machine_as_test(TeamMachine, settings=MACHINE_SETTINGS)
+    run_state_machine_as_test(TeamMachine, settings=SETTINGS)
