@@ -1,10 +1,11 @@
-"""Factories for campaigns, settings and PostgreSQL databases, shared by tests and benchmarks."""
+"""Factories for campaigns (and their HTTP bodies), settings and PostgreSQL databases, shared by
+tests and benchmarks."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -93,3 +94,26 @@ def team_campaign(
         team_size=team_size,
         team_ttl_seconds=team_ttl_seconds,
     )
+
+
+def rfc3339(moment: datetime) -> str:
+    """``moment`` as the HTTP API writes a time: UTC, to the millisecond, with a ``Z``."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def campaign_json(campaign: Campaign) -> dict[str, Any]:
+    """The POST /v1/campaigns body of an engine Campaign."""
+    body: dict[str, Any] = {
+        "id": campaign.id,
+        "kind": campaign.kind.value,
+        "title": campaign.title,
+        "starts_at": rfc3339(campaign.starts_at),
+        "ends_at": rfc3339(campaign.ends_at),
+        "items": [{"sku": i.sku, "price": i.price, "stock": i.stock} for i in campaign.items],
+        "per_user_limit": campaign.per_user_limit,
+        "hold_seconds": campaign.hold_seconds,
+    }
+    if campaign.team_size is not None:
+        body["team_size"] = campaign.team_size
+        body["team_ttl_seconds"] = campaign.team_ttl_seconds
+    return body

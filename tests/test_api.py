@@ -30,7 +30,7 @@ from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
 from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
 from engine.models import Campaign
-from testkit.factories import flash_campaign, team_campaign
+from testkit.factories import campaign_json, flash_campaign, rfc3339, team_campaign
 from testkit.helpers import Clock, eventually, redis_clock, until
 
 Json = dict[str, Any]
@@ -104,30 +104,8 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def campaign_json(campaign: Campaign) -> Json:
-    """The POST /v1/campaigns body of an engine Campaign."""
-    body: Json = {
-        "id": campaign.id,
-        "kind": campaign.kind.value,
-        "title": campaign.title,
-        "starts_at": rfc3339(campaign.starts_at),
-        "ends_at": rfc3339(campaign.ends_at),
-        "items": [{"sku": i.sku, "price": i.price, "stock": i.stock} for i in campaign.items],
-        "per_user_limit": campaign.per_user_limit,
-        "hold_seconds": campaign.hold_seconds,
-    }
-    if campaign.team_size is not None:
-        body["team_size"] = campaign.team_size
-        body["team_ttl_seconds"] = campaign.team_ttl_seconds
-    return body
 
 
 def now() -> datetime:

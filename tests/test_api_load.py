@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +33,7 @@ from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
 from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
 from engine.models import Order
+from testkit.factories import campaign_json, flash_campaign, team_campaign
 from testkit.helpers import eventually
 
 GW = {"authorization": f"Bearer {GATEWAY}"}
@@ -44,10 +45,6 @@ Json = dict[str, Any]
 def unique(prefix: str) -> str:
     """A campaign id of its own on the session's shared API server and Redis."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # Plain HTTP on loopback: one unused TLS context for every client, instead of each client
@@ -115,19 +112,15 @@ async def create_campaign(
     team_size: int | None = None,
 ) -> Json:
     now = datetime.now(UTC)
-    body: Json = {
-        "id": campaign_id,
-        "kind": kind,
-        "title": f"load test {campaign_id}",
-        "starts_at": rfc3339(now - timedelta(seconds=1)),
-        "ends_at": rfc3339(now + timedelta(hours=1)),
-        "items": [{"sku": SKU, "price": 1999, "stock": stock}],
-        "per_user_limit": limit,
-        "hold_seconds": 600,
-    }
-    if team_size is not None:
-        body |= {"team_size": team_size, "team_ttl_seconds": 3600}
-    answer = await client.post("/v1/campaigns", json=body, headers=ADM)
+    shape: Json = dict(stock=stock, limit=limit, hold_seconds=600, skus=(SKU,), price=1999)
+    if kind == "team":
+        assert team_size is not None
+        campaign = team_campaign(
+            now, campaign_id, team_size=team_size, team_ttl_seconds=3600, **shape
+        )
+    else:
+        campaign = flash_campaign(now, campaign_id, **shape)
+    answer = await client.post("/v1/campaigns", json=campaign_json(campaign), headers=ADM)
     assert answer.status_code == 201, answer.text
     created = cast(Json, answer.json())
     assert created["status"] == "active", created

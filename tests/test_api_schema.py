@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -33,6 +33,7 @@ from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
 from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
 from engine.local.launcher import ApiServer
 from engine.settings import Settings
+from testkit.factories import campaign_json, flash_campaign, team_campaign
 
 Json = dict[str, Any]
 AD = {"Authorization": f"Bearer {ADMIN}"}
@@ -46,25 +47,12 @@ CHECKS = [
 ]
 
 
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _campaign(campaign_id: str, kind: str) -> Json:
-    now = datetime.now(UTC)
-    body: Json = {
-        "id": campaign_id,
-        "kind": kind,
-        "title": f"schemathesis {kind}",
-        "starts_at": _rfc3339(now - timedelta(seconds=1)),
-        "ends_at": _rfc3339(now + timedelta(hours=1)),
-        "items": [{"sku": SKU, "price": 1999, "stock": 1_000_000}],
-        "per_user_limit": 1_000,
-        "hold_seconds": 600,
-    }
-    if kind == "team":
-        body |= {"team_size": 3, "team_ttl_seconds": 600}
-    return body
+    build = team_campaign if kind == "team" else flash_campaign
+    campaign = build(
+        datetime.now(UTC), campaign_id, stock=1_000_000, limit=1_000, hold_seconds=600, price=1999
+    )
+    return campaign_json(campaign)
 
 
 # The objects generated requests may hit, made by the ``real_objects`` fixture. Their ids are
