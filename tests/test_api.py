@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,13 +30,12 @@ from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
 from engine.models import Campaign
 from testkit.factories import campaign_json, flash_campaign, rfc3339, team_campaign
-from testkit.helpers import Clock, eventually, redis_clock, until
+from testkit.helpers import Clock, eventually, redis_clock, run_cli, until
 
 Json = dict[str, Any]
 GW = {"Authorization": f"Bearer {GATEWAY}"}
 AD = {"Authorization": f"Bearer {ADMIN}"}
 SKU = "sku-1"
-ROOT = Path(__file__).resolve().parent.parent
 
 # The HTTP contract: these codes have their own status, every other one is a 409.
 HTTP_STATUS = {
@@ -235,20 +233,9 @@ async def joinable(client: httpx.AsyncClient, campaign_id: str, viewer: str) -> 
 
 async def drain(server: ApiServer) -> str:
     """`flashteam worker --drain` on the server's Redis and SQL: the outbox into SQL."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "worker",
-        "--drain",
-        env=server.env(),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    return out.decode()
+    code, out, err = await run_cli("worker", "--drain", env=server.env(), limit=60)
+    assert code == 0, err
+    return out
 
 
 @asynccontextmanager
