@@ -95,9 +95,9 @@ async def eventually(
     what: str | None = None,
     every: float = 0.02,
 ) -> T:
-    """Poll ``check`` every ``every`` seconds until it returns something truthy (True, a
-    record, not None), and return that; fail after ``within`` seconds, naming ``what`` (or the
-    check's docstring).
+    """Poll ``check`` every ``every`` seconds until it returns something truthy (True, or a
+    value instead of None) and return that; fail after ``within`` seconds, naming ``what`` (or
+    the check's docstring).
 
     The suite's one way to wait: on the condition itself, never for a fixed time, so a slow
     machine only makes a test slower, not red.
