@@ -245,13 +245,13 @@ Outcome: TypeAlias = Reservation | TeamSeatResult | errors.Rejected
 @dataclass(frozen=True, slots=True)
 class ExpiryStep:
     """One reaper step (expire_orders.lua, expire_teams.lua): how many orders or teams it
-    ended, and ``upcoming``: the earliest remaining deadline in ms, or one of the constants."""
+    ended, and ``upcoming``: the earliest remaining deadline in ms, MORE_DUE, OVER, or -1 when
+    nothing is held (orders) or open (teams)."""
 
     ended: int
     upcoming: int
 
     MORE_DUE: ClassVar[int] = 0  # more are due at once: call again
-    NONE_LEFT: ClassVar[int] = -1  # nothing held (orders) or open (teams)
     OVER: ClassVar[int] = -2  # orders only: nothing can ever be due again in this campaign
 
     @property

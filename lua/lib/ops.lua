@@ -7,7 +7,8 @@
 -- per user and second, 0 = off), idempotency TTL (s), quick-join scan bound. Then each request
 -- is the same five fields in the same order everywhere (ARGV, batch.lua's packed string,
 -- the op_* functions, engine/scripts.py): op, user id, sku or team id, qty, idempotency key.
--- Every op takes the call's context and this request's rate-limit key `rl` first.
+-- Every op takes the call's context first, then this request's rate-limit key `rl` (all but
+-- op_probe, which counts no attempt), then the request's fields in that order.
 
 -- The context of an order-creating script making at most n orders.
 local function creation_ctx(n)
