@@ -2,7 +2,7 @@
 
 The holds are made through the engine (coalesced reservations, 1,000 callers) with a long
 hold; then every deadline is moved to one instant T a few seconds ahead (the packed record's
-deadline field and the deadline index, as ``tests/helpers.py age_order`` does, here in one
+deadline field and the deadline index, as ``testkit/helpers.py age_order`` does, here in one
 Lua call per chunk). The reaper's own loop (``Reaper.run``, the production interval of
 0.2 s) is already running when T arrives. Measured, on the Redis clock: from T until the
 last hold is expired and every unit is back on sale. Checked: every order expired exactly

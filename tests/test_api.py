@@ -1,4 +1,4 @@
-"""The HTTP API end to end (SPEC section 8): every route and every error code, over real
+"""The HTTP API end to end (docs/http.md): every route and every error code, over real
 sockets, against `flashteam serve` in a subprocess (the session's ``api`` fixture: 2 uvicorn
 workers on their own redis-server).
 
@@ -307,7 +307,7 @@ async def test_metrics_sum_every_worker(api: ApiServer, http: httpx.AsyncClient)
     assert "flashteam_script_seconds_count" in text
 
 
-# Every route of SPEC section 8, with the parameter names the API uses.
+# Every route of docs/http.md, with the parameter names the API uses.
 SPEC_ROUTES = {
     ("post", "/v1/campaigns"),
     ("get", "/v1/campaigns/{campaign_id}"),
@@ -1271,7 +1271,7 @@ async def test_redis_down_is_503_then_recovers(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- engine bugs
 # Each test below pins a bug found while writing this file: a 500 where the contract wants a
-# 4xx (SPEC 11: "a clear 4xx with an error code, never a 500, never a partial write").
+# 4xx (docs/http.md#errors: a clear 4xx with an error code, never a 500, never a partial write).
 
 
 async def test_query_limit_with_a_non_ascii_digit_is_a_400(http: httpx.AsyncClient) -> None:

@@ -1,4 +1,5 @@
-"""The HTTP API under concurrent load, over real loopback sockets (SPEC sections 6, 8, 11).
+"""The HTTP API under concurrent load, over real loopback sockets (docs/invariants.md,
+docs/http.md, docs/operations.md).
 
 - 3,000 concurrent reservations against 100 units sell exactly 100, the rest are ``sold_out``;
 - concurrent joins never over-fill a team, and quick-join + payment under load fills teams to
@@ -139,7 +140,7 @@ def error_code(answer: httpx.Response) -> str:
 
 
 def conserved(stock: Json) -> bool:
-    """SPEC 6.1: available + held + paid + gone == initial, available >= 0."""
+    """Invariant I1: available + held + paid + gone == initial, available >= 0."""
     total = stock["available"] + stock["held"] + stock["paid"] + stock["gone"]
     return bool(total == stock["initial"] and stock["available"] >= 0)
 

@@ -1,7 +1,7 @@
-"""The HTTP API against its own /openapi.json (SPEC section 11): schemathesis generates valid and
-invalid requests for every operation of the document the running server publishes, and each
-answer must be no 5xx, a documented status, a documented content type and a body that matches
-the documented schema.
+"""The HTTP API against its own /openapi.json (docs/http.md#errors): schemathesis generates valid
+and invalid requests for every operation of the document the running server publishes, and each
+answer must be no 5xx, a documented status, a documented content type and a body that matches the
+documented schema.
 
 It runs against the session's ``api`` server (2 uvicorn workers) with the admin token, so admin
 routes are exercised too. A flash campaign and a team campaign (with an order and a team) are

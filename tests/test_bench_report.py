@@ -212,4 +212,4 @@ def test_sections_and_charts(report: tuple[str, Path]) -> None:
         )
     )
     assert all((out / chart).stat().st_size > 0 for chart in charts)
-    assert "SPEC" not in text
+    assert "docs/performance.md" in text

@@ -1,5 +1,5 @@
-"""Campaign lifecycle (SPEC section 3) through ``engine.campaigns``: create, edit, invalidate,
-read, and warm-up from the durable store after Redis lost everything."""
+"""Campaign lifecycle (docs/lifecycle.md#campaign) through ``engine.campaigns``: create, edit,
+invalidate, read, and warm-up from the durable store after Redis lost everything."""
 
 from __future__ import annotations
 
@@ -442,7 +442,8 @@ async def test_invalidate_cancels_held_orders_and_returns_their_stock(
     held_id, _ = await _sale_with_held_and_paid_orders(engine)
     view = await engine.campaigns.invalidate(CID)
     assert view.status is CampaignStatus.INVALIDATED
-    # SPEC 3: held orders are cancelled and their stock returned by the invalidation itself.
+    # docs/lifecycle.md#campaign: held orders are cancelled and their stock returned by the
+    # invalidation itself.
     assert stock(view) == (100, 97, 0, 3, 0)
     assert (await engine.orders.get(held_id)).state is OrderState.CANCELLED
     assert int(await redis.hget(KEYS.users, "u1") or 0) == 0

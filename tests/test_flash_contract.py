@@ -1,4 +1,5 @@
-"""Contract tests of the flash-sale scripts through the engine API (SPEC sections 4 and 6).
+"""Contract tests of the flash-sale scripts through the engine API (docs/lifecycle.md#order,
+docs/invariants.md).
 
 Each test drives one outcome code from a script header (lua/*.lua) through ``engine.flash`` or
 ``engine.reaper`` and checks the typed result, what changed in Redis (stock buckets, the

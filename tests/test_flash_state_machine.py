@@ -6,8 +6,8 @@ once) / after-sale refund (with and without restock) / idempotent retries / inva
 random order. The model predicts every outcome, rejections included (the engine must raise
 exactly the predicted class), and after every step the engine's Redis state must equal the
 model: stock buckets, every order's state, qty and payment, each user's units, and each order's
-events in the outbox stream (its state changes, in order, each exactly once: SPEC 6.5); plus
-the invariants of SPEC 6.1 and 6.2 and the engine's own audit.
+events in the outbox stream (its state changes, in order, each exactly once: invariant I5); plus
+invariants I1 and I2 (docs/invariants.md) and the engine's own audit.
 
 The engine is async and the machine is sync: each example runs its own event loop and its own
 Engine (a private SQLite file) on the session's redis-server, flushed first, and every engine
@@ -407,8 +407,9 @@ class FlashSaleMachine(EngineMachine):
         view = self.run(self.eng.campaigns.invalidate(self.campaign_id))
         assert view.status is CampaignStatus.INVALIDATED
         self.invalidated = True
-        # SPEC 3: the cascade runs at once: every held order (due or not) is cancelled and its
-        # stock returned before invalidate() returns, so a reaper finds nothing left to do.
+        # docs/lifecycle.md#campaign: the cascade runs at once: every held order (due or not) is
+        # cancelled and its stock returned before invalidate() returns, so a reaper finds nothing
+        # left to do.
         for o in held:
             self.move(o, OrderState.CANCELLED, "invalidated")
         assert self.run(self.eng.reaper.run_once()) == 0
@@ -458,13 +459,13 @@ class FlashSaleMachine(EngineMachine):
     @invariant()
     def engine_matches_model(self) -> None:
         snap = self.run(self.snapshot())
-        # SPEC 6.1: nothing oversold, nothing leaked.
+        # Invariant I1: nothing oversold, nothing leaked.
         assert snap.initial == STOCK
         for sku, buckets in self.stock.items():
             assert sum(buckets.values()) == STOCK[sku], f"model broke 6.1 on {sku}: {buckets}"
             assert buckets["available"] >= 0
         assert snap.stock == self.stock
-        # SPEC 6.2: per-user limit, and the engine's per-user counters.
+        # Invariant I2: per-user limit, and the engine's per-user counters.
         for user in USERS:
             assert self.units(user) <= LIMIT
             assert snap.users.get(user, 0) == self.units(user), user
@@ -478,7 +479,7 @@ class FlashSaleMachine(EngineMachine):
             assert got.amount == m.qty * PRICES[m.sku]
             assert got.payment_ref == m.payment_ref, oid
             assert got.version == len(m.events), oid
-        # SPEC 6.5: each order's events are exactly its state changes, in order, once each.
+        # Invariant I5: each order's events are exactly its state changes, in order, once each.
         assert snap.events == {oid: m.events for oid, m in self.model.items()}
         assert snap.invalidations == int(self.invalidated)
         status = CampaignStatus.INVALIDATED if self.invalidated else CampaignStatus.ACTIVE

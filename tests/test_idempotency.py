@@ -1,4 +1,5 @@
-"""Idempotent reservations (SPEC 4): a retry returns the original order, never a second one."""
+"""Idempotent reservations (docs/lifecycle.md#order): a retry returns the original order, never
+a second one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Recovery (SPEC 7, 11): SCRIPT FLUSH, a Redis restart and a kill -9 need no manual step.
+"""Recovery (docs/architecture.md#scripts, docs/operations.md): SCRIPT FLUSH, a Redis restart
+and a kill -9 need no manual step.
 
 The restart tests run a dedicated redis-server (AOF on) per test, so they can stop it.
 """

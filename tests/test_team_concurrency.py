@@ -1,6 +1,7 @@
-"""Team-join under real concurrency (SPEC 5, 6.3, 6.5): asyncio.gather against a real
-redis-server, and the last-seat race and quick_join also against a real 3-master Redis
-Cluster. Nothing here sleeps: every race is a gather, and time moves with age_order/age_team.
+"""Team-join under real concurrency (docs/lifecycle.md#team; invariants I3 and I5,
+docs/invariants.md): asyncio.gather against a real redis-server, and the last-seat race and
+quick_join also against a real 3-master Redis Cluster. Nothing here sleeps: every race is a gather,
+and time moves with age_order/age_team.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Contract tests of the team-join (group-buy) paths through the engine API (SPEC 3, 5, 6).
+"""Contract tests of the team-join (group-buy) paths through the engine API (docs/lifecycle.md,
+docs/invariants.md).
 
 Each test drives one outcome of a team script (lua/open_team.lua, join_team.lua,
 quick_join.lua, expire_teams.lua, list_teams.lua and the team branches of pay_order.lua,
@@ -907,7 +908,7 @@ async def test_invalidation_fails_open_teams_dissolves_pending_and_keeps_succeed
     pending = await open_team(engine, "lead-p")
     assert await abc(engine) == (93, 2, 5)
 
-    await engine.campaigns.invalidate(CID)  # cascades at once (SPEC 3)
+    await engine.campaigns.invalidate(CID)  # cascades at once (docs/lifecycle.md#campaign)
     with pytest.raises(Invalidated):
         await engine.teams.join(running.team_id, "new", "k1")
     for unpaid in (held_member, pending.order):

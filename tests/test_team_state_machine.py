@@ -8,15 +8,15 @@ reaper, sometimes several reapers at once) / after-sale refund of a succeeded te
 idempotent retries / rarely invalidation, in a random order. The model predicts every outcome,
 rejections included (the engine must raise exactly the predicted class), and after every step:
 
-- SPEC 6.3 on the engine's own records: per team held + paid seats <= team_size, one seat per
-  user, a succeeded team has exactly team_size paid seats, and team states only move along
-  pending -> open -> succeeded | failed and pending -> dissolved (both between steps and along
-  every team record in the outbox stream);
-- SPEC 6.1 / 6.2: per item available + held + paid + gone == initial, available >= 0; per user
+- Invariant I3 (docs/invariants.md) on the engine's own records: per team held + paid seats <=
+  team_size, one seat per user, a succeeded team has exactly team_size paid seats, and team states
+  only move along pending -> open -> succeeded | failed and pending -> dissolved (both between steps
+  and along every team record in the outbox stream);
+- Invariants I1 / I2: per item available + held + paid + gone == initial, available >= 0; per user
   held + paid units <= the limit (and the engine's per-user counters);
-- SPEC 6.5: each order is refunded / expired at most once in the stream, and each order's and
+- Invariant I5: each order is refunded / expired at most once in the stream, and each order's and
   each team's events are exactly the model's state changes, in order, once each;
-- the engine's audit (``tests.helpers.assert_invariants``);
+- the engine's audit (``testkit.helpers.assert_invariants``);
 - every team and order equals the model (``engine.teams.get``, ``engine.orders.get``);
 - the joinable list (anonymous and per user) and every team's share view equal the model's.
 
@@ -94,7 +94,7 @@ AGE_TEAM_MS = TTL_MS + 1000  # a fresh team's expiry ends up 1 s in the past
 USER = st.sampled_from(USERS)
 KEY = st.sampled_from((None, None, None, "k1", "k2"))  # None: a fresh key; else maybe reused
 
-# SPEC 2: the only moves a team's state may make (staying put included).
+# docs/lifecycle.md#team: the only moves a team's state may make (staying put included).
 NEXT_STATES = {
     TeamState.PENDING: {TeamState.PENDING, TeamState.OPEN, TeamState.DISSOLVED},
     TeamState.OPEN: {TeamState.OPEN, TeamState.SUCCEEDED, TeamState.FAILED},
@@ -807,8 +807,9 @@ class TeamMachine(EngineMachine):
     @rule(roll=st.integers(0, 15))
     def invalidate(self, roll: int) -> None:
         """Rarely: the merchant ends the campaign early (or retries that). The cascade runs at
-        once (SPEC 3): open teams fail and refund, held orders are cancelled and their stock
-        returned before invalidate() returns, so a reaper finds nothing left to do."""
+        once (docs/lifecycle.md#campaign): open teams fail and refund, held orders are cancelled
+        and their stock returned before invalidate() returns, so a reaper finds nothing left to
+        do."""
         if roll != 0:
             return
         view = self.run(self.eng.campaigns.invalidate(self.campaign_id))
@@ -970,7 +971,7 @@ def read_event(snap: Snapshot, entry: dict[str, str]) -> None:
 
 
 def check_team_rules(snap: Snapshot, size: int, last: dict[str, TeamState]) -> None:
-    """SPEC 6.3 on the engine's own records."""
+    """Invariant I3 on the engine's own records."""
     seated: Counter[tuple[str, str]] = Counter()
     for order in snap.orders.values():
         if order.state in LIVE and order.team_id is not None:
@@ -994,7 +995,7 @@ def check_team_rules(snap: Snapshot, size: int, last: dict[str, TeamState]) -> N
 
 
 def check_stock_and_limits(snap: Snapshot) -> None:
-    """SPEC 6.1 and 6.2 on the engine's own records."""
+    """Invariants I1 and I2 on the engine's own records."""
     assert snap.initial == STOCK
     assert sum(snap.stock.values()) == STOCK, f"stock leaked or oversold: {snap.stock}"
     assert snap.stock["available"] >= 0, f"oversold: {snap.stock}"
@@ -1006,7 +1007,7 @@ def check_stock_and_limits(snap: Snapshot) -> None:
 
 
 def check_exactly_once(snap: Snapshot) -> None:
-    """SPEC 6.5: no order is refunded or expired twice."""
+    """Invariant I5: no order is refunded or expired twice."""
     for oid, events in snap.order_events.items():
         types = Counter(etype for etype, _ in events)
         assert types["order.refunded"] <= 1, f"{oid} refunded twice: {events}"

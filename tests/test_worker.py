@@ -1,5 +1,6 @@
 """The flush worker on both backends (SQLite and PostgreSQL): every order and team change
-reaches SQL exactly once in effect, whatever crashes on the way (SPEC 6.4)."""
+reaches SQL exactly once in effect, whatever crashes on the way (invariant I4,
+docs/invariants.md)."""
 
 from __future__ import annotations
 
