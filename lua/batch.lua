@@ -1,9 +1,9 @@
 -- batch.lua: request coalescing. Runs many reserve / join / quick-join requests of ONE
 -- campaign in one atomic call, in arrival order, each exactly as its own script would
--- (lib/ops.lua, sharing one context: clock, meta, prices, stock, order ids), and returns one
--- reply per request. One EVALSHA per batch; every key shares the campaign's hash tag, so a
--- batch runs on one Redis Cluster slot.
--- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua
+-- (lib/ops.lua and lib/team_ops.lua, sharing one context: clock, meta, prices, stock, order
+-- ids), and returns one reply per request. One EVALSHA per batch; every key shares the
+-- campaign's hash tag, so a batch runs on one Redis Cluster slot.
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua lib/team_ops.lua
 --
 -- KEYS[1..10]  the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[10 + i] request i's rate-limit key (i = 1..n; only when the rate limit is on)

@@ -1,8 +1,8 @@
--- join_team.lua: a user takes a seat in an open team (op_join in lib/ops.lua). The seat is
--- held until payment, at most until the team's own expiry; a held seat counts as taken, so a
--- team never over-fills. Joining works after the campaign's end, until the team's expiry
+-- join_team.lua: a user takes a seat in an open team (op_join in lib/team_ops.lua). The seat
+-- is held until payment, at most until the team's own expiry; a held seat counts as taken, so
+-- a team never over-fills. Joining works after the campaign's end, until the team's expiry
 -- (docs/lifecycle.md#campaign and #team).
--- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua lib/team_ops.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[11] rl    string  this user's attempts in the current second

@@ -1,7 +1,7 @@
--- open_team.lua (op_open in lib/ops.lua): a leader opens a team: their units are held like a
--- flash order and the team is pending until the leader pays (pay_order.lua then opens it and
--- starts its clock).
--- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua
+-- open_team.lua (op_open in lib/team_ops.lua): a leader opens a team: their units are held
+-- like a flash order and the team is pending until the leader pays (pay_order.lua then opens
+-- it and starts its clock).
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua lib/team_ops.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[11] rl    string  this user's attempts in the current second

@@ -1,8 +1,8 @@
--- quick_join.lua (op_quick in lib/ops.lua): in one atomic step, seat the user in the open
+-- quick_join.lua (op_quick in lib/team_ops.lua): in one atomic step, seat the user in the open
 -- team of this sku with the fewest remaining seats (then the earliest expiry) that the user
 -- is not in and can afford (limit, stock for the team's units per seat); when none fits and
 -- the campaign is active, open a new pending team led by the user (one unit per seat).
--- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua
+-- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua lib/team_ops.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
 -- KEYS[11] rl    string  this user's attempts in the current second

@@ -12,7 +12,7 @@
 -- returns {0, order_id, record, replayed 0|1}       reserved, or the original order on a retry
 --         {8}                                       key reused with another sku or qty
 --         {7, retry_after_ms}                       too many attempts this second
---         {1} | {4} | {17}                          no campaign | invalidated | not a flash campaign
+--         {1} | {4} | {17}                          no campaign | invalidated | a team campaign
 --         {2, starts_ms} | {3, ends_ms}             not started | ended
 --         {1, sku} | {6, units_left} | {5, available} unknown sku | over the limit | sold out
 -- Checks run before the first write (the rate-limit counter aside, which counts attempts).
