@@ -48,7 +48,7 @@ from redis.exceptions import WatchError
 
 from bench.harness import Measurement, Op, drive, fresh_engine, run
 from bench.report import report
-from engine import Engine
+from engine import Engine, Settings
 from engine.errors import SoldOut
 from engine.keys import keys_of
 from engine.local.postgres import PostgresServer
@@ -142,7 +142,7 @@ async def _drive_batches(client: aioredis.Redis, sha: str, level: int) -> Measur
     end = start + SECONDS
     latencies: list[float] = []
 
-    order_args = OrderArgs(rate_limit=0, idempotency_ttl=86_400, quick_scan=64)
+    order_args = OrderArgs.of(Settings(rate_limit=0))
 
     async def loop(size: int) -> None:
         while (sent := time.perf_counter()) < end:

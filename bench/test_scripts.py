@@ -25,7 +25,7 @@ import redis
 
 from bench.harness import fresh_engine, run
 from bench.report import report
-from engine import Engine
+from engine import Engine, Settings
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.scripts import (
@@ -47,8 +47,7 @@ BATCH = 64
 TEAM_SIZE = 5
 LISTED_TEAMS = 200
 FLASH, TEAM = "mflash", "mteam"
-TTL = 86_400
-ARGS = OrderArgs(rate_limit=0, idempotency_ttl=TTL, quick_scan=64)
+ARGS = OrderArgs.of(Settings(rate_limit=0))
 
 SCRIPTS = (
     "reserve_stock",

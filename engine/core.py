@@ -27,7 +27,7 @@ from engine.runtime import Runtime
 from engine.scripts import OrderArgs, RedisClient, Scripts, guarded
 from engine.settings import Settings
 from engine.store import Store, open_store
-from engine.teams import QUICK_JOIN_SCAN, Teams
+from engine.teams import Teams
 
 _MAX_IN_FLIGHT = 256
 
@@ -106,8 +106,7 @@ class Engine:
         client = connect_redis(settings)
         try:
             await check_eviction_policy(client)
-            order_args = OrderArgs(settings.rate_limit, settings.idempotency_ttl, QUICK_JOIN_SCAN)
-            scripts = Scripts(client, _MAX_IN_FLIGHT, order_args)
+            scripts = Scripts(client, OrderArgs.of(settings), _MAX_IN_FLIGHT)
             await scripts.load()
             store = store or await open_store(settings)
         except BaseException:

@@ -30,6 +30,7 @@ from redis.commands.core import AsyncScript
 from engine import errors
 from engine.keys import campaign_of_order, keys_of
 from engine.models import Campaign, Order, Reservation, Team, TeamSeatResult, from_ms, to_ms
+from engine.settings import Settings
 
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
@@ -219,14 +220,23 @@ class Call:
         return "|".join((self.op, *self.args()))
 
 
+# Index entries quick-join looks at before it opens a new team (skipping the user's own teams).
+QUICK_JOIN_SCAN = 64
+
+
 @dataclass(frozen=True, slots=True)
 class OrderArgs:
     """What every order-creating script takes ahead of its requests (lib/ops.lua): attempts
     per user and second (0 = off), the idempotency TTL (s), the quick-join scan bound."""
 
-    rate_limit: int = 0
-    idempotency_ttl: int = 86_400
-    quick_scan: int = 64
+    rate_limit: int
+    idempotency_ttl: int
+    quick_scan: int = QUICK_JOIN_SCAN
+
+    @classmethod
+    def of(cls, settings: Settings) -> OrderArgs:
+        """The arguments ``settings`` give."""
+        return cls(settings.rate_limit, settings.idempotency_ttl)
 
     def one(self, campaign_id: str, call: Call) -> tuple[str | int, ...]:
         """ARGV of reserve_stock, open_team, join_team or quick_join for one request."""
@@ -310,8 +320,8 @@ class Scripts:
     def __init__(
         self,
         client: RedisClient,
+        order_args: OrderArgs,
         max_in_flight: int = 256,
-        order_args: OrderArgs | None = None,
     ) -> None:
         self._client = client
         self._sources = {name: script_source(name) for name in self.NAMES}
@@ -321,7 +331,7 @@ class Scripts:
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in self._sources.items()
         }
-        self._args = order_args or OrderArgs()
+        self._args = order_args
 
     def sha(self, name: str) -> str:
         """The SHA1 of one script as Redis knows it (``name`` as in NAMES)."""

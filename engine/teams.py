@@ -20,7 +20,6 @@ from engine.runtime import Runtime
 from engine.scripts import guarded
 
 __all__ = [
-    "QUICK_JOIN_SCAN",
     "MemberView",
     "ShareState",
     "TeamSeatResult",
@@ -29,8 +28,6 @@ __all__ = [
     "mask_user",
 ]
 
-# Index entries quick_join looks at before it opens a new team (skipping the user's own teams).
-QUICK_JOIN_SCAN = 64
 MAX_LIST = 100
 
 

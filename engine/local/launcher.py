@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Self
 
-from engine.local.process import free_port
+from engine.local.process import Server, free_port
 from engine.local.redis_server import RedisServer
 from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings
 
@@ -50,7 +50,7 @@ class StartFailed(RuntimeError):
     requested first. Whatever had started is stopped again."""
 
 
-class LocalEngine:
+class LocalEngine(Server):
     """The engine on this machine: ``start()``, ``supervise()`` until ``request_stop()``
     (signal-safe) or a process dies, then ``stop()``; or use it as a context manager.
 
@@ -156,12 +156,6 @@ class LocalEngine:
                 process.wait()
         if self.redis is not None:
             self.redis.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ child process bound to 127.0.0.1 only, and creates the ``flashteam`` database. `
 PostgreSQL refuses to run as root. When this process is root, every PostgreSQL binary runs as
 the ``postgres`` user, and the cluster lives in a private temp dir owned by it (the caller's
 ``data_dir`` may sit under a root-only 0700 dir such as /tmp/pytest-of-root); that temp dir
-is deleted when the context manager exits (or on ``remove()``). Otherwise the cluster lives
+is deleted when the context manager exits (or on ``close()``). Otherwise the cluster lives
 in ``data_dir/pgdata`` and is kept, like RedisServer's AOF.
 """
 
@@ -24,11 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from engine.errors import ConfigurationError
-from engine.local.process import die_with_parent, free_port
+from engine.local.process import Server, die_with_parent, free_port
 
 USER = "flashteam"
 DATABASE = "flashteam"
@@ -57,7 +56,7 @@ def _fast_shutdown_with_parent() -> None:
     die_with_parent(signal.SIGINT)
 
 
-class PostgresServer:
+class PostgresServer(Server):
     """One postgres child process on 127.0.0.1:``port``, trust auth, database ``flashteam``."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
@@ -147,28 +146,13 @@ class PostgresServer:
             process.kill()
             process.wait()
 
-    def remove(self) -> None:
+    def close(self) -> None:
         """Stop postgres and delete the private temp dir the cluster lives in (root only);
         a cluster about to be deleted skips the shutdown checkpoint (immediate stop)."""
         self.stop(kill=self._temp_root is not None)
         root, self._temp_root = self._temp_root, None
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.remove()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
 
     def _as_owner(self) -> dict[str, Any]:
         """Popen arguments that run a PostgreSQL binary as the cluster's owner."""

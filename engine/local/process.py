@@ -1,4 +1,5 @@
-"""What every local server process needs: a free loopback port, and to die with its parent."""
+"""What every local server process needs: a free loopback port, to die with its parent, and
+the context-manager protocol (``Server``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import ctypes
 import signal
 import socket
+from typing import Self
 
 _PR_SET_PDEATHSIG = 1
 
@@ -33,3 +35,30 @@ def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> None:
     """In the child before exec: ask Linux to send ``sig`` when its parent dies (no orphans)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, sig)
+
+
+class Server:
+    """A local server, or a group of them, used as a context manager: entering starts it (and
+    closes what a failed start left behind), leaving closes it."""
+
+    def start(self) -> Self:
+        """Start it; return it."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop it (it can be started again)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """What leaving the context does: stop (a server may also release what it keeps)."""
+        self.stop()
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

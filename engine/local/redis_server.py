@@ -12,10 +12,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 from engine.errors import ConfigurationError
-from engine.local.process import die_with_parent, free_port
+from engine.local.process import Server, die_with_parent, free_port
 from engine.settings import DEFAULTS
 
 _START_TIMEOUT = 15.0
@@ -39,7 +38,7 @@ def _ping(port: int) -> bytes:
         return sock.recv(64)
 
 
-class RedisServer:
+class RedisServer(Server):
     """One redis-server child process bound to 127.0.0.1, data in ``data_dir``."""
 
     def __init__(
@@ -108,17 +107,6 @@ class RedisServer:
             process.terminate()
         process.wait(timeout=_START_TIMEOUT)
 
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _command(port: int, *args: str) -> str:
     """Send one inline command to a local server and return its reply line."""
@@ -127,7 +115,7 @@ def _command(port: int, *args: str) -> str:
         return sock.recv(4096).decode(errors="replace")
 
 
-class RedisClusterServers:
+class RedisClusterServers(Server):
     """A Redis Cluster of three masters on loopback, slots split evenly, no replicas."""
 
     def __init__(self, data_dir: Path, masters: int = 3) -> None:
@@ -172,14 +160,3 @@ class RedisClusterServers:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-
-    def __enter__(self) -> RedisClusterServers:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

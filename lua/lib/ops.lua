@@ -67,6 +67,18 @@ local function campaign_closed(m, now, kind, opening)
   return nil
 end
 
+-- What every order-creating op checks first, in this order: an idempotent retry gets its
+-- original reply (or the key mismatch); the attempt counts against the rate limit; then the
+-- campaign gate. Returns the campaign's meta, and the reply to return at once (nil: go on).
+local function admit(ctx, rl, field, op, want, kind, opening)
+  local prior = replay(ctx, field, op, want)
+  if prior then return nil, prior end
+  local wait = rate_limited(rl, ctx.rate)
+  if wait then return nil, {RATE_LIMITED, wait} end
+  local m = ctx_meta(ctx)
+  return m, campaign_closed(m, ctx.now, kind, opening)
+end
+
 -- The one rule for a shopper taking qty more units of sku (a reservation, a new team, a
 -- seat): nil when the per-user limit and the stock allow it, else the rejection.
 local function seat_blocked(ctx, m, user, sku, qty)
@@ -95,14 +107,9 @@ end
 local function op_reserve(ctx, rl, user, sku, qty_arg, key)
   local qty = tonumber(qty_arg)
   local field = user .. ':' .. key
-  local prior = replay(ctx, field, 'r', sku .. ':' .. string.format('%d', qty))
-  if prior then return prior end
-  local wait = rate_limited(rl, ctx.rate)
-  if wait then return {RATE_LIMITED, wait} end
-
-  local m = ctx_meta(ctx)
-  local closed = campaign_closed(m, ctx.now, 'flash', true)
-  if closed then return closed end
+  local m, early = admit(ctx, rl, field, 'r', sku .. ':' .. string.format('%d', qty), 'flash',
+    true)
+  if early then return early end
   if not unit_price(ctx, sku) then return {NOT_FOUND, sku} end
   local blocked = seat_blocked(ctx, m, user, sku, qty)
   if blocked then return blocked end

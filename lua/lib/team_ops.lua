@@ -45,14 +45,9 @@ end
 local function op_open(ctx, rl, user, sku, qty_arg, key)
   local qty = tonumber(qty_arg)
   local field = user .. ':' .. key
-  local prior = replay(ctx, field, 'o', sku .. ':' .. string.format('%d', qty))
-  if prior then return prior end
-  local wait = rate_limited(rl, ctx.rate)
-  if wait then return {RATE_LIMITED, wait} end
-
-  local m = ctx_meta(ctx)
-  local closed = campaign_closed(m, ctx.now, 'team', true)
-  if closed then return closed end
+  local m, early = admit(ctx, rl, field, 'o', sku .. ':' .. string.format('%d', qty), 'team',
+    true)
+  if early then return early end
   local blocked = seat_blocked(ctx, m, user, sku, qty)
   if blocked then return blocked end
   local reply, seq = open_pending_team(ctx, m, user, sku, qty)
@@ -63,14 +58,8 @@ end
 -- Take a seat in an open team (join_team.lua).
 local function op_join(ctx, rl, user, team_id, key)
   local field = user .. ':' .. key
-  local prior = replay(ctx, field, 'j', team_id)
-  if prior then return prior end
-  local wait = rate_limited(rl, ctx.rate)
-  if wait then return {RATE_LIMITED, wait} end
-
-  local m = ctx_meta(ctx)
-  local closed = campaign_closed(m, ctx.now, 'team', false)
-  if closed then return closed end
+  local m, early = admit(ctx, rl, field, 'j', team_id, 'team', false)
+  if early then return early end
   local t = ctx_team(ctx, team_id)
   if not t then return {NOT_FOUND} end
   local blocked = team_seat_blocked(ctx, m, t, user)
@@ -118,14 +107,8 @@ end
 -- team (quick_join.lua).
 local function op_quick(ctx, rl, user, sku, key)
   local field = user .. ':' .. key
-  local prior = replay(ctx, field, 'q', sku)
-  if prior then return prior end
-  local wait = rate_limited(rl, ctx.rate)
-  if wait then return {RATE_LIMITED, wait} end
-
-  local m = ctx_meta(ctx)
-  local closed = campaign_closed(m, ctx.now, 'team', false)
-  if closed then return closed end
+  local m, early = admit(ctx, rl, field, 'q', sku, 'team', false)
+  if early then return early end
 
   -- A team seated as the first entry of the sku's range is still first afterwards (one
   -- remaining seat fewer sorts earlier) while it has a free seat, unless another team of the
@@ -137,7 +120,7 @@ local function op_quick(ctx, rl, user, sku, key)
   local t, is_first = best_team(ctx, m, user, sku)
   if t then return quick_seat(ctx, m, t, user, field, is_first) end
 
-  closed = campaign_closed(m, ctx.now, 'team', true)
+  local closed = campaign_closed(m, ctx.now, 'team', true)
   if closed then return closed end
   local blocked = seat_blocked(ctx, m, user, sku, 1)
   if blocked then return blocked end
