@@ -8,19 +8,18 @@ requests or at the end of the window (by default the current turn of the event l
 request that arrived in it, and no timer). ``batch.lua`` runs each request exactly as its own
 script would, in arrival order, and ``Scripts.batch`` decodes one outcome per request, so every
 caller gets its own result or rejection, idempotency and rate limit, unchanged. A batch of one
-uses the single script. This module only groups calls and resolves their futures.
+uses the single script. This module only groups calls and resolves their futures; a rejection
+comes back as a ``Refusal`` value, which the engine module that asked raises.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from engine.errors import Rejected
 from engine.models import Reservation, TeamSeatResult
 from engine.runtime import Runtime
-from engine.scripts import JOIN, PROBE, QUICK, RESERVE, Call
-
-Result = Reservation | TeamSeatResult
+from engine.scripts import JOIN, PROBE, QUICK, RESERVE, Call, Outcome, Refusal, decode
 
 
 class _Batch:
@@ -30,7 +29,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
-        self.futures: list[asyncio.Future[Result]] = []
+        self.futures: list[asyncio.Future[list[Any]]] = []  # each request's reply
 
 
 class Coalescer:
@@ -53,38 +52,38 @@ class Coalescer:
         idempotency_key: str,
         *,
         probe: bool = False,
-    ) -> Reservation:
+    ) -> Reservation | Refusal:
         """A reservation; ``probe``: the item was sold out a moment ago, so only replay the
         key's original order if there is one (else SoldOut with no units available)."""
         call = Call(PROBE if probe else RESERVE, user_id, sku, "", qty, idempotency_key)
-        result = await self._submit(campaign_id, call)
-        assert isinstance(result, Reservation)  # RESERVE and PROBE replies decode to one
-        return result
+        outcome = await self._submit(campaign_id, call)
+        assert not isinstance(outcome, TeamSeatResult)  # RESERVE and PROBE decode to the others
+        return outcome
 
     async def join(
         self, campaign_id: str, user_id: str, team_id: str, idempotency_key: str
-    ) -> TeamSeatResult:
+    ) -> TeamSeatResult | Refusal:
         """A seat in the open team."""
         call = Call(JOIN, user_id, "", team_id, 0, idempotency_key)
-        result = await self._submit(campaign_id, call)
-        assert isinstance(result, TeamSeatResult)  # JOIN replies decode to one
-        return result
+        outcome = await self._submit(campaign_id, call)
+        assert not isinstance(outcome, Reservation)  # JOIN decodes to the others
+        return outcome
 
     async def quick_join(
         self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
-    ) -> TeamSeatResult:
+    ) -> TeamSeatResult | Refusal:
         """A seat in the best open team of the sku, or a new pending team."""
         call = Call(QUICK, user_id, sku, "", 0, idempotency_key)
-        result = await self._submit(campaign_id, call)
-        assert isinstance(result, TeamSeatResult)  # QUICK replies decode to one
-        return result
+        outcome = await self._submit(campaign_id, call)
+        assert not isinstance(outcome, Reservation)  # QUICK decodes to the others
+        return outcome
 
-    async def _submit(self, campaign_id: str, call: Call) -> Result:
+    async def _submit(self, campaign_id: str, call: Call) -> Outcome:
         """Queue one request and wait for its own outcome."""
         if self._max <= 1:  # coalescing off: one script call per request
-            return await self._one(campaign_id, call)
+            return await self._scripts.one(campaign_id, call)
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[Result] = loop.create_future()
+        done: asyncio.Future[list[Any]] = loop.create_future()
         batch = self._pending.get(campaign_id)
         if batch is None:
             batch = self._pending[campaign_id] = _Batch()
@@ -96,15 +95,7 @@ class Coalescer:
         batch.futures.append(done)
         if len(batch.calls) >= self._max:
             self._flush(campaign_id, batch)
-        return await done
-
-    async def _one(self, campaign_id: str, call: Call) -> Result:
-        if call.op == PROBE:  # no script of its own: a batch of one
-            (outcome,) = await self._scripts.batch(campaign_id, [call])
-            if isinstance(outcome, Rejected):
-                raise outcome
-            return outcome
-        return await self._scripts.one(campaign_id, call)
+        return decode(call, await done, campaign_id)
 
     def _flush(self, campaign_id: str, batch: _Batch) -> None:
         if self._pending.get(campaign_id) is not batch:
@@ -116,22 +107,15 @@ class Coalescer:
 
     async def _send(self, campaign_id: str, batch: _Batch) -> None:
         try:
-            if len(batch.calls) == 1:
-                outcomes: list[Result | Rejected] = [await self._one(campaign_id, batch.calls[0])]
-            else:
-                outcomes = list(await self._scripts.batch(campaign_id, batch.calls))
-        except BaseException as exc:
+            replies = await self._scripts.send(campaign_id, batch.calls)
+        except BaseException as exc:  # Redis unavailable and the like: every caller gets it
             for done in batch.futures:
                 if not done.done():
                     done.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for done, outcome in zip(batch.futures, outcomes, strict=True):
+        for done, reply in zip(batch.futures, replies, strict=True):
             # The caller may have gone (a client disconnected): its outcome stands anyway.
-            if done.done():
-                continue
-            if isinstance(outcome, Rejected):
-                done.set_exception(outcome)
-            else:
-                done.set_result(outcome)
+            if not done.done():
+                done.set_result(reply)

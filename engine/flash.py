@@ -17,12 +17,11 @@ from __future__ import annotations
 import time
 
 from engine.coalesce import Coalescer
-from engine.errors import SoldOut, ValidationError
+from engine.errors import ValidationError
 from engine.keys import check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Reservation
 from engine.runtime import Runtime
-
-__all__ = ["FlashSale", "Reservation"]
+from engine.scripts import Code
 
 
 class FlashSale:
@@ -46,12 +45,12 @@ class FlashSale:
             raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
         flag = (keys.campaign_id, sku)
         sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
-        try:
-            return await self._coalescer.reserve(
-                keys.campaign_id, user_id, sku, qty, idempotency_key, probe=sold_out
-            )
-        except SoldOut as exc:
-            ttl = self._rt.settings.sold_out_ttl
-            if ttl and not sold_out and exc.details.get("available") == 0:
-                self._sold_out[flag] = time.monotonic() + ttl
-            raise
+        outcome = await self._coalescer.reserve(
+            keys.campaign_id, user_id, sku, qty, idempotency_key, probe=sold_out
+        )
+        if isinstance(outcome, Reservation):
+            return outcome
+        ttl = self._rt.settings.sold_out_ttl
+        if ttl and not sold_out and outcome.code is Code.SOLD_OUT and int(outcome.detail) == 0:
+            self._sold_out[flag] = time.monotonic() + ttl
+        raise outcome.error()

@@ -134,11 +134,30 @@ def _extra(reply: list[Any]) -> Any:
     return reply[1] if len(reply) > 1 else None
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A rejected request as a value: its code and detail. A batch answers many callers, and
+    each raises its own ``error()`` where it waits: an exception kept in a future or a local
+    would tie itself to its traceback's frames (a reference cycle for every rejection, which
+    is most of a sold-out storm)."""
+
+    code: Code
+    detail: Any
+
+    @classmethod
+    def of(cls, reply: list[Any]) -> Refusal:
+        """The refusal of a non-zero reply."""
+        return cls(Code(reply[0]), _extra(reply))
+
+    def error(self) -> errors.Rejected:
+        """The exception to raise, with its details (``starts_at``, ``retry_after``,
+        ``available``, ...)."""
+        return rejection(self.code, _MESSAGES[self.code], **_details(self.code, self.detail))
+
+
 def rejected(reply: list[Any]) -> errors.Rejected:
-    """The rejection of a non-zero reply of an order or team script, with its details
-    (``starts_at``, ``retry_after``, ``available``, ...)."""
-    code = Code(reply[0])
-    return rejection(code, _MESSAGES[code], **_details(code, _extra(reply)))
+    """The rejection of a non-zero reply of an order or team script, with its details."""
+    return Refusal.of(reply).error()
 
 
 def is_ok(reply: list[Any]) -> bool:
@@ -154,24 +173,25 @@ def _order(reply: list[Any], campaign_id: str | None) -> Order:
 
 def reservation(reply: list[Any], campaign_id: str) -> Reservation:
     """Decode one reservation reply of ``campaign_id``'s scripts, or raise its rejection."""
-    outcome = _reservation(reply, campaign_id)
-    if isinstance(outcome, errors.Rejected):
-        raise outcome
-    return outcome
-
-
-def _reservation(reply: list[Any], campaign_id: str) -> Reservation | errors.Rejected:
-    """``{0, order_id, record, replayed}``, or the rejection, of a reservation."""
     if reply[0] != Code.OK:
-        return rejected(reply)
+        raise rejected(reply)
+    return _reservation(reply, campaign_id)
+
+
+def seat_result(reply: list[Any], campaign_id: str) -> TeamSeatResult:
+    """Decode one team order reply of ``campaign_id``'s scripts, or raise its rejection."""
+    if reply[0] != Code.OK:
+        raise rejected(reply)
+    return _seat(reply, campaign_id)
+
+
+def _reservation(reply: list[Any], campaign_id: str) -> Reservation:
+    """``{0, order_id, record, replayed}`` of a reservation."""
     return Reservation(Order.from_record(reply[1], reply[2], campaign_id), reply[3] == 1)
 
 
-def _seat(reply: list[Any], campaign_id: str) -> TeamSeatResult | errors.Rejected:
-    """``{0, order_id, record, replayed, team_id, team_record, opened}``, or the rejection, of
-    a team order."""
-    if reply[0] != Code.OK:
-        return rejected(reply)
+def _seat(reply: list[Any], campaign_id: str) -> TeamSeatResult:
+    """``{0, order_id, record, replayed, team_id, team_record, opened}`` of a team order."""
     return TeamSeatResult(
         order=Order.from_record(reply[1], reply[2], campaign_id),
         team=Team.from_record(reply[4], reply[5], campaign_id),
@@ -180,12 +200,14 @@ def _seat(reply: list[Any], campaign_id: str) -> TeamSeatResult | errors.Rejecte
     )
 
 
-def seat_result(reply: list[Any], campaign_id: str) -> TeamSeatResult:
-    """Decode one team order reply of ``campaign_id``'s scripts, or raise its rejection."""
-    outcome = _seat(reply, campaign_id)
-    if isinstance(outcome, errors.Rejected):
-        raise outcome
-    return outcome
+def decode(call: Call, reply: list[Any], campaign_id: str) -> Outcome:
+    """One request's reply (from ``Scripts.send``) decoded for its op: the value, or its
+    Refusal."""
+    if reply[0] != Code.OK:
+        return Refusal.of(reply)
+    if call.op in (RESERVE, PROBE):
+        return _reservation(reply, campaign_id)
+    return _seat(reply, campaign_id)
 
 
 # The ops of batch.lua (and of its one-call scripts): reserve, sold-out probe, join, quick-join;
@@ -195,6 +217,7 @@ PROBE: Final = "p"
 JOIN: Final = "j"
 QUICK: Final = "q"
 OPEN: Final = "o"
+_SCRIPT_OF = {RESERVE: "reserve_stock", OPEN: "open_team", JOIN: "join_team", QUICK: "quick_join"}
 
 
 @dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
@@ -249,7 +272,7 @@ class OrderArgs:
         return (campaign_id, self.rate_limit, self.idempotency_ttl, self.quick_scan, packed)
 
 
-Outcome: TypeAlias = Reservation | TeamSeatResult | errors.Rejected
+Outcome: TypeAlias = Reservation | TeamSeatResult | Refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,32 +416,26 @@ class Scripts:
         call = Call(QUICK, user_id, sku, "", 0, idempotency_key)
         return seat_result(await self._create("quick_join", campaign_id, call), campaign_id)
 
-    async def one(self, campaign_id: str, call: Call) -> Reservation | TeamSeatResult:
-        """One RESERVE, JOIN or QUICK request through its own script (a batch of one)."""
-        if call.op == RESERVE:
-            return await self.reserve(
-                campaign_id, call.user_id, call.sku, call.qty, call.idempotency_key
-            )
-        if call.op == JOIN:
-            return await self.join_team(
-                campaign_id, call.user_id, call.team_id, call.idempotency_key
-            )
-        return await self.quick_join(campaign_id, call.user_id, call.sku, call.idempotency_key)
+    async def one(self, campaign_id: str, call: Call) -> Outcome:
+        """One RESERVE, PROBE, JOIN or QUICK request: its value, or its Refusal (returned,
+        not raised)."""
+        (reply,) = await self.send(campaign_id, [call])
+        return decode(call, reply, campaign_id)
 
-    async def batch(self, campaign_id: str, calls: Sequence[Call]) -> list[Outcome]:
-        """batch.lua: every request of one campaign in one call, in order; one outcome per
-        request: its value, or its rejection (returned, not raised)."""
+    async def send(self, campaign_id: str, calls: Sequence[Call]) -> list[list[Any]]:
+        """RESERVE, PROBE, JOIN and QUICK requests of one campaign: one through its own script
+        (a PROBE, which has none, through batch.lua), more through batch.lua in one call, in
+        order. One reply per request, for ``decode`` where its caller waits: decoding a
+        batch's records here at once would keep them all alive together (garbage-collector
+        work on every batch)."""
+        if len(calls) == 1 and calls[0].op != PROBE:
+            call = calls[0]
+            return [await self._create(_SCRIPT_OF[call.op], campaign_id, call)]
         keys = keys_of(campaign_id)
         batch_keys = list(keys.order_keys)
         if self._args.rate_limit > 0:  # each request's rate-limit key; none when it is off
             batch_keys += [keys.rate(call.user_id) for call in calls]
-        replies = await self._call("batch", batch_keys, self._args.batch(campaign_id, calls))
-        return [
-            _reservation(reply, campaign_id)
-            if call.op in (RESERVE, PROBE)
-            else _seat(reply, campaign_id)
-            for call, reply in zip(calls, replies, strict=True)
-        ]
+        return await self._call("batch", batch_keys, self._args.batch(campaign_id, calls))
 
     # Orders of every kind.
 

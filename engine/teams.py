@@ -17,12 +17,11 @@ from engine.errors import NotFound, ValidationError
 from engine.keys import campaign_of_team, check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Order, Team, TeamSeatResult, TeamState
 from engine.runtime import Runtime
-from engine.scripts import guarded
+from engine.scripts import Refusal, guarded
 
 __all__ = [
     "MemberView",
     "ShareState",
-    "TeamSeatResult",
     "TeamView",
     "Teams",
     "mask_user",
@@ -94,7 +93,10 @@ class Teams:
         keys = keys_of(campaign_id)
         check_id(user_id, "user_id")
         check_key(idempotency_key, "idempotency_key")
-        return await self._coalescer.join(keys.campaign_id, user_id, team_id, idempotency_key)
+        outcome = await self._coalescer.join(keys.campaign_id, user_id, team_id, idempotency_key)
+        if isinstance(outcome, Refusal):
+            raise outcome.error()
+        return outcome
 
     async def quick_join(
         self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
@@ -104,7 +106,10 @@ class Teams:
         check_id(user_id, "user_id")
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
-        return await self._coalescer.quick_join(keys.campaign_id, user_id, sku, idempotency_key)
+        outcome = await self._coalescer.quick_join(keys.campaign_id, user_id, sku, idempotency_key)
+        if isinstance(outcome, Refusal):
+            raise outcome.error()
+        return outcome
 
     async def joinable(
         self, campaign_id: str, sku: str, viewer: str | None = None, limit: int = 20

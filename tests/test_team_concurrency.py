@@ -25,8 +25,7 @@ from engine import (
 )
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
-from engine.models import Team, TeamState
-from engine.teams import TeamSeatResult
+from engine.models import Team, TeamSeatResult, TeamState
 from testkit.factories import make_settings, team_campaign
 from testkit.helpers import age_order, age_team, assert_invariants
 

@@ -45,8 +45,8 @@ from engine import (
 from engine.events import Event
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
-from engine.models import Seat, Team, TeamState, to_ms
-from engine.teams import ShareState, TeamSeatResult, mask_user
+from engine.models import Seat, Team, TeamSeatResult, TeamState, to_ms
+from engine.teams import ShareState, mask_user
 from testkit.factories import flash_campaign, make_settings, team_campaign
 from testkit.helpers import age_order, age_team, assert_invariants, until
 

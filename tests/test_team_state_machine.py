@@ -71,9 +71,9 @@ from engine import (
 )
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
-from engine.models import Team, TeamState, to_ms
+from engine.models import Team, TeamSeatResult, TeamState, to_ms
 from engine.scripts import guarded
-from engine.teams import ShareState, TeamSeatResult, mask_user
+from engine.teams import ShareState, mask_user
 from testkit.helpers import EVENT_OF, age_order, age_team, assert_invariants
 from tests.machine import SETTINGS, EngineMachine
 

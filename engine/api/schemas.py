@@ -12,8 +12,17 @@ import msgspec
 from msgspec import Meta, Struct
 
 from engine.keys import ID_PATTERN, KEY_PATTERN
-from engine.models import MAX_ITEMS, MAX_UNITS, CampaignView, Item, ItemStock, Order, Team
-from engine.teams import TeamSeatResult, TeamView, mask_user
+from engine.models import (
+    MAX_ITEMS,
+    MAX_UNITS,
+    CampaignView,
+    Item,
+    ItemStock,
+    Order,
+    Team,
+    TeamSeatResult,
+)
+from engine.teams import TeamView, mask_user
 
 Id = Annotated[str, Meta(pattern=f"^{ID_PATTERN}$", description="[A-Za-z0-9_-]{1,64}")]
 Key = Annotated[str, Meta(pattern=f"^{KEY_PATTERN}$", description="[A-Za-z0-9_.:-]{1,128}")]
