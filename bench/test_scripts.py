@@ -28,16 +28,16 @@ from bench.report import report
 from engine import Engine, Settings
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
+from engine.models import Reservation, TeamSeatResult
 from engine.scripts import (
     JOIN,
     QUICK,
     RESERVE,
     Call,
     OrderArgs,
+    decode,
     is_ok,
-    reservation,
     script_source,
-    seat_result,
 )
 from testkit.factories import flash_campaign, team_campaign
 
@@ -131,7 +131,9 @@ def _held_order(scene: Scene) -> tuple[tuple[str, str], dict[str, Any]]:
     """A setup step: a fresh held order; returns pytest-benchmark's (args, kwargs)."""
     user = f"s{next(scene.users)}"
     keys, args = _order_call(FLASH, user)
-    held = reservation(scene.eval("reserve_stock", keys, args), FLASH)
+    call = Call(RESERVE, user, "sku-1", "", 1, "k")
+    held = decode(call, scene.eval("reserve_stock", keys, args), FLASH)
+    assert isinstance(held, Reservation), held
     return (held.order.order_id, user), {}
 
 
@@ -167,7 +169,8 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
         keys = [*team.order_keys, team.rate(user)]
         call = Call(QUICK, user, "sku-2", "", 0, "k")
         reply = scene.evalsha("quick_join", keys, list(ARGS.one(TEAM, call)))
-        assert not seat_result(reply, TEAM).opened, reply  # seated in an open team
+        seat = decode(call, reply, TEAM)
+        assert isinstance(seat, TeamSeatResult) and not seat.opened, reply  # an open team
 
     def listing() -> None:
         reply = scene.evalsha("list_teams", list(team.order_keys), ["sku-3", "viewer", 20])

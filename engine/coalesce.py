@@ -6,10 +6,11 @@ T1, and docs/architecture.md#request-coalescing).
 A call joins its campaign's pending batch; the batch is sent when it reaches ``max_batch``
 requests or at the end of the window (by default the current turn of the event loop: every
 request that arrived in it, and no timer). ``batch.lua`` runs each request exactly as its own
-script would, in arrival order, and ``Scripts.batch`` decodes one outcome per request, so every
-caller gets its own result or rejection, idempotency and rate limit, unchanged. A batch of one
-uses the single script. This module only groups calls and resolves their futures; a rejection
-comes back as a ``Refusal`` value, which the engine module that asked raises.
+script would, in arrival order, and returns one reply per request (``Scripts.send``); each
+caller decodes its own (``engine.scripts.decode``), so it gets its own result or rejection,
+idempotency and rate limit, unchanged. A batch of one uses the single script. This module
+only groups calls and resolves their futures; a rejection comes back as a ``Refusal`` value,
+which the engine module that asked raises.
 """
 
 from __future__ import annotations

@@ -17,9 +17,8 @@ from __future__ import annotations
 import time
 
 from engine.coalesce import Coalescer
-from engine.errors import ValidationError
 from engine.keys import check_id, check_key, keys_of
-from engine.models import MAX_UNITS, Reservation
+from engine.models import MAX_UNITS, Reservation, check_int
 from engine.runtime import Runtime
 from engine.scripts import Code
 
@@ -41,8 +40,7 @@ class FlashSale:
         check_id(user_id, "user_id")
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
-        if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= MAX_UNITS:
-            raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
+        check_int(qty, "qty", 1, MAX_UNITS)
         flag = (keys.campaign_id, sku)
         sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
         outcome = await self._coalescer.reserve(

@@ -82,7 +82,9 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def _positive_int(value: object, field: str, low: int, high: int) -> int:
+def check_int(value: object, field: str, low: int, high: int) -> int:
+    """``value`` when it is an integer (not a bool) from ``low`` to ``high``, else
+    ValidationError naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValidationError(f"{field} must be an integer from {low} to {high}", field=field)
     return value
@@ -115,8 +117,8 @@ class Item:
 
     def __post_init__(self) -> None:
         check_id(self.sku, "sku")
-        _positive_int(self.price, "price", 0, MAX_UNITS * 100)
-        _positive_int(self.stock, "stock", 0, MAX_UNITS)
+        check_int(self.price, "price", 0, MAX_UNITS * 100)
+        check_int(self.stock, "stock", 0, MAX_UNITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,19 +152,19 @@ class Campaign:
             raise ValidationError(f"items must hold 1 to {MAX_ITEMS} items", field="items")
         if len({item.sku for item in self.items}) != len(self.items):
             raise ValidationError("every item needs its own sku", field="items")
-        _positive_int(self.per_user_limit, "per_user_limit", 1, MAX_UNITS)
+        check_int(self.per_user_limit, "per_user_limit", 1, MAX_UNITS)
         if max(item.price for item in self.items) * self.per_user_limit > MAX_AMOUNT:
             raise ValidationError(
                 f"price x per_user_limit must stay within {MAX_AMOUNT} minor units",
                 field="per_user_limit",
             )
-        _positive_int(self.hold_seconds, "hold_seconds", 1, 86_400)
+        check_int(self.hold_seconds, "hold_seconds", 1, 86_400)
         self._check_team_fields()
 
     def _check_team_fields(self) -> None:
         if self.kind is CampaignKind.TEAM:
-            _positive_int(self.team_size, "team_size", 2, 100)
-            _positive_int(self.team_ttl_seconds, "team_ttl_seconds", 1, 7 * 86_400)
+            check_int(self.team_size, "team_size", 2, 100)
+            check_int(self.team_ttl_seconds, "team_ttl_seconds", 1, 7 * 86_400)
         elif self.team_size is not None or self.team_ttl_seconds is not None:
             raise ValidationError(
                 "team_size and team_ttl_seconds belong to team campaigns only", field="kind"

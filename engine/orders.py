@@ -36,11 +36,11 @@ class Orders:
 
     async def refund(self, order_id: str, restock: bool) -> Order:
         """After-sale refund of a paid order; its units go back on sale only if ``restock``."""
-        keys = keys_of(campaign_of_order(order_id))
+        campaign_id = campaign_of_order(order_id)
         order = await self._scripts.refund(order_id, bool(restock))
         # The campaign may be over and its outbox forgotten by the flush worker: register it
         # again after the event is in the stream (the worker re-checks after forgetting).
-        await guarded(self._rt.redis.sadd(STREAM_SET, keys.campaign_id))
+        await guarded(self._rt.redis.sadd(STREAM_SET, campaign_id))
         return order
 
     async def get(self, order_id: str) -> Order:

@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import IntEnum
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Final, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -32,6 +32,7 @@ from engine.keys import campaign_of_order, keys_of
 from engine.models import Campaign, Order, Reservation, Team, TeamSeatResult, from_ms, to_ms
 from engine.settings import Settings
 
+_T = TypeVar("_T")
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
 
@@ -155,11 +156,6 @@ class Refusal:
         return rejection(self.code, _MESSAGES[self.code], **_details(self.code, self.detail))
 
 
-def rejected(reply: list[Any]) -> errors.Rejected:
-    """The rejection of a non-zero reply of an order or team script, with its details."""
-    return Refusal.of(reply).error()
-
-
 def is_ok(reply: list[Any]) -> bool:
     """Whether one script reply (or one request's reply in a batch) carries code OK."""
     return bool(reply[0] == Code.OK)
@@ -167,22 +163,8 @@ def is_ok(reply: list[Any]) -> bool:
 
 def _order(reply: list[Any], campaign_id: str | None) -> Order:
     if reply[0] != Code.OK:
-        raise rejected(reply)
+        raise Refusal.of(reply).error()
     return Order.from_record(reply[1], reply[2], campaign_id)
-
-
-def reservation(reply: list[Any], campaign_id: str) -> Reservation:
-    """Decode one reservation reply of ``campaign_id``'s scripts, or raise its rejection."""
-    if reply[0] != Code.OK:
-        raise rejected(reply)
-    return _reservation(reply, campaign_id)
-
-
-def seat_result(reply: list[Any], campaign_id: str) -> TeamSeatResult:
-    """Decode one team order reply of ``campaign_id``'s scripts, or raise its rejection."""
-    if reply[0] != Code.OK:
-        raise rejected(reply)
-    return _seat(reply, campaign_id)
 
 
 def _reservation(reply: list[Any], campaign_id: str) -> Reservation:
@@ -208,6 +190,14 @@ def decode(call: Call, reply: list[Any], campaign_id: str) -> Outcome:
     if call.op in (RESERVE, PROBE):
         return _reservation(reply, campaign_id)
     return _seat(reply, campaign_id)
+
+
+def accepted(outcome: _T | Refusal) -> _T:
+    """``outcome`` unless it is a Refusal, which is raised (built here, so no frame keeps the
+    exception: see Refusal)."""
+    if isinstance(outcome, Refusal):
+        raise outcome.error()
+    return outcome
 
 
 # The ops of batch.lua (and of its one-call scripts): reserve, sold-out probe, join, quick-join;
@@ -388,37 +378,9 @@ class Scripts:
         keys_one = (*keys.order_keys, keys.rate(call.user_id))
         return await self._call(name, keys_one, self._args.one(campaign_id, call))
 
-    async def reserve(
-        self, campaign_id: str, user_id: str, sku: str, qty: int, idempotency_key: str
-    ) -> Reservation:
-        """reserve_stock.lua: hold ``qty`` units of ``sku`` for the user."""
-        call = Call(RESERVE, user_id, sku, "", qty, idempotency_key)
-        return reservation(await self._create("reserve_stock", campaign_id, call), campaign_id)
-
-    async def open_team(
-        self, campaign_id: str, user_id: str, sku: str, qty: int, idempotency_key: str
-    ) -> TeamSeatResult:
-        """open_team.lua: a pending team led by the user, the leader's units held."""
-        call = Call(OPEN, user_id, sku, "", qty, idempotency_key)
-        return seat_result(await self._create("open_team", campaign_id, call), campaign_id)
-
-    async def join_team(
-        self, campaign_id: str, user_id: str, team_id: str, idempotency_key: str
-    ) -> TeamSeatResult:
-        """join_team.lua: a held seat in the open team."""
-        call = Call(JOIN, user_id, "", team_id, 0, idempotency_key)
-        return seat_result(await self._create("join_team", campaign_id, call), campaign_id)
-
-    async def quick_join(
-        self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
-    ) -> TeamSeatResult:
-        """quick_join.lua: a seat in the best open team of the sku, or a new pending team."""
-        call = Call(QUICK, user_id, sku, "", 0, idempotency_key)
-        return seat_result(await self._create("quick_join", campaign_id, call), campaign_id)
-
     async def one(self, campaign_id: str, call: Call) -> Outcome:
-        """One RESERVE, PROBE, JOIN or QUICK request: its value, or its Refusal (returned,
-        not raised)."""
+        """One request of any op (OPEN included): its value, or its Refusal (returned, not
+        raised)."""
         (reply,) = await self.send(campaign_id, [call])
         return decode(call, reply, campaign_id)
 

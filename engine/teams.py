@@ -13,11 +13,11 @@ from datetime import datetime
 from enum import StrEnum
 
 from engine.coalesce import Coalescer
-from engine.errors import NotFound, ValidationError
+from engine.errors import NotFound
 from engine.keys import campaign_of_team, check_id, check_key, keys_of
-from engine.models import MAX_UNITS, Order, Team, TeamSeatResult, TeamState
+from engine.models import MAX_UNITS, Order, Team, TeamSeatResult, TeamState, check_int
 from engine.runtime import Runtime
-from engine.scripts import Refusal, guarded
+from engine.scripts import OPEN, Call, accepted, guarded
 
 __all__ = [
     "MemberView",
@@ -83,9 +83,11 @@ class Teams:
         check_id(leader_id, "user_id")
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
-        if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= MAX_UNITS:
-            raise ValidationError(f"qty must be an integer from 1 to {MAX_UNITS}", field="qty")
-        return await self._scripts.open_team(keys.campaign_id, leader_id, sku, qty, idempotency_key)
+        check_int(qty, "qty", 1, MAX_UNITS)
+        call = Call(OPEN, leader_id, sku, "", qty, idempotency_key)
+        outcome = accepted(await self._scripts.one(keys.campaign_id, call))
+        assert isinstance(outcome, TeamSeatResult)  # OPEN decodes to one
+        return outcome
 
     async def join(self, team_id: str, user_id: str, idempotency_key: str) -> TeamSeatResult:
         """Take a seat in an open team; it is held until paid (``engine.orders.pay``)."""
@@ -93,10 +95,9 @@ class Teams:
         keys = keys_of(campaign_id)
         check_id(user_id, "user_id")
         check_key(idempotency_key, "idempotency_key")
-        outcome = await self._coalescer.join(keys.campaign_id, user_id, team_id, idempotency_key)
-        if isinstance(outcome, Refusal):
-            raise outcome.error()
-        return outcome
+        return accepted(
+            await self._coalescer.join(keys.campaign_id, user_id, team_id, idempotency_key)
+        )
 
     async def quick_join(
         self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
@@ -106,10 +107,9 @@ class Teams:
         check_id(user_id, "user_id")
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
-        outcome = await self._coalescer.quick_join(keys.campaign_id, user_id, sku, idempotency_key)
-        if isinstance(outcome, Refusal):
-            raise outcome.error()
-        return outcome
+        return accepted(
+            await self._coalescer.quick_join(keys.campaign_id, user_id, sku, idempotency_key)
+        )
 
     async def joinable(
         self, campaign_id: str, sku: str, viewer: str | None = None, limit: int = 20
@@ -120,8 +120,7 @@ class Teams:
         check_id(sku, "sku")
         if viewer is not None:
             check_id(viewer, "viewer")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
-            raise ValidationError(f"limit must be an integer from 1 to {MAX_LIST}", field="limit")
+        check_int(limit, "limit", 1, MAX_LIST)
         return await self._scripts.list_teams(keys.campaign_id, sku, viewer, limit)
 
     async def get(self, team_id: str) -> Team:
