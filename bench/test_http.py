@@ -376,7 +376,12 @@ def test_http_reserve_vs_echo(redis_server: RedisServer, tmp_path: Path) -> None
             [paced],
         )
     )
-    report("http", "T2 HTTP reserve vs echo (2 uvicorn workers)", rows)
+    report(
+        "http",
+        "T2 HTTP reserve vs echo (flashteam serve, 2 uvicorn workers, rate limit off, no flush "
+        "worker or reaper: not yet the stack flashteam run starts with its defaults)",
+        rows,
+    )
 
 
 def _median(loads: list[Load]) -> Load:
