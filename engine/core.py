@@ -9,82 +9,19 @@ async with await Engine.open(settings) as engine:
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis import exceptions as redis_errors
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from engine.campaigns import Campaigns
 from engine.coalesce import Coalescer
-from engine.errors import ConfigurationError, EngineError, Unavailable
+from engine.connection import MAX_IN_FLIGHT, check_eviction_policy, connect_redis
+from engine.errors import EngineError
 from engine.flash import FlashSale
 from engine.orders import Orders
 from engine.reaper import Reaper
 from engine.runtime import Runtime
-from engine.scripts import OrderArgs, RedisClient, Scripts, guarded
+from engine.scripts import OrderArgs, Scripts
 from engine.settings import Settings
 from engine.store import Store, open_store
 from engine.teams import Teams
-
-_MAX_IN_FLIGHT = 256
-
-
-def connect_redis(settings: Settings) -> RedisClient:
-    """A client for ``settings.redis_url`` (a cluster client when ``redis_cluster``)."""
-    if settings.redis_url is None:
-        raise ConfigurationError(
-            "FLASHTEAM_REDIS_URL is not set: use `flashteam run`, which starts a private "
-            "redis-server, or point FLASHTEAM_REDIS_URL at your Redis"
-        )
-    if settings.redis_cluster:
-        # Per node; scripts are capped at _MAX_IN_FLIGHT by Scripts, other calls share the rest.
-        return RedisCluster.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            max_connections=_MAX_IN_FLIGHT * 4,
-            retry=_retry(),
-        )
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        max_connections=_MAX_IN_FLIGHT * 2,
-        retry=_retry(),
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
-    )
-
-
-def _retry() -> Retry:
-    """Two quick retries on a broken connection: a pooled connection that went stale across a
-    Redis restart is replaced instead of failing the call. Safe because every script may run
-    twice: reserve and joins replay through their idempotency key, pay with the same reference
-    is a no-op, cancel/refund/expire/invalidate answer OK when already done."""
-    return Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2)
-
-
-async def check_eviction_policy(client: RedisClient) -> None:
-    """Refuse a Redis that may evict keys: an evicted stock key is an oversell
-    (docs/operations.md)."""
-    if isinstance(client, RedisCluster):
-        await guarded(client.initialize())
-        primaries = client.get_primaries()
-        if not primaries:
-            raise Unavailable("the Redis Cluster reports no primaries")
-        replies: list[Any] = [
-            await guarded(client.info("memory", target_nodes=node)) for node in primaries
-        ]
-    else:
-        replies = [await guarded(client.info("memory"))]
-    for info in replies:
-        policy = info.get("maxmemory_policy")
-        if policy != "noeviction":
-            raise ConfigurationError(
-                f"Redis runs with maxmemory-policy {policy}: flashteam needs noeviction, or "
-                "evicted stock keys would oversell. Fix: set `maxmemory-policy noeviction` in "
-                "redis.conf (or run `redis-cli CONFIG SET maxmemory-policy noeviction`)."
-            )
 
 
 class Engine:
@@ -106,7 +43,7 @@ class Engine:
         client = connect_redis(settings)
         try:
             await check_eviction_policy(client)
-            scripts = Scripts(client, OrderArgs.of(settings), _MAX_IN_FLIGHT)
+            scripts = Scripts(client, OrderArgs.of(settings), MAX_IN_FLIGHT)
             await scripts.load()
             store = store or await open_store(settings)
         except BaseException:
