@@ -1,18 +1,21 @@
 """Campaigns: create, edit by the lifecycle rules, invalidate, read status and live stock.
 
 SQL holds the definitions (the source of truth); Redis holds what the scripts check, warmed
-at creation and again at every engine start (``warm_all``). Lifecycle guards run on the Redis
-clock inside ``warm_campaign.lua`` so an edit racing the start cannot reset live stock.
+at creation and again at every engine start (``warm_all``: only campaigns that have not
+started; one that has and is missing is repaired from SQL instead, engine/recovery.py).
+Lifecycle guards run on the Redis clock inside ``warm_campaign.lua`` so an edit racing the
+start cannot reset live stock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from engine.errors import AlreadyExists, NotEditable, NotFound, ValidationError
+from engine.errors import AlreadyExists, NotEditable, NotFound, Recovering, ValidationError
 from engine.keys import CAMPAIGN_SET, STREAM_SET, check_id, keys_of
 from engine.models import (
     Campaign,
@@ -126,13 +129,17 @@ class Campaigns:
         )
         return CampaignView(campaign, campaign.status(await self._rt.now()), stock)
 
-    async def warm_all(self) -> int:
-        """Warm every campaign that may still have live state into Redis (start-up)."""
+    async def warm_all(self) -> list[Campaign]:
+        """Warm every campaign that may still have live state into Redis (start-up); returns
+        them. A started campaign missing from Redis is not warmed (its initial stock would
+        sell twice): the script refuses it and its repair from SQL starts
+        (engine/recovery.py)."""
         now = await self._rt.now()
         campaigns = await self._rt.store.campaigns_ending_after(now - _LIVE_AFTER_END)
         for campaign in campaigns:
-            await self._warm(campaign, only_if_absent=True)
-        return len(campaigns)
+            with contextlib.suppress(Recovering):
+                await self._warm(campaign, only_if_absent=True)
+        return campaigns
 
     async def _load(self, campaign_id: str) -> Campaign:
         campaign = await self._rt.store.get_campaign(check_id(campaign_id, "campaign_id"))

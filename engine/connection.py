@@ -1,5 +1,19 @@
-"""The Redis client the engine runs on: one server, or a Redis Cluster; and the check that
-Redis may never evict a key."""
+"""The Redis client the engine runs on: one server, the primary that Redis Sentinel points
+at, or a Redis Cluster; and the check that Redis may never evict a key.
+
+After a failover the same client reaches the new primary, without a restart:
+
+- Sentinel: the connection pool asks the Sentinels for the current primary each time it opens
+  a connection. A connection to a dead primary fails (ConnectionError) and one to a demoted
+  primary answers READONLY, which redis-py turns into a ConnectionError after dropping the
+  connection; the retry then reconnects, to wherever the Sentinels now point.
+- Cluster: a ConnectionError or CLUSTERDOWN makes the client reload the slot map from a live
+  node before its next attempt, and MOVED patches it; once the replica is promoted, its
+  slots map to it.
+
+Calls made while no primary is known (the seconds before the promotion) fail with
+Unavailable, as for a Redis that is down.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +23,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 
 from engine.errors import ConfigurationError, Unavailable
@@ -16,17 +31,27 @@ from engine.scripts import RedisClient, guarded
 from engine.settings import Settings
 
 MAX_IN_FLIGHT = 256
+# A Sentinel that does not answer within this is skipped for the next one of the list.
+_SENTINEL_TIMEOUT = 1.0
+# The errors after which a call is sent again on a new connection.
+_RETRY_ON = [redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ReadOnlyError]
 
 
 def connect_redis(settings: Settings) -> RedisClient:
-    """A client for ``settings.redis_url`` (a cluster client when ``redis_cluster``)."""
+    """A client for ``settings.redis_url``: a cluster client when ``redis_cluster``; with
+    ``redis_sentinels``, a client of the primary the Sentinels name for ``redis_master``."""
+    if settings.redis_sentinels is not None:
+        return _sentinel_client(settings)
     if settings.redis_url is None:
         raise ConfigurationError(
             "FLASHTEAM_REDIS_URL is not set: use `flashteam run`, which starts a private "
-            "redis-server, or point FLASHTEAM_REDIS_URL at your Redis"
+            "redis-server, or point FLASHTEAM_REDIS_URL at your Redis (or "
+            "FLASHTEAM_REDIS_SENTINELS at your Sentinels)"
         )
     if settings.redis_cluster:
         # Per node; scripts are capped at MAX_IN_FLIGHT by Scripts, other calls share the rest.
+        # The retry counts whole attempts, each after reloading the slot map when the last
+        # one failed on a connection (a dead primary) or met CLUSTERDOWN (mid-failover).
         return RedisCluster.from_url(
             settings.redis_url,
             decode_responses=True,
@@ -38,15 +63,51 @@ def connect_redis(settings: Settings) -> RedisClient:
         decode_responses=True,
         max_connections=MAX_IN_FLIGHT * 2,
         retry=_retry(),
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+        retry_on_error=_RETRY_ON,
     )
+
+
+class SentinelPrimary(aioredis.Redis):
+    """A client of the primary that Redis Sentinel names (``Sentinel.master_for``): an
+    ``aioredis.Redis`` like any other, whose closing also closes its connections to the
+    Sentinels."""
+
+    sentinels: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels is not None:
+            await self.sentinels.aclose()
+
+
+def _sentinel_client(settings: Settings) -> SentinelPrimary:
+    """The primary of ``settings.redis_master``, found through ``settings.redis_sentinels``
+    when each connection opens; a missing or unreachable set of Sentinels surfaces on the
+    first call (Unavailable), as a down Redis does."""
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        settings.sentinel_addresses,
+        sentinel_kwargs={
+            "socket_timeout": _SENTINEL_TIMEOUT,
+            "socket_connect_timeout": _SENTINEL_TIMEOUT,
+        },
+    )
+    client: SentinelPrimary = sentinel.master_for(
+        settings.redis_master,
+        redis_class=SentinelPrimary,
+        decode_responses=True,
+        max_connections=MAX_IN_FLIGHT * 2,
+        retry=_retry(),
+        retry_on_error=_RETRY_ON,
+    )
+    client.sentinels = sentinel
+    return client
 
 
 def _retry() -> Retry:
     """Two quick retries on a broken connection: a pooled connection that went stale across a
-    Redis restart is replaced instead of failing the call. Safe because every script may run
-    twice: reserve and joins replay through their idempotency key, pay with the same reference
-    is a no-op, cancel/refund/expire/invalidate answer OK when already done."""
+    Redis restart or a failover is replaced instead of failing the call. Safe because every
+    script may run twice: reserve and joins replay through their idempotency key, pay with the
+    same reference is a no-op, cancel/refund/expire/invalidate answer OK when already done."""
     return Retry(ExponentialWithJitterBackoff(cap=0.1, base=0.01), 2)
 
 

@@ -17,6 +17,7 @@ from engine.errors import EngineError
 from engine.flash import FlashSale
 from engine.orders import Orders
 from engine.reaper import Reaper
+from engine.recovery import Recovery
 from engine.runtime import Runtime
 from engine.scripts import OrderArgs, Scripts
 from engine.settings import Settings
@@ -36,6 +37,8 @@ class Engine:
         self.flash = FlashSale(rt, self.coalescer)
         self.orders = Orders(rt)
         self.teams = Teams(rt, self.coalescer)
+        self.recovery = Recovery(rt)
+        rt.scripts.untrusted = self.recovery.on_untrusted
 
     @classmethod
     async def open(cls, settings: Settings, store: Store | None = None) -> Engine:
@@ -50,7 +53,7 @@ class Engine:
             await client.aclose()
             raise
         engine = cls(Runtime(settings, client, scripts, store))
-        await engine.campaigns.warm_all()
+        await engine.recovery.check(await engine.campaigns.warm_all())
         return engine
 
     async def readiness(self) -> dict[str, str]:
@@ -70,7 +73,8 @@ class Engine:
         return checks
 
     async def close(self) -> None:
-        """Close the store and the Redis connections."""
+        """Stop the background repairs, close the store and the Redis connections."""
+        await self.recovery.close()
         await self.runtime.store.close()
         await self.runtime.redis.aclose()
 

@@ -4,6 +4,7 @@
     ├── ValidationError          bad input: nothing was read or written
     ├── ConfigurationError       settings or the Redis server are unfit to run on
     ├── Unavailable              Redis or SQL cannot be reached (retry later)
+    │   └── Recovering           the campaign's Redis state is being repaired from SQL
     └── Rejected                 a business rule said no; ``code`` names which
         ├── NotFound             ├── SoldOut            ├── HoldExpired
         ├── NotStarted           ├── LimitExceeded      ├── InvalidState
@@ -50,6 +51,14 @@ class Unavailable(EngineError):
     """Raised when Redis or the SQL store cannot be reached."""
 
     code = "unavailable"
+
+
+class Recovering(Unavailable):
+    """Raised while a campaign's Redis state is repaired from SQL after Redis lost writes
+    (docs/faults.md); its operations answer 503 with ``reason`` "recovering" until then."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, reason="recovering", **details)
 
 
 class Rejected(EngineError):

@@ -21,6 +21,8 @@ state and its events can never disagree. Entry fields (all strings):
     at      when it happened, ms on the Redis clock
     reason  user | deadline | invalidated | team_failed | restock | no_restock | merchant
             | expired (team.failed)
+    idem    order.reserved only: ``<op><user>:<key>``, the idempotency record of the request
+            that created the order (op r reserve, o open team, j join, q quick-join)
 
 ``version`` starts at 1 and grows by one per change of that order (or team), so a consumer
 that keeps the highest version per id applies changes exactly once in effect, in any delivery
@@ -64,6 +66,14 @@ class Event:
     order: Order | None
     team: Team | None
     order_id: str | None
+    idem: str | None = None
+
+    @property
+    def restocked(self) -> bool | None:
+        """For an order.refunded event: whether the units went back on sale."""
+        if self.type != "order.refunded":
+            return None
+        return self.reason != "no_restock"
 
     @classmethod
     def decode(cls, stream_id: str, fields: dict[str, str]) -> Event:
@@ -80,6 +90,7 @@ class Event:
                 raise ValueError(f"unknown event type {kind!r}")
             at_ms = int(fields["at"])
             from_ms(at_ms)
-            return cls(stream_id, kind, at_ms, fields["reason"], order, team, order_id)
+            reason = fields["reason"]
+            return cls(stream_id, kind, at_ms, reason, order, team, order_id, fields.get("idem"))
         except (KeyError, ValueError, TypeError, OverflowError) as exc:
             raise ValidationError(f"malformed event {stream_id}: {exc!r}") from exc

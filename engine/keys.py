@@ -19,6 +19,8 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
                                      (lua/lib/ops.lua); the hash expires 24 h after its
                                      last write, so every record lives at least 24 h
     ft:{c:<cid>}:rl:<user>           string  attempts in the current one-second window
+    ft:{c:<cid>}:repair      string  the repair lock: the token of the process repairing
+                                     the campaign from SQL (engine/recovery.py)
     ft:campaigns             set     campaigns that may still hold orders or teams (the reaper's)
     ft:streams               set     campaigns whose outbox may hold unflushed events (the
                                      flush worker's); both found without KEYS scans
@@ -95,6 +97,7 @@ class CampaignKeys:
     team_expiry: str
     idem: str  # hash: idempotency records (idempotency_field -> record)
     rejections: str  # hash: rejections per error code, counted by the API (KPIs)
+    repair: str  # string: the repair lock (engine/recovery.py)
     order_keys: tuple[
         str, ...
     ]  # KEYS of every order and team script (lua/lib/common.lua order_keys)
@@ -119,6 +122,7 @@ class CampaignKeys:
             team_expiry=f"{tag}:team_deadlines",
             idem=f"{tag}:idem",
             rejections=f"{tag}:rejections",
+            repair=f"{tag}:repair",
             order_keys=(
                 meta,
                 inv,

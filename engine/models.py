@@ -69,6 +69,9 @@ _STATE_CODES = {
     "R": OrderState.REFUNDED,
 }
 _KIND_CODES = {"f": OrderKind.FLASH, "t": OrderKind.TEAM}
+_TEAM_LETTERS = {state: letter for letter, state in _TEAM_CODES.items()}
+_STATE_LETTERS = {state: letter for letter, state in _STATE_CODES.items()}
+_KIND_LETTERS = {kind: letter for letter, kind in _KIND_CODES.items()}
 
 
 def to_ms(moment: datetime) -> int:
@@ -252,6 +255,24 @@ class Order:
             payment_ref=payref or None,
         )
 
+    def record(self) -> str:
+        """The packed record lua/lib/order.lua reads (the inverse of ``from_record``)."""
+        return "|".join(
+            (
+                self.user_id,
+                self.sku,
+                str(self.qty),
+                str(self.amount),
+                _STATE_LETTERS[self.state],
+                str(to_ms(self.created_at)),
+                str(to_ms(self.expires_at)),
+                str(self.version),
+                _KIND_LETTERS[self.kind],
+                self.team_id or "",
+                self.payment_ref or "",
+            )
+        )
+
 
 @dataclass(slots=True)  # not frozen: one per request (see engine.models.Order)
 class Seat:
@@ -312,6 +333,26 @@ class Team:
             version=int(version),
             why=why or None,
             seats=seats,
+        )
+
+    def record(self) -> str:
+        """The packed record lua/lib/team.lua reads (the inverse of ``from_record``)."""
+        return "|".join(
+            (
+                self.leader_id,
+                self.sku,
+                str(self.qty),
+                str(self.size),
+                _TEAM_LETTERS[self.state],
+                str(to_ms(self.created_at)),
+                str(0 if self.opened_at is None else to_ms(self.opened_at)),
+                str(0 if self.expires_at is None else to_ms(self.expires_at)),
+                str(self.held),
+                str(self.paid),
+                str(self.version),
+                self.why or "",
+                ",".join(f"{seat.order_id}={seat.user_id}" for seat in self.seats),
+            )
         )
 
 

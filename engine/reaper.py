@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from engine.errors import Unavailable
+from engine.errors import Recovering, Unavailable
 from engine.keys import CAMPAIGN_SET
 from engine.runtime import Runtime
 from engine.scripts import ExpiryStep, guarded
@@ -58,7 +58,10 @@ class Reaper:
         campaign_ids: set[str] = await guarded(self._rt.redis.smembers(CAMPAIGN_SET))
         total = 0
         for campaign_id in campaign_ids:
-            ended, over = await self.expire_campaign(campaign_id)
+            try:
+                ended, over = await self.expire_campaign(campaign_id)
+            except Recovering:  # being repaired (engine/recovery.py): next pass
+                continue
             total += ended
             if over:
                 await guarded(self._rt.redis.srem(CAMPAIGN_SET, campaign_id))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
@@ -57,9 +57,10 @@ class Code(IntEnum):
     ALREADY_IN_TEAM = 15
     TEAM_IN_PROGRESS = 16
     WRONG_KIND = 17
+    RECOVERING = 18
 
 
-_REJECTIONS: dict[Code, type[errors.Rejected]] = {
+_REJECTIONS: dict[Code, type[errors.EngineError]] = {
     Code.NOT_FOUND: errors.NotFound,
     Code.NOT_STARTED: errors.NotStarted,
     Code.ENDED: errors.Ended,
@@ -77,6 +78,7 @@ _REJECTIONS: dict[Code, type[errors.Rejected]] = {
     Code.ALREADY_IN_TEAM: errors.AlreadyInTeam,
     Code.TEAM_IN_PROGRESS: errors.TeamInProgress,
     Code.WRONG_KIND: errors.InvalidState,
+    Code.RECOVERING: errors.Recovering,
 }
 
 
@@ -98,36 +100,34 @@ _MESSAGES = {
     Code.ALREADY_IN_TEAM: "the user already has a seat in this team",
     Code.TEAM_IN_PROGRESS: "a paid seat of a team in progress cannot be cancelled or refunded",
     Code.WRONG_KIND: "the campaign is of the other kind (flash or team)",
+    Code.RECOVERING: "the campaign is being repaired after Redis lost writes: retry shortly",
 }
 _ORDER_STATES = {"H": "held", "P": "paid", "C": "cancelled", "E": "expired", "R": "refunded"}
 _TEAM_STATES = {"W": "pending", "O": "open", "S": "succeeded", "F": "failed", "D": "dissolved"}
 
 
-def rejection(code: int, message: str, **details: Any) -> errors.Rejected:
+def rejection(code: int, message: str, **details: Any) -> errors.EngineError:
     """The exception for a script's non-zero outcome code."""
     return _REJECTIONS[Code(code)](message, **details)
 
 
+# A rejection's detail (the reply's second field) as the exception's keyword details.
+_DETAILS: dict[Code, Callable[[Any], dict[str, Any]]] = {
+    Code.NOT_STARTED: lambda extra: {"starts_at": from_ms(int(extra))},
+    Code.ENDED: lambda extra: {"ends_at": from_ms(int(extra))},
+    Code.RATE_LIMITED: lambda extra: {"retry_after": int(extra) / 1000},
+    Code.SOLD_OUT: lambda extra: {"available": int(extra)},
+    Code.LIMIT_EXCEEDED: lambda extra: {"units_left": int(extra)},
+    Code.INVALID_STATE: lambda extra: {"state": _ORDER_STATES.get(extra, extra)},
+    Code.TEAM_CLOSED: lambda extra: {"team_state": _TEAM_STATES.get(extra, extra)},
+    Code.NOT_FOUND: lambda extra: {"sku": extra},
+    Code.RECOVERING: lambda extra: {"why": extra},
+}
+
+
 def _details(code: Code, extra: Any) -> dict[str, Any]:
-    if extra is None:
-        return {}
-    if code is Code.NOT_STARTED:
-        return {"starts_at": from_ms(int(extra))}
-    if code is Code.ENDED:
-        return {"ends_at": from_ms(int(extra))}
-    if code is Code.RATE_LIMITED:
-        return {"retry_after": int(extra) / 1000}
-    if code is Code.SOLD_OUT:
-        return {"available": int(extra)}
-    if code is Code.LIMIT_EXCEEDED:
-        return {"units_left": int(extra)}
-    if code is Code.INVALID_STATE:
-        return {"state": _ORDER_STATES.get(extra, extra)}
-    if code is Code.TEAM_CLOSED:
-        return {"team_state": _TEAM_STATES.get(extra, extra)}
-    if code is Code.NOT_FOUND:
-        return {"sku": extra}
-    return {}
+    details = _DETAILS.get(code)
+    return {} if extra is None or details is None else details(extra)
 
 
 def _extra(reply: list[Any]) -> Any:
@@ -150,7 +150,7 @@ class Refusal:
         """The refusal of a non-zero reply."""
         return cls(Code(reply[0]), _extra(reply))
 
-    def error(self) -> errors.Rejected:
+    def error(self) -> errors.EngineError:
         """The exception to raise, with its details (``starts_at``, ``retry_after``,
         ``available``, ...)."""
         return rejection(self.code, _MESSAGES[self.code], **_details(self.code, self.detail))
@@ -288,6 +288,13 @@ class ExpiryStep:
         return self.upcoming == self.OVER
 
 
+def _expiry(reply: list[Any]) -> ExpiryStep:
+    """A reaper script's reply; Recovering when the campaign awaits a repair ({-1, why})."""
+    if int(reply[0]) < 0:
+        raise errors.Recovering(_MESSAGES[Code.RECOVERING], why=reply[1])
+    return ExpiryStep(int(reply[0]), int(reply[1]))
+
+
 def _lua_dir() -> Path:
     """``engine/lua`` inside a wheel; the repository's ``lua/`` in a source checkout."""
     packaged = Path(str(resources.files("engine"))) / "lua"
@@ -328,6 +335,7 @@ class Scripts:
         "list_teams",
         "ack_events",
         "batch",
+        "recover_campaign",
     )
 
     def __init__(
@@ -341,6 +349,11 @@ class Scripts:
         self._limit = asyncio.Semaphore(max_in_flight)
         # Called with (script name, seconds) after every call when set (the API's metrics).
         self.observe: Callable[[str, float], None] | None = None
+        # Awaited with (campaign id, why) when a script finds the campaign's Redis state
+        # untrusted (lib/common.lua untrusted), before the caller gets Recovering: the
+        # engine's recovery (engine/recovery.py) schedules the repair, or raises NotFound
+        # for a campaign SQL does not have either.
+        self.untrusted: Callable[[str, str], Awaitable[None]] | None = None
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in self._sources.items()
         }
@@ -355,8 +368,16 @@ class Scripts:
         for source in self._sources.values():
             await guarded(self._client.script_load(source))
 
-    async def _call(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
-        """Call one script; Redis failures become engine errors, the reply a list."""
+    async def _call(
+        self,
+        name: str,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        campaign_id: str | None = None,
+    ) -> list[Any]:
+        """Call one script of ``campaign_id``; Redis failures become engine errors, the reply
+        a list. A reply saying the campaign awaits a repair ({18, why}; {-1, why} from the
+        reaper's scripts) is reported to ``untrusted`` first."""
         script = self._scripts[name]
         async with self._limit:
             if self.observe is None:
@@ -369,6 +390,9 @@ class Scripts:
                     self.observe(name, time.perf_counter() - started)
         if not isinstance(reply, list):
             raise errors.EngineError(f"script returned {type(reply).__name__}, not a list")
+        untrusted = reply and reply[0] in (Code.RECOVERING, -1)
+        if untrusted and campaign_id is not None and self.untrusted is not None:
+            await self.untrusted(campaign_id, str(reply[1]))
         return reply
 
     # The order-creating scripts (lib/ops.lua).
@@ -376,7 +400,7 @@ class Scripts:
     async def _create(self, name: str, campaign_id: str, call: Call) -> list[Any]:
         keys = keys_of(campaign_id)
         keys_one = (*keys.order_keys, keys.rate(call.user_id))
-        return await self._call(name, keys_one, self._args.one(campaign_id, call))
+        return await self._call(name, keys_one, self._args.one(campaign_id, call), campaign_id)
 
     async def one(self, campaign_id: str, call: Call) -> Outcome:
         """One request of any op (OPEN included): its value, or its Refusal (returned, not
@@ -397,39 +421,50 @@ class Scripts:
         batch_keys = list(keys.order_keys)
         if self._args.rate_limit > 0:  # each request's rate-limit key; none when it is off
             batch_keys += [keys.rate(call.user_id) for call in calls]
-        return await self._call("batch", batch_keys, self._args.batch(campaign_id, calls))
+        reply = await self._call(
+            "batch", batch_keys, self._args.batch(campaign_id, calls), campaign_id
+        )
+        if reply and reply[0] == Code.RECOVERING:  # the whole campaign refused: each request
+            return [reply] * len(calls)
+        return reply
 
     # Orders of every kind.
 
     async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
         """pay_order.lua: the held order paid (its team opened or succeeded)."""
         keys = keys_of(campaign_of_order(order_id))
-        reply = await self._call("pay_order", keys.order_keys, (order_id, user_id, payment_ref))
+        reply = await self._call(
+            "pay_order", keys.order_keys, (order_id, user_id, payment_ref), keys.campaign_id
+        )
         return _order(reply, keys.campaign_id)
 
     async def cancel(self, order_id: str, user_id: str) -> Order:
         """cancel_order.lua: the held order cancelled by its owner, its seat freed."""
         keys = keys_of(campaign_of_order(order_id))
-        reply = await self._call("cancel_order", keys.order_keys, (order_id, user_id))
+        reply = await self._call(
+            "cancel_order", keys.order_keys, (order_id, user_id), keys.campaign_id
+        )
         return _order(reply, keys.campaign_id)
 
     async def refund(self, order_id: str, restock: bool) -> Order:
         """refund_order.lua: the paid order refunded; units back on sale if ``restock``."""
         keys = keys_of(campaign_of_order(order_id))
-        reply = await self._call("refund_order", keys.order_keys, (order_id, int(restock)))
+        reply = await self._call(
+            "refund_order", keys.order_keys, (order_id, int(restock)), keys.campaign_id
+        )
         return _order(reply, keys.campaign_id)
 
     # The reaper.
 
     async def expire_orders(self, campaign_id: str, limit: int) -> ExpiryStep:
         """expire_orders.lua: end up to ``limit`` held orders past their deadline."""
-        reply = await self._call("expire_orders", keys_of(campaign_id).order_keys, (limit,))
-        return ExpiryStep(int(reply[0]), int(reply[1]))
+        keys = keys_of(campaign_id).order_keys
+        return _expiry(await self._call("expire_orders", keys, (limit,), campaign_id))
 
     async def expire_teams(self, campaign_id: str, limit: int) -> ExpiryStep:
         """expire_teams.lua: fail up to ``limit`` open teams past their expiry."""
-        reply = await self._call("expire_teams", keys_of(campaign_id).order_keys, (limit,))
-        return ExpiryStep(int(reply[0]), int(reply[1]))
+        keys = keys_of(campaign_id).order_keys
+        return _expiry(await self._call("expire_teams", keys, (limit,), campaign_id))
 
     # Campaigns.
 
@@ -451,7 +486,9 @@ class Scripts:
         ]
         for item in campaign.items:
             args += [item.sku, item.price, item.stock]
-        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args)
+        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args, campaign.id)
+        if reply[0] == Code.RECOVERING:
+            raise Refusal.of(reply).error()
         if reply[0] != Code.OK:
             raise rejection(
                 reply[0], f"campaign {campaign.id} can no longer be redefined: {_extra(reply)}"
@@ -462,7 +499,9 @@ class Scripts:
         """warm_campaign.lua 'extend': move the running campaign's end later."""
         keys = keys_of(campaign_id)
         args: list[str | int] = ["extend", to_ms(ends_at)]
-        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args)
+        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args, campaign_id)
+        if reply[0] == Code.RECOVERING:
+            raise Refusal.of(reply).error()
         if reply[0] != Code.OK:
             reason = _extra(reply)
             raise rejection(reply[0], f"ends_at can only move later ({reason})", reason=reason)
@@ -471,7 +510,9 @@ class Scripts:
         """invalidate_campaign.lua: no new orders from now; returns when it was invalidated
         (the first time, on a retry)."""
         keys = keys_of(campaign_id)
-        reply = await self._call("invalidate_campaign", (keys.meta, keys.events), ())
+        reply = await self._call("invalidate_campaign", (keys.meta, keys.events), (), campaign_id)
+        if reply[0] == Code.RECOVERING:
+            raise Refusal.of(reply).error()
         if reply[0] != Code.OK:
             raise errors.NotEditable(f"campaign {campaign_id} already ended", reason=_extra(reply))
         return from_ms(int(reply[1]))
@@ -487,6 +528,34 @@ class Scripts:
         if not reply:
             raise errors.NotFound(f"no campaign {campaign_id}", id=campaign_id)
         return [Team.from_record(reply[i], reply[i + 1]) for i in range(1, len(reply), 2)]
+
+    # Recovery (engine/recovery.py).
+
+    async def report_untrusted(self, campaign_id: str, why: str) -> None:
+        """Fence the campaign and tell ``untrusted``: another part of the engine (the flush
+        worker) found that Redis lost writes of it."""
+        await self.fence(campaign_id, why)
+        if self.untrusted is not None:
+            await self.untrusted(campaign_id, why)
+
+    async def fence(self, campaign_id: str, why: str) -> None:
+        """recover_campaign.lua 'fence': the campaign's operations answer recovering."""
+        keys = keys_of(campaign_id)
+        await self._call("recover_campaign", (keys.meta, keys.repair), ("fence", why))
+
+    async def take_repair(self, campaign_id: str, token: str, ms: int) -> str | None:
+        """recover_campaign.lua 'take': hold the repair lock ``ms`` longer; None when taken,
+        else the token of the process holding it."""
+        keys = keys_of(campaign_id)
+        reply = await self._call("recover_campaign", (keys.meta, keys.repair), ("take", token, ms))
+        return None if reply[0] == Code.OK else str(reply[1])
+
+    async def lift(self, campaign_id: str, token: str) -> bool:
+        """recover_campaign.lua 'lift': the repaired state is trusted on this server; False
+        when the lock is no longer this token's (the repair took too long: redo it)."""
+        keys = keys_of(campaign_id)
+        reply = await self._call("recover_campaign", (keys.meta, keys.repair), ("lift", token))
+        return bool(reply[0] == Code.OK)
 
     async def ack_events(self, stream: str, group: str, entry_ids: Sequence[str]) -> int:
         """ack_events.lua: acknowledge and delete flushed outbox entries; how many were."""

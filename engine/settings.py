@@ -52,6 +52,16 @@ class Settings:
         "Redis to use; unset: `flashteam run` starts a private redis-server under the data dir",
     )
     redis_cluster: bool = _setting(False, "1: the Redis URL names a node of a Redis Cluster")
+    redis_sentinels: str | None = _setting(
+        None,
+        "Redis Sentinel addresses, host:port,host:port,...: the engine asks them where the "
+        "primary of FLASHTEAM_REDIS_MASTER is and follows a failover; FLASHTEAM_REDIS_URL must "
+        "then be unset; not with FLASHTEAM_REDIS_CLUSTER (a cluster fails over by itself); "
+        "unset: no Sentinel",
+    )
+    redis_master: str = _setting(
+        "flashteam", "the master name the Sentinels monitor (with FLASHTEAM_REDIS_SENTINELS)"
+    )
     database_url: str | None = _setting(
         None,
         "the durable store: sqlite:///path or postgresql://user:password@host:port/database; "
@@ -117,6 +127,7 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        self._check_redis()
         if self.appendfsync not in ("everysec", "always"):
             raise ConfigurationError("FLASHTEAM_APPENDFSYNC must be 'everysec' or 'always'")
         if self.rate_limit < 0:
@@ -143,6 +154,35 @@ class Settings:
                 "FLASHTEAM_REAPER_INTERVAL must be in (0, 1] seconds (holds expire within 1 s)"
                 " and FLASHTEAM_REAPER_BATCH >= 1"
             )
+
+    def _check_redis(self) -> None:
+        """How the engine finds Redis: one URL, or the Sentinels (never both, never Sentinel
+        with Cluster)."""
+        if self.redis_sentinels is None:
+            return
+        sentinels = f"{_PREFIX}REDIS_SENTINELS"
+        if self.redis_url is not None:
+            raise ConfigurationError(
+                f"{_PREFIX}REDIS_URL and {sentinels} are both set: with Sentinel the engine "
+                f"asks the Sentinels where the primary is; unset {_PREFIX}REDIS_URL"
+            )
+        if self.redis_cluster:
+            raise ConfigurationError(
+                f"{sentinels} and {_PREFIX}REDIS_CLUSTER=1 do not go together: a Redis Cluster "
+                "fails over by itself (its replicas), Sentinel is for one primary with replicas"
+            )
+        if not self.redis_master or any(c.isspace() for c in self.redis_master):
+            raise ConfigurationError(
+                f"{_PREFIX}REDIS_MASTER must be the master name the Sentinels monitor "
+                "(no spaces)"
+            )
+        _addresses(self.redis_sentinels)  # a bad list fails here, at start-up
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``FLASHTEAM_REDIS_SENTINELS`` as (host, port) pairs, in the order given; empty when
+        unset."""
+        return [] if self.redis_sentinels is None else _addresses(self.redis_sentinels)
 
     @property
     def sqlite_path(self) -> Path:
@@ -219,6 +259,28 @@ def _text(value: object) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     return str(value)
+
+
+def _addresses(raw: str) -> list[tuple[str, int]]:
+    """``host:port,host:port,...`` as pairs (``[::1]:26379`` is an IPv6 address);
+    ConfigurationError names a bad or repeated entry."""
+    name = f"{_PREFIX}REDIS_SENTINELS"
+    addresses: list[tuple[str, int]] = []
+    for entry in (each.strip() for each in raw.split(",")):
+        host, colon, port = entry.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536) or any(
+            c.isspace() or c in "/[]" for c in host
+        ):
+            raise ConfigurationError(
+                f"{name} must be a comma-separated list of host:port (a port from 1 to 65535), "
+                f"like 10.0.0.1:26379,10.0.0.2:26379; not {entry!r}"
+            )
+        if (host, int(port)) in addresses:
+            raise ConfigurationError(f"{name} names {entry} twice")
+        addresses.append((host, int(port)))
+    return addresses
 
 
 def _flag(name: str, raw: str) -> bool:

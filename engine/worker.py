@@ -9,7 +9,12 @@ Each campaign's stream ``ft:{c:<id>}:events`` is read through one consumer group
 2. decode them into one ``Batch`` (newest version per order and team); an entry that cannot
    be decoded goes to the dead-letter stream ``ft:dead`` with the reason;
 3. write the batch in one SQL transaction (version-gated upserts: replays are harmless);
-4. only then acknowledge and delete the entries (``ack_events.lua``).
+4. only then acknowledge and delete the entries (``ack_events.lua``);
+5. check Redis against what SQL has committed: an event whose order or team id SQL holds for
+   another shopper (a collision), or a campaign whose order or team sequence in Redis is
+   behind SQL's high-water marks, means Redis lost writes: the campaign is fenced and its
+   repair requested (engine/recovery.py, docs/faults.md). Idle campaigns are checked about
+   once a second too.
 
 A crash anywhere before 4 leaves the entries pending: this or another worker reads them again
 and the upserts make the second write a no-op, so every change lands exactly once in effect
@@ -65,6 +70,11 @@ class FlushWorker:
         self._groups: set[str] = set()
         self.flushed = 0
         self.dead_lettered = 0
+        self.collisions = 0
+        # Per campaign: the durable marks this worker knows (order seq, team seq) and when
+        # it last compared them with Redis (event-loop seconds).
+        self._durable: dict[str, tuple[int, int]] = {}
+        self._checked: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until ``stop`` is set; the batch in flight finishes first (graceful)."""
@@ -91,6 +101,21 @@ class FlushWorker:
             moved = await self.step()
             total += moved
             if not moved and (await self.lag()).unflushed == 0:
+                return total
+            if not moved:
+                await asyncio.sleep(_IDLE_WAIT)
+
+    async def drain_campaign(self, campaign_id: str) -> int:
+        """Flush one campaign's stream until it is empty, claiming entries pending with any
+        consumer at once (a repair cannot wait ``claim_idle`` for a dead worker's batch; a
+        live worker writing the same entries meanwhile is harmless: upserts are
+        version-gated). Returns the entries flushed."""
+        stream = keys_of(campaign_id).events
+        total = 0
+        while True:
+            moved = await self._flush(campaign_id, claim_idle_ms=0)
+            total += moved
+            if not moved and not int(await guarded(self._rt.redis.xlen(stream))):
                 return total
             if not moved:
                 await asyncio.sleep(_IDLE_WAIT)
@@ -136,11 +161,12 @@ class FlushWorker:
         members: set[str] = await guarded(self._rt.redis.smembers(STREAM_SET))
         return sorted(members)
 
-    async def _flush(self, campaign_id: str) -> int:
+    async def _flush(self, campaign_id: str, claim_idle_ms: int | None = None) -> int:
         stream = keys_of(campaign_id).events
         await self._ensure_group(stream)
-        entries = await self._read(stream)
+        entries = await self._read(stream, claim_idle_ms)
         if not entries:
+            await self._check_marks(campaign_id, None)
             await self._maybe_forget(campaign_id, stream)
             return 0
         batch, dead = Batch(), 0
@@ -152,21 +178,69 @@ class FlushWorker:
             except ValidationError as exc:
                 await self._dead_letter(stream, entry_id, fields, exc)
                 dead += 1
-        if len(batch):
-            await self._rt.store.apply(batch)
+        collisions = await self._rt.store.apply(batch) if len(batch) else []
         ids = [entry_id for entry_id, _ in entries]
         await self._rt.scripts.ack_events(stream, GROUP, ids)
         self.flushed += len(entries) - dead
         self.dead_lettered += dead
+        if collisions:
+            # SQL kept its own records (the upsert never overwrites another shopper's order);
+            # the repair rebuilds Redis from them.
+            self.collisions += len(collisions)
+            log.error(
+                "campaign %s: %d flushed ids belong to other orders or teams in SQL (%s): "
+                "Redis lost writes, fencing it for a repair",
+                campaign_id,
+                len(collisions),
+                ", ".join(collisions[:5]),
+            )
+            await self._rt.scripts.report_untrusted(campaign_id, "collision")
+        else:
+            await self._check_marks(campaign_id, batch)
         return len(entries)
 
-    async def _read(self, stream: str) -> list[Entry]:
+    async def _check_marks(self, campaign_id: str, batch: Batch | None) -> None:
+        """Fence the campaign when Redis's order or team sequence is behind the durable
+        marks: Redis lost ids SQL has committed. After a batch (its marks are the newest this
+        worker knows), and about once a second when idle (SQL's marks, all workers')."""
+        loop_now = asyncio.get_running_loop().time()
+        known = self._durable.get(campaign_id, (0, 0))
+        if batch is not None:
+            marks = batch.marks().get(campaign_id, (0, 0))
+            known = (max(known[0], marks[0]), max(known[1], marks[1]))
+        elif loop_now - self._checked.get(campaign_id, 0.0) < 1.0:
+            return
+        else:
+            marks = await self._rt.store.marks(campaign_id)
+            known = (max(known[0], marks[0]), max(known[1], marks[1]))
+        self._durable[campaign_id] = known
+        self._checked[campaign_id] = loop_now
+        if known == (0, 0):
+            return
+        meta = keys_of(campaign_id).meta
+        oseq, tseq, fence = await guarded(self._rt.redis.hmget(meta, "oseq", "tseq", "fence"))
+        if fence is not None:
+            return  # a repair is due or running already
+        if int(oseq or 0) < known[0] or int(tseq or 0) < known[1]:
+            log.error(
+                "campaign %s: Redis's order/team sequence %s/%s is behind SQL's %d/%d: Redis "
+                "lost writes, fencing it for a repair",
+                campaign_id,
+                oseq,
+                tseq,
+                *known,
+            )
+            await self._rt.scripts.report_untrusted(campaign_id, "behind")
+
+    async def _read(self, stream: str, claim_idle_ms: int | None) -> list[Entry]:
         redis = self._rt.redis
         count = self._rt.settings.flush_batch
         mine = await guarded(redis.xreadgroup(GROUP, self.name, {stream: "0"}, count=count))
         if mine and mine[0][1]:
             return list(mine[0][1])
-        idle_ms = int(self._rt.settings.claim_idle * 1000)
+        idle_ms = claim_idle_ms
+        if idle_ms is None:
+            idle_ms = int(self._rt.settings.claim_idle * 1000)
         claimed = await guarded(redis.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count))
         if claimed and claimed[1]:
             return list(claimed[1])
@@ -217,7 +291,7 @@ class FlushWorker:
 
 def _add(batch: Batch, campaign_id: str, event: Event) -> None:
     if event.order is not None:
-        batch.add_order(event.order, event.at_ms)
+        batch.add_order(event.order, event.at_ms, idem=event.idem, restocked=event.restocked)
     elif event.team is not None:
         batch.add_team(event.team, event.at_ms)
     elif event.type == "campaign.invalidated":

@@ -15,6 +15,9 @@
 --   sku ('r', 'p', 'q') or team id ('j'), qty ('r', 'p'; '' for 'j', 'q'), idempotency key
 -- returns {reply_1, ..., reply_n}: each the reply reserve_stock.lua, join_team.lua or
 --   quick_join.lua documents for that request ('p': op_probe's, in lib/ops.lua).
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local f = split(ARGV[5])
 local n = #f / 5
 local ctx = creation_ctx(n)

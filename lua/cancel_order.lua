@@ -11,6 +11,9 @@
 --         {16}                    a paid seat of a team still in progress (refunded only if
 --                                 the team fails)
 --         {11, state}             not held (paid, expired or refunded)
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local ctx = new_ctx(order_keys())
 local id, user = ARGV[1], ARGV[2]
 

@@ -13,6 +13,9 @@
 --                         0 when more are due at once, -1 when none is held; -2 when none is
 --                         held, no team is open and the campaign is over (ended or
 --                         invalidated): nothing can ever be due again, the reaper may forget it
+--         {-1, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return {-1, refused[2]} end
 local ctx = new_ctx(order_keys())
 local k, now = ctx.k, ctx.now
 local invalidated = tonumber(redis.call('HGET', k.meta, 'invalid') or '0') > 0

@@ -9,6 +9,9 @@
 -- ARGV[1] at most this many teams in one call
 -- returns {failed, next}  teams failed now; next = the earliest remaining team expiry (ms),
 --                         0 when more are due at once, -1 when no team is open
+--         {-1, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return {-1, refused[2]} end
 local ctx = new_ctx(order_keys())
 local k, now = ctx.k, ctx.now
 local invalidated = tonumber(redis.call('HGET', k.meta, 'invalid') or '0') > 0

@@ -6,6 +6,9 @@
 -- returns {0, invalidated_at_ms}   invalidated now, or earlier (a retry returns the first time)
 --         {1}                      no such campaign
 --         {12, 'ended'}            the campaign already ended on its own
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local m = load_meta(KEYS[1])
 if not m then return {NOT_FOUND} end
 if m.invalid > 0 then return {OK, string.format('%d', m.invalid)} end

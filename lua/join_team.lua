@@ -17,6 +17,9 @@
 --         {15}                              the user already holds a seat (leaders included)
 --         {13}                              every seat is held or paid
 --         {6, units_left} | {5, available}  per-user limit | sold out
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local ctx = creation_ctx(1)
 return run_ops(ctx, function()
   return op_join(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[8])

@@ -13,6 +13,9 @@
 --         {1} | {4} | {17}                      no campaign | invalidated | not a team campaign
 --         {2, starts_ms} | {3, ends_ms}         not started | ended (no new teams after the end)
 --         {1, sku} | {6, units_left} | {5, available}   unknown sku | limit | sold out
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local ctx = creation_ctx(1)
 return run_ops(ctx, function()
   return op_open(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[7], ARGV[8])

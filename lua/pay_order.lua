@@ -12,6 +12,9 @@
 --         {4}                     the campaign was invalidated
 --         {11, state}             not held (cancelled, refunded, or paid with another reference)
 --         {14, team_state}        the order's team is no longer pending or open
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local ctx = new_ctx(order_keys())
 local id, user, payref = ARGV[1], ARGV[2], ARGV[3]
 

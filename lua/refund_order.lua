@@ -10,6 +10,9 @@
 --         {1}                     no such order
 --         {16}                    a paid seat of a team still in progress
 --         {11, state}             not paid (held, cancelled or expired)
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local ctx = new_ctx(order_keys())
 local id, restock = ARGV[1], ARGV[2] == '1'
 

@@ -16,6 +16,9 @@
 --         {2, starts_ms} | {3, ends_ms}             not started | ended
 --         {1, sku} | {6, units_left} | {5, available} unknown sku | over the limit | sold out
 -- Checks run before the first write (the rate-limit counter aside, which counts attempts).
+--         {18, why}  the campaign awaits a repair (lib/common.lua untrusted)
+local refused = untrusted(KEYS[1])
+if refused then return refused end
 local ctx = creation_ctx(1)
 return run_ops(ctx, function()
   return op_reserve(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[7], ARGV[8])

@@ -6,20 +6,26 @@
 -- KEYS[1] meta   hash   definition and flags
 -- KEYS[2] inv    hash   inventory buckets (a:/h:/p:/r: units, i: initial stock, $: price per sku)
 -- ARGV[1] mode   'define'  replace definition and stock; only while not started (by Redis time)
---                'ensure'  like define, but only when the campaign is absent (start-up warm-up)
+--                'ensure'  like define, but only when the campaign is absent and has not
+--                          started (start-up warm-up): an absent campaign that has started
+--                          lost its state with Redis and is never warmed with its initial
+--                          stock again (engine/recovery.py rebuilds it from SQL)
 --                'extend'  move ends to ARGV[2] (ms); only while running and never earlier
+-- A loaded definition records this server's replication id (`node`, lib/common.lua): the state
+-- it describes is the whole truth until the server restarts or is promoted.
 -- ARGV[2..9] (define, ensure) kind, starts_ms, ends_ms, per_user_limit, hold_ms, team_size,
 --            team_ttl_ms, invalidated_at_ms (0 = not invalidated)
 -- ARGV[10..] (define, ensure) sku, price, stock triples
 -- returns {0, loaded 0|1}   done (loaded = 1 when the definition was written)
---         {1}               extend: no such campaign
 --         {12, reason}      not editable: 'started', 'ended', 'invalidated' or 'earlier'
+--         {18, why}         the campaign awaits a repair (lib/common.lua untrusted)
 local mode = ARGV[1]
 local now = now_ms()
 local m = load_meta(KEYS[1])
 
 if mode == 'extend' then
-  if not m then return {NOT_FOUND} end
+  local refused = untrusted(KEYS[1])
+  if refused then return refused end
   if m.invalid > 0 then return {NOT_EDITABLE, 'invalidated'} end
   if now >= m.ends then return {NOT_EDITABLE, 'ended'} end
   local ends = tonumber(ARGV[2])
@@ -32,11 +38,14 @@ if m then
   if mode == 'ensure' then return {OK, 0} end
   if m.invalid > 0 then return {NOT_EDITABLE, 'invalidated'} end
   if now >= m.starts then return {NOT_EDITABLE, 'started'} end
+elseif mode == 'ensure' and now >= tonumber(ARGV[3]) then
+  return {RECOVERING, 'missing'}
 end
 
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'kind', ARGV[2], 'starts', ARGV[3], 'ends', ARGV[4], 'limit', ARGV[5],
-  'hold', ARGV[6], 'team_size', ARGV[7], 'team_ttl', ARGV[8], 'invalid', ARGV[9])
+  'hold', ARGV[6], 'team_size', ARGV[7], 'team_ttl', ARGV[8], 'invalid', ARGV[9],
+  'node', node_id())
 for i = 10, #ARGV, 3 do
   local sku = ARGV[i]
   redis.call('HSET', KEYS[2], '$:' .. sku, ARGV[i + 1], 'i:' .. sku, ARGV[i + 2],

@@ -187,10 +187,10 @@ async def test_open_creates_the_schema_and_reopen_is_a_no_op(backend: Backend) -
     first = await backend.open()
     await first.insert_campaign(flash())
     await first.close()
-    assert await backend.versions() == [SCHEMA_VERSION] == [1]
+    assert await backend.versions() == [SCHEMA_VERSION] == [2]
     second = await backend.open()
     try:
-        assert await backend.versions() == [1]
+        assert await backend.versions() == [SCHEMA_VERSION]
         assert await second.get_campaign("sale") == flash()
     finally:
         await second.close()
@@ -200,7 +200,7 @@ async def test_concurrent_opens_migrate_once(backend: Backend) -> None:
     stores = await asyncio.gather(*(backend.open() for _ in range(3)))
     for opened in stores:
         await opened.close()
-    assert await backend.versions() == [1]
+    assert await backend.versions() == [SCHEMA_VERSION]
 
 
 async def test_insert_get_and_replace_campaign(store: Store) -> None:

@@ -87,6 +87,8 @@ def error_response(exc: errors.EngineError) -> Response:
     if isinstance(exc, errors.RateLimited):
         retry = max(1, int(float(exc.details.get("retry_after", 1)) + 0.999))
         headers = {"Retry-After": str(retry)}
+    elif isinstance(exc, errors.Unavailable):
+        headers = {"Retry-After": "1"}
     details = {k: v for k, v in exc.details.items() if k not in ("code", "message")}
     body = {"error": {"code": code, "message": exc.message, **details}}
     return json_response(body, status, headers)

@@ -22,12 +22,23 @@ class Batch:
     orders: dict[str, tuple[Order, int]] = field(default_factory=dict)
     teams: dict[str, tuple[Team, int]] = field(default_factory=dict)
     invalidations: dict[str, int] = field(default_factory=dict)
+    # order id -> "<op><user>:<key>", the idempotency record of the request that created it
+    idem: dict[str, str] = field(default_factory=dict)
+    # refunded order id -> whether its units went back on sale
+    restocked: dict[str, bool] = field(default_factory=dict)
 
-    def add_order(self, order: Order, at_ms: int) -> None:
+    def add_order(
+        self, order: Order, at_ms: int, *, idem: str | None = None, restocked: bool | None = None
+    ) -> None:
         """Keep the newest version of each order: one row per order per batch."""
-        known = self.orders.get(order.order_id)
+        order_id = order.order_id
+        if idem:
+            self.idem[order_id] = idem
+        known = self.orders.get(order_id)
         if known is None or known[0].version < order.version:
-            self.orders[order.order_id] = (order, at_ms)
+            self.orders[order_id] = (order, at_ms)
+            if restocked is not None:
+                self.restocked[order_id] = restocked
 
     def add_team(self, team: Team, at_ms: int) -> None:
         known = self.teams.get(team.team_id)
@@ -36,6 +47,32 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.orders) + len(self.teams) + len(self.invalidations)
+
+    def marks(self) -> dict[str, tuple[int, int]]:
+        """Per campaign, the highest order and team sequence numbers in the batch."""
+        out: dict[str, tuple[int, int]] = {}
+        for order, _ in self.orders.values():
+            o, t = out.get(order.campaign_id, (0, 0))
+            team = sequence(order.team_id) if order.team_id else 0
+            out[order.campaign_id] = (max(o, sequence(order.order_id)), max(t, team))
+        for team_row, _ in self.teams.values():
+            o, t = out.get(team_row.campaign_id, (0, 0))
+            out[team_row.campaign_id] = (o, max(t, sequence(team_row.team_id)))
+        return out
+
+
+def sequence(order_or_team_id: str) -> int:
+    """The ``<n>`` of ``<campaign>.o<n>`` or ``<campaign>.t<n>``."""
+    return int(order_or_team_id[order_or_team_id.rindex(".") + 2 :])
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOrder:
+    """An order as SQL keeps it, with what a repair needs beyond the order itself."""
+
+    order: Order
+    idem: str | None  # "<op><user>:<key>" of the creating request (None: unknown)
+    restocked: bool | None  # a refunded order: whether its units went back on sale
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +102,20 @@ class Store(Protocol):
     async def campaigns_ending_after(self, moment: datetime) -> list[Campaign]:
         """Campaigns whose ``ends_at`` is later than ``moment`` (they may still need Redis)."""
 
-    async def apply(self, batch: Batch) -> None:
-        """Write a batch in one transaction; a row older than the stored one is skipped."""
+    async def apply(self, batch: Batch) -> list[str]:
+        """Write a batch in one transaction; a row older than the stored one is skipped, and
+        so is a row whose id the store holds for a different order or team (another user or
+        creation time): those ids come back, the collisions, for the caller to act on. The
+        durable high-water marks (``marks``) move up in the same transaction."""
+
+    async def marks(self, campaign_id: str) -> tuple[int, int]:
+        """The highest order and team sequence numbers committed for the campaign."""
+
+    async def campaign_orders(self, campaign_id: str) -> list[StoredOrder]:
+        """Every order of the campaign, by id."""
+
+    async def campaign_teams(self, campaign_id: str) -> list[Team]:
+        """Every team of the campaign, by id."""
 
     async def get_order(self, order_id: str) -> Order | None: ...
 

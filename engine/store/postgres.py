@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -29,9 +29,9 @@ from engine.store.rows import (
 
 _D = sql.dollar
 # Column types for unnest's arrays; every other column is text.
-_TYPES = dict.fromkeys(("qty", "size", "held", "paid", "version"), "int") | dict.fromkeys(
-    ("amount", "created_at", "opened_at", "expires_at", "updated_at"), "bigint"
-)
+_TYPES = dict.fromkeys(
+    ("qty", "size", "held", "paid", "version", "restocked"), "int"
+) | dict.fromkeys(("amount", "created_at", "opened_at", "expires_at", "updated_at"), "bigint")
 
 
 def _upsert_unnest(table: str, columns: tuple[str, ...]) -> str:
@@ -48,6 +48,7 @@ _UPSERT_TEAM = _upsert_unnest("teams", sql.TEAM_COLUMNS)
 _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _D)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_D)
 _INVALIDATE = sql.query(sql.INVALIDATE, _D)
+_RAISE_MARKS = sql.raise_marks(_D, "GREATEST")
 
 # Held for the migration's transaction, so processes opening the store at once take turns.
 _MIGRATION_LOCK = 0x66_6C_61_73_68_74_6D  # "flashtm"
@@ -123,23 +124,42 @@ class PostgresStore(DurableReads):
         with _translated("replace campaign"):
             await self._pool.execute(_REPLACE_CAMPAIGN, *campaign_row(campaign))
 
-    async def apply(self, batch: Batch) -> None:
-        orders = [order_row(o, at) for o, at in batch.orders.values()]
+    def _mark(self, n: int) -> str:
+        return sql.dollar(n)
+
+    async def apply(self, batch: Batch) -> list[str]:
+        idem, restocked = batch.idem, batch.restocked
+        orders = [
+            order_row(o, at, idem.get(i), restocked.get(i)) for i, (o, at) in batch.orders.items()
+        ]
         teams = [team_row(t, at) for t, at in batch.teams.values()]
         invalidations = [(at, cid) for cid, at in batch.invalidations.items()]
+        marks = [(c, o, t) for c, (o, t) in batch.marks().items()]
+        written = 0
         with _translated("write"):
             async with self._pool.acquire() as conn, conn.transaction():
                 if orders:
-                    await conn.execute(_UPSERT_ORDER, *zip(*orders, strict=True))
+                    written += _rows(await conn.execute(_UPSERT_ORDER, *zip(*orders, strict=True)))
                 if teams:
-                    await conn.execute(_UPSERT_TEAM, *zip(*teams, strict=True))
+                    written += _rows(await conn.execute(_UPSERT_TEAM, *zip(*teams, strict=True)))
                 if invalidations:
                     await conn.executemany(_INVALIDATE, invalidations)
+                if marks:
+                    await conn.executemany(_RAISE_MARKS, marks)
+        return await self._collisions(batch, written)
 
     async def _fetch(self, template: str, *args: Any) -> list[Row]:
+        return await self._fetch_raw(sql.query(template, _D), args)
+
+    async def _fetch_raw(self, statement: str, args: Sequence[Any]) -> list[Row]:
         with _translated("read"):
-            rows: list[Row] = await self._pool.fetch(sql.query(template, _D), *args)
+            rows: list[Row] = await self._pool.fetch(statement, *args)
         return rows
+
+
+def _rows(status: str) -> int:
+    """The row count of a command status such as ``INSERT 0 12``."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def _migrate(conn: Any) -> None:

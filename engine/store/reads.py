@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from engine.models import Campaign, Order, to_ms
-from engine.store import Totals
+from engine.models import Campaign, Order, Team, to_ms
+from engine.store import Batch, StoredOrder, Totals
 from engine.store import schema as sql
-from engine.store.rows import Row, campaign_from, order_from
+from engine.store.rows import Row, campaign_from, order_from, team_from
 
 
 class DurableReads:
@@ -55,3 +55,50 @@ class DurableReads:
         row = (await self._fetch(sql.TEAM_FILL, campaign_id))[0]
         fill = row["fill_ms"]
         return int(row["opened"] or 0), None if fill is None else float(fill)
+
+    async def marks(self, campaign_id: str) -> tuple[int, int]:
+        rows = await self._fetch(sql.MARKS, campaign_id)
+        return (int(rows[0]["order_seq"]), int(rows[0]["team_seq"])) if rows else (0, 0)
+
+    async def campaign_orders(self, campaign_id: str) -> list[StoredOrder]:
+        rows = await self._fetch(sql.CAMPAIGN_ORDERS, campaign_id)
+        return [
+            StoredOrder(
+                order_from(r), r["idem"], None if r["restocked"] is None else bool(r["restocked"])
+            )
+            for r in rows
+        ]
+
+    async def campaign_teams(self, campaign_id: str) -> list[Team]:
+        return [team_from(r) for r in await self._fetch(sql.CAMPAIGN_TEAMS, campaign_id)]
+
+    async def _collisions(self, batch: Batch, written: int) -> list[str]:
+        """The ids of ``batch`` the store holds for a different order or team; looked for
+        only when fewer rows were written than the batch holds (replays or collisions)."""
+        if written >= len(batch.orders) + len(batch.teams):
+            return []
+        found: list[str] = []
+        for table, entries in (("orders", batch.orders), ("teams", batch.teams)):
+            ids = list(entries)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = await self._fetch_raw(sql.identities(table, self._mark, len(chunk)), chunk)
+                key, owner = sql.IDENTITY_KEY[table], sql.IDENTITY[table][0]
+                for row in rows:
+                    record = entries[row[key]][0]
+                    if (_owner(record), to_ms(record.created_at)) != (
+                        row[owner],
+                        row["created_at"],
+                    ):
+                        found.append(row[key])
+        return found
+
+    async def _fetch_raw(self, statement: str, args: Sequence[Any]) -> Sequence[Row]:
+        raise NotImplementedError
+
+    def _mark(self, n: int) -> str:
+        raise NotImplementedError
+
+
+def _owner(record: Order | Team) -> str:
+    return record.user_id if isinstance(record, Order) else record.leader_id

@@ -15,7 +15,9 @@ from engine.models import (
     Order,
     OrderKind,
     OrderState,
+    Seat,
     Team,
+    TeamState,
     from_ms,
     to_ms,
 )
@@ -61,7 +63,9 @@ def campaign_from(row: Row) -> Campaign:
     )
 
 
-def order_row(order: Order, at_ms: int) -> tuple[Any, ...]:
+def order_row(
+    order: Order, at_ms: int, idem: str | None = None, restocked: bool | None = None
+) -> tuple[Any, ...]:
     return (
         order.order_id,
         order.campaign_id,
@@ -77,6 +81,8 @@ def order_row(order: Order, at_ms: int) -> tuple[Any, ...]:
         to_ms(order.expires_at),
         at_ms,
         order.version,
+        idem,
+        None if restocked is None else int(restocked),
     )
 
 
@@ -115,4 +121,26 @@ def team_row(team: Team, at_ms: int) -> tuple[Any, ...]:
         None if team.expires_at is None else to_ms(team.expires_at),
         at_ms,
         team.version,
+        ",".join(f"{seat.order_id}={seat.user_id}" for seat in team.seats),
+    )
+
+
+def team_from(row: Row) -> Team:
+    seats = row["seats"]
+    return Team(
+        team_id=row["team_id"],
+        campaign_id=row["campaign_id"],
+        leader_id=row["leader_id"],
+        sku=row["sku"],
+        qty=row["qty"],
+        size=row["size"],
+        state=TeamState(row["state"]),
+        created_at=from_ms(row["created_at"]),
+        opened_at=None if row["opened_at"] is None else from_ms(row["opened_at"]),
+        expires_at=None if row["expires_at"] is None else from_ms(row["expires_at"]),
+        held=row["held"],
+        paid=row["paid"],
+        version=row["version"],
+        why=row["why"],
+        seats=tuple(Seat(*s.split("=", 1)) for s in seats.split(",")) if seats else (),
     )

@@ -65,6 +65,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX IF NOT EXISTS teams_campaign ON teams (campaign_id, state)",
     ),
+    (
+        # What a repair needs to rebuild Redis from SQL alone (engine.recovery): the
+        # idempotency record of the request that created an order, whether a refund put its
+        # units back on sale, a team's seats; and the durable high-water marks.
+        "ALTER TABLE orders ADD COLUMN idem TEXT",
+        "ALTER TABLE orders ADD COLUMN restocked INTEGER",
+        "ALTER TABLE teams ADD COLUMN seats TEXT",
+        """CREATE TABLE IF NOT EXISTS sequences (
+            campaign_id TEXT PRIMARY KEY,
+            order_seq   BIGINT NOT NULL,
+            team_seq    BIGINT NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -97,6 +110,8 @@ ORDER_COLUMNS = (
     "expires_at",
     "updated_at",
     "version",
+    "idem",  # "<op><user>:<key>": the idempotency record of the creating request, or NULL
+    "restocked",  # a refunded order: 1 when its units went back on sale, else 0; NULL otherwise
 )
 TEAM_COLUMNS = (
     "team_id",
@@ -114,7 +129,15 @@ TEAM_COLUMNS = (
     "expires_at",
     "updated_at",
     "version",
+    "seats",  # the seats taken, leader first: "<order id>=<user>,..." (lua/lib/team.lua)
 )
+# Two rows with one id are the same order (or team) only when these agree; a write that
+# would overwrite a different one is a collision (an id issued twice by a Redis that lost
+# state), never applied.
+IDENTITY = {"orders": ("user_id", "created_at"), "teams": ("leader_id", "created_at")}
+IDENTITY_KEY = {"orders": "order_id", "teams": "team_id"}
+# Columns a later version leaves as they are when it does not carry them.
+KEPT = frozenset({"idem"})
 
 Placeholder = Callable[[int], str]
 
@@ -138,12 +161,17 @@ def insert(table: str, columns: tuple[str, ...], mark: Placeholder) -> str:
 def upsert_newer(
     table: str, columns: tuple[str, ...], mark: Placeholder, *, rows: str | None = None
 ) -> str:
-    """INSERT, or UPDATE the existing row only when the new row's version is higher.
+    """INSERT, or UPDATE the existing row only when the new row's version is higher and it
+    is the same order or team (``IDENTITY``): a colliding row is left alone.
 
     One row of ``mark`` placeholders, or ``rows``: a query giving many (PostgreSQL's unnest).
     """
     key = columns[0]
-    assignments = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    assignments = ", ".join(
+        f"{c} = COALESCE(excluded.{c}, {table}.{c})" if c in KEPT else f"{c} = excluded.{c}"
+        for c in columns[1:]
+    )
+    same = "".join(f" AND {table}.{c} = excluded.{c}" for c in IDENTITY.get(table, ()))
     head = (
         insert(table, columns, mark)
         if rows is None
@@ -151,8 +179,27 @@ def upsert_newer(
     )
     return (
         f"{head} ON CONFLICT ({key}) DO UPDATE SET {assignments}"
-        f" WHERE excluded.version > {table}.version"
+        f" WHERE excluded.version > {table}.version{same}"
     )
+
+
+def raise_marks(mark: Placeholder, greatest: str) -> str:
+    """Move a campaign's durable high-water marks up (never down); ``greatest`` is the
+    backend's two-argument maximum (SQLite MAX, PostgreSQL GREATEST)."""
+    return (
+        "INSERT INTO sequences (campaign_id, order_seq, team_seq)"
+        f" VALUES ({mark(1)}, {mark(2)}, {mark(3)}) ON CONFLICT (campaign_id) DO UPDATE SET"
+        f" order_seq = {greatest}(sequences.order_seq, excluded.order_seq),"
+        f" team_seq = {greatest}(sequences.team_seq, excluded.team_seq)"
+    )
+
+
+def identities(table: str, mark: Placeholder, count: int) -> str:
+    """The identity columns of up to ``count`` rows of ``table`` by id (collision checks)."""
+    key = IDENTITY_KEY[table]
+    columns = ", ".join((key, *IDENTITY[table]))
+    marks = ", ".join(mark(i + 1) for i in range(count))
+    return f"SELECT {columns} FROM {table} WHERE {key} IN ({marks})"
 
 
 def replace_campaign(mark: Placeholder) -> str:
@@ -184,6 +231,13 @@ TEAM_FILL = (
     " FROM teams WHERE campaign_id = {0}"
 )
 TEAM_TOTALS = "SELECT state, COUNT(*) AS teams FROM teams WHERE campaign_id = {0} GROUP BY state"
+CAMPAIGN_ORDERS = (
+    f"SELECT {', '.join(ORDER_COLUMNS)} FROM orders WHERE campaign_id = {{0}} ORDER BY order_id"
+)
+CAMPAIGN_TEAMS = (
+    f"SELECT {', '.join(TEAM_COLUMNS)} FROM teams WHERE campaign_id = {{0}} ORDER BY team_id"
+)
+MARKS = "SELECT order_seq, team_seq FROM sequences WHERE campaign_id = {0}"
 GET_CAMPAIGN = f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE id = {{0}}"
 CAMPAIGNS_ENDING_AFTER = (
     f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE ends_at > {{0}} ORDER BY starts_at"

@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ _UPSERT_ORDER = sql.upsert_newer("orders", sql.ORDER_COLUMNS, _Q)
 _UPSERT_TEAM = sql.upsert_newer("teams", sql.TEAM_COLUMNS, _Q)
 _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _Q)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_Q)
+_RAISE_MARKS = sql.raise_marks(_Q, "MAX")
 
 
 class SqliteStore(DurableReads):
@@ -71,31 +73,48 @@ class SqliteStore(DurableReads):
             except sqlite3.Error as exc:
                 raise Unavailable(f"SQLite write failed: {exc}") from exc
 
-    async def apply(self, batch: Batch) -> None:
-        async with self._writing:
-            await self._apply(batch)
+    def _mark(self, n: int) -> str:
+        return sql.qmark(n)
 
-    async def _apply(self, batch: Batch) -> None:
+    async def apply(self, batch: Batch) -> list[str]:
+        async with self._writing:
+            written = await self._apply(batch)
+            return await self._collisions(batch, written)
+
+    async def _apply(self, batch: Batch) -> int:
+        """Write the batch in one transaction; returns the order and team rows written."""
         db = self._db
+        idem, restocked = batch.idem, batch.restocked
         try:
             await db.execute("BEGIN IMMEDIATE")
-            await db.executemany(
-                _UPSERT_ORDER, [order_row(o, at) for o, at in batch.orders.values()]
+            orders = await db.executemany(
+                _UPSERT_ORDER,
+                [
+                    order_row(o, at, idem.get(i), restocked.get(i))
+                    for i, (o, at) in batch.orders.items()
+                ],
             )
-            await db.executemany(_UPSERT_TEAM, [team_row(t, at) for t, at in batch.teams.values()])
+            teams = await db.executemany(
+                _UPSERT_TEAM, [team_row(t, at) for t, at in batch.teams.values()]
+            )
             await db.executemany(
                 sql.query(sql.INVALIDATE, _Q),
                 [(at, cid) for cid, at in batch.invalidations.items()],
             )
+            await db.executemany(_RAISE_MARKS, [(c, o, t) for c, (o, t) in batch.marks().items()])
             await db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
                 await db.execute("ROLLBACK")
             raise Unavailable(f"SQLite write failed: {exc}") from exc
+        return max(orders.rowcount, 0) + max(teams.rowcount, 0)
 
     async def _fetch(self, template: str, *args: Any) -> list[sqlite3.Row]:
+        return await self._fetch_raw(sql.query(template, _Q), args)
+
+    async def _fetch_raw(self, statement: str, args: Sequence[Any]) -> list[sqlite3.Row]:
         try:
-            async with self._db.execute(sql.query(template, _Q), args) as cursor:
+            async with self._db.execute(statement, args) as cursor:
                 return list(await cursor.fetchall())
         except sqlite3.Error as exc:
             raise Unavailable(f"SQLite read failed: {exc}") from exc

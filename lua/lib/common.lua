@@ -8,12 +8,13 @@
 --   0 ok, 1 not_found, 2 not_started, 3 ended, 4 invalidated, 5 sold_out, 6 limit_exceeded,
 --   7 rate_limited, 8 idempotency_mismatch, 9 forbidden, 10 hold_expired, 11 invalid_state,
 --   12 not_editable, 13 team_full, 14 team_closed, 15 already_in_team, 16 team_in_progress,
---   17 wrong_kind
+--   17 wrong_kind, 18 recovering (the campaign's Redis state awaits a repair from SQL)
 
 local OK, NOT_FOUND, NOT_STARTED, ENDED, INVALIDATED = 0, 1, 2, 3, 4
 local SOLD_OUT, LIMIT_EXCEEDED, RATE_LIMITED, IDEMPOTENCY_MISMATCH = 5, 6, 7, 8
 local FORBIDDEN, HOLD_EXPIRED, INVALID_STATE, NOT_EDITABLE = 9, 10, 11, 12
 local TEAM_FULL, TEAM_CLOSED, ALREADY_IN_TEAM, TEAM_IN_PROGRESS, WRONG_KIND = 13, 14, 15, 16, 17
+local RECOVERING = 18
 
 -- KEYS[1..10] of every order and team script, in this order (engine/keys.py order_keys).
 local function order_keys()
@@ -51,4 +52,24 @@ local function load_meta(meta_key)
   return {kind = v[1], starts = tonumber(v[2]), ends = tonumber(v[3]), limit = tonumber(v[4]),
     hold = tonumber(v[5]), invalid = tonumber(v[6]), team_size = tonumber(v[7]),
     team_ttl = tonumber(v[8])}
+end
+
+-- This server's replication id: it changes whenever the server restarts or is promoted (a
+-- replica taking over), the moments Redis can lose acknowledged writes.
+local function node_id()
+  return string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+end
+
+-- Whether the campaign's Redis state may be changed: nil when it may, else the reply
+-- {RECOVERING, why} until engine/recovery.py has repaired it from SQL:
+--   'missing'    no definition here (Redis lost it, or there is no such campaign)
+--   'fenced'     a repair is due or running (`fence` names why)
+--   'restarted'  this server restarted or was promoted since the state was last verified
+-- Every script that changes a campaign calls it before anything else.
+local function untrusted(meta_key)
+  local v = redis.call('HMGET', meta_key, 'kind', 'fence', 'node')
+  if not v[1] then return {RECOVERING, 'missing'} end
+  if v[2] then return {RECOVERING, 'fenced'} end
+  if v[3] ~= node_id() then return {RECOVERING, 'restarted'} end
+  return nil
 end

@@ -106,11 +106,17 @@ local function next_seq(ctx)
 end
 
 -- A new state of order o (its version up): the outbox event now, the record at finish.
+-- A new order's first event also carries its idempotency record (`idem`, lib/ops.lua).
 local function emit_order(ctx, o, reason)
   o.version = o.version + 1
   local raw = encode_order(o)
-  redis.call('XADD', ctx.k.events, '*', 'type', STATE_EVENT[o.state], 'order', o.id,
-    'record', raw, 'at', ctx.at, 'reason', reason)
+  if o.version == 1 and o.idem then
+    redis.call('XADD', ctx.k.events, '*', 'type', STATE_EVENT[o.state], 'order', o.id,
+      'record', raw, 'at', ctx.at, 'reason', reason, 'idem', o.idem)
+  else
+    redis.call('XADD', ctx.k.events, '*', 'type', STATE_EVENT[o.state], 'order', o.id,
+      'record', raw, 'at', ctx.at, 'reason', reason)
+  end
   ctx.orders[o.id] = raw
   return raw
 end

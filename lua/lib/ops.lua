@@ -71,6 +71,7 @@ end
 -- original reply (or the key mismatch); the attempt counts against the rate limit; then the
 -- campaign gate. Returns the campaign's meta, and the reply to return at once (nil: go on).
 local function admit(ctx, rl, field, op, want, kind, opening)
+  ctx.creating = op .. field  -- the order this request creates carries it (create_order)
   local prior = replay(ctx, field, op, want)
   if prior then return nil, prior end
   local wait = rate_limited(rl, ctx.rate)
@@ -91,7 +92,8 @@ local function seat_blocked(ctx, m, user, sku, qty)
 end
 
 -- A new held order of qty units of sku for user until `deadline` (of team_id, if given);
--- returns the order and its sequence number.
+-- returns the order and its sequence number. Its `idem` ("<op><user>:<key>", set by admit)
+-- goes into its order.reserved event, so SQL keeps the idempotency record too.
 local function create_order(ctx, user, sku, qty, deadline, team_id)
   move(ctx, sku, 'a', 'h', qty)
   add_units(ctx, user, qty)
@@ -100,7 +102,8 @@ local function create_order(ctx, user, sku, qty, deadline, team_id)
   schedule(ctx, deadline, id)
   return {id = id, user = user, sku = sku, qty = qty, amount = qty * unit_price(ctx, sku),
     state = 'H', created = ctx.now, deadline = deadline, version = 0,
-    kind = team_id and 't' or 'f', team = team_id or '', payref = ''}, seq
+    kind = team_id and 't' or 'f', team = team_id or '', payref = '', idem = ctx.creating},
+    seq
 end
 
 -- Reserve qty units of one item of a flash campaign (reserve_stock.lua).

@@ -1,0 +1,561 @@
+"""Repair of a campaign whose Redis state Redis lost, from the durable store (docs/faults.md).
+
+Redis can lose acknowledged writes: replication is asynchronous, so a failover drops what the
+replica had not received; a host crash loses up to a second with ``appendfsync everysec``; a
+fresh node or a lost disk comes back empty. SQL is the authority. How the engine notices
+before it sells:
+
+- every script that changes a campaign first checks its ``meta`` (lib/common.lua
+  ``untrusted``): no definition ('missing'), a fence ('fenced'), or a server whose
+  replication id is not the one the state was verified on ('restarted': the server restarted
+  or was promoted since). It then answers code 18, and the caller gets ``Recovering``
+  (HTTP 503 ``unavailable``, reason ``recovering``) while this module repairs the campaign;
+- the flush worker fences a campaign whose order or team sequence in Redis is behind SQL's
+  high-water marks, or one of whose events collides with a different durable order;
+- ``warm_campaign.lua`` never loads a started campaign that is missing with its initial
+  stock: it answers 'missing' and the start-up repairs it instead.
+
+The repair, one process at a time per campaign (a lock in Redis; the others wait for it):
+
+1. fence the campaign, so nothing changes it meanwhile;
+2. flush what its outbox still holds into SQL (the union of SQL and Redis: every change
+   Redis made is in SQL or still in the stream, and the version-gated upsert keeps the later
+   version of each order and team; an id SQL holds for another shopper keeps SQL's);
+3. rebuild every Redis key of the campaign from SQL (``rebuild``): stock buckets, per-user
+   units, orders with their original deadlines, teams with their seats, the joinable and
+   deadline indexes, idempotency records, and sequences past every durable id plus a gap
+   (``ID_GAP``) so no id a lost Redis handed out is handed out again;
+4. write to SQL what the rebuild had to settle (a team whose end was lost: see ``rebuild``);
+5. lift the fence, recording the server's replication id as the verified one.
+
+Every step can run twice: a repair that dies half way leaves the fence up and the lock
+expires, and the next attempt starts again from step 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from redis.asyncio.cluster import RedisCluster
+
+from engine.errors import EngineError, NotFound
+from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of
+from engine.models import (
+    Campaign,
+    Order,
+    OrderState,
+    Seat,
+    Team,
+    TeamState,
+    from_ms,
+    to_ms,
+)
+from engine.runtime import Runtime
+from engine.scripts import guarded
+from engine.store import Batch, StoredOrder, sequence
+from engine.worker import FlushWorker
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Ids skipped past the highest known one after a repair: ids a lost Redis handed out but SQL
+# never saw (holds acknowledged less than a flush before the loss) are never reused. A
+# second of sales at the engine's peak is far fewer.
+ID_GAP = 1_000_000
+# The repair lock's lifetime; a live repair extends it between write chunks.
+LOCK_MS = 15_000
+_CHUNK = 1_000  # hash fields or sorted-set members per command
+_WAIT = 0.05
+# Global counters of every process's repairs, read by /metrics (engine/api/metrics.py).
+RECOVERY_STATS = "ft:recovery"
+
+
+@dataclass(slots=True)
+class RedisState:
+    """Every Redis key of one campaign as a repair writes it."""
+
+    meta: dict[str, str]
+    inv: dict[str, str]
+    orders: dict[str, str]
+    users: dict[str, str]
+    deadlines: dict[str, int]
+    teams: dict[str, str]
+    joinable: list[str]
+    team_deadlines: dict[str, int]
+    idem: dict[str, str]
+    settled: Batch = field(default_factory=Batch)  # changes SQL must take too (step 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """What one repair did."""
+
+    campaign_id: str
+    orders: int
+    teams: int
+    settled: int  # orders and teams whose lost end the repair settled
+    flushed: int  # outbox entries flushed first
+    seconds: float
+    waited: bool = False  # another process repaired it; this one waited
+
+
+class Recovery:
+    """Detects, fences and repairs campaigns for one engine process."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._tasks: dict[str, asyncio.Task[Repair | None]] = {}
+        self.repairs = 0  # completed by this process
+
+    async def on_untrusted(self, campaign_id: str, why: str) -> None:
+        """A script refused ``campaign_id`` (Scripts.untrusted): start its repair in the
+        background, unless SQL has no such campaign either (NotFound)."""
+        if why == "missing" and await self._rt.store.get_campaign(campaign_id) is None:
+            raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
+        self.request(campaign_id, why)
+
+    async def check(self, campaigns: Iterable[Campaign]) -> None:
+        """At start-up: fence and repair every campaign whose order or team sequence in
+        Redis is behind SQL's high-water marks (Redis lost ids SQL has committed)."""
+        for campaign in campaigns:
+            cid = campaign.id
+            marks = await self._rt.store.marks(cid)
+            if marks == (0, 0):
+                continue
+            meta = keys_of(cid).meta
+            oseq, tseq = await guarded(self._rt.redis.hmget(meta, "oseq", "tseq"))
+            if int(oseq or 0) < marks[0] or int(tseq or 0) < marks[1]:
+                log.error(
+                    "campaign %s: Redis's order/team sequence %s/%s is behind SQL's %d/%d",
+                    cid,
+                    oseq,
+                    tseq,
+                    *marks,
+                )
+                await self._rt.scripts.fence(cid, "behind")
+                self.request(cid, "behind")
+
+    def request(self, campaign_id: str, why: str) -> None:
+        """Repair the campaign in the background (once at a time in this process)."""
+        task = self._tasks.get(campaign_id)
+        if task is not None and not task.done():
+            return
+        log.warning("campaign %s: Redis state untrusted (%s): repairing from SQL", campaign_id, why)
+        self._tasks[campaign_id] = asyncio.create_task(self._background(campaign_id))
+
+    async def _background(self, campaign_id: str) -> Repair | None:
+        try:
+            return await self.repair(campaign_id)
+        except EngineError as exc:  # Redis or SQL away: the next refused call asks again
+            log.error("campaign %s: repair failed: %s", campaign_id, exc.message)
+            await _count(self._rt, "failures")
+            return None
+
+    async def wait_idle(self) -> None:
+        """Wait for this process's background repairs (tests, shutdown)."""
+        while tasks := [t for t in self._tasks.values() if not t.done()]:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel the background repairs (the lock expires; another process redoes them)."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def repair(self, campaign_id: str) -> Repair:
+        """Repair one campaign now (``flashteam recover``); when another process is already
+        repairing it, wait for that repair instead."""
+        rt = self._rt
+        campaign = await rt.store.get_campaign(campaign_id)
+        if campaign is None:
+            raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
+        started = time.perf_counter()
+        token = uuid.uuid4().hex
+        waited = False
+        while (await rt.scripts.take_repair(campaign_id, token, LOCK_MS)) is not None:
+            waited = True
+            await asyncio.sleep(_WAIT)
+            if await self.trusted(campaign_id):
+                return Repair(campaign_id, 0, 0, 0, 0, time.perf_counter() - started, True)
+        try:
+            repair = await self._repair(campaign, token, started)
+        except BaseException:
+            log.exception("campaign %s: repair interrupted; it stays fenced", campaign_id)
+            raise
+        self.repairs += 1
+        await _count(rt, "repairs")
+        log.warning(
+            "campaign %s repaired from SQL in %.2f s: %d orders, %d teams, %d settled, "
+            "%d outbox entries flushed first%s",
+            campaign_id,
+            repair.seconds,
+            repair.orders,
+            repair.teams,
+            repair.settled,
+            repair.flushed,
+            " (after waiting for another repair)" if waited else "",
+        )
+        return repair
+
+    async def trusted(self, campaign_id: str) -> bool:
+        """Whether the campaign's Redis state is verified on the current server (no fence,
+        the server's replication id recorded): what every script checks."""
+        meta = keys_of(campaign_id).meta
+        kind, fence, node = await guarded(self._rt.redis.hmget(meta, "kind", "fence", "node"))
+        return kind is not None and fence is None and node == await self.node_id(campaign_id)
+
+    async def node_id(self, campaign_id: str) -> str | None:
+        """The replication id of the server holding the campaign's slot."""
+        redis = self._rt.redis
+        meta = keys_of(campaign_id).meta
+        if isinstance(redis, RedisCluster):
+            node = redis.get_node_from_key(meta)
+            info = await guarded(redis.info("replication", target_nodes=node))
+        else:
+            info = await guarded(redis.info("replication"))
+        replid = info.get("master_replid")
+        return None if replid is None else str(replid)
+
+    async def _repair(self, campaign: Campaign, token: str, started: float) -> Repair:
+        rt = self._rt
+        cid = campaign.id
+        keys = keys_of(cid)
+        await rt.scripts.fence(cid, "repair")
+        flushed = await FlushWorker(rt, name=f"repair-{token[:8]}").drain_campaign(cid)
+        old_meta: dict[str, str] = await guarded(rt.redis.hgetall(keys.meta))
+        old_inv: dict[str, str] = await guarded(rt.redis.hgetall(keys.inv))
+        orders = await rt.store.campaign_orders(cid)
+        teams = await rt.store.campaign_teams(cid)
+        marks = await rt.store.marks(cid)
+        now = await rt.now()
+        seqs = (
+            max(marks[0], int(old_meta.get("oseq", 0))),
+            max(marks[1], int(old_meta.get("tseq", 0))),
+        )
+        state = rebuild(campaign, orders, teams, now, seqs, old_inv)
+        await self._write(cid, token, state)
+        if len(state.settled):
+            await rt.store.apply(state.settled)
+        if not await rt.scripts.lift(cid, token):
+            raise EngineError(f"campaign {cid}: the repair lock expired mid-repair; retry")
+        await guarded(rt.redis.sadd(CAMPAIGN_SET, cid))
+        await guarded(rt.redis.sadd(STREAM_SET, cid))
+        return Repair(
+            cid,
+            len(state.orders),
+            len(state.teams),
+            len(state.settled),
+            flushed,
+            time.perf_counter() - started,
+        )
+
+    async def _write(self, campaign_id: str, token: str, state: RedisState) -> None:
+        """Replace the campaign's keys with ``state`` in bounded commands, the fence up."""
+        rt = self._rt
+        keys = keys_of(campaign_id)
+        redis = rt.redis
+        replaced = (
+            keys.inv,
+            keys.orders,
+            keys.users,
+            keys.deadlines,
+            keys.teams,
+            keys.team_index,
+            keys.team_expiry,
+            keys.idem,
+        )
+        for key in replaced:  # one key per command: a Cluster client takes no cross-key UNLINK
+            await guarded(redis.unlink(key))
+        hashes = (
+            (keys.inv, state.inv),
+            (keys.orders, state.orders),
+            (keys.users, state.users),
+            (keys.teams, state.teams),
+            (keys.idem, state.idem),
+        )
+        for key, mapping in hashes:
+            for fields in _chunks(list(mapping.items())):
+                await guarded(redis.hset(key, mapping=dict[Any, Any](fields)))
+                await self._hold(campaign_id, token)
+        joinable = dict.fromkeys(state.joinable, 0)
+        for key, scores in (
+            (keys.deadlines, state.deadlines),
+            (keys.team_expiry, state.team_deadlines),
+            (keys.team_index, joinable),
+        ):
+            for members in _chunks(list(scores.items())):
+                await guarded(redis.zadd(key, dict[Any, Any](members)))
+        if state.idem:
+            await guarded(redis.expire(keys.idem, rt.settings.idempotency_ttl))
+        await guarded(redis.hset(keys.meta, mapping=dict[Any, Any](state.meta)))
+
+    async def _hold(self, campaign_id: str, token: str) -> None:
+        holder = await self._rt.scripts.take_repair(campaign_id, token, LOCK_MS)
+        if holder is not None:
+            raise EngineError(f"campaign {campaign_id}: another process took over the repair")
+
+
+def _chunks(items: list[_T]) -> Iterable[list[_T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+async def _count(rt: Runtime, what: str) -> None:
+    with contextlib.suppress(EngineError):
+        await guarded(rt.redis.hincrby(RECOVERY_STATS, what, 1))
+
+
+def rebuild(
+    campaign: Campaign,
+    stored: list[StoredOrder],
+    teams: list[Team],
+    now: datetime,
+    sequences: tuple[int, int],
+    old_inv: dict[str, str],
+) -> RedisState:
+    """The campaign's Redis state from its durable orders and teams (a pure function).
+
+    Orders keep their state, version and deadline (a hold past its deadline is left to the
+    reaper). Teams are brought in line with their orders, which are the more recent truth
+    when a team's own events were lost (a payment is committed to SQL with the pay call;
+    the team's change rides the outbox): seats are the team's held and paid orders; a
+    pending team whose leader paid opens (from now, when its opening time was lost); an open
+    team with every seat paid succeeds; a team of orders whose team record was lost is
+    rebuilt from them; held seats of a team that ended expire, and paid seats of a failed
+    team are refunded with restock, as its end would have done. What changed gets a new
+    version, in ``settled`` for SQL.
+    """
+    now_ms = to_ms(now)
+    orders = {s.order.order_id: s.order for s in stored}
+    settled = Batch()
+    known = _settle_teams(campaign, orders, teams, now, settled)
+    restocked = {s.order.order_id: s.restocked for s in stored}
+    restocked.update(settled.restocked)
+    inv = _inventory(campaign, orders.values(), restocked, old_inv, now_ms)
+    users: Counter[str] = Counter()
+    deadlines: dict[str, int] = {}
+    for order in orders.values():
+        if order.state in (OrderState.HELD, OrderState.PAID):
+            users[order.user_id] += order.qty
+        if order.state is OrderState.HELD:
+            deadlines[order.order_id] = to_ms(order.expires_at)
+    idem: dict[str, str] = {}
+    for s in stored:
+        if s.idem:
+            idem[s.idem[1:]] = f"{s.idem[0]}{sequence(s.order.order_id)}"
+    top_order = max((sequence(i) for i in orders), default=0)
+    top_team = max((sequence(i) for i in known), default=0)
+    meta = _meta(campaign)
+    meta["oseq"] = str(max(sequences[0], top_order) + ID_GAP)
+    meta["tseq"] = str(max(sequences[1], top_team) + ID_GAP)
+    return RedisState(
+        meta=meta,
+        inv=inv,
+        orders={i: o.record() for i, o in orders.items()},
+        users={u: str(n) for u, n in users.items() if n},
+        deadlines=deadlines,
+        teams={i: t.record() for i, t in known.items()},
+        joinable=[e for t in known.values() if (e := _joinable(t))],
+        team_deadlines={
+            i: to_ms(t.expires_at)
+            for i, t in known.items()
+            if t.state is TeamState.OPEN and t.expires_at is not None
+        },
+        idem=idem,
+        settled=settled,
+    )
+
+
+def _settle_teams(
+    campaign: Campaign, orders: dict[str, Order], teams: list[Team], now: datetime, settled: Batch
+) -> dict[str, Team]:
+    """Every team in line with its orders (``_settle_team``), the teams SQL lost rebuilt from
+    their orders; ``orders`` and ``settled`` take what changed."""
+    now_ms = to_ms(now)
+    by_team: dict[str, list[Order]] = defaultdict(list)
+    for order in orders.values():
+        if order.team_id:
+            by_team[order.team_id].append(order)
+    known = {t.team_id: t for t in teams}
+    for team_id, members in by_team.items():
+        if team_id not in known:
+            known[team_id] = _lost_team(campaign, team_id, members)
+    for team_id, team in list(known.items()):
+        fixed, ended = _settle_team(campaign, team, by_team.get(team_id, []), now)
+        for order in ended:
+            orders[order.order_id] = order
+            refunded = order.state is OrderState.REFUNDED
+            settled.add_order(order, now_ms, restocked=True if refunded else None)
+        if fixed is not team:
+            known[team_id] = fixed
+            settled.add_team(fixed, now_ms)
+    return known
+
+
+def _meta(campaign: Campaign) -> dict[str, str]:
+    invalidated = campaign.invalidated_at
+    return {
+        "kind": campaign.kind.value,
+        "starts": str(to_ms(campaign.starts_at)),
+        "ends": str(to_ms(campaign.ends_at)),
+        "limit": str(campaign.per_user_limit),
+        "hold": str(campaign.hold_seconds * 1000),
+        "team_size": str(campaign.team_size or 0),
+        "team_ttl": str((campaign.team_ttl_seconds or 0) * 1000),
+        "invalid": str(0 if invalidated is None else to_ms(invalidated)),
+    }
+
+
+def _inventory(
+    campaign: Campaign,
+    orders: Iterable[Order],
+    restocked: dict[str, bool | None],
+    old_inv: dict[str, str],
+    now_ms: int,
+) -> dict[str, str]:
+    """The stock buckets from the orders: held, paid, refunded without restock; available is
+    the rest of the initial stock. A refund whose restock is unknown counts as restocked."""
+    buckets: dict[str, Counter[str]] = {b: Counter() for b in "hpr"}
+    for order in orders:
+        if order.state is OrderState.HELD:
+            buckets["h"][order.sku] += order.qty
+        elif order.state is OrderState.PAID:
+            buckets["p"][order.sku] += order.qty
+        elif order.state is OrderState.REFUNDED and restocked.get(order.order_id) is False:
+            buckets["r"][order.sku] += order.qty
+    inv: dict[str, str] = {}
+    for item in campaign.items:
+        sku = item.sku
+        h, p, r = (buckets[b][sku] for b in "hpr")
+        available = item.stock - h - p - r
+        if available < 0:
+            raise EngineError(
+                f"campaign {campaign.id}: SQL holds {h + p + r} units of {sku} for a stock of "
+                f"{item.stock}; refusing to repair (run `flashteam reconcile {campaign.id}`)"
+            )
+        inv |= {
+            f"$:{sku}": str(item.price),
+            f"i:{sku}": str(item.stock),
+            f"a:{sku}": str(available),
+            f"h:{sku}": str(h),
+            f"p:{sku}": str(p),
+            f"r:{sku}": str(r),
+        }
+        out = old_inv.get(f"out:{sku}")
+        if out is not None or available == 0:
+            inv[f"out:{sku}"] = out or str(now_ms)
+    return inv
+
+
+def _lost_team(campaign: Campaign, team_id: str, members: list[Order]) -> Team:
+    """A team whose record SQL never received, from its orders: the first order leads it."""
+    first = min(members, key=lambda o: sequence(o.order_id))
+    return Team(
+        team_id=team_id,
+        campaign_id=campaign.id,
+        leader_id=first.user_id,
+        sku=first.sku,
+        qty=first.qty,
+        size=campaign.team_size or len(members),
+        state=TeamState.PENDING,
+        created_at=first.created_at,
+        opened_at=None,
+        expires_at=None,
+        held=0,
+        paid=0,
+        version=0,
+        why=None,
+        seats=(),
+    )
+
+
+_LIVE = (OrderState.HELD, OrderState.PAID)
+_ENDED = (TeamState.FAILED, TeamState.DISSOLVED)
+
+
+def _settle_team(
+    campaign: Campaign, team: Team, members: list[Order], now: datetime
+) -> tuple[Team, list[Order]]:
+    """``team`` in line with its orders; returns it (the same object when nothing changed)
+    and the member orders its end settles. A team's record is kept as its scripts leave it
+    (lua/lib/release.lua): a failed or dissolved team keeps its seats with none held."""
+    live = {o.order_id: o for o in members if o.state in _LIVE}
+    if team.state is TeamState.SUCCEEDED:
+        return team, []
+    if team.state in _ENDED:
+        return team, _end_seats(team.state, team.why, live.values())
+    recorded = [s.order_id for s in team.seats if s.order_id in live]
+    order_ids = recorded + sorted((i for i in live if i not in recorded), key=sequence)
+    seats = tuple(Seat(i, live[i].user_id) for i in order_ids)
+    held = sum(1 for o in live.values() if o.state is OrderState.HELD)
+    paid = sum(1 for o in live.values() if o.state is OrderState.PAID)
+    state: TeamState = team.state
+    opened, expires, why = team.opened_at, team.expires_at, team.why
+    ended: list[Order] = []
+    if state is TeamState.PENDING:
+        leader = next((o for o in live.values() if o.user_id == team.leader_id), None)
+        if leader is None:  # the leader's hold ended: the team dissolves with it
+            state, held, why = TeamState.DISSOLVED, 0, why or "leader_unpaid"
+            seats = team.seats
+            ended = _end_seats(state, why, live.values())
+        elif leader.state is OrderState.PAID:  # the leader paid: it opened
+            state = TeamState.OPEN
+            opened = opened or now
+            ttl_ms = (campaign.team_ttl_seconds or 0) * 1000
+            expires = expires or from_ms(to_ms(opened) + ttl_ms)
+    if state is TeamState.OPEN and paid >= team.size:
+        state = TeamState.SUCCEEDED
+    now_fields = (state, opened, expires, why, held, paid, seats)
+    if now_fields == (
+        team.state,
+        team.opened_at,
+        team.expires_at,
+        team.why,
+        team.held,
+        team.paid,
+        team.seats,
+    ):
+        return team, ended
+    fixed = replace(
+        team,
+        state=state,
+        opened_at=opened,
+        expires_at=expires,
+        why=why,
+        held=held,
+        paid=paid,
+        seats=seats,
+        version=team.version + 1,
+    )
+    return fixed, ended
+
+
+def _end_seats(state: TeamState, why: str | None, live: Iterable[Order]) -> list[Order]:
+    """The seats an ended team still has live, ended as its end ends them: a held seat
+    expires (cancelled when the campaign was invalidated), a paid seat of a failed team is
+    refunded with restock."""
+    ended: list[Order] = []
+    for order in live:
+        if order.state is OrderState.HELD:
+            end = OrderState.CANCELLED if why == "invalidated" else OrderState.EXPIRED
+            ended.append(replace(order, state=end, version=order.version + 1))
+        elif state is TeamState.FAILED:
+            ended.append(replace(order, state=OrderState.REFUNDED, version=order.version + 1))
+    return ended
+
+
+def _joinable(team: Team) -> str | None:
+    """The team's joinable-index entry (lua/lib/team.lua index_entry), None when not open
+    with a free seat."""
+    if team.state is not TeamState.OPEN or team.remaining <= 0 or team.expires_at is None:
+        return None
+    return f"{team.sku}|{team.remaining:03d}|{to_ms(team.expires_at):013d}|{team.team_id}"
