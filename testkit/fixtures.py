@@ -2,7 +2,12 @@
 redis-server, a 3-master Redis Cluster and a PostgreSQL cluster on free loopback ports in temp
 dirs, started once per session; every test gets a flushed Redis database and, when it asks
 for one, a fresh PostgreSQL database; ``any_engine`` runs a test on the standalone Redis and
-then on the cluster."""
+then on the cluster.
+
+For failover tests, ``sentinel_redis`` (a primary, its replica and three Sentinels) and
+``replicated_cluster`` (three masters, each with a replica) are started fresh for each test
+that asks, since such a test kills a primary; each takes about two seconds to start.
+``sentinel_settings`` builds the engine's settings for the first."""
 
 from __future__ import annotations
 
@@ -13,9 +18,9 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from engine import Engine
+from engine import Engine, Settings
 from engine.local.postgres import PostgresServer
-from engine.local.redis_server import RedisClusterServers, RedisServer
+from engine.local.redis_server import RedisClusterServers, RedisSentinelGroup, RedisServer
 from testkit.factories import create_database, make_settings
 
 
@@ -28,6 +33,33 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
     with RedisClusterServers(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def sentinel_redis(tmp_path: Path) -> Iterator[RedisSentinelGroup]:
+    """A fresh primary, replica and three Sentinels (quorum 2, a primary is down after 1 s of
+    silence), all agreed on the primary: a test may kill it."""
+    with RedisSentinelGroup(tmp_path / "sentinel") as group:
+        yield group
+
+
+def sentinel_settings(group: RedisSentinelGroup, tmp_path: Path, **changes: object) -> Settings:
+    """``make_settings`` for an engine that finds its Redis through the group's Sentinels
+    (FLASHTEAM_REDIS_SENTINELS and FLASHTEAM_REDIS_MASTER, no FLASHTEAM_REDIS_URL)."""
+    sentinels = {
+        "redis_url": None,
+        "redis_sentinels": group.addresses,
+        "redis_master": group.master,
+    }
+    return make_settings("", tmp_path).with_(**(sentinels | changes))
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
+    """A fresh Redis Cluster of three masters, each with one replica in sync, and a
+    cluster-node-timeout of 1 s: a master killed is replaced by its replica within seconds."""
+    with RedisClusterServers(tmp_path / "cluster", replicas=1, node_timeout_ms=1000) as cluster:
         yield cluster
 
 

@@ -1,7 +1,13 @@
 """Private redis-server processes on free loopback ports, for `flashteam run` and the tests.
 
-``RedisServer`` runs one server with AOF on and ``maxmemory-policy noeviction``;
-``RedisClusterServers`` runs three such servers as a 3-master Redis Cluster.
+``RedisServer`` runs one server with AOF on and ``maxmemory-policy noeviction`` (``replica()``
+gives a server that replicates it); ``RedisClusterServers`` runs such servers as a Redis
+Cluster, three masters by default, optionally each with replicas; ``RedisSentinelGroup`` runs
+a primary, its replica and three Sentinels watching them. The groups can SIGKILL a primary
+and wait for its replica's promotion: the failover tests use them.
+
+Every process is a ``RedisProcess``: one start (wait for PING) and one stop, and each dies with
+its parent (``die_with_parent``).
 """
 
 from __future__ import annotations
@@ -11,7 +17,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Self
+
+import redis
 
 from engine.errors import ConfigurationError
 from engine.local.process import Server, die_with_parent, free_port
@@ -19,6 +30,10 @@ from engine.settings import DEFAULTS
 
 _START_TIMEOUT = 15.0
 _CLUSTER_BUS_OFFSET = 10_000
+_LOOPBACK = "127.0.0.1"
+# A primary sends a replica its first full copy at once (not after the default 5 s wait for
+# more replicas to share it): test groups start in a second or two.
+_SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")
 
 
 def redis_server_binary() -> str:
@@ -33,50 +48,65 @@ def redis_server_binary() -> str:
 
 
 def _ping(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
+    with socket.create_connection((_LOOPBACK, port), timeout=1.0) as sock:
         sock.sendall(b"PING\r\n")
         return sock.recv(64)
 
 
-class RedisServer(Server):
-    """One redis-server child process bound to 127.0.0.1, data in ``data_dir``."""
+@contextmanager
+def _admin(port: int) -> Iterator[redis.Redis]:
+    """A short-lived synchronous client of a local server, for set-up and status queries."""
+    client = redis.Redis(_LOOPBACK, port, decode_responses=True, socket_timeout=5.0)
+    try:
+        yield client
+    finally:
+        client.close()
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        port: int | None = None,
-        appendfsync: str = DEFAULTS.appendfsync,
-        extra_args: tuple[str, ...] = (),
-    ) -> None:
+
+def _query(port: int, command: str, *args: str) -> Any:
+    """One command (``"CLUSTER INFO"``, with its arguments) to a local server; its reply as
+    redis-py parses it."""
+    with _admin(port) as client:
+        return client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+
+
+def _wait(what: str, done: Callable[[], bool], timeout: float = _START_TIMEOUT) -> None:
+    """Poll ``done`` until it holds (a refused connection counts as not yet);
+    ConfigurationError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if done():
+                return
+        except (OSError, redis.RedisError):
+            pass
+        time.sleep(0.05)
+    raise ConfigurationError(f"{what}: not within {timeout:g} s")
+
+
+class RedisProcess(Server):
+    """One redis-server child process on 127.0.0.1:``port`` with its files in ``data_dir``;
+    a subclass says which command line (``arguments``)."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
-        self.appendfsync = appendfsync
-        self.extra_args = extra_args
         self._process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def arguments(self) -> list[str]:
+        """The command line after the redis-server binary."""
+        raise NotImplementedError
 
-    def start(self) -> RedisServer:
-        """Start the server and wait until it answers PING (loading its AOF first)."""
+    @property
+    def running(self) -> bool:
+        """Started, and its process has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> Self:
+        """Start the process and wait until it answers PING (loading its AOF first)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir.resolve()),
-            "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--maxmemory-policy", "noeviction",
-            "--protected-mode", "yes",
-            "--logfile", "redis.log",
-            *self.extra_args,
-        ]  # fmt: skip
         self._process = subprocess.Popen(
-            command,
+            [redis_server_binary(), *self.arguments()],
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
@@ -85,7 +115,7 @@ class RedisServer(Server):
             if self._process.poll() is not None:
                 raise ConfigurationError(
                     f"redis-server exited with {self._process.returncode}; "
-                    f"see {self.data_dir / 'redis.log'}"
+                    f"see the log in {self.data_dir}"
                 )
             try:
                 if _ping(self.port).startswith(b"+PONG"):
@@ -97,7 +127,7 @@ class RedisServer(Server):
         raise ConfigurationError(f"redis-server on port {self.port} did not answer in time")
 
     def stop(self, *, kill: bool = False) -> None:
-        """Stop the server: SIGTERM (AOF flushed) by default, SIGKILL when ``kill``."""
+        """Stop the process: SIGTERM (AOF flushed) by default, SIGKILL when ``kill``."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
@@ -108,24 +138,244 @@ class RedisServer(Server):
         process.wait(timeout=_START_TIMEOUT)
 
 
-def _command(port: int, *args: str) -> str:
-    """Send one inline command to a local server and return its reply line."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
-        sock.sendall((" ".join(args) + "\r\n").encode())
-        return sock.recv(4096).decode(errors="replace")
+class RedisServer(RedisProcess):
+    """One redis-server bound to 127.0.0.1: AOF on, ``maxmemory-policy noeviction``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        appendfsync: str = DEFAULTS.appendfsync,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(data_dir, port)
+        self.appendfsync = appendfsync
+        self.extra_args = extra_args
+
+    @property
+    def url(self) -> str:
+        return f"redis://{_LOOPBACK}:{self.port}/0"
+
+    def arguments(self) -> list[str]:
+        return [
+            "--bind", _LOOPBACK,
+            "--port", str(self.port),
+            "--dir", str(self.data_dir.resolve()),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--maxmemory-policy", "noeviction",
+            "--protected-mode", "yes",
+            "--logfile", "redis.log",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def replica(self, data_dir: Path) -> RedisServer:
+        """A server (not started) configured like this one that replicates it
+        (``--replicaof``); not for cluster nodes, whose replicas come from CLUSTER REPLICATE."""
+        return RedisServer(
+            data_dir,
+            appendfsync=self.appendfsync,
+            extra_args=(*self.extra_args, "--replicaof", _LOOPBACK, str(self.port)),
+        )
+
+    def role(self) -> str:
+        """``master`` or ``slave``, as the server says now (INFO replication)."""
+        with _admin(self.port) as client:
+            return str(client.info("replication")["role"])
+
+    def replicating(self) -> bool:
+        """A replica whose link to its primary is up (it has synced and keeps up)."""
+        with _admin(self.port) as client:
+            info = client.info("replication")
+        return bool(info["role"] == "slave" and info.get("master_link_status") == "up")
+
+
+class RedisSentinel(RedisProcess):
+    """One Redis Sentinel (redis-server in sentinel mode) on 127.0.0.1, watching the primary
+    on ``primary_port`` under ``master`` with ``quorum``; it writes what it learns (replicas,
+    the other Sentinels, a failover) back into ``data_dir/sentinel.conf``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        master: str,
+        primary_port: int,
+        quorum: int,
+        down_after_ms: int,
+        failover_timeout_ms: int,
+    ) -> None:
+        super().__init__(data_dir)
+        self.master = master
+        self.primary_port = primary_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    @property
+    def config(self) -> Path:
+        return self.data_dir / "sentinel.conf"
+
+    def arguments(self) -> list[str]:
+        """Sentinel mode reads (and rewrites) a config file: written at the first start only,
+        so a restarted Sentinel keeps what it learnt."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.config.exists():
+            self.config.write_text(
+                f"port {self.port}\n"
+                f"bind {_LOOPBACK}\n"
+                f"dir {self.data_dir.resolve()}\n"
+                f"logfile {(self.data_dir / 'sentinel.log').resolve()}\n"
+                f"sentinel monitor {self.master} {_LOOPBACK} {self.primary_port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n"
+            )
+        return [str(self.config.resolve()), "--sentinel"]
+
+    def primary(self) -> int:
+        """The port of the primary this Sentinel names now."""
+        _, port = _query(self.port, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master)
+        return int(port)
+
+    def sees(self, primary_port: int, replicas: int, sentinels: int) -> bool:
+        """It names the primary on ``primary_port``, healthy, and knows ``replicas`` replicas
+        and ``sentinels`` other Sentinels."""
+        state = _query(self.port, "SENTINEL MASTER", self.master)
+        return bool(
+            state["port"] == primary_port
+            and state["is_master"]
+            and not state["is_sdown"]
+            and not state["is_odown"]
+            and state["num-slaves"] >= replicas
+            and state["num-other-sentinels"] >= sentinels
+        )
+
+
+class RedisSentinelGroup(Server):
+    """A primary, one replica and ``sentinels`` Sentinels (quorum 2) on loopback: the smallest
+    Redis that fails over by itself. A primary is declared down after ``down_after_ms`` of
+    silence; its replica is then promoted within a few seconds.
+
+    ``addresses`` is the value of FLASHTEAM_REDIS_SENTINELS and ``master`` the one of
+    FLASHTEAM_REDIS_MASTER; ``kill_primary()`` and ``wait_promoted()`` drive a failover."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        master: str = DEFAULTS.redis_master,
+        sentinels: int = 3,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 2000,
+    ) -> None:
+        first = RedisServer(data_dir / "primary", extra_args=_SYNC_AT_ONCE)
+        self.servers = [first, first.replica(data_dir / "replica")]
+        self.master = master
+        self.primary_port = first.port
+        self.sentinels = [
+            RedisSentinel(
+                data_dir / f"sentinel{i}",
+                master=master,
+                primary_port=first.port,
+                quorum=quorum,
+                down_after_ms=down_after_ms,
+                failover_timeout_ms=failover_timeout_ms,
+            )
+            for i in range(sentinels)
+        ]
+
+    @property
+    def addresses(self) -> str:
+        """The Sentinels as FLASHTEAM_REDIS_SENTINELS lists them: ``127.0.0.1:port,...``."""
+        return ",".join(f"{_LOOPBACK}:{each.port}" for each in self.sentinels)
+
+    @property
+    def primary(self) -> RedisServer:
+        """The server that is primary as far as this group knows (the first one, until
+        ``wait_promoted`` returns)."""
+        return next(each for each in self.servers if each.port == self.primary_port)
+
+    def start(self) -> RedisSentinelGroup:
+        """Start the primary and its replica, wait until the replica has synced, start the
+        Sentinels and wait until each names the primary and knows the replica and the others
+        (a failover needs the Sentinels to know each other: they vote)."""
+        try:
+            for server in self.servers:
+                server.start()
+            _wait("the replica did not sync with its primary", self.servers[1].replicating)
+            for sentinel in self.sentinels:
+                sentinel.start()
+            others = len(self.sentinels) - 1
+            _wait(
+                "the Sentinels did not agree on the primary and its replica",
+                lambda: all(s.sees(self.primary_port, 1, others) for s in self.sentinels),
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def kill_primary(self) -> RedisServer:
+        """SIGKILL the primary (no AOF flush, no goodbye to the replica); returns it."""
+        killed = self.primary
+        killed.stop(kill=True)
+        return killed
+
+    def wait_promoted(self, timeout: float = 20.0) -> int:
+        """Wait until every running Sentinel names another primary than the last known one and
+        that server says it is a master; returns its port (now ``primary_port``)."""
+        old = self.primary_port
+        running = [each for each in self.sentinels if each.running]
+
+        def promoted() -> bool:
+            ports = {each.primary() for each in running}
+            if len(ports) != 1 or old in ports:
+                return False
+            (port,) = ports
+            return next(s for s in self.servers if s.port == port).role() == "master"
+
+        _wait(f"no replica of the primary on port {old} was promoted", promoted, timeout)
+        self.primary_port = running[0].primary()
+        return self.primary_port
+
+    def stop(self) -> None:
+        """Stop the Sentinels first (so stopping the primary starts no failover), then the
+        servers."""
+        for process in [*self.sentinels, *self.servers]:
+            process.stop()
 
 
 class RedisClusterServers(Server):
-    """A Redis Cluster of three masters on loopback, slots split evenly, no replicas."""
+    """A Redis Cluster on loopback: ``masters`` masters with the slots split evenly, each with
+    ``replicas`` replicas (none by default). ``servers`` lists the masters first, then the
+    replicas (replica ``i`` follows master ``i % masters``); ``node_timeout_ms`` sets
+    ``cluster-node-timeout``: how long a silent master takes to be declared failed, after
+    which its replica takes over."""
 
-    def __init__(self, data_dir: Path, masters: int = 3) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        masters: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int | None = None,
+    ) -> None:
+        extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        if replicas:
+            extra += _SYNC_AT_ONCE
+        if node_timeout_ms is not None:
+            extra += ["--cluster-node-timeout", str(node_timeout_ms)]
+        self.masters = masters
         self.servers = [
             RedisServer(
                 data_dir / f"node{i}",
                 port=free_port(below=65536 - _CLUSTER_BUS_OFFSET, bus_offset=_CLUSTER_BUS_OFFSET),
-                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                extra_args=tuple(extra),
             )
-            for i in range(masters)
+            for i in range(masters * (1 + replicas))
         ]
 
     @property
@@ -133,7 +383,8 @@ class RedisClusterServers(Server):
         return self.servers[0].url
 
     def start(self) -> RedisClusterServers:
-        """Start the nodes, assign the 16384 slots, join them, and wait for ``cluster_state:ok``."""
+        """Start the nodes, assign the 16384 slots, join them, attach the replicas, and wait
+        for ``cluster_state:ok`` (and every replica in sync)."""
         try:
             self._start()
         except BaseException:
@@ -144,18 +395,57 @@ class RedisClusterServers(Server):
     def _start(self) -> None:
         for server in self.servers:
             server.start()
-        share = 16384 // len(self.servers)
-        for i, server in enumerate(self.servers):
-            last = 16383 if i == len(self.servers) - 1 else (i + 1) * share - 1
-            _command(server.port, "CLUSTER", "ADDSLOTSRANGE", str(i * share), str(last))
+        masters, replicas = self.servers[: self.masters], self.servers[self.masters :]
+        share = 16384 // len(masters)
+        for i, server in enumerate(masters):
+            last = 16383 if i == len(masters) - 1 else (i + 1) * share - 1
+            _query(server.port, "CLUSTER ADDSLOTSRANGE", str(i * share), str(last))
         for server in self.servers[1:]:
-            _command(server.port, "CLUSTER", "MEET", "127.0.0.1", str(self.servers[0].port))
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            if all("cluster_state:ok" in _command(s.port, "CLUSTER", "INFO") for s in self.servers):
-                return
-            time.sleep(0.05)
-        raise ConfigurationError("the Redis Cluster did not reach cluster_state:ok in time")
+            _query(server.port, "CLUSTER MEET", _LOOPBACK, str(self.servers[0].port))
+        if replicas:
+            # CLUSTER REPLICATE needs the replica to know its master: wait for the gossip.
+            _wait("the cluster nodes did not all meet", self._all_met)
+            for i, replica in enumerate(replicas):
+                master_id = _query(masters[i % len(masters)].port, "CLUSTER MYID")
+                _query(replica.port, "CLUSTER REPLICATE", master_id)
+        _wait("the Redis Cluster did not reach cluster_state:ok", self.healthy)
+        for replica in replicas:
+            _wait(f"the replica on port {replica.port} did not sync", replica.replicating)
+
+    def _all_met(self) -> bool:
+        return all(
+            len(_query(each.port, "CLUSTER NODES")) == len(self.servers) for each in self.servers
+        )
+
+    def primaries(self) -> list[RedisServer]:
+        """The running nodes that are masters now (after a failover: the promoted replica)."""
+        return [each for each in self.servers if each.running and each.role() == "master"]
+
+    def healthy(self) -> bool:
+        """Every running node says ``cluster_state:ok``."""
+        return all(
+            _query(each.port, "CLUSTER INFO")["cluster_state"] == "ok"
+            for each in self.servers
+            if each.running
+        )
+
+    def kill_master(self, index: int = 0) -> RedisServer:
+        """SIGKILL master ``index`` of ``servers`` (one of the first ``masters``); returns it."""
+        killed = self.servers[index]
+        killed.stop(kill=True)
+        return killed
+
+    def wait_promoted(self, killed: RedisServer, timeout: float = 20.0) -> RedisServer:
+        """Wait until a replica of ``killed`` is a master and every running node says
+        ``cluster_state:ok`` again; returns the promoted node."""
+        index = self.servers.index(killed)
+        followers = self.servers[index + self.masters :: self.masters]
+
+        def promoted() -> bool:
+            return any(each.role() == "master" for each in followers) and self.healthy()
+
+        _wait(f"no replica of the node on port {killed.port} took over", promoted, timeout)
+        return next(each for each in followers if each.role() == "master")
 
     def stop(self) -> None:
         for server in self.servers:
