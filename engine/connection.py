@@ -17,14 +17,15 @@ Unavailable, as for a Redis that is down.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from engine.errors import ConfigurationError, Unavailable
 from engine.scripts import RedisClient, guarded
@@ -80,20 +81,40 @@ class SentinelPrimary(aioredis.Redis):
             await self.sentinels.aclose()
 
 
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection to the Sentinels' primary that asks them again whenever it reconnects.
+
+    redis-py's own asks only when the pool hands the connection out (``connect``); the retry
+    inside a call reconnects through ``send_packed_command``, which would go back to the same,
+    demoted, server: the call would fail three times on READONLY. Reconnecting through
+    ``connect`` here makes the retry reach the new primary."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        if not self.is_connected:
+            await self.connect()  # type: ignore[no-untyped-call]
+        await super().send_packed_command(command, check_health)
+
+
 def _sentinel_client(settings: Settings) -> SentinelPrimary:
     """The primary of ``settings.redis_master``, found through ``settings.redis_sentinels``
     when each connection opens; a missing or unreachable set of Sentinels surfaces on the
     first call (Unavailable), as a down Redis does."""
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         settings.sentinel_addresses,
+        # One try per Sentinel and call: the next Sentinel of the list is the retry (redis-py's
+        # default would retry each one three times, backing off up to 10 s).
         sentinel_kwargs={
             "socket_timeout": _SENTINEL_TIMEOUT,
             "socket_connect_timeout": _SENTINEL_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
         },
     )
     client: SentinelPrimary = sentinel.master_for(
         settings.redis_master,
         redis_class=SentinelPrimary,
+        connection_class=_PrimaryConnection,
         decode_responses=True,
         max_connections=MAX_IN_FLIGHT * 2,
         retry=_retry(),

@@ -173,8 +173,8 @@ class Settings:
             )
         if not self.redis_master or any(c.isspace() for c in self.redis_master):
             raise ConfigurationError(
-                f"{_PREFIX}REDIS_MASTER must be the master name the Sentinels monitor "
-                "(no spaces)"
+                f"{_PREFIX}REDIS_MASTER must be the master name the Sentinels of {sentinels} "
+                f"monitor (no spaces), not {self.redis_master!r}"
             )
         _addresses(self.redis_sentinels)  # a bad list fails here, at start-up
 

@@ -58,6 +58,8 @@ def test_from_env_defaults_are_production_safe() -> None:
     assert settings.reaper_batch >= 1
     assert settings.gateway_token is None and settings.admin_token is None
     assert settings.echo_route is False
+    assert settings.redis_sentinels is None and settings.sentinel_addresses == []
+    assert settings.redis_master == "flashteam"
 
 
 def _changed(value: object) -> object:
@@ -68,21 +70,37 @@ def _changed(value: object) -> object:
         return value * 2 if value else 1
     if isinstance(value, Path):
         return Path("/srv/flashteam")
-    return {"everysec": "always"}.get(str(value), "changed-value-0123456789")
+    return {"everysec": "always", "sql": "outbox"}.get(str(value), "changed-value-0123456789")
 
 
 def test_every_field_is_one_variable_read_and_written() -> None:
     """Each field comes from FLASHTEAM_<NAME>, and to_env gives it back: the launcher hands
-    its settings to its processes this way."""
+    its settings to its processes this way. Sentinel excludes a Redis URL and Cluster, so it
+    travels in a second configuration."""
     changed = Settings(
-        **{each.name: _changed(each.default) for each in fields(Settings)},  # type: ignore[arg-type]
+        **{
+            each.name: _changed(each.default)  # type: ignore[arg-type]
+            for each in fields(Settings)
+            if each.name != "redis_sentinels"
+        },
     ).with_(database_url="sqlite:////srv/flashteam/orders.db", admin_token="admin-" + "x" * 16)
-    assert all(getattr(changed, each.name) != each.default for each in fields(Settings))
+    via_sentinels = DEFAULTS.with_(
+        redis_sentinels="10.0.0.7:26379,10.0.0.8:26379", redis_master="orders"
+    )
+    assert all(
+        getattr(changed, each.name) != each.default
+        or getattr(via_sentinels, each.name) != each.default
+        for each in fields(Settings)
+    )
 
     env = changed.to_env()
 
-    assert set(env) == {f"FLASHTEAM_{each.name.upper()}" for each in fields(Settings)}
+    assert set(env) | set(via_sentinels.to_env()) == {
+        f"FLASHTEAM_{each.name.upper()}" for each in fields(Settings)
+    }
     assert Settings.from_env(env) == changed
+    assert Settings.from_env(via_sentinels.to_env()) == via_sentinels
+    assert via_sentinels.to_env()["FLASHTEAM_REDIS_SENTINELS"] == "10.0.0.7:26379,10.0.0.8:26379"
     assert Settings.from_env(DEFAULTS.to_env()) == DEFAULTS
 
 

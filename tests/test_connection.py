@@ -1,0 +1,255 @@
+"""How the engine reaches Redis (engine/connection.py, docs/operations.md): through Redis
+Sentinel or a Redis Cluster with replicas, the same client follows a failover without a
+restart; a bad Sentinel configuration is refused with a message naming the variable.
+
+Real servers: a primary, its replica and three Sentinels, or a 3+3 Redis Cluster; the
+primary is SIGKILLed and its replica promoted (a few seconds each)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from engine import ConfigurationError, Engine, Settings
+from engine.connection import SentinelPrimary, check_eviction_policy, connect_redis
+from engine.errors import Unavailable
+from engine.local.process import free_port
+from engine.local.redis_server import RedisClusterServers, RedisSentinelGroup
+from testkit.factories import flash_campaign, make_settings
+from testkit.fixtures import sentinel_settings
+
+# A failover here takes 2-3 s (down after 1 s, then the vote and the promotion).
+FAILOVER_BOUND = 15.0
+
+_T = TypeVar("_T")
+
+
+async def _port_of(client: aioredis.Redis) -> int:
+    """The port of the server the client's call reaches (INFO server)."""
+    return int((await client.info("server"))["tcp_port"])
+
+
+async def _until_it_works(
+    call: Callable[[], Awaitable[_T]],
+) -> tuple[_T, list[type[BaseException]], float]:
+    """Retry ``call()`` until it succeeds within FAILOVER_BOUND seconds; returns its result,
+    the Redis errors met on the way and the seconds it took."""
+    errors: list[type[BaseException]] = []
+    started = time.monotonic()
+    while True:
+        try:
+            return await call(), errors, time.monotonic() - started
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            errors.append(type(exc))
+            if time.monotonic() - started > FAILOVER_BOUND:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def test_sentinel_client_follows_a_promotion_without_a_restart(
+    sentinel_redis: RedisSentinelGroup, tmp_path: Path
+) -> None:
+    client = connect_redis(sentinel_settings(sentinel_redis, tmp_path))
+    try:
+        assert isinstance(client, SentinelPrimary) and isinstance(client, aioredis.Redis)
+        await check_eviction_policy(client)
+        old = sentinel_redis.primary_port
+        assert await _port_of(client) == old
+        await client.set("k", "before")
+        assert await client.wait(1, 5000) == 1, "the replica has the write"
+
+        sentinel_redis.kill_primary()
+        _, errors, took = await _until_it_works(lambda: client.set("k", "after"))
+
+        promoted = sentinel_redis.wait_promoted()
+        assert promoted != old
+        assert errors, "the first write after the kill met the dead primary"
+        assert all(issubclass(each, redis_errors.ConnectionError) for each in errors), errors
+        assert took < FAILOVER_BOUND
+        assert await _port_of(client) == promoted
+        assert await client.get("k") == "after"
+        assert sentinel_redis.primary.role() == "master"
+    finally:
+        await client.aclose()
+
+
+async def test_sentinel_client_leaves_a_demoted_primary(
+    sentinel_redis: RedisSentinelGroup, tmp_path: Path
+) -> None:
+    """A graceful failover turns the old primary into a replica: it is alive and answers
+    READONLY to a write on a pooled connection; that call reconnects to the new primary and
+    succeeds, with no error reaching the caller."""
+    client = connect_redis(sentinel_settings(sentinel_redis, tmp_path))
+    sentinel = aioredis.Redis(port=sentinel_redis.sentinels[0].port, decode_responses=True)
+    old = aioredis.Redis(port=sentinel_redis.primary_port, decode_responses=True)
+    try:
+        assert isinstance(client, SentinelPrimary)
+        await client.set("k", "before")  # leaves one pooled connection to the old primary
+        assert await sentinel.sentinel_failover(sentinel_redis.master)
+        promoted = sentinel_redis.wait_promoted()
+        # The Sentinels demote the old primary once they see it still claims to be one, at
+        # their next INFO (every 10 s); the test does the same at once.
+        await old.replicaof("127.0.0.1", promoted)
+        assert (await old.info("replication"))["role"] == "slave"
+
+        assert await client.set("k", "after")  # one call, no retry loop
+        assert await _port_of(client) == promoted
+        assert await client.get("k") == "after"
+    finally:
+        await old.aclose()
+        await sentinel.aclose()
+        await client.aclose()
+
+
+async def test_engine_opens_through_the_sentinels(
+    sentinel_redis: RedisSentinelGroup, tmp_path: Path
+) -> None:
+    async with await Engine.open(sentinel_settings(sentinel_redis, tmp_path)) as engine:
+        assert isinstance(engine.runtime.redis, SentinelPrimary)
+        await engine.campaigns.create(flash_campaign(await engine.runtime.now()))
+        held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
+        assert held.order.user_id == "u1"
+    primary = aioredis.Redis(port=sentinel_redis.primary_port)
+    try:
+        assert await primary.dbsize() > 0, "the engine wrote to the primary"
+    finally:
+        await primary.aclose()
+
+
+def _served_by(client: RedisCluster, key: str) -> int:
+    """The port of the node the cluster client sends ``key``'s commands to now."""
+    node = client.get_node_from_key(key)
+    assert node is not None
+    return int(node.port)
+
+
+def _key_on(cluster: RedisClusterServers, node: int) -> str:
+    """A key whose slot master ``node`` serves (the slots are split evenly in order)."""
+    share = 16384 // cluster.masters
+    return next(
+        key
+        for key in (f"failover-{i}" for i in range(100_000))
+        if node * share <= key_slot(key.encode()) < (node + 1) * share
+    )
+
+
+async def test_cluster_client_follows_a_replica_promotion(
+    replicated_cluster: RedisClusterServers, tmp_path: Path
+) -> None:
+    settings = make_settings(replicated_cluster.url, tmp_path, redis_cluster=True)
+    client = connect_redis(settings)
+    key = _key_on(replicated_cluster, 0)
+    killed = replicated_cluster.servers[0]
+    replica = aioredis.Redis(port=replicated_cluster.servers[replicated_cluster.masters].port)
+    try:
+        assert isinstance(client, RedisCluster)
+        await check_eviction_policy(client)
+        await client.set(key, "before")
+        assert _served_by(client, key) == killed.port
+        deadline = time.monotonic() + FAILOVER_BOUND
+        while await replica.dbsize() < 1:  # the replica has the write
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+
+        replicated_cluster.kill_master(0)
+        value, errors, took = await _until_it_works(lambda: client.get(key))
+        assert (await _until_it_works(lambda: client.set(key, "after")))[0]
+
+        promoted = replicated_cluster.wait_promoted(killed)
+        assert value == "before", "the promoted replica serves the write made before"
+        assert errors, "the first call after the kill met the dead master"
+        assert took < FAILOVER_BOUND
+        assert _served_by(client, key) == promoted.port != killed.port
+        assert await client.get(key) == "after"
+        # The other masters' keys were never in doubt, and the eviction check sees the new set.
+        assert await client.set(_key_on(replicated_cluster, 1), "x")
+        await check_eviction_policy(client)
+        assert {node.port for node in client.get_primaries()} == {
+            each.port for each in replicated_cluster.primaries()
+        }
+    finally:
+        await replica.aclose()
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "sentinels",
+    [
+        "10.0.0.1",
+        "10.0.0.1:",
+        ":26379",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:26379,,10.0.0.2:26379",
+        "10.0.0.1:sentinel",
+        "redis://10.0.0.1:26379",
+        "10.0.0.1 :26379",
+        "10.0.0.1:26379,10.0.0.1:26379",
+    ],
+)
+def test_a_bad_sentinel_list_is_refused_naming_the_variable(sentinels: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"FLASHTEAM_REDIS_SENTINELS": sentinels})
+
+    assert "FLASHTEAM_REDIS_SENTINELS" in str(caught.value)
+    assert caught.value.code == "configuration_error"
+
+
+def test_a_sentinel_list_is_read_in_order() -> None:
+    settings = Settings.from_env(
+        {"FLASHTEAM_REDIS_SENTINELS": "10.0.0.1:26379, sentinel-b:26380,[::1]:26381"}
+    )
+
+    assert settings.sentinel_addresses == [
+        ("10.0.0.1", 26379),
+        ("sentinel-b", 26380),
+        ("::1", 26381),
+    ]
+    assert settings.redis_master == "flashteam"
+    assert Settings().sentinel_addresses == []
+
+
+@pytest.mark.parametrize(
+    ("also", "named"),
+    [
+        ({"FLASHTEAM_REDIS_URL": "redis://10.0.0.5:6379/0"}, "FLASHTEAM_REDIS_URL"),
+        ({"FLASHTEAM_REDIS_CLUSTER": "1"}, "FLASHTEAM_REDIS_CLUSTER"),
+        ({"FLASHTEAM_REDIS_MASTER": "my master"}, "FLASHTEAM_REDIS_MASTER"),
+    ],
+)
+def test_sentinels_with_a_conflicting_setting_are_refused(also: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"FLASHTEAM_REDIS_SENTINELS": "10.0.0.1:26379", **also})
+
+    assert named in str(caught.value) and "FLASHTEAM_REDIS_SENTINELS" in str(caught.value)
+
+
+async def test_unreachable_sentinels_make_the_engine_unavailable(tmp_path: Path) -> None:
+    settings = make_settings("", tmp_path).with_(
+        redis_url=None, redis_sentinels=f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    )
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as caught:
+        await Engine.open(settings)
+
+    assert "flashteam" in str(caught.value), "the message names the master looked for"
+    assert time.monotonic() - started < 5
+
+
+async def test_an_unknown_master_name_makes_the_engine_unavailable(
+    sentinel_redis: RedisSentinelGroup, tmp_path: Path
+) -> None:
+    settings = sentinel_settings(sentinel_redis, tmp_path, redis_master="orders")
+    with pytest.raises(Unavailable) as caught:
+        await Engine.open(settings)
+
+    assert "orders" in str(caught.value)
