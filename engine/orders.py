@@ -3,15 +3,77 @@
 One script per operation; a team order's payment opens its team or makes it succeed, its
 cancellation frees the seat (the scripts do both). Reads look in Redis first (live state) and
 fall back to the durable store, which keeps every order the flush worker wrote.
+
+A payment is acknowledged only once the paid order is committed to SQL
+(``FLASHTEAM_PAY_DURABILITY=sql``, the default): Redis can lose its last writes in a failover,
+SQL keeps them (docs/faults.md). Concurrent payments share one transaction (``PaymentLedger``).
+With ``outbox`` the payment rides the outbox like every other change.
 """
 
 from __future__ import annotations
 
-from engine.errors import NotFound
+import asyncio
+import time
+
+from engine.errors import EngineError, NotFound, Recovering, Unavailable
 from engine.keys import STREAM_SET, campaign_of_order, check_id, check_key, keys_of
 from engine.models import Order
 from engine.runtime import Runtime
 from engine.scripts import guarded
+from engine.store import Batch, Store
+
+
+class PaymentLedger:
+    """Commits paid orders to SQL before their payment is acknowledged: the payments that
+    arrive while a commit runs wait for the next one and share it (group commit), so SQL
+    sees one transaction per round trip, not one per payment. The flush worker writes the
+    same version again later, a no-op."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: list[tuple[Order, asyncio.Future[str | None]]] = []
+        self._running = False
+        self.commits = 0  # transactions
+        self.committed = 0  # paid orders
+
+    async def commit(self, order: Order) -> None:
+        """Return once ``order`` is durable; Unavailable when SQL is not, Recovering when
+        SQL holds its id for another shopper (Redis reissued an id it had lost)."""
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((order, future))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._run())
+        failure = await future
+        if failure == "collision":
+            raise Recovering(
+                f"order {order.order_id} collides with a durable order: the campaign is being "
+                "repaired",
+                why="collision",
+            )
+        if failure is not None:
+            raise Unavailable(f"the payment could not be made durable: {failure}")
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                waiting, self._pending = self._pending, []
+                batch = Batch()
+                at_ms = int(time.time() * 1000)
+                for order, _ in waiting:
+                    batch.add_order(order, at_ms)
+                try:
+                    collisions = set(await self._store.apply(batch))
+                except EngineError as exc:
+                    for _, future in waiting:
+                        future.set_result(exc.message)
+                    continue
+                self.commits += 1
+                self.committed += len(waiting)
+                for order, future in waiting:
+                    future.set_result("collision" if order.order_id in collisions else None)
+        finally:
+            self._running = False
 
 
 class Orders:
@@ -20,13 +82,22 @@ class Orders:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._scripts = rt.scripts
+        self.ledger = PaymentLedger(rt.store) if rt.settings.pay_durability == "sql" else None
 
     async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
-        """Mark the held order paid; a retry with the same ``payment_ref`` is a no-op."""
-        campaign_of_order(order_id)  # validated before the other fields
+        """Mark the held order paid; a retry with the same ``payment_ref`` is a no-op (and is
+        made durable again, so a retry after a 503 is acknowledged only once SQL has it)."""
+        campaign_id = campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
         check_key(payment_ref, "payment_ref")
-        return await self._scripts.pay(order_id, user_id, payment_ref)
+        order = await self._scripts.pay(order_id, user_id, payment_ref)
+        if self.ledger is not None:
+            try:
+                await self.ledger.commit(order)
+            except Recovering:
+                await self._scripts.report_untrusted(campaign_id, "collision")
+                raise
+        return order
 
     async def cancel(self, order_id: str, user_id: str) -> Order:
         """The owner cancels a held order; its stock is sellable again at once."""

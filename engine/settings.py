@@ -125,6 +125,12 @@ class Settings:
         "seconds a sold-out item is answered without running a reservation; 0 = off; at most 1 "
         "(returned units sell within 1 s)",
     )
+    pay_durability: str = _setting(
+        "sql",
+        "when a payment is acknowledged: 'sql' once the paid order is committed to the durable "
+        "store (survives the loss of Redis data), 'outbox' once Redis has it (faster; a Redis "
+        "failover can lose the last payments, docs/faults.md)",
+    )
 
     def __post_init__(self) -> None:
         self._check_redis()
@@ -145,6 +151,8 @@ class Settings:
                 "FLASHTEAM_COALESCE_BATCH must be from 1 to 512 and "
                 "FLASHTEAM_COALESCE_WINDOW_US from 0 to 1000"
             )
+        if self.pay_durability not in ("sql", "outbox"):
+            raise ConfigurationError("FLASHTEAM_PAY_DURABILITY must be 'sql' or 'outbox'")
         if not 0 <= self.sold_out_ttl <= 1:
             raise ConfigurationError("FLASHTEAM_SOLD_OUT_TTL must be from 0 to 1 seconds")
         if not 1_024 <= self.max_body <= 16_777_216:

@@ -161,26 +161,37 @@ def insert(table: str, columns: tuple[str, ...], mark: Placeholder) -> str:
 def upsert_newer(
     table: str, columns: tuple[str, ...], mark: Placeholder, *, rows: str | None = None
 ) -> str:
-    """INSERT, or UPDATE the existing row only when the new row's version is higher and it
-    is the same order or team (``IDENTITY``): a colliding row is left alone.
+    """INSERT, or UPDATE the existing row when the new row's version is higher and it is the
+    same order or team (``IDENTITY``): a colliding row is left alone.
 
-    One row of ``mark`` placeholders, or ``rows``: a query giving many (PostgreSQL's unnest).
+    A ``KEPT`` column (the idempotency record, carried only by an order's first event) is
+    filled from any version while it is empty: a payment committed to SQL ahead of the
+    outbox (engine.orders.PaymentLedger) is newer than the order.reserved event that brings
+    it. One row of ``mark`` placeholders, or ``rows``: a query giving many (PostgreSQL's
+    unnest).
     """
     key = columns[0]
-    assignments = ", ".join(
-        f"{c} = COALESCE(excluded.{c}, {table}.{c})" if c in KEPT else f"{c} = excluded.{c}"
-        for c in columns[1:]
-    )
+    newer = f"excluded.version > {table}.version"
+    kept = [c for c in columns[1:] if c in KEPT]
+    if kept:
+        assignments = ", ".join(
+            f"{c} = COALESCE({table}.{c}, excluded.{c})"
+            if c in KEPT
+            else f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {table}.{c} END"
+            for c in columns[1:]
+        )
+        fills = " OR ".join(f"({table}.{c} IS NULL AND excluded.{c} IS NOT NULL)" for c in kept)
+        when = f"({newer} OR {fills})"
+    else:
+        assignments = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+        when = newer
     same = "".join(f" AND {table}.{c} = excluded.{c}" for c in IDENTITY.get(table, ()))
     head = (
         insert(table, columns, mark)
         if rows is None
         else (f"INSERT INTO {table} ({', '.join(columns)}) {rows}")
     )
-    return (
-        f"{head} ON CONFLICT ({key}) DO UPDATE SET {assignments}"
-        f" WHERE excluded.version > {table}.version{same}"
-    )
+    return f"{head} ON CONFLICT ({key}) DO UPDATE SET {assignments} WHERE {when}{same}"
 
 
 def raise_marks(mark: Placeholder, greatest: str) -> str:

@@ -1,0 +1,136 @@
+"""Redis loses writes; the engine does not (docs/faults.md).
+
+Each scenario loses Redis state the way production does (emptied, rolled back, restarted)
+with real servers, and ends with the same verdict: paid units in SQL never above the stock,
+no order id belonging to two shoppers, every acknowledged payment paid in SQL under its
+shopper, and the repaired Redis equal to SQL order by order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.core import Engine
+from engine.errors import LimitExceeded, NotFound, Recovering, SoldOut
+from engine.keys import keys_of
+from engine.local.redis_server import RedisServer
+from engine.models import Order, OrderState, Team
+from engine.recovery import ID_GAP
+from engine.store import sequence
+from engine.worker import FlushWorker
+from testkit.factories import flash_campaign, make_settings, team_campaign
+from testkit.helpers import assert_invariants
+
+CID = "loss"
+SKU = "sku-1"
+
+
+async def sold_in_sql(engine: Engine, campaign_id: str) -> dict[str, Order]:
+    return {
+        s.order.order_id: s.order for s in await engine.runtime.store.campaign_orders(campaign_id)
+    }
+
+
+async def assert_redis_matches_sql(engine: Engine, campaign_id: str) -> None:
+    """Every order and team in Redis is the one SQL holds, field by field, and vice versa."""
+    rt = engine.runtime
+    keys = keys_of(campaign_id)
+    orders: dict[str, str] = await engine.runtime.redis.hgetall(keys.orders)  # type: ignore[assignment]
+    in_redis = {i: Order.from_record(i, r) for i, r in orders.items()}
+    assert in_redis == await sold_in_sql(engine, campaign_id)
+    teams = {t.team_id: t for t in await rt.store.campaign_teams(campaign_id)}
+    records: dict[str, str] = await rt.redis.hgetall(keys.teams)  # type: ignore[assignment]
+    assert {i: Team.from_record(i, r) for i, r in records.items()} == teams
+
+
+async def repaired(engine: Engine, campaign_id: str) -> None:
+    """Call until the campaign answers again (the first call starts the repair)."""
+    with pytest.raises(Recovering):
+        await engine.flash.reserve(campaign_id, "probe", SKU, 1, "probe-key")
+    await engine.recovery.wait_idle()
+    assert await engine.recovery.trusted(campaign_id)
+
+
+def verdict(orders: dict[str, Order], paid_acks: dict[str, str], stock: int) -> None:
+    """The scenario's end: no oversell, every acknowledged payment paid under its shopper."""
+    paid = [o for o in orders.values() if o.state is OrderState.PAID]
+    assert sum(o.qty for o in paid) <= stock
+    for order_id, user in paid_acks.items():
+        assert orders[order_id].user_id == user
+        assert orders[order_id].state in (OrderState.PAID, OrderState.REFUNDED)
+
+
+async def test_redis_emptied_under_a_running_engine(engine: Engine, redis: aioredis.Redis) -> None:
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, CID, stock=20, limit=1))
+    worker = FlushWorker(engine.runtime)
+    owners: dict[str, str] = {}
+    paid: dict[str, str] = {}
+    for n in range(20):
+        held = (await engine.flash.reserve(CID, f"u{n}", SKU, 1, f"k{n}")).order
+        owners[held.order_id] = held.user_id
+        if n < 18:
+            await engine.orders.pay(held.order_id, held.user_id, f"pay-{n}")
+            paid[held.order_id] = held.user_id
+    with pytest.raises(SoldOut):
+        await engine.flash.reserve(CID, "late", SKU, 1, "k")
+    await worker.drain()
+
+    await redis.flushall()  # a failover to an empty node, a lost disk
+
+    await repaired(engine, CID)
+    with pytest.raises(SoldOut):  # the 20 units are not sold a second time
+        await engine.flash.reserve(CID, "late", SKU, 1, "k2")
+    with pytest.raises(LimitExceeded):  # a shopper at the limit stays there
+        await engine.flash.reserve(CID, "u3", SKU, 1, "again")
+    retry = await engine.flash.reserve(CID, "u0", SKU, 1, "k0")  # a retry replays
+    assert retry.replayed and retry.order.order_id in owners
+    # The two unpaid holds are still held with their deadlines; one cancelled frees a unit,
+    # which sells under a new id past every durable one.
+    unpaid = [i for i in owners if i not in paid]
+    await engine.orders.cancel(unpaid[0], owners[unpaid[0]])
+    fresh = (await engine.flash.reserve(CID, "new", SKU, 1, "k")).order
+    assert sequence(fresh.order_id) > 20 + ID_GAP - 1
+    await worker.drain()
+    orders = await sold_in_sql(engine, CID)
+    verdict(orders, paid, 20)
+    for order_id, user in owners.items():
+        assert orders[order_id].user_id == user
+    await assert_redis_matches_sql(engine, CID)
+    await assert_invariants(engine, CID)
+
+
+async def test_redis_emptied_before_a_restart(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_server.url, tmp_path)
+    async with await Engine.open(settings) as first:
+        now = await first.runtime.now()
+        await first.campaigns.create(flash_campaign(now, CID, stock=5, limit=1))
+        await first.campaigns.create(team_campaign(now, "team", stock=9, team_size=3, limit=1))
+        held = (await first.flash.reserve(CID, "a", SKU, 1, "ka")).order
+        await first.orders.pay(held.order_id, "a", "pa")
+        seat = await first.teams.open("team", "leader", SKU, 1, "kl")
+        await first.orders.pay(seat.order.order_id, "leader", "pl")
+        joined = await first.teams.join(seat.team.team_id, "member", "km")
+        await FlushWorker(first.runtime).drain()
+    await redis.flushall()
+
+    async with await Engine.open(settings) as second:
+        await second.recovery.wait_idle()  # start-up repairs the started campaigns
+        assert await second.recovery.trusted(CID) and await second.recovery.trusted("team")
+        view = await second.campaigns.get(CID)
+        assert (view.stock[0].available, view.stock[0].paid) == (4, 1)
+        team = await second.teams.get(seat.team.team_id)
+        assert (team.held, team.paid) == (1, 1)
+        await second.orders.pay(joined.order.order_id, "member", "pm")
+        with pytest.raises(NotFound):
+            await second.orders.pay("nobody.o1", "x", "p")
+        await FlushWorker(second.runtime).drain()
+        await assert_redis_matches_sql(second, CID)
+        await assert_redis_matches_sql(second, "team")
+        await assert_invariants(second, CID)
+        await assert_invariants(second, "team")
