@@ -1,4 +1,4 @@
-"""The `flashteam` command line: run, serve, worker, reaper, reconcile, demo (see --help)."""
+"""The `flashteam` command line: run, serve, worker, reaper, reconcile, recover, demo (--help)."""
 
 from __future__ import annotations
 
@@ -126,13 +126,46 @@ async def _reconcile(settings: Settings, campaign_id: str) -> int:
     async with _engine(settings) as engine:
         result = await reconcile(engine.runtime, campaign_id)
     print("\n".join(result.lines) or f"no orders or teams for {campaign_id}")
+    if result.differences:
+        print("differences:")
+        print("\n".join(f"  {line}" for line in result.differences))
     if result.unflushed:
-        print(f"note: {result.unflushed} events are not flushed yet: run the worker first")
+        print(
+            f"note: {result.unflushed} events are not flushed yet: run the worker first "
+            "(until then differences are expected)"
+        )
     if result.ok:
-        print(f"reconcile {campaign_id}: Redis and SQL agree")
+        print(
+            f"reconcile {campaign_id}: Redis and SQL agree "
+            f"({result.orders} orders, {result.teams} teams)"
+        )
         return 0
-    print(f"reconcile {campaign_id}: {len(result.differences)} differences", file=sys.stderr)
+    if result.differences:
+        print(
+            f"reconcile {campaign_id}: {len(result.differences)} differences "
+            f"({result.orders_differing} of {result.orders} orders, "
+            f"{result.teams_differing} of {result.teams} teams differ)",
+            file=sys.stderr,
+        )
+    if result.unflushed:
+        print(
+            f"reconcile {campaign_id}: not final, {result.unflushed} events not flushed: "
+            "run `flashteam worker --drain`, then reconcile again",
+            file=sys.stderr,
+        )
     return 1
+
+
+async def _recover(settings: Settings, campaign_id: str) -> int:
+    async with _engine(settings) as engine:
+        await engine.recovery.wait_idle()  # a repair the start-up began, if any
+        done = await engine.recovery.repair(campaign_id)
+    how = "repaired by another process" if done.waited else "repaired from SQL"
+    print(
+        f"recover {campaign_id}: {how} in {done.seconds:.2f} s: {done.orders} orders, "
+        f"{done.teams} teams, {done.settled} settled, {done.flushed} outbox entries flushed"
+    )
+    return 0
 
 
 async def _reaper(settings: Settings) -> int:
@@ -187,9 +220,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     rec = sub.add_parser(
         "reconcile",
-        help="compare a campaign's orders and teams in Redis with SQL; exit 1 on a difference",
+        help="compare a campaign's orders and teams in Redis with SQL, record by record; "
+        "exit 1 on any difference, or while events are not flushed yet",
+        description="Compare every order (user, sku, qty, amount, state, version, team, "
+        "payment ref) and every team (leader, sku, size, state, held, paid, version, members) "
+        "of the campaign in Redis with SQL. Prints totals per item and state as a summary, "
+        "then each difference by id with the field and both values, or the side a record is "
+        "missing from. Run it after `flashteam worker --drain`: while events of the campaign "
+        "are still in its outbox stream, SQL is behind, differences are expected and the "
+        "command exits 1 even if none shows. Exit status: 0 when Redis and SQL agree and "
+        "nothing is left to flush, 1 otherwise.",
     )
     rec.add_argument("campaign", help="campaign id")
+    recover = sub.add_parser(
+        "recover",
+        help="repair a campaign's Redis state from SQL now (what the engine does by itself "
+        "after Redis lost writes; docs/faults.md)",
+        description="Fence the campaign (its operations answer 503 recovering), flush what "
+        "its outbox still holds, rebuild every Redis key of it from SQL (stock, per-user "
+        "units, orders, teams, indexes, idempotency records, sequences past every durable "
+        "id) and lift the fence. Safe to run while the engine runs and to run twice; when "
+        "another process is repairing the campaign already, waits for it.",
+    )
+    recover.add_argument("campaign", help="campaign id")
     demo = sub.add_parser(
         "demo",
         help="simulate a flash sale and a team sale on a throw-away private Redis and check "
@@ -241,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             return _loop(lambda: _reaper(settings))
         if args.command == "worker":
             return _loop(lambda: _worker(settings, args.drain))
+        if args.command == "recover":
+            return _loop(lambda: _recover(settings, args.campaign))
         if args.command == "reconcile":
             return _loop(lambda: _reconcile(settings, args.campaign))
         if args.workers < 1:

@@ -8,6 +8,7 @@ shopper, and the repaired Redis equal to SQL order by order.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from engine.recovery import ID_GAP
 from engine.store import sequence
 from engine.worker import FlushWorker
 from testkit.factories import flash_campaign, make_settings, team_campaign
-from testkit.helpers import assert_invariants
+from testkit.helpers import assert_invariants, run_cli
 
 CID = "loss"
 SKU = "sku-1"
@@ -134,3 +135,56 @@ async def test_redis_emptied_before_a_restart(
         await assert_redis_matches_sql(second, "team")
         await assert_invariants(second, CID)
         await assert_invariants(second, "team")
+
+
+async def test_a_restarted_redis_is_verified_before_it_sells(
+    redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A server that restarted (from its AOF: nothing lost here, but it cannot know) has a
+    new replication id: the campaign answers recovering until it is verified and repaired."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        settings = make_settings(server.url, tmp_path)
+        async with await Engine.open(settings) as engine:
+            now = await engine.runtime.now()
+            await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
+            held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
+            server.stop()
+            server.start()
+            with pytest.raises(Recovering) as refused:
+                await engine.orders.pay(held.order_id, "a", "pa")
+            assert refused.value.details == {"reason": "recovering", "why": "restarted"}
+            await engine.recovery.wait_idle()
+            paid = await engine.orders.pay(held.order_id, "a", "pa")  # the retry goes through
+            assert paid.state is OrderState.PAID
+            await FlushWorker(engine.runtime).drain()
+            await assert_redis_matches_sql(engine, CID)
+            await assert_invariants(engine, CID)
+    finally:
+        server.stop()
+
+
+async def test_flashteam_recover_repairs_by_hand_and_twice(engine: Engine) -> None:
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=2))
+    for n in range(4):
+        held = (await engine.flash.reserve(CID, f"u{n}", SKU, 1, "k")).order
+        if n % 2:
+            await engine.orders.pay(held.order_id, held.user_id, "p")
+    settings = engine.runtime.settings
+    assert settings.redis_url is not None
+    env = {
+        **os.environ,
+        "FLASHTEAM_REDIS_URL": settings.redis_url,
+        "FLASHTEAM_DATABASE_URL": f"sqlite:///{settings.sqlite_path}",
+    }
+    for _ in range(2):
+        code, out, err = await run_cli("recover", CID, env=env)
+        assert code == 0, err
+        assert "4 orders" in out
+    view = await engine.campaigns.get(CID)
+    assert (view.stock[0].available, view.stock[0].held, view.stock[0].paid) == (6, 2, 2)
+    await assert_redis_matches_sql(engine, CID)
+    await assert_invariants(engine, CID)
+    code, _, err = await run_cli("recover", "nosuch", env=env)
+    assert code != 0 and "no campaign nosuch" in err
