@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.keys import CAMPAIGN_SET, keys_of
+from engine.recovery import RECOVERY_STATS, Recovery
 from engine.runtime import Runtime
 from engine.scripts import guarded
 from engine.worker import FlushWorker
@@ -66,6 +67,8 @@ async def render(rt: Runtime) -> bytes:
     text = generate_latest(registry) if registry is not None else generate_latest()
     lag = await FlushWorker(rt, name="metrics").lag()
     overdue = await reaper_lag(rt)
+    stats: dict[str, str] = await guarded(rt.redis.hgetall(RECOVERY_STATS))
+    fenced = await fenced_campaigns(rt)
     lines = [
         "# HELP flashteam_stream_unflushed Outbox entries not yet committed to SQL.",
         "# TYPE flashteam_stream_unflushed gauge",
@@ -79,8 +82,25 @@ async def render(rt: Runtime) -> bytes:
         "# HELP flashteam_reaper_lag_seconds How far past its deadline the most overdue hold is.",
         "# TYPE flashteam_reaper_lag_seconds gauge",
         f"flashteam_reaper_lag_seconds {overdue}",
+        "# HELP flashteam_campaigns_fenced Campaigns answering 'recovering' until repaired.",
+        "# TYPE flashteam_campaigns_fenced gauge",
+        f"flashteam_campaigns_fenced {fenced}",
+        "# HELP flashteam_recoveries_total Campaigns repaired from SQL after Redis lost writes.",
+        "# TYPE flashteam_recoveries_total counter",
+        f"flashteam_recoveries_total {int(stats.get('repairs', 0))}",
+        "# HELP flashteam_recovery_failures_total Repairs that failed (retried on next use).",
+        "# TYPE flashteam_recovery_failures_total counter",
+        f"flashteam_recovery_failures_total {int(stats.get('failures', 0))}",
     ]
     return text + ("\n".join(lines) + "\n").encode()
+
+
+async def fenced_campaigns(rt: Runtime) -> int:
+    """Campaigns of ``ft:campaigns`` whose operations answer recovering right now (a fence
+    up, or a server restarted or promoted since they were verified)."""
+    campaigns: set[str] = await guarded(rt.redis.smembers(CAMPAIGN_SET))
+    recovery = Recovery(rt)
+    return sum([not await recovery.trusted(c) for c in sorted(campaigns)])
 
 
 async def reaper_lag(rt: Runtime) -> float:
