@@ -373,3 +373,29 @@ async def test_postgres_open_of_a_missing_database_raises_unavailable(
 ) -> None:
     with pytest.raises(Unavailable):
         await PostgresStore.open(postgres_server.url_for("no_such_database"))
+
+
+async def test_an_id_held_for_another_shopper_is_never_overwritten(store: Store) -> None:
+    """A Redis that lost state and handed an id out again: SQL keeps its own order and
+    reports the collision; the marks record the highest sequence committed."""
+    alice = order(1, state=OrderState.PAID, version=2, payment_ref="pay-1")
+    assert await store.apply(batch(alice, order(2, user_id="carol"))) == []
+    replayed = await store.apply(batch(order(1, version=1)))  # a replay is no collision
+    assert replayed == []
+    reissued = order(1, user_id="bob", version=3, state=OrderState.PAID, payment_ref="pay-9")
+    assert await store.apply(batch(reissued, order(3))) == ["sale.o1"]
+    assert await store.get_order("sale.o1") == alice
+    assert (await store.get_order("sale.o3")) == order(3)
+    assert await store.marks("sale") == (3, 0)
+    assert await store.apply(batch(teams=(team(7),))) == []
+    assert await store.marks("group") == (0, 7)
+
+
+async def test_the_idempotency_record_fills_in_from_an_older_event(store: Store) -> None:
+    """A payment committed before its order.reserved event: the record still lands."""
+    await store.apply(batch(order(1, state=OrderState.PAID, version=2, payment_ref="p")))
+    first = Batch()
+    first.add_order(order(1), ms(1000), idem="ralice:key-1")
+    await store.apply(first)
+    (stored,) = await store.campaign_orders("sale")
+    assert stored.idem == "ralice:key-1" and stored.order.state is OrderState.PAID
