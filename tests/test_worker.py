@@ -123,10 +123,14 @@ async def test_mixed_run_lands_exactly_and_reconcile_catches_a_difference(
     batch.add_order(planted, 0)
     await engine.runtime.store.apply(batch)
     result = await reconcile(engine.runtime, FLASH)
-    assert not result.ok and len(result.differences) >= 2  # paid -1, cancelled +1
+    assert not result.ok and result.differences == [
+        f"order {paid.order_id} state: redis paid sql cancelled",
+        f"order {paid.order_id} version: redis {paid.version} sql {paid.version + 1}",
+    ]
     code, out, err = await run_cli("reconcile", FLASH, env=_env(engine))
     assert code == 1
-    assert "differs" in out and "differences" in err
+    assert "differs" in out, "the totals per state show it too"
+    assert result.differences[0] in out and f"{FLASH}: 2 differences" in err
 
 
 async def test_replayed_and_out_of_order_entries_never_roll_back(durable: Engine) -> None:
