@@ -374,10 +374,12 @@ class Scripts:
         keys: Sequence[str],
         args: Sequence[str | int],
         campaign_id: str | None = None,
+        refused: int = Code.RECOVERING,
     ) -> list[Any]:
         """Call one script of ``campaign_id``; Redis failures become engine errors, the reply
-        a list. A reply saying the campaign awaits a repair ({18, why}; {-1, why} from the
-        reaper's scripts) is reported to ``untrusted`` first."""
+        a list. A reply saying the campaign awaits a repair (first field ``refused``: 18, or
+        -1 from the reaper's scripts, whose replies start with a count) is reported to
+        ``untrusted`` first."""
         script = self._scripts[name]
         async with self._limit:
             if self.observe is None:
@@ -390,7 +392,7 @@ class Scripts:
                     self.observe(name, time.perf_counter() - started)
         if not isinstance(reply, list):
             raise errors.EngineError(f"script returned {type(reply).__name__}, not a list")
-        untrusted = reply and reply[0] in (Code.RECOVERING, -1)
+        untrusted = bool(reply) and reply[0] == refused
         if untrusted and campaign_id is not None and self.untrusted is not None:
             await self.untrusted(campaign_id, str(reply[1]))
         return reply
@@ -459,12 +461,12 @@ class Scripts:
     async def expire_orders(self, campaign_id: str, limit: int) -> ExpiryStep:
         """expire_orders.lua: end up to ``limit`` held orders past their deadline."""
         keys = keys_of(campaign_id).order_keys
-        return _expiry(await self._call("expire_orders", keys, (limit,), campaign_id))
+        return _expiry(await self._call("expire_orders", keys, (limit,), campaign_id, refused=-1))
 
     async def expire_teams(self, campaign_id: str, limit: int) -> ExpiryStep:
         """expire_teams.lua: fail up to ``limit`` open teams past their expiry."""
         keys = keys_of(campaign_id).order_keys
-        return _expiry(await self._call("expire_teams", keys, (limit,), campaign_id))
+        return _expiry(await self._call("expire_teams", keys, (limit,), campaign_id, refused=-1))
 
     # Campaigns.
 

@@ -24,7 +24,7 @@ from engine.recovery import ID_GAP
 from engine.store import sequence
 from engine.worker import FlushWorker
 from testkit.factories import flash_campaign, make_settings, team_campaign
-from testkit.helpers import assert_invariants, run_cli
+from testkit.helpers import age_order, assert_invariants, run_cli
 
 CID = "loss"
 SKU = "sku-1"
@@ -193,3 +193,17 @@ async def test_flashteam_recover_repairs_by_hand_and_twice(engine: Engine) -> No
     await assert_invariants(engine, CID)
     code, _, err = await run_cli("recover", "nosuch", env=env)
     assert code != 0 and "no campaign nosuch" in err
+
+
+async def test_a_reaper_step_ending_18_holds_is_no_refusal(engine: Engine) -> None:
+    """18 is the recovering code of the order scripts; the reaper's replies start with a count,
+    and 18 holds ended at once is just that."""
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, CID, stock=30, limit=1))
+    for n in range(18):
+        held = (await engine.flash.reserve(CID, f"u{n}", SKU, 1, "k")).order
+        await age_order(engine, held.order_id, 120_000)
+    assert await engine.reaper.expire_campaign(CID) == (18, False)
+    assert engine.recovery.repairs == 0 and await engine.recovery.trusted(CID)
+    await engine.recovery.wait_idle()
+    assert engine.recovery.repairs == 0
