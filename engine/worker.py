@@ -164,7 +164,16 @@ class FlushWorker:
     async def _flush(self, campaign_id: str, claim_idle_ms: int | None = None) -> int:
         stream = keys_of(campaign_id).events
         await self._ensure_group(stream)
-        entries = await self._read(stream, claim_idle_ms)
+        try:
+            entries = await self._read(stream, claim_idle_ms)
+        except EngineError as exc:
+            if "NOGROUP" not in str(exc.__cause__):
+                raise
+            # The stream and its group are gone (Redis lost its data, or came back from an
+            # older snapshot): create the group again and read from the start.
+            self._groups.discard(stream)
+            await self._ensure_group(stream)
+            entries = await self._read(stream, claim_idle_ms)
         if not entries:
             await self._check_marks(campaign_id, None)
             await self._maybe_forget(campaign_id, stream)
