@@ -25,11 +25,10 @@ from redis.crc import key_slot
 from engine.core import Engine
 from engine.errors import NotFound, SoldOut, Unavailable
 from engine.keys import keys_of
-from engine.local.redis_server import RedisClusterServers, RedisSentinelGroup, RedisServer
+from engine.local.redis_server import RedisClusterServers, RedisServer
 from engine.models import Order, OrderState
 from engine.worker import FlushWorker
 from testkit.factories import flash_campaign, make_settings
-from testkit.fixtures import sentinel_settings
 from testkit.helpers import assert_invariants
 from tests.test_redis_loss import assert_redis_matches_sql, sold_in_sql, verdict
 
@@ -205,23 +204,6 @@ async def sale_through_a_failover(
     assert not ledger.sold_out, f"{len(ledger.sold_out)} shoppers found it sold out"
     assert len(ledger.paid) == stock
     return ledger
-
-
-async def test_a_sentinel_failover_in_the_middle_of_a_sale(
-    sentinel_redis: RedisSentinelGroup, tmp_path: Path
-) -> None:
-    async def kill() -> None:
-        old = sentinel_redis.primary_port
-        sentinel_redis.kill_primary()
-        assert await asyncio.to_thread(sentinel_redis.wait_promoted) != old
-
-    async with await Engine.open(sentinel_settings(sentinel_redis, tmp_path)) as engine:
-        ledger = await sale_through_a_failover(engine, 2000, kill)
-        await engine.recovery.wait_idle()
-        assert engine.recovery.repairs >= 1, "the promoted replica was repaired from SQL"
-        assert await engine.recovery.trusted(CID)
-        orders = await final_verdict(engine, ledger, 2000)
-        assert paid_units(orders) == 2000
 
 
 @pytest.mark.cluster
