@@ -263,16 +263,8 @@ class Recovery:
         rt = self._rt
         keys = keys_of(campaign_id)
         redis = rt.redis
-        replaced = (
-            keys.inv,
-            keys.orders,
-            keys.users,
-            keys.deadlines,
-            keys.teams,
-            keys.team_index,
-            keys.team_expiry,
-            keys.idem,
-        )
+        # Every order key but the definition (kept: it carries the fence) and the outbox.
+        replaced = [k for k in keys.order_keys if k not in (keys.meta, keys.events)]
         for key in replaced:  # one key per command: a Cluster client takes no cross-key UNLINK
             await guarded(redis.unlink(key))
         hashes = (
