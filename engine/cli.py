@@ -91,7 +91,7 @@ def _run(settings: Settings, host: str, port: int, workers: int) -> int:
 def _print_running(local: LocalEngine) -> None:
     ready = local.settings
     print(f"flashteam is running: API {local.url} ({local.workers} workers)", flush=True)
-    print(f"  Redis:          {ready.redis_url}")
+    print(f"  Redis:          {ready.redis_name}")
     print(f"  durable store:  {_store_name(ready)}")
     print("  flush worker and reaper running")
     for name, token in zip(("gateway", "admin"), ready.require_tokens(), strict=True):
@@ -116,7 +116,7 @@ async def _worker(settings: Settings, drain: bool) -> int:
             print(f"drained: {moved} entries flushed, {worker.dead_lettered} dead-lettered")
             return 0
         stop = await _until_signalled()
-        log.info("flush worker %s running on %s", worker.name, settings.redis_url)
+        log.info("flush worker %s running on %s", worker.name, settings.redis_name)
         await worker.run(stop)
         log.info("flush worker %s stopped after %d entries", worker.name, worker.flushed)
     return 0
@@ -171,7 +171,7 @@ async def _recover(settings: Settings, campaign_id: str) -> int:
 async def _reaper(settings: Settings) -> int:
     stop = await _until_signalled()
     async with _engine(settings) as engine:
-        log.info("reaper running every %.2f s on %s", settings.reaper_interval, settings.redis_url)
+        log.info("reaper running every %.2f s on %s", settings.reaper_interval, settings.redis_name)
         await engine.reaper.run(stop)
     return 0
 

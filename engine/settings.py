@@ -49,7 +49,8 @@ class Settings:
 
     redis_url: str | None = _setting(
         None,
-        "Redis to use; unset: `flashteam run` starts a private redis-server under the data dir",
+        "Redis to use; unset (and no FLASHTEAM_REDIS_SENTINELS): `flashteam run` starts a "
+        "private redis-server under the data dir",
     )
     redis_cluster: bool = _setting(False, "1: the Redis URL names a node of a Redis Cluster")
     redis_sentinels: str | None = _setting(
@@ -185,6 +186,16 @@ class Settings:
                 f"monitor (no spaces), not {self.redis_master!r}"
             )
         _addresses(self.redis_sentinels)  # a bad list fails here, at start-up
+
+    @property
+    def redis_name(self) -> str:
+        """Where the engine finds Redis, for logs and `flashteam run`'s banner: the URL, or
+        the Sentinels and the master name; "(unset)" before `flashteam run` starts its own."""
+        if self.redis_sentinels is not None:
+            return f"Sentinel master {self.redis_master!r} via {self.redis_sentinels}"
+        if self.redis_url is None:
+            return "(unset)"
+        return self.redis_url + (" (Redis Cluster)" if self.redis_cluster else "")
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:

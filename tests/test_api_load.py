@@ -111,9 +111,10 @@ async def create_campaign(
     stock: int = 100,
     limit: int = 1,
     team_size: int | None = None,
+    hold_seconds: int = 600,
 ) -> Json:
     now = datetime.now(UTC)
-    shape: Json = dict(stock=stock, limit=limit, hold_seconds=600, skus=(SKU,), price=1999)
+    shape: Json = dict(stock=stock, limit=limit, hold_seconds=hold_seconds, skus=(SKU,), price=1999)
     if kind == "team":
         assert team_size is not None
         campaign = team_campaign(

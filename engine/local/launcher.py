@@ -56,10 +56,11 @@ class LocalEngine(Server):
 
     The settings are resolved once, here: missing tokens are generated (``generated`` names
     them), the data dir is made absolute, and the durable store defaults to SQLite in it.
-    Without a Redis URL, ``start()`` runs a private redis-server under ``<data dir>/redis``
-    (AOF on, noeviction) and ``settings.redis_url`` names it. ``services`` chooses the
-    processes (none: just the Redis, as ``flashteam demo`` uses it). Their output goes to
-    ``log`` (appended) when given, else to this process's stdout and stderr.
+    Without a Redis URL or Sentinels, ``start()`` runs a private redis-server under
+    ``<data dir>/redis`` (AOF on, noeviction) and ``settings.redis_url`` names it.
+    ``services`` chooses the processes (none: just the Redis, as ``flashteam demo`` uses it).
+    Their output goes to ``log`` (appended) when given, else to this process's stdout and
+    stderr.
     """
 
     def __init__(
@@ -159,7 +160,11 @@ class LocalEngine(Server):
 
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.redis is None and self.settings.redis_url is None:
+        if (
+            self.redis is None
+            and self.settings.redis_url is None
+            and not self.settings.redis_sentinels
+        ):
             self.redis = RedisServer(
                 self.settings.data_dir / "redis", appendfsync=self.settings.appendfsync
             )
