@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from engine.archive import durable_stock
 from engine.errors import AlreadyExists, NotEditable, NotFound, Recovering, ValidationError
 from engine.keys import CAMPAIGN_SET, STREAM_SET, check_id, keys_of
 from engine.models import (
@@ -100,6 +101,11 @@ class Campaigns:
     async def invalidate(self, campaign_id: str) -> CampaignView:
         """End the campaign early: no new orders; held orders are cancelled, stock returned."""
         current = await self._load(campaign_id)
+        if await self._rt.store.archive_of(campaign_id) is not None:
+            # Archived, so over: invalidated already (a retry) or ended on its own.
+            if current.invalidated_at is None:
+                raise NotEditable(f"campaign {campaign_id} already ended", reason="ended")
+            return await self.get(campaign_id)
         await self._warm(current, only_if_absent=True)
         invalidated_at = await self._rt.scripts.invalidate(campaign_id)
         if current.invalidated_at is None:
@@ -114,6 +120,13 @@ class Campaigns:
         campaign = await self._load(campaign_id)
         keys = keys_of(campaign_id)
         inv: dict[str, str] = await guarded(self._rt.redis.hgetall(keys.inv))
+        now = await self._rt.now()
+        if not inv:  # not in Redis: archived (SQL has it all), or not warmed yet
+            archive = await self._rt.store.archive_of(campaign_id)
+            if archive is not None:
+                totals = await self._rt.store.order_totals(campaign_id)
+                stock = durable_stock(campaign, totals, archive.sold_out)
+                return CampaignView(campaign, campaign.status(now), stock, archived=True)
         stock = tuple(
             ItemStock(
                 sku=item.sku,
@@ -127,7 +140,7 @@ class Campaigns:
             )
             for item in campaign.items
         )
-        return CampaignView(campaign, campaign.status(await self._rt.now()), stock)
+        return CampaignView(campaign, campaign.status(now), stock)
 
     async def warm_all(self) -> list[Campaign]:
         """Warm every campaign that may still have live state into Redis (start-up); returns

@@ -1,4 +1,5 @@
-"""The `flashteam` command line: run, serve, worker, reaper, reconcile, recover, demo (--help)."""
+"""The `flashteam` command line: run, serve, worker, reaper, reconcile, recover, archive, demo
+(--help)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import uvloop
 
 from engine.core import Engine
 from engine.demo import DemoPlan, run_demo
-from engine.errors import ConfigurationError, EngineError
+from engine.errors import Archived, ConfigurationError, EngineError
 from engine.local.launcher import LocalEngine, StartFailed
 from engine.reconcile import reconcile
 from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings
@@ -124,6 +125,13 @@ async def _worker(settings: Settings, drain: bool) -> int:
 
 async def _reconcile(settings: Settings, campaign_id: str) -> int:
     async with _engine(settings) as engine:
+        archive = await engine.runtime.store.archive_of(campaign_id)
+        if archive is not None:
+            print(
+                f"reconcile {campaign_id}: archived {archive.archived_at:%Y-%m-%d %H:%M:%S} "
+                "UTC: SQL holds it alone, nothing in Redis to compare"
+            )
+            return 0
         result = await reconcile(engine.runtime, campaign_id)
     print("\n".join(result.lines) or f"no orders or teams for {campaign_id}")
     if result.differences:
@@ -159,13 +167,58 @@ async def _reconcile(settings: Settings, campaign_id: str) -> int:
 async def _recover(settings: Settings, campaign_id: str) -> int:
     async with _engine(settings) as engine:
         await engine.recovery.wait_idle()  # a repair the start-up began, if any
-        done = await engine.recovery.repair(campaign_id)
+        try:
+            done = await engine.recovery.repair(campaign_id)
+        except Archived:
+            print(f"recover {campaign_id}: archived: SQL holds it alone, nothing to repair")
+            return 0
     how = "repaired by another process" if done.waited else "repaired from SQL"
     print(
         f"recover {campaign_id}: {how} in {done.seconds:.2f} s: {done.orders} orders, "
         f"{done.teams} teams, {done.settled} settled, {done.flushed} outbox entries flushed"
     )
     return 0
+
+
+async def _archive(settings: Settings, campaign_id: str | None) -> int:
+    """One campaign now (whatever its grace period), or with no campaign a pass over every
+    campaign due; exit 1 when one that was asked for stays in Redis."""
+    async with _engine(settings) as engine:
+        if campaign_id is None:
+            done = await engine.archiver.run_once()
+            if done.skipped:
+                print("archive: another process is archiving right now; try again", file=sys.stderr)
+                return 1
+            for archived in done.archived:
+                print(f"archive {archived}: archived")
+            for refused, reason in done.refused.items():
+                print(f"archive {refused}: not archived: {reason}")
+            if not done.archived and not done.refused:
+                print("archive: no campaign is due")
+            return 0
+        result = await engine.archiver.archive(campaign_id, wait=_ARCHIVE_WAIT)
+    if result.archived:
+        print(
+            f"archive {campaign_id}: archived: {result.keys} Redis keys deleted in "
+            f"{result.seconds:.2f} s (longest command {result.longest_ms:.1f} ms); SQL "
+            "holds it alone"
+        )
+        return 0
+    print(f"archive {campaign_id}: not archived: {_WHY_NOT.get(result.reason, result.reason)}")
+    for line in result.differences:
+        print(f"  {line}")
+    return 1
+
+
+_ARCHIVE_WAIT = 30.0  # seconds `flashteam archive` waits for another process's pass
+_WHY_NOT = {
+    "live": "it has not ended and was not invalidated",
+    "holds": "held orders await payment or expiry (the reaper ends them)",
+    "teams": "open teams await filling or expiry (the reaper ends them)",
+    "unflushed": "its outbox is not flushed yet (is the flush worker running?)",
+    "differs": "Redis and SQL differ (run `flashteam reconcile`)",
+    "busy": "another process kept the archiver's lock",
+}
 
 
 async def _reaper(settings: Settings) -> int:
@@ -243,6 +296,19 @@ def _parser() -> argparse.ArgumentParser:
         "another process is repairing the campaign already, waits for it.",
     )
     recover.add_argument("campaign", help="campaign id")
+    archive = sub.add_parser(
+        "archive",
+        help="archive a finished campaign out of Redis into SQL now (the reaper does it by "
+        "itself FLASHTEAM_ARCHIVE_AFTER seconds after a campaign ended; docs/lifecycle.md)",
+        description="Seal the campaign, compare it with SQL record by record and bucket by "
+        "bucket, record it as archived in SQL and delete its Redis keys in small steps. It "
+        "must be over (ended or invalidated), with no held order, no open team and its outbox "
+        "flushed; one that differs from SQL stays in Redis. Reads keep working from SQL, "
+        "refunds too. Safe to run twice and alongside the engine; exits 1 when the campaign "
+        "stays in Redis, with the reason. Without a campaign: one pass over every campaign "
+        "due (past its grace period).",
+    )
+    archive.add_argument("campaign", nargs="?", help="campaign id; none: every one due")
     demo = sub.add_parser(
         "demo",
         help="simulate a flash sale and a team sale on a throw-away private Redis and check "
@@ -298,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             return _loop(lambda: _recover(settings, args.campaign))
         if args.command == "reconcile":
             return _loop(lambda: _reconcile(settings, args.campaign))
+        if args.command == "archive":
+            return _loop(lambda: _archive(settings, args.campaign))
         if args.workers < 1:
             raise ConfigurationError("--workers must be 1 or more")
         if args.command == "serve":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
+from engine.archive import Archiver
 from engine.campaigns import Campaigns
 from engine.coalesce import Coalescer
 from engine.connection import MAX_IN_FLIGHT, check_eviction_policy, connect_redis
@@ -31,14 +32,15 @@ class Engine:
 
     def __init__(self, rt: Runtime) -> None:
         self.runtime = rt
-        self.reaper = Reaper(rt)
+        self.recovery = Recovery(rt)
+        rt.scripts.untrusted = self.recovery.on_untrusted
+        self.archiver = Archiver(rt, repair=self.recovery.repair)
+        self.reaper = Reaper(rt, archive=self.archiver.run_once)
         self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
         self.coalescer = Coalescer(rt)
         self.flash = FlashSale(rt, self.coalescer)
         self.orders = Orders(rt)
         self.teams = Teams(rt, self.coalescer)
-        self.recovery = Recovery(rt)
-        rt.scripts.untrusted = self.recovery.on_untrusted
 
     @classmethod
     async def open(cls, settings: Settings, store: Store | None = None) -> Engine:

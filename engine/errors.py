@@ -9,6 +9,7 @@
         ├── NotFound             ├── SoldOut            ├── HoldExpired
         ├── NotStarted           ├── LimitExceeded      ├── InvalidState
         ├── Ended                ├── RateLimited        ├── NotEditable
+        │   └── Archived
         ├── Invalidated          ├── IdempotencyMismatch├── TeamFull
         ├── Forbidden            ├── TeamClosed         ├── AlreadyInTeam
         ├── AlreadyExists        └── TeamInProgress
@@ -83,6 +84,14 @@ class Ended(Rejected):
     """Raised when the campaign (or, for joins, the team) has ended."""
 
     code = "ended"
+
+
+class Archived(Ended):
+    """Raised when the campaign was archived out of Redis (engine.archive): it is over, and
+    SQL holds it alone. Answered as ``ended``; pay, cancel and refund are served from SQL."""
+
+    def __init__(self, campaign_id: str) -> None:
+        super().__init__(f"campaign {campaign_id} has ended (archived)", id=campaign_id)
 
 
 class Invalidated(Rejected):

@@ -205,11 +205,13 @@ class ItemStock:
 
 @dataclass(frozen=True, slots=True)
 class CampaignView:
-    """A campaign with its live status and stock, as read from Redis."""
+    """A campaign with its live status and stock, as read from Redis; from SQL once the
+    campaign is ``archived`` (engine/archive.py)."""
 
     campaign: Campaign
     status: CampaignStatus
     stock: tuple[ItemStock, ...]
+    archived: bool = False
 
 
 # Records decoded per request are plain, not frozen, dataclasses: a frozen dataclass's

@@ -8,18 +8,23 @@ A payment is acknowledged only once the paid order is committed to SQL
 (``FLASHTEAM_PAY_DURABILITY=sql``, the default): Redis can lose its last writes in a failover,
 SQL keeps them (docs/faults.md). Concurrent payments share one transaction (``PaymentLedger``).
 With ``outbox`` the payment rides the outbox like every other change.
+
+Orders of an archived campaign (engine/archive.py) live in SQL alone: pay and cancel answer
+from there what their scripts would answer for an ended campaign, and an after-sale refund
+is written there directly, once (``_refund_archived``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
-from engine.errors import EngineError, NotFound, Recovering, Unavailable
+from engine.errors import Archived, EngineError, NotFound, Recovering, Unavailable
 from engine.keys import STREAM_SET, campaign_of_order, check_id, check_key, keys_of
-from engine.models import Order
+from engine.models import Order, OrderState, TeamState, to_ms
 from engine.runtime import Runtime
-from engine.scripts import guarded
+from engine.scripts import Code, Refusal, guarded
 from engine.store import Batch, Store
 
 
@@ -90,7 +95,15 @@ class Orders:
         campaign_id = campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
         check_key(payment_ref, "payment_ref")
-        order = await self._scripts.pay(order_id, user_id, payment_ref)
+        try:
+            order = await self._scripts.pay(order_id, user_id, payment_ref)
+        except Archived:
+            order = await self._archived(order_id, user_id)
+            if order.state is OrderState.PAID and order.payment_ref == payment_ref:
+                return order  # paid before, with this reference
+            if order.state is OrderState.EXPIRED:
+                raise Refusal(Code.HOLD_EXPIRED, None).error() from None
+            raise Refusal(Code.INVALID_STATE, order.state.value).error() from None
         if self.ledger is not None:
             try:
                 await self.ledger.commit(order)
@@ -103,16 +116,62 @@ class Orders:
         """The owner cancels a held order; its stock is sellable again at once."""
         campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
-        return await self._scripts.cancel(order_id, user_id)
+        try:
+            return await self._scripts.cancel(order_id, user_id)
+        except Archived:
+            order = await self._archived(order_id, user_id)
+            if order.state is OrderState.CANCELLED:
+                return order  # cancelled before
+            raise Refusal(Code.INVALID_STATE, order.state.value).error() from None
 
     async def refund(self, order_id: str, restock: bool) -> Order:
         """After-sale refund of a paid order; its units go back on sale only if ``restock``."""
         campaign_id = campaign_of_order(order_id)
-        order = await self._scripts.refund(order_id, bool(restock))
+        try:
+            order = await self._scripts.refund(order_id, bool(restock))
+        except Archived:
+            return await self._refund_archived(order_id, bool(restock))
         # The campaign may be over and its outbox forgotten by the flush worker: register it
         # again after the event is in the stream (the worker re-checks after forgetting).
         await guarded(self._rt.redis.sadd(STREAM_SET, campaign_id))
         return order
+
+    async def _archived(self, order_id: str, user_id: str | None = None) -> Order:
+        """An order of an archived campaign from SQL; NotFound, or Forbidden when it is not
+        ``user_id``'s, as the scripts answer."""
+        order = await self._rt.store.get_order(order_id)
+        if order is None:
+            raise Refusal(Code.NOT_FOUND, None).error()
+        if user_id is not None and order.user_id != user_id:
+            raise Refusal(Code.FORBIDDEN, None).error()
+        return order
+
+    async def _refund_archived(self, order_id: str, restock: bool) -> Order:
+        """Refund a paid order of an archived campaign in SQL: a new version, written by the
+        version-gated upsert, so of two refunds at once only one is applied and both answer
+        the refunded order. While the campaign is sealed but not yet archived (the moments
+        of its comparison with SQL), Unavailable: the retry lands on one side or the other."""
+        rt = self._rt
+        if await rt.store.archive_of(campaign_of_order(order_id)) is None:
+            raise Unavailable(
+                "the campaign is being archived: retry shortly", reason="archiving"
+            ) from None
+        order = await self._archived(order_id)
+        if order.state is OrderState.REFUNDED:
+            return order
+        if order.state is not OrderState.PAID:
+            raise Refusal(Code.INVALID_STATE, order.state.value).error()
+        if order.team_id is not None:
+            team = await rt.store.get_team(order.team_id)
+            if team is None or team.state is not TeamState.SUCCEEDED:
+                raise Refusal(Code.TEAM_IN_PROGRESS, None).error()
+        refunded = replace(order, state=OrderState.REFUNDED, version=order.version + 1)
+        batch = Batch()
+        batch.add_order(refunded, to_ms(await rt.now()), restocked=restock)
+        await rt.store.apply(batch)
+        stored = await rt.store.get_order(order_id)
+        assert stored is not None  # SQL held it a moment ago and orders are never deleted
+        return stored
 
     async def get(self, order_id: str) -> Order:
         """The order's current state: Redis while it is there, else the durable store."""

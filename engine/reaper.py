@@ -8,6 +8,9 @@ script removes what it ends from its index in the same atomic step, so everythin
 exactly one of them.
 The same pass finishes the invalidation cascade (open teams fail and refund, held orders are
 cancelled), so a crash in the middle of ``Campaigns.invalidate`` leaves nothing behind.
+
+Every ``archive_interval`` seconds the reaper also runs an archival pass (engine/archive.py):
+finished campaigns leave Redis for SQL.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from engine.errors import Recovering, Unavailable
+from engine.errors import Archived, EngineError, Recovering, Unavailable
 from engine.keys import CAMPAIGN_SET
 from engine.runtime import Runtime
 from engine.scripts import ExpiryStep, guarded
@@ -28,8 +31,11 @@ log = logging.getLogger(__name__)
 class Reaper:
     """Expiry of held orders across every warmed campaign."""
 
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, archive: Callable[[], Awaitable[object]] | None = None) -> None:
+        """``archive``: one archival pass (engine.archive.Archiver.run_once), run every
+        ``archive_interval`` seconds by ``run``."""
         self._rt = rt
+        self._archive = archive
 
     async def expire_campaign(self, campaign_id: str) -> tuple[int, bool]:
         """Fail every due team, then end every due held order of one campaign.
@@ -62,6 +68,9 @@ class Reaper:
                 ended, over = await self.expire_campaign(campaign_id)
             except Recovering:  # being repaired (engine/recovery.py): next pass
                 continue
+            except Archived:  # archived, or being archived: nothing live left
+                await guarded(self._rt.redis.srem(CAMPAIGN_SET, campaign_id))
+                continue
             total += ended
             if over:
                 await guarded(self._rt.redis.srem(CAMPAIGN_SET, campaign_id))
@@ -69,7 +78,9 @@ class Reaper:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pass after pass until ``stop`` is set; a Redis outage is logged and waited out."""
-        interval = self._rt.settings.reaper_interval
+        settings = self._rt.settings
+        loop = asyncio.get_running_loop()
+        archived_at = loop.time()  # the first archival pass comes one interval after start
         while not stop.is_set():
             try:
                 ended = await self.run_once()
@@ -77,5 +88,12 @@ class Reaper:
                     log.info("reaper ended %d held orders and teams", ended)
             except Unavailable as exc:
                 log.warning("reaper waiting for Redis: %s", exc)
+            interval = settings.archive_interval
+            if self._archive is not None and interval and loop.time() - archived_at >= interval:
+                archived_at = loop.time()
+                try:
+                    await self._archive()
+                except EngineError as exc:
+                    log.warning("archival pass failed (the next one retries): %s", exc.message)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=settings.reaper_interval)

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 
-from engine.errors import EngineError, NotFound
+from engine.errors import Archived, EngineError, NotFound
 from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of
 from engine.models import (
     Campaign,
@@ -114,13 +114,21 @@ class Recovery:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._tasks: dict[str, asyncio.Task[Repair | None]] = {}
+        self._archived: set[str] = set()  # campaigns found archived (their scripts refuse)
         self.repairs = 0  # completed by this process
 
     async def on_untrusted(self, campaign_id: str, why: str) -> None:
         """A script refused ``campaign_id`` (Scripts.untrusted): start its repair in the
-        background, unless SQL has no such campaign either (NotFound)."""
-        if why == "missing" and await self._rt.store.get_campaign(campaign_id) is None:
-            raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
+        background, unless SQL has no such campaign either (NotFound), or it is archived or
+        being archived (Archived: SQL holds it, engine/archive.py)."""
+        if why == "archiving" or campaign_id in self._archived:
+            raise Archived(campaign_id)
+        if why == "missing":
+            if await self._rt.store.get_campaign(campaign_id) is None:
+                raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
+            if await self._rt.store.archive_of(campaign_id) is not None:
+                self._archived.add(campaign_id)  # for good: archival is never undone
+                raise Archived(campaign_id)
         self.request(campaign_id, why)
 
     async def check(self, campaigns: Iterable[Campaign]) -> None:
@@ -178,6 +186,8 @@ class Recovery:
         campaign = await rt.store.get_campaign(campaign_id)
         if campaign is None:
             raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
+        if await rt.store.archive_of(campaign_id) is not None:
+            raise Archived(campaign_id)  # SQL holds it alone: nothing in Redis to repair
         started = time.perf_counter()
         token = uuid.uuid4().hex
         waited = False

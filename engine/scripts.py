@@ -336,6 +336,7 @@ class Scripts:
         "ack_events",
         "batch",
         "recover_campaign",
+        "archive_campaign",
     )
 
     def __init__(
@@ -551,6 +552,31 @@ class Scripts:
         keys = keys_of(campaign_id)
         reply = await self._call("recover_campaign", (keys.meta, keys.repair), ("take", token, ms))
         return None if reply[0] == Code.OK else str(reply[1])
+
+    # Archival (engine/archive.py).
+
+    async def seal(self, campaign_id: str) -> str | None:
+        """archive_campaign.lua 'seal': from now on the campaign never changes in Redis; None
+        when sealed (now or before), else why not ('live', 'holds', 'teams', 'unflushed',
+        'missing', or a reason it awaits a repair)."""
+        keys = keys_of(campaign_id)
+        reply = await self._call(
+            "archive_campaign",
+            (keys.meta, keys.deadlines, keys.team_expiry, keys.events),
+            ("seal",),
+        )
+        if reply[0] == Code.OK:
+            return None
+        return "missing" if reply[0] == Code.NOT_FOUND else str(reply[1])
+
+    async def unseal(self, campaign_id: str) -> None:
+        """archive_campaign.lua 'unseal': the archival is called off, the campaign is live."""
+        keys = keys_of(campaign_id)
+        await self._call(
+            "archive_campaign",
+            (keys.meta, keys.deadlines, keys.team_expiry, keys.events),
+            ("unseal",),
+        )
 
     async def lift(self, campaign_id: str, token: str) -> bool:
         """recover_campaign.lua 'lift': the repaired state is trusted on this server; False

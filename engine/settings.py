@@ -126,6 +126,14 @@ class Settings:
         "seconds a sold-out item is answered without running a reservation; 0 = off; at most 1 "
         "(returned units sell within 1 s)",
     )
+    archive_after: float = _setting(
+        3600.0,
+        "seconds a finished campaign stays in Redis after its end and its last change before "
+        "it is archived to SQL and its keys leave Redis (docs/lifecycle.md)",
+    )
+    archive_interval: float = _setting(
+        60.0, "seconds between the reaper's archival passes; 0 = no automatic archival"
+    )
     pay_durability: str = _setting(
         "sql",
         "when a payment is acknowledged: 'sql' once the paid order is committed to the durable "
@@ -158,10 +166,17 @@ class Settings:
             raise ConfigurationError("FLASHTEAM_SOLD_OUT_TTL must be from 0 to 1 seconds")
         if not 1_024 <= self.max_body <= 16_777_216:
             raise ConfigurationError("FLASHTEAM_MAX_BODY must be from 1024 to 16777216 bytes")
+        self._check_reaper()
+
+    def _check_reaper(self) -> None:
         if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:
             raise ConfigurationError(
                 "FLASHTEAM_REAPER_INTERVAL must be in (0, 1] seconds (holds expire within 1 s)"
                 " and FLASHTEAM_REAPER_BATCH >= 1"
+            )
+        if self.archive_after < 0 or self.archive_interval < 0:
+            raise ConfigurationError(
+                "FLASHTEAM_ARCHIVE_AFTER and FLASHTEAM_ARCHIVE_INTERVAL must be >= 0 seconds"
             )
 
     def _check_redis(self) -> None:

@@ -1,10 +1,11 @@
 """Campaign KPIs (docs/kpis.md) for ``GET /v1/campaigns/{id}/stats``, the load-test report
 and operators.
 
-Live stock and the sell-out moment come from Redis; order and team figures from the durable
-store (they trail Redis by the flush worker's lag, reported as ``unflushed_events``);
-rejections by reason from the per-campaign counters the API processes add to Redis about once
-a second (``RejectionCounter``).
+Live stock and the sell-out moment come from the campaign's view (Redis while the campaign is
+there); order and team figures from the durable store (they trail Redis by the flush worker's
+lag, reported as ``unflushed_events``); rejections by reason from the per-campaign counters
+the API processes add to Redis about once a second (``RejectionCounter``). An archived
+campaign's figures all come from SQL (engine/archive.py).
 """
 
 from __future__ import annotations
@@ -80,9 +81,13 @@ async def campaign_stats(rt: Runtime, view: CampaignView) -> CampaignStats:
     starts_ms = to_ms(campaign.starts_at)
     keys = keys_of(campaign_id)
     redis = rt.redis
-    inv: dict[str, str] = await guarded(redis.hgetall(keys.inv))
-    rejected: dict[str, str] = await guarded(redis.hgetall(keys.rejections))
-    unflushed = int(await guarded(redis.xlen(keys.events)))
+    rejected: dict[str, int | str]
+    if view.archived:  # SQL holds it alone (engine/archive.py), the counters with it
+        archive = await rt.store.archive_of(campaign_id)
+        rejected, unflushed = dict(archive.rejections if archive else {}), 0
+    else:
+        rejected = await guarded(redis.hgetall(keys.rejections))
+        unflushed = int(await guarded(redis.xlen(keys.events)))
     totals = await rt.store.order_totals(campaign_id)
     per: dict[tuple[str, str], tuple[int, int, int]] = {
         (t.sku, t.state): (t.orders, t.units, t.amount) for t in totals
@@ -92,25 +97,24 @@ async def campaign_stats(rt: Runtime, view: CampaignView) -> CampaignStats:
         return per.get((sku, state), (0, 0, 0))[i]
 
     kpis = []
-    for sku, price in ((i.sku, i.price) for i in campaign.items):
+    for stock in view.stock:
+        sku, price, initial, out = stock.sku, stock.price, stock.initial, stock.sold_out_at
         orders = sum(n(sku, s) for s in ("held", "paid", "cancelled", "expired", "refunded"))
         paid, paid_units, gmv = per.get((sku, "paid"), (0, 0, 0))
-        out = inv.get(f"out:{sku}")
-        initial = int(inv.get(f"i:{sku}", 0))
         kpis.append(
             ItemKpis(
                 sku=sku,
                 price=price,
                 initial=initial,
-                available=int(inv.get(f"a:{sku}", 0)),
-                held=int(inv.get(f"h:{sku}", 0)),
+                available=stock.available,
+                held=stock.held,
                 orders=orders,
                 paid_orders=paid,
                 paid_units=paid_units,
                 gmv=gmv,
                 average_order_value=_ratio(gmv, paid),
                 sell_through=paid_units / initial if initial else 0.0,
-                time_to_sell_out_s=None if out is None else (int(out) - starts_ms) / 1000,
+                time_to_sell_out_s=None if out is None else (to_ms(out) - starts_ms) / 1000,
                 hold_to_paid=_ratio(paid + n(sku, "refunded"), orders),
                 hold_expiry_rate=_ratio(n(sku, "expired"), orders),
                 cancellations=n(sku, "cancelled"),

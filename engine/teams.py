@@ -121,32 +121,38 @@ class Teams:
         if viewer is not None:
             check_id(viewer, "viewer")
         check_int(limit, "limit", 1, MAX_LIST)
-        return await self._scripts.list_teams(keys.campaign_id, sku, viewer, limit)
+        try:
+            return await self._scripts.list_teams(keys.campaign_id, sku, viewer, limit)
+        except NotFound:
+            if await self._rt.store.archive_of(keys.campaign_id) is None:
+                raise
+            return []  # archived: over, so no team is joinable
 
     async def get(self, team_id: str) -> Team:
-        """The team's current record."""
+        """The team's current record: from Redis while the team is there, else from the
+        durable store (an archived campaign's teams)."""
         keys = keys_of(campaign_of_team(team_id))
         record = await guarded(self._rt.redis.hget(keys.teams, team_id))
-        if record is None:
+        if record is not None:
+            return Team.from_record(team_id, record)
+        stored = await self._rt.store.get_team(team_id)
+        if stored is None:
             raise NotFound(f"no team {team_id}", id=team_id)
-        return Team.from_record(team_id, record)
+        return stored
 
     async def orders(self, team_id: str) -> list[Order]:
-        """The orders of the team's seats (held or paid; refunded once a team failed): from
-        Redis while the team is there, else from the durable store."""
-        try:
-            team = await self.get(team_id)
-        except NotFound:
-            stored = await self._rt.store.team_orders(team_id)
-            if not stored:
-                raise
-            return stored
-        if not team.seats:
+        """The orders of the team's seats, leader first (held or paid; refunded once a team
+        failed): from Redis while they are there, else from the durable store."""
+        team = await self.get(team_id)
+        ids = [seat.order_id for seat in team.seats]
+        if not ids:
             return []
         keys = keys_of(team.campaign_id)
-        ids = [seat.order_id for seat in team.seats]
         records: list[str | None] = await guarded(self._rt.redis.hmget(keys.orders, ids))
-        return [Order.from_record(i, r) for i, r in zip(ids, records, strict=True) if r]
+        if any(records):
+            return [Order.from_record(i, r) for i, r in zip(ids, records, strict=True) if r]
+        stored = {o.order_id: o for o in await self._rt.store.team_orders(team_id)}
+        return [stored[i] for i in ids if i in stored]
 
     async def view(self, team_id: str, viewer: str | None = None) -> TeamView:
         """The share view: state, seats, masked members, and whether the viewer can join."""
@@ -154,8 +160,7 @@ class Teams:
             check_id(viewer, "viewer")
         team = await self.get(team_id)
         orders = {order.order_id: order for order in await self.orders(team_id)}
-        keys = keys_of(team.campaign_id)
-        invalidated = int(await guarded(self._rt.redis.hget(keys.meta, "invalid")) or 0) > 0
+        invalidated = await self._invalidated(team.campaign_id)
         now = await self._rt.now()
         in_team = viewer is not None and any(seat.user_id == viewer for seat in team.seats)
         state = _share_state(team, invalidated, now)
@@ -171,6 +176,14 @@ class Teams:
         )
         can_join = state is ShareState.OPEN and viewer is not None and not in_team
         return TeamView(team, state, members, can_join, in_team)
+
+    async def _invalidated(self, campaign_id: str) -> bool:
+        """Whether the campaign was invalidated: Redis's definition, else SQL's (archived)."""
+        raw = await guarded(self._rt.redis.hget(keys_of(campaign_id).meta, "invalid"))
+        if raw is not None:
+            return int(raw) > 0
+        campaign = await self._rt.store.get_campaign(campaign_id)
+        return campaign is not None and campaign.invalidated_at is not None
 
 
 def _share_state(team: Team, invalidated: bool, now: datetime) -> ShareState:

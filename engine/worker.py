@@ -67,7 +67,6 @@ class FlushWorker:
     def __init__(self, rt: Runtime, name: str | None = None) -> None:
         self._rt = rt
         self.name = name or rt.settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
-        self._groups: set[str] = set()
         self.flushed = 0
         self.dead_lettered = 0
         self.collisions = 0
@@ -163,16 +162,17 @@ class FlushWorker:
 
     async def _flush(self, campaign_id: str, claim_idle_ms: int | None = None) -> int:
         stream = keys_of(campaign_id).events
-        await self._ensure_group(stream)
         try:
             entries = await self._read(stream, claim_idle_ms)
         except EngineError as exc:
             if "NOGROUP" not in str(exc.__cause__):
                 raise
-            # The stream and its group are gone (Redis lost its data, or came back from an
-            # older snapshot): create the group again and read from the start.
-            self._groups.discard(stream)
-            await self._ensure_group(stream)
+            # No stream or group yet (a new campaign), or Redis lost them (it came back empty
+            # or from an older snapshot): create the group and read from the start. Not for
+            # a campaign no longer registered: an archived one's stream is gone for good.
+            if not await guarded(self._rt.redis.sismember(STREAM_SET, campaign_id)):
+                return 0
+            await self._create_group(stream)
             entries = await self._read(stream, claim_idle_ms)
         if not entries:
             await self._check_marks(campaign_id, None)
@@ -227,9 +227,11 @@ class FlushWorker:
         if known == (0, 0):
             return
         meta = keys_of(campaign_id).meta
-        oseq, tseq, fence = await guarded(self._rt.redis.hmget(meta, "oseq", "tseq", "fence"))
-        if fence is not None:
-            return  # a repair is due or running already
+        kind, oseq, tseq, fence = await guarded(
+            self._rt.redis.hmget(meta, "kind", "oseq", "tseq", "fence")
+        )
+        if kind is None or fence is not None:
+            return  # missing (archived, or lost: its scripts say so), or being repaired
         if int(oseq or 0) < known[0] or int(tseq or 0) < known[1]:
             log.error(
                 "campaign %s: Redis's order/team sequence %s/%s is behind SQL's %d/%d: Redis "
@@ -256,9 +258,7 @@ class FlushWorker:
         fresh = await guarded(redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=count))
         return list(fresh[0][1]) if fresh else []
 
-    async def _ensure_group(self, stream: str) -> None:
-        if stream in self._groups:
-            return
+    async def _create_group(self, stream: str) -> None:
         try:
             await guarded(self._rt.redis.xgroup_create(stream, GROUP, id="0", mkstream=True))
         except EngineError as exc:
@@ -266,7 +266,6 @@ class FlushWorker:
                 exc.__cause__
             ):
                 raise
-        self._groups.add(stream)
 
     async def _dead_letter(
         self, stream: str, entry_id: str, fields: dict[str, str], exc: ValidationError

@@ -4,7 +4,8 @@
 --
 -- KEYS[1] meta   KEYS[2] the repair lock (string: the repairing process's token)
 -- ARGV[1] mode   'fence'  ARGV[2] why: every script that changes the campaign answers
---                         {18, 'fenced'} from now on (lib/common.lua untrusted)
+--                         {18, 'fenced'} from now on (lib/common.lua untrusted); nothing
+--                         when the campaign has no definition here
 --                'take'   ARGV[2] token, ARGV[3] ms: take the lock for that long, or extend it
 --                         when this token holds it
 --                'lift'   ARGV[2] token: the repair is done: record this server's replication
@@ -13,7 +14,9 @@
 --         {12, who}  'take' or 'lift': another token holds the lock (who)
 local mode, meta, lock = ARGV[1], KEYS[1], KEYS[2]
 if mode == 'fence' then
-  redis.call('HSET', meta, 'fence', ARGV[2])
+  -- A campaign with no definition here answers 'missing' already; fencing it would leave a
+  -- stray meta key behind (an archived campaign's, say).
+  if redis.call('HEXISTS', meta, 'kind') == 1 then redis.call('HSET', meta, 'fence', ARGV[2]) end
   return {OK}
 end
 local holder = redis.call('GET', lock)

@@ -286,8 +286,12 @@ class Api:
                 return await handler(request)
             except errors.EngineError as exc:
                 outcome = exc.http_code if isinstance(exc, ApiError) else exc.code
-                if isinstance(exc, errors.Rejected) and not isinstance(exc, errors.NotFound):
-                    self._count_rejection(request, outcome)  # not for ids nobody created
+                # Not for ids nobody created, nor for an archived campaign (its counters
+                # are in SQL now, engine/archive.py).
+                if isinstance(exc, errors.Rejected) and not isinstance(
+                    exc, errors.NotFound | errors.Archived
+                ):
+                    self._count_rejection(request, outcome)
                 return error_response(exc)
             except Exception:
                 outcome = "internal"

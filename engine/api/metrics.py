@@ -14,6 +14,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from engine.archive import ARCHIVE_STATS
 from engine.keys import CAMPAIGN_SET, keys_of
 from engine.recovery import RECOVERY_STATS, Recovery
 from engine.runtime import Runtime
@@ -91,8 +92,25 @@ async def render(rt: Runtime) -> bytes:
         "# HELP flashteam_recovery_failures_total Repairs that failed (retried on next use).",
         "# TYPE flashteam_recovery_failures_total counter",
         f"flashteam_recovery_failures_total {int(stats.get('failures', 0))}",
+        *await _archival(rt),
     ]
     return text + ("\n".join(lines) + "\n").encode()
+
+
+async def _archival(rt: Runtime) -> list[str]:
+    """The archival counters (engine/archive.py): campaigns archived, and attempts that left
+    one in Redis per reason."""
+    counts: dict[str, str] = await guarded(rt.redis.hgetall(ARCHIVE_STATS))
+    refusals = sorted((k.split(":", 1)[1], int(v)) for k, v in counts.items() if ":" in k)
+    return [
+        "# HELP flashteam_campaigns_archived_total Campaigns archived out of Redis into SQL.",
+        "# TYPE flashteam_campaigns_archived_total counter",
+        f"flashteam_campaigns_archived_total {int(counts.get('archived', 0))}",
+        "# HELP flashteam_archive_refusals_total Archival attempts that left a campaign in "
+        "Redis, by reason (differs: Redis and SQL disagree).",
+        "# TYPE flashteam_archive_refusals_total counter",
+        *(f'flashteam_archive_refusals_total{{reason="{r}"}} {n}' for r, n in refusals),
+    ]
 
 
 async def fenced_campaigns(rt: Runtime) -> int:

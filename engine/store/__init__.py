@@ -77,13 +77,27 @@ class StoredOrder:
 
 @dataclass(frozen=True, slots=True)
 class Totals:
-    """Orders, units and amount of one (sku, state) of a campaign."""
+    """Orders, units and amount of one (sku, state) of a campaign; ``kept``: the units of
+    refunded orders whose units did not go back on sale."""
 
     sku: str
     state: str
     orders: int
     units: int
     amount: int
+    kept: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Archive:
+    """A campaign archived out of Redis (engine.archive): SQL is its only copy from then on.
+    What its reads need that only Redis had: when each item sold out (sku -> ms on the Redis
+    clock) and the rejections per error code the API counted."""
+
+    campaign_id: str
+    archived_at: datetime
+    sold_out: dict[str, int]
+    rejections: dict[str, int]
 
 
 class Store(Protocol):
@@ -100,7 +114,20 @@ class Store(Protocol):
     async def get_campaign(self, campaign_id: str) -> Campaign | None: ...
 
     async def campaigns_ending_after(self, moment: datetime) -> list[Campaign]:
-        """Campaigns whose ``ends_at`` is later than ``moment`` (they may still need Redis)."""
+        """Campaigns whose ``ends_at`` is later than ``moment`` and that are not archived
+        (they may still need Redis)."""
+
+    async def archive(self, archive: Archive) -> None:
+        """Record the campaign as archived (a second call keeps the first record)."""
+
+    async def archive_of(self, campaign_id: str) -> Archive | None:
+        """The campaign's archive record; None while Redis holds the campaign."""
+
+    async def archive_candidates(self, before: datetime) -> list[str]:
+        """Campaigns not archived that ended (or were invalidated) before ``before`` and whose
+        orders and teams all last changed before it too; the earliest end first."""
+
+    async def get_team(self, team_id: str) -> Team | None: ...
 
     async def apply(self, batch: Batch) -> list[str]:
         """Write a batch in one transaction; a row older than the stored one is skipped, and

@@ -17,11 +17,12 @@ import asyncpg
 
 from engine.errors import AlreadyExists, Unavailable
 from engine.models import Campaign
-from engine.store import Batch
+from engine.store import Archive, Batch
 from engine.store import schema as sql
 from engine.store.reads import DurableReads
 from engine.store.rows import (
     Row,
+    archive_row,
     campaign_row,
     order_row,
     team_row,
@@ -49,6 +50,7 @@ _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _D)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_D)
 _INVALIDATE = sql.query(sql.INVALIDATE, _D)
 _RAISE_MARKS = sql.raise_marks(_D, "GREATEST")
+_INSERT_ARCHIVE = sql.insert_archive(_D)
 
 # Held for the migration's transaction, so processes opening the store at once take turns.
 _MIGRATION_LOCK = 0x66_6C_61_73_68_74_6D  # "flashtm"
@@ -123,6 +125,10 @@ class PostgresStore(DurableReads):
     async def replace_campaign(self, campaign: Campaign) -> None:
         with _translated("replace campaign"):
             await self._pool.execute(_REPLACE_CAMPAIGN, *campaign_row(campaign))
+
+    async def archive(self, archive: Archive) -> None:
+        with _translated("archive"):
+            await self._pool.execute(_INSERT_ARCHIVE, *archive_row(archive))
 
     def _mark(self, n: int) -> str:
         return sql.dollar(n)

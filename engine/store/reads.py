@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from engine.models import Campaign, Order, Team, to_ms
-from engine.store import Batch, StoredOrder, Totals
+from engine.models import Campaign, Order, Team, from_ms, to_ms
+from engine.store import Archive, Batch, StoredOrder, Totals
 from engine.store import schema as sql
 from engine.store.rows import Row, campaign_from, order_from, team_from
 
@@ -28,6 +29,26 @@ class DurableReads:
         rows = await self._fetch(sql.CAMPAIGNS_ENDING_AFTER, to_ms(moment))
         return [campaign_from(r) for r in rows]
 
+    async def archive_of(self, campaign_id: str) -> Archive | None:
+        rows = await self._fetch(sql.GET_ARCHIVE, campaign_id)
+        if not rows:
+            return None
+        row = rows[0]
+        return Archive(
+            row["campaign_id"],
+            from_ms(row["archived_at"]),
+            json.loads(row["sold_out"]),
+            json.loads(row["rejections"]),
+        )
+
+    async def archive_candidates(self, before: datetime) -> list[str]:
+        at = to_ms(before)
+        return [r["id"] for r in await self._fetch(sql.ARCHIVE_CANDIDATES, at, at, at)]
+
+    async def get_team(self, team_id: str) -> Team | None:
+        rows = await self._fetch(sql.GET_TEAM, team_id)
+        return team_from(rows[0]) if rows else None
+
     async def get_order(self, order_id: str) -> Order | None:
         rows = await self._fetch(sql.GET_ORDER, order_id)
         return order_from(rows[0]) if rows else None
@@ -42,7 +63,14 @@ class DurableReads:
         rows = await self._fetch(sql.ORDER_TOTALS, campaign_id)
         # int(): PostgreSQL's SUM over BIGINT is NUMERIC (a Decimal).
         return [
-            Totals(r["sku"], r["state"], int(r["orders"]), int(r["units"]), int(r["amount"]))
+            Totals(
+                r["sku"],
+                r["state"],
+                int(r["orders"]),
+                int(r["units"]),
+                int(r["amount"]),
+                int(r["kept"]),
+            )
             for r in rows
         ]
 

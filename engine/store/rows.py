@@ -21,6 +21,7 @@ from engine.models import (
     from_ms,
     to_ms,
 )
+from engine.store import Archive
 
 
 class Row(Protocol):
@@ -60,6 +61,15 @@ def campaign_from(row: Row) -> Campaign:
         team_size=row["team_size"],
         team_ttl_seconds=row["team_ttl_seconds"],
         invalidated_at=None if row["invalidated_at"] is None else from_ms(row["invalidated_at"]),
+    )
+
+
+def archive_row(archive: Archive) -> tuple[Any, ...]:
+    return (
+        archive.campaign_id,
+        to_ms(archive.archived_at),
+        json.dumps(archive.sold_out, sort_keys=True),
+        json.dumps(archive.rejections, sort_keys=True),
     )
 
 

@@ -78,6 +78,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             team_seq    BIGINT NOT NULL
         )""",
     ),
+    (
+        # Campaigns archived out of Redis (engine.archive): SQL is then their only copy; what
+        # their reads need that lived only in Redis is kept here (JSON objects).
+        """CREATE TABLE IF NOT EXISTS archives (
+            campaign_id TEXT PRIMARY KEY,
+            archived_at BIGINT NOT NULL,
+            sold_out    TEXT NOT NULL,
+            rejections  TEXT NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -233,7 +243,8 @@ TEAM_ORDERS = (
 )
 GET_ORDER = f"SELECT {', '.join(ORDER_COLUMNS)} FROM orders WHERE order_id = {{0}}"
 ORDER_TOTALS = (
-    "SELECT sku, state, COUNT(*) AS orders, SUM(qty) AS units, SUM(amount) AS amount"
+    "SELECT sku, state, COUNT(*) AS orders, SUM(qty) AS units, SUM(amount) AS amount,"
+    " SUM(CASE WHEN restocked = 0 THEN qty ELSE 0 END) AS kept"
     " FROM orders WHERE campaign_id = {0} GROUP BY sku, state"
 )
 TEAM_FILL = (
@@ -248,11 +259,33 @@ CAMPAIGN_ORDERS = (
 CAMPAIGN_TEAMS = (
     f"SELECT {', '.join(TEAM_COLUMNS)} FROM teams WHERE campaign_id = {{0}} ORDER BY team_id"
 )
+
+
+def insert_archive(mark: Placeholder) -> str:
+    """Record a campaign as archived; a second write of the same campaign changes nothing."""
+    return f"{insert('archives', ARCHIVE_COLUMNS, mark)} ON CONFLICT (campaign_id) DO NOTHING"
+
+
 MARKS = "SELECT order_seq, team_seq FROM sequences WHERE campaign_id = {0}"
 GET_CAMPAIGN = f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE id = {{0}}"
 CAMPAIGNS_ENDING_AFTER = (
-    f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE ends_at > {{0}} ORDER BY starts_at"
+    f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE ends_at > {{0}}"
+    " AND id NOT IN (SELECT campaign_id FROM archives) ORDER BY starts_at"
 )
+ARCHIVE_COLUMNS = ("campaign_id", "archived_at", "sold_out", "rejections")
+GET_ARCHIVE = f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM archives WHERE campaign_id = {{0}}"
+# Campaigns over (ended or invalidated) before {0} whose orders and teams last changed before
+# {1} and {2} (the same moment), not archived yet: the archiver's candidates, oldest end first.
+ARCHIVE_CANDIDATES = (
+    "SELECT c.id FROM campaigns c WHERE"
+    " CASE WHEN c.invalidated_at IS NOT NULL AND c.invalidated_at < c.ends_at"
+    " THEN c.invalidated_at ELSE c.ends_at END < {0}"
+    " AND c.id NOT IN (SELECT campaign_id FROM archives)"
+    " AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.campaign_id = c.id AND o.updated_at >= {1})"
+    " AND NOT EXISTS (SELECT 1 FROM teams t WHERE t.campaign_id = c.id AND t.updated_at >= {2})"
+    " ORDER BY c.ends_at"
+)
+GET_TEAM = f"SELECT {', '.join(TEAM_COLUMNS)} FROM teams WHERE team_id = {{0}}"
 
 
 def query(template: str, mark: Placeholder) -> str:

@@ -14,10 +14,10 @@ import aiosqlite
 
 from engine.errors import AlreadyExists, Unavailable
 from engine.models import Campaign
-from engine.store import Batch
+from engine.store import Archive, Batch
 from engine.store import schema as sql
 from engine.store.reads import DurableReads
-from engine.store.rows import campaign_row, order_row, team_row
+from engine.store.rows import archive_row, campaign_row, order_row, team_row
 
 _Q = sql.qmark
 _UPSERT_ORDER = sql.upsert_newer("orders", sql.ORDER_COLUMNS, _Q)
@@ -25,6 +25,7 @@ _UPSERT_TEAM = sql.upsert_newer("teams", sql.TEAM_COLUMNS, _Q)
 _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _Q)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_Q)
 _RAISE_MARKS = sql.raise_marks(_Q, "MAX")
+_INSERT_ARCHIVE = sql.insert_archive(_Q)
 
 
 class SqliteStore(DurableReads):
@@ -62,6 +63,9 @@ class SqliteStore(DurableReads):
 
     async def replace_campaign(self, campaign: Campaign) -> None:
         await self._write(_REPLACE_CAMPAIGN, campaign_row(campaign))
+
+    async def archive(self, archive: Archive) -> None:
+        await self._write(_INSERT_ARCHIVE, archive_row(archive))
 
     async def _write(self, statement: str, row: tuple[Any, ...]) -> None:
         """One autocommitted statement, never inside another task's batch transaction."""

@@ -61,15 +61,19 @@ local function node_id()
 end
 
 -- Whether the campaign's Redis state may be changed: nil when it may, else the reply
--- {RECOVERING, why} until engine/recovery.py has repaired it from SQL:
---   'missing'    no definition here (Redis lost it, or there is no such campaign)
+-- {RECOVERING, why}:
+--   'missing'    no definition here (Redis lost it, it was archived, or there is no such
+--                campaign): engine/recovery.py looks in SQL
+--   'archiving'  sealed for its archival to SQL (archive_campaign.lua): it never changes in
+--                Redis again, unless the archival is called off
 --   'fenced'     a repair is due or running (`fence` names why)
 --   'restarted'  this server restarted or was promoted since the state was last verified
 -- Every script that changes a campaign calls it before anything else.
 local function untrusted(meta_key)
-  local v = redis.call('HMGET', meta_key, 'kind', 'fence', 'node')
+  local v = redis.call('HMGET', meta_key, 'kind', 'sealed', 'fence', 'node')
   if not v[1] then return {RECOVERING, 'missing'} end
-  if v[2] then return {RECOVERING, 'fenced'} end
-  if v[3] ~= node_id() then return {RECOVERING, 'restarted'} end
+  if v[2] then return {RECOVERING, 'archiving'} end
+  if v[3] then return {RECOVERING, 'fenced'} end
+  if v[4] ~= node_id() then return {RECOVERING, 'restarted'} end
   return nil
 end
