@@ -37,10 +37,10 @@ from redis.asyncio.lock import Lock
 
 from engine.errors import EngineError, NotFound
 from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of
-from engine.models import Campaign, ItemStock, from_ms
+from engine.models import Campaign, CampaignKind, ItemStock, from_ms, to_ms
 from engine.reconcile import reconcile
 from engine.runtime import Runtime
-from engine.scripts import guarded
+from engine.scripts import Code, Refusal, guarded
 from engine.store import Archive, Totals
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,32 @@ def durable_stock(
             )
         )
     return tuple(stock)
+
+
+async def archived_refusal(
+    rt: Runtime, campaign_id: str, op: str, team_id: str | None = None
+) -> EngineError:
+    """What an order-creating script answers once its campaign is over, for an archived one
+    (where no script runs): ``op`` is reserve, open, quick or join (lib/ops.lua
+    campaign_closed, then for a join the team's state). Invalidated, ended, wrong_kind,
+    not_found or team_closed. A retry of a request made before the archival answers the same,
+    not with its original order (that is in the shopper's order list)."""
+    campaign = await rt.store.get_campaign(campaign_id)
+    if campaign is None:
+        return Refusal(Code.NOT_FOUND, None).error()
+    if campaign.invalidated_at is not None:
+        return Refusal(Code.INVALIDATED, None).error()
+    ended = Refusal(Code.ENDED, str(to_ms(campaign.ends_at))).error()
+    if op in ("reserve", "open"):
+        return ended  # an opening op: the end comes before the campaign's kind
+    if campaign.kind is not CampaignKind.TEAM:  # join and quick-join are team ops
+        return Refusal(Code.WRONG_KIND, None).error()
+    if op == "quick":
+        return ended  # no team is joinable, and none may be opened
+    team = None if team_id is None else await rt.store.get_team(team_id)
+    if team is None:
+        return Refusal(Code.NOT_FOUND, None).error()
+    return Refusal(Code.TEAM_CLOSED, team.state.value).error()
 
 
 class Archiver:
@@ -168,6 +194,7 @@ class Archiver:
                 return Archival(campaign_id, False, reason, tuple(differences))
             await guarded(rt.redis.sadd(ARCHIVING, campaign_id))
             await rt.store.archive(await self._record(campaign_id))
+            log.debug("campaign %s: recorded as archived in SQL", campaign_id)
             await _count(rt, "archived")
         keys, longest = await self._delete(campaign_id)
         await guarded(rt.redis.srem(ARCHIVING, campaign_id))
@@ -186,6 +213,7 @@ class Archiver:
         the reason (the campaign then left unsealed) and the differences found."""
         rt = self._rt
         refused = await rt.scripts.seal(campaign_id)
+        log.debug("campaign %s: seal: %s", campaign_id, refused or "sealed")
         if refused in _REPAIRED_FIRST:
             await self._repair(campaign_id)
             refused = await rt.scripts.seal(campaign_id)
@@ -204,6 +232,7 @@ class Archiver:
         if differences:
             await rt.scripts.unseal(campaign_id)
             return "differs", differences
+        log.debug("campaign %s: Redis and SQL agree", campaign_id)
         return "", []
 
     async def _stock_differences(self, campaign_id: str) -> list[str]:
@@ -247,12 +276,14 @@ class Archiver:
         keys = keys_of(campaign_id)
         await guarded(redis.srem(CAMPAIGN_SET, campaign_id))
         await guarded(redis.srem(STREAM_SET, campaign_id))
+        log.debug("campaign %s: unregistered", campaign_id)
         doomed = [k for k in (*keys.order_keys, keys.rejections, keys.repair) if k != keys.meta]
         deleted, longest = 0, 0.0
         for key in [*doomed, keys.meta]:
             sent = time.perf_counter()
             deleted += int(await guarded(redis.unlink(key)))
             longest = max(longest, (time.perf_counter() - sent) * 1000)
+            log.debug("campaign %s: unlinked %s", campaign_id, key)
         return deleted, longest
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import time
 
+from engine.archive import archived_refusal
 from engine.coalesce import Coalescer
+from engine.errors import Archived
 from engine.keys import check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Reservation, check_int
 from engine.runtime import Runtime
@@ -43,9 +45,12 @@ class FlashSale:
         check_int(qty, "qty", 1, MAX_UNITS)
         flag = (keys.campaign_id, sku)
         sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
-        outcome = await self._coalescer.reserve(
-            keys.campaign_id, user_id, sku, qty, idempotency_key, probe=sold_out
-        )
+        try:
+            outcome = await self._coalescer.reserve(
+                keys.campaign_id, user_id, sku, qty, idempotency_key, probe=sold_out
+            )
+        except Archived:
+            raise await archived_refusal(self._rt, keys.campaign_id, "reserve") from None
         if isinstance(outcome, Reservation):
             return outcome
         ttl = self._rt.settings.sold_out_ttl

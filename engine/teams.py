@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from engine.archive import archived_refusal
 from engine.coalesce import Coalescer
-from engine.errors import NotFound
+from engine.errors import Archived, NotFound
 from engine.keys import campaign_of_team, check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Order, Team, TeamSeatResult, TeamState, check_int
 from engine.runtime import Runtime
@@ -85,7 +86,10 @@ class Teams:
         check_key(idempotency_key, "idempotency_key")
         check_int(qty, "qty", 1, MAX_UNITS)
         call = Call(OPEN, leader_id, sku, "", qty, idempotency_key)
-        outcome = accepted(await self._scripts.one(keys.campaign_id, call))
+        try:
+            outcome = accepted(await self._scripts.one(keys.campaign_id, call))
+        except Archived:
+            raise await archived_refusal(self._rt, keys.campaign_id, "open") from None
         assert isinstance(outcome, TeamSeatResult)  # OPEN decodes to one
         return outcome
 
@@ -95,9 +99,13 @@ class Teams:
         keys = keys_of(campaign_id)
         check_id(user_id, "user_id")
         check_key(idempotency_key, "idempotency_key")
-        return accepted(
-            await self._coalescer.join(keys.campaign_id, user_id, team_id, idempotency_key)
-        )
+        try:
+            outcome = await self._coalescer.join(
+                keys.campaign_id, user_id, team_id, idempotency_key
+            )
+        except Archived:
+            raise await archived_refusal(self._rt, keys.campaign_id, "join", team_id) from None
+        return accepted(outcome)
 
     async def quick_join(
         self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
@@ -107,9 +115,13 @@ class Teams:
         check_id(user_id, "user_id")
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
-        return accepted(
-            await self._coalescer.quick_join(keys.campaign_id, user_id, sku, idempotency_key)
-        )
+        try:
+            outcome = await self._coalescer.quick_join(
+                keys.campaign_id, user_id, sku, idempotency_key
+            )
+        except Archived:
+            raise await archived_refusal(self._rt, keys.campaign_id, "quick") from None
+        return accepted(outcome)
 
     async def joinable(
         self, campaign_id: str, sku: str, viewer: str | None = None, limit: int = 20
