@@ -304,6 +304,9 @@ async def test_metrics_sum_every_worker(api: ApiServer, http: httpx.AsyncClient)
     assert (metric(text, "flashteam_http_request_seconds_count", **rejected) or 0) >= 1
     assert metric(text, "flashteam_stream_unflushed") is not None
     assert metric(text, "flashteam_reaper_lag_seconds") is not None
+    assert (metric(text, "flashteam_redis_up"), metric(text, "flashteam_sql_up")) == (1, 1)
+    assert metric(text, "flashteam_dead_letters") is not None
+    assert metric(text, "flashteam_campaigns_archived_total") is not None
     assert "flashteam_script_seconds_count" in text
 
 
@@ -1257,6 +1260,12 @@ async def test_redis_down_is_503_then_recovers(tmp_path: Path) -> None:
             assert ready["status"] == "unavailable"
             assert ready["checks"]["redis"] != "ok" and ready["checks"]["sql"] == "ok"
             assert (await client.get("/healthz")).status_code == 200
+            # /metrics still answers, so the alert on Redis being down has its metric.
+            scraped = await client.get("/metrics")
+            assert scraped.status_code == 200
+            assert metric(scraped.text, "flashteam_redis_up") == 0
+            assert metric(scraped.text, "flashteam_sql_up") == 1
+            assert metric(scraped.text, "flashteam_stream_lag_seconds") is None
 
             await asyncio.to_thread(redis_server.start)  # the same port, its AOF reloaded
 

@@ -9,13 +9,14 @@ so they are right whichever worker answers.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.archive import ARCHIVE_STATS
-from engine.keys import CAMPAIGN_SET, keys_of
+from engine.errors import EngineError, Unavailable
+from engine.keys import CAMPAIGN_SET, DEAD_LETTERS, keys_of
 from engine.recovery import RECOVERY_STATS, Recovery
 from engine.runtime import Runtime
 from engine.scripts import guarded
@@ -62,15 +63,44 @@ def _registry() -> CollectorRegistry | None:
 
 
 async def render(rt: Runtime) -> bytes:
-    """The exposition text: this process's (or every worker's) histograms, plus the live
-    stream and reaper lag read from Redis."""
+    """The exposition text: this process's (or every worker's) histograms, whether Redis and
+    SQL answer, and what is read from Redis at scrape time (stream and reaper lag, dead
+    letters, fenced campaigns, repair and archival counters). With Redis down the Redis-read
+    gauges are left out and ``flashteam_redis_up`` is 0, so the alert still has its metric."""
     registry = _registry()
     text = generate_latest(registry) if registry is not None else generate_latest()
+    sql_up = await _answers(rt.store.get_campaign("metrics-probe"))
+    try:
+        from_redis = await _from_redis(rt)
+    except Unavailable:
+        from_redis = []
+    lines = [
+        "# HELP flashteam_redis_up 1 when Redis answered this scrape, else 0.",
+        "# TYPE flashteam_redis_up gauge",
+        f"flashteam_redis_up {int(bool(from_redis))}",
+        "# HELP flashteam_sql_up 1 when the durable store answered this scrape, else 0.",
+        "# TYPE flashteam_sql_up gauge",
+        f"flashteam_sql_up {int(sql_up)}",
+        *from_redis,
+    ]
+    return text + ("\n".join(lines) + "\n").encode()
+
+
+async def _answers(probe: Awaitable[object]) -> bool:
+    try:
+        await probe
+    except EngineError:
+        return False
+    return True
+
+
+async def _from_redis(rt: Runtime) -> list[str]:
     lag = await FlushWorker(rt, name="metrics").lag()
     overdue = await reaper_lag(rt)
     stats: dict[str, str] = await guarded(rt.redis.hgetall(RECOVERY_STATS))
     fenced = await fenced_campaigns(rt)
-    lines = [
+    dead = int(await guarded(rt.redis.xlen(DEAD_LETTERS)))
+    return [
         "# HELP flashteam_stream_unflushed Outbox entries not yet committed to SQL.",
         "# TYPE flashteam_stream_unflushed gauge",
         f"flashteam_stream_unflushed {lag.unflushed}",
@@ -83,6 +113,9 @@ async def render(rt: Runtime) -> bytes:
         "# HELP flashteam_reaper_lag_seconds How far past its deadline the most overdue hold is.",
         "# TYPE flashteam_reaper_lag_seconds gauge",
         f"flashteam_reaper_lag_seconds {overdue}",
+        "# HELP flashteam_dead_letters Outbox entries the flush worker could not decode (ft:dead).",
+        "# TYPE flashteam_dead_letters gauge",
+        f"flashteam_dead_letters {dead}",
         "# HELP flashteam_campaigns_fenced Campaigns answering 'recovering' until repaired.",
         "# TYPE flashteam_campaigns_fenced gauge",
         f"flashteam_campaigns_fenced {fenced}",
@@ -94,7 +127,6 @@ async def render(rt: Runtime) -> bytes:
         f"flashteam_recovery_failures_total {int(stats.get('failures', 0))}",
         *await _archival(rt),
     ]
-    return text + ("\n".join(lines) + "\n").encode()
 
 
 async def _archival(rt: Runtime) -> list[str]:
