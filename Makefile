@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install redis postgres run demo test lint bench loadtest clean
+.PHONY: help install redis postgres promtool run demo test lint bench loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,6 +32,21 @@ postgres: ## make sure PostgreSQL's server binaries are installed (the suite sta
 	    exit 1; \
 	  fi; }
 
+promtool: ## make sure promtool is installed (Debian's prometheus package; its service is not started)
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "promtool is missing: installing Debian's prometheus package with apt-get (its service is not started)"; \
+	    if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
+	      trap 'rm -f /usr/sbin/policy-rc.d' EXIT; \
+	    fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "the test suite checks deploy/prometheus with promtool and cannot install it here." >&2; \
+	    echo "Install it yourself: 'sudo apt-get install prometheus' (Debian/Ubuntu) or 'brew install prometheus' (macOS)." >&2; \
+	    exit 1; \
+	  fi; }
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -51,7 +66,7 @@ lint: install ## ruff and mypy --strict over the package and the tests
 	$(BIN)/ruff format --check engine testkit tests bench loadtests
 	$(BIN)/mypy
 
-test: lint postgres ## lint, then the whole test suite against real servers it starts itself
+test: lint postgres promtool ## lint, then the whole test suite against real servers it starts itself
 	$(BIN)/pytest
 
 bench: install postgres ## benchmarks (excluded from `make test`), then the report under bench/reports/
