@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bench.charts import Charts, series
+from bench.charts import Charts, Series, series
 from bench.markdown import fmt, image, table, tabled
 from bench.results import IMPLEMENTATIONS, Result, Results
 from bench.targets import MET, NOT_MET, TARGETS, UNMEASURED, Verdict
@@ -157,6 +157,42 @@ def memory_section(results: Results, charts: Charts) -> list[str]:
     return out
 
 
+T8_REPAIR = ("t8-repair-sqlite", "t8-repair-postgresql")
+T8_PAY = ("t8-pay-sqlite", "t8-pay-postgresql")
+T8_PACED = ("t8-pay-paced-sqlite", "t8-pay-paced-postgresql")
+
+
+def t8_section(results: Results, charts: Charts) -> list[str]:
+    """T8: the repair per backend, then pay per durability mode, closed and open loop."""
+    out = ["## T8 repair after Redis data loss", ""]
+    repairs = [results[n] for n in T8_REPAIR if n in results]
+    pays = [results[n] for n in T8_PAY if n in results]
+    paced = [results[n] for n in T8_PACED if n in results]
+    if not repairs and not pays and not paced:
+        return [*out, NOT_RUN, ""]
+    for result in repairs:
+        out += tabled(
+            f"{result.title}: `repair_s` is `engine.recovery.repair` after FLUSHALL, "
+            "`baseline_read_s` reading the campaign's orders and teams from SQL alone; "
+            "the checks ran after the repair.",
+            result,
+        )
+    for result in pays:
+        out += tabled(f"{result.title}; `vs_outbox` is the rate over the fast mode's:", result)
+    lines: Series = {}
+    for result in pays:
+        backend = result.rows[0].get("backend", result.name)
+        for mode, points in series(result.rows, "mode", "per_s").items():
+            lines[f"{backend} {mode}"] = points
+    out += image(
+        charts.lines("t8-pay", "T8 pays/s by durability mode", lines, "pays per second"),
+        "T8 pay",
+    )
+    for result in paced:
+        out += tabled(f"{result.title}:", result)
+    return out
+
+
 def scripts_section(results: Results, charts: Charts) -> list[str]:
     """The Lua scripts' micro benchmarks and the Redis time per request."""
     scripts = results.get("scripts")
@@ -228,6 +264,7 @@ SECTIONS: tuple[Section, ...] = (
     _plain("t5-reaper", heading="T5 mass expiry"),
     Section(("t6-redis-memory", "t6-process-memory"), memory_section),
     _plain("t7-scale", heading="T7 one million users"),
+    Section((*T8_REPAIR, *T8_PAY, *T8_PACED), t8_section),
     Section(("scripts",), scripts_section),
     # Shown once bench/ measures it: the report of a run without it stays as it was.
     _plain(

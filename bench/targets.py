@@ -18,6 +18,10 @@ MET, NOT_MET, UNMEASURED = "met", "**NOT met**", "not measured"
 NO_BENCHMARK = "no benchmark yet"
 # The flush worker's default batch (FLASHTEAM_FLUSH_BATCH): T4 is judged at it.
 FLUSH_BATCH = 1_000
+# The campaign T8 repairs: this many orders at least.
+REPAIR_ORDERS = 100_000
+# What a T8 repair row must say was checked after the repair (bench/test_recovery.py).
+REPAIR_CHECKS = ("audit_ok", "redis_equals_sql", "reconcile_ok", "trusted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +239,63 @@ def _t7(results: Results, target: Target) -> Reading:
     )
 
 
+def _t8_repair(results: Results, target: Target) -> Reading:
+    """Both backends: the repair's seconds, and every check after it passed."""
+    measured, baselines, ok = [], [], True
+    for backend in _BACKENDS:
+        rows = by(results[f"t8-repair-{backend}"].rows, "campaign")
+        if target.key not in rows:
+            raise NotMeasured(f"no `{target.key}` campaign in t8-repair-{backend}.json")
+        row = rows[target.key]
+        seconds, orders = float(row[target.column]), int(row["orders"])
+        failed = [check for check in REPAIR_CHECKS if row.get(check) is not True]
+        ok = ok and target.holds(seconds) and orders >= REPAIR_ORDERS and not failed
+        measured.append(
+            f"{backend} {seconds:.1f} s for {orders:,} orders "
+            f"({float(row['orders_per_s']):,.0f}/s, {float(row['vs_baseline']):.1f}x the read)"
+            + (f", failed: {', '.join(failed)}" if failed else "")
+        )
+        baselines.append(f"{backend} {float(row['baseline_read_s']):.1f} s")
+    return Reading("; ".join(measured), f"{target.baseline}: {', '.join(baselines)}", ok)
+
+
+def _t8_pay(results: Results, target: Target) -> Reading:
+    """Both backends: the default's best rate over the fast mode's best, closed loop."""
+    measured, baselines, ok = [], [], True
+    for backend in _BACKENDS:
+        rows = results[f"t8-pay-{backend}"].rows
+        best = {
+            mode: max(float(r[target.column]) for r in rows if r["mode"] == mode)
+            for mode in (target.key, "outbox")
+        }
+        ratio = best[target.key] / best["outbox"]
+        lowest = min(float(r["vs_outbox"]) for r in rows if r["mode"] == target.key)
+        ok = ok and target.holds(ratio)
+        measured.append(
+            f"{backend} {ratio:.2f}x ({best[target.key]:,.0f}/s; per level down to {lowest:.2f}x)"
+        )
+        baselines.append(f"{backend} {best['outbox']:,.0f}/s")
+    return Reading("; ".join(measured), f"{target.baseline}: {', '.join(baselines)}", ok)
+
+
+def _t8_p99(results: Results, target: Target) -> Reading:
+    """Both backends: pay's p99 open loop at a share of its own peak."""
+    measured, baselines, ok = [], [], True
+    for backend in _BACKENDS:
+        modes = by(results[f"t8-pay-paced-{backend}"].rows, "mode")
+        if target.key not in modes:
+            raise NotMeasured(f"no `{target.key}` row in t8-pay-paced-{backend}.json")
+        row = modes[target.key]
+        p99 = float(row[target.column])
+        ok = ok and target.holds(p99)
+        measured.append(
+            f"{backend} p99 {p99:,.1f} ms (p50 {float(row['p50_ms']):,.1f}) at "
+            f"{float(row['offered_per_s']):,.0f}/s, {float(row['of_peak']):.0%} of peak"
+        )
+        baselines.append(f"{backend} {float(row['peak_per_s']):,.0f}/s")
+    return Reading("; ".join(measured), f"{target.baseline}: {', '.join(baselines)}", ok)
+
+
 # --------------------------------------------------------------------------- the targets
 
 _NAIVE = "naive reference endpoint (FastAPI, one Lua DECR per request)"
@@ -386,16 +447,36 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "T8 repair after Redis lost data",
-        "a campaign of 100,000 orders repaired in seconds",
-        baseline="the durable store's orders",
+        # docs/performance.md says "seconds"; read as at most 10 s, the scale of T5.
+        f"a campaign of {REPAIR_ORDERS:,} orders repaired in seconds ({{bound}}), then Redis "
+        "equals SQL",
+        Bound("<=", 10, " s"),
+        "reading its durable orders and teams alone",
+        _t8_repair,
+        tuple(f"t8-repair-{backend}" for backend in _BACKENDS),
+        "flash",
+        "repair_s",
     ),
     Target(
         "T8 pay with the durability default",
-        "{bound} the fast mode",
+        "{bound} the fast mode (each mode's best rate, 10 to 1,000 callers)",
         Bound(">=", 0.5, "x"),
         "pay in the fast mode, same run",
+        _t8_pay,
+        tuple(f"t8-pay-{backend}" for backend in _BACKENDS),
+        "sql",
+        "per_s",
     ),
-    Target("T8 pay p99 at 70% of peak", "p99 {bound}", Bound("<=", 25, " ms"), "pay's own peak"),
+    Target(
+        "T8 pay p99 at 70% of peak",
+        "p99 {bound}, open loop at 70% of its peak",
+        Bound("<=", 25, " ms"),
+        "pay's own peak",
+        _t8_p99,
+        tuple(f"t8-pay-paced-{backend}" for backend in _BACKENDS),
+        "sql",
+        "p99_ms",
+    ),
 )
 
 

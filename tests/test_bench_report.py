@@ -7,6 +7,7 @@ and some are not measured (a result file missing, or no benchmark yet).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any
 import pytest
 
 from bench.make_report import main
-from bench.targets import MET, NOT_MET, TARGETS, UNMEASURED, target
+from bench.results import Result
+from bench.targets import MET, NOT_MET, TARGETS, UNMEASURED, judge, target
 
 DAY = "2026-12-02"
 LEVELS = (10, 1_000)
+LEVELS_T8 = (10, 100, 1_000)
 
 
 def _latency(impl: str, level: int, per_s: float, **extra: Any) -> dict[str, Any]:
@@ -41,6 +44,35 @@ def _t1(level: int) -> list[dict[str, Any]]:
         "postgres": 1_100.0,
     }
     return [_latency(impl, level, rate, requests=1_000, rejected=0) for impl, rate in rates.items()]
+
+
+# T8 per backend: repair seconds (<= 10 s), the sql mode's pay rates at 10, 100 and 1,000
+# callers (the fast mode runs 3,000/s at each), and the p99 at 70% of peak (<= 25 ms).
+T8_REPAIR = (("sqlite", 4.2), ("postgresql", 6.3))
+T8_PAY = (("sqlite", (900.0, 2_100.0, 2_700.0)), ("postgresql", (600.0, 1_200.0, 1_400.0)))
+T8_P99 = (("sqlite", 18.0), ("postgresql", 24.0))
+T8_FAST = 3_000.0
+
+
+def _t8_repair(backend: str, seconds: float) -> list[dict[str, Any]]:
+    checks = {"audit_ok": True, "redis_equals_sql": True, "reconcile_ok": True, "trusted": True}
+    return [
+        {"backend": backend, "campaign": campaign, "orders": orders, "repair_s": seconds * share}
+        | {"orders_per_s": orders / (seconds * share), "baseline_read_s": 1.5 * share}
+        | {"vs_baseline": seconds / 1.5, **checks}
+        for campaign, orders, share in (("flash", 100_000, 1.0), ("team", 10_000, 0.2))
+    ]
+
+
+def _t8_pay(backend: str, sql: tuple[float, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for level, rate in zip(LEVELS_T8, sql, strict=True):
+        for mode, per_s in (("sql", rate), ("outbox", T8_FAST)):
+            rows.append(
+                {"backend": backend, "mode": mode, "concurrency": level, "per_s": per_s}
+                | {"vs_outbox": per_s / T8_FAST}
+            )
+    return rows
 
 
 RESULTS: dict[str, list[dict[str, Any]]] = {
@@ -116,6 +148,16 @@ RESULTS: dict[str, list[dict[str, Any]]] = {
         {"process": 1, "resellable_after_s": 0.51},
         {"process": 2, "resellable_after_s": 0.49},
     ],
+    **{f"t8-repair-{backend}": _t8_repair(backend, seconds) for backend, seconds in T8_REPAIR},
+    **{f"t8-pay-{backend}": _t8_pay(backend, sql) for backend, sql in T8_PAY},
+    **{
+        f"t8-pay-paced-{backend}": [
+            {"backend": backend, "mode": "sql", "peak_per_s": 2_500.0, "offered_per_s": 1_750.0}
+            | {"of_peak": 0.7, "p50_ms": 9.0, "p99_ms": p99},
+            {"backend": backend, "mode": "outbox", "peak_per_s": 2_500.0, "p99_ms": 8.0},
+        ]
+        for backend, p99 in T8_P99
+    },
 }
 # Not written, so not measured: flush-postgresql, flush-lag-postgresql, t7-scale.
 
@@ -166,6 +208,49 @@ def test_verdicts_follow_the_bounds(report: tuple[str, Path]) -> None:
     assert found["T4 flush lag at the T2 rate (sqlite)"][3] == MET
     assert found["T5 mass expiry"][3] == MET
     assert found["T6 Redis bytes per hold"][3] == MET
+    assert found["T8 repair after Redis lost data"][1:] == [
+        "sqlite 4.2 s for 100,000 orders (23,810/s, 2.8x the read); "
+        "postgresql 6.3 s for 100,000 orders (15,873/s, 4.2x the read)",
+        "reading its durable orders and teams alone: sqlite 1.5 s, postgresql 1.5 s",
+        MET,
+    ]
+    # The best rates compared: 2,700 / 3,000 on SQLite, but 1,400 / 3,000 on PostgreSQL.
+    assert found["T8 pay with the durability default"][1:] == [
+        "sqlite 0.90x (2,700/s; per level down to 0.30x); "
+        "postgresql 0.47x (1,400/s; per level down to 0.20x)",
+        "pay in the fast mode, same run: sqlite 3,000/s, postgresql 3,000/s",
+        NOT_MET,
+    ]
+    assert found["T8 pay p99 at 70% of peak"][1:] == [
+        "sqlite p99 18.0 ms (p50 9.0) at 1,750/s, 70% of peak; "
+        "postgresql p99 24.0 ms (p50 9.0) at 1,750/s, 70% of peak",
+        "pay's own peak: sqlite 2,500/s, postgresql 2,500/s",
+        MET,
+    ]
+
+
+def test_t8_needs_both_backends_and_every_check() -> None:
+    """A T8 repair is met only with both backends measured and every check passed."""
+    results = {
+        name: Result(name, name, rows, dt.datetime(2026, 12, 2))
+        for name, rows in RESULTS.items()
+        if name.startswith("t8-")
+    }
+    repair = target("T8 repair after Redis lost data")
+    assert judge(repair, results).verdict == MET
+    failed = _t8_repair("postgresql", 6.3)
+    failed[0]["reconcile_ok"] = False
+    results["t8-repair-postgresql"] = Result("t8", "t8", failed, dt.datetime(2026, 12, 2))
+    found = judge(repair, results)
+    assert found.verdict == NOT_MET and found.measured.endswith("failed: reconcile_ok")
+    slow = Result("t8", "t8", _t8_repair("postgresql", 10.5), dt.datetime(2026, 12, 2))
+    assert judge(repair, {**results, "t8-repair-postgresql": slow}).verdict == NOT_MET
+    del results["t8-repair-postgresql"]
+    assert judge(repair, results).verdict == UNMEASURED
+    no_sql = [row for row in RESULTS["t8-pay-paced-sqlite"] if row["mode"] != "sql"]
+    results["t8-pay-paced-sqlite"] = Result("t8", "t8", no_sql, dt.datetime(2026, 12, 2))
+    found = judge(target("T8 pay p99 at 70% of peak"), results)
+    assert found.verdict == UNMEASURED and "no `sql` row" in found.measured
 
 
 def test_missing_results_and_missing_benchmarks_are_not_measured(
@@ -192,6 +277,7 @@ def test_sections_and_charts(report: tuple[str, Path]) -> None:
         "T5 mass expiry",
         "T6 memory",
         "T7 one million users",
+        "T8 repair after Redis data loss",
         "Lua scripts (micro benchmarks)",
         "Sold-out resell",
         "Result files",
@@ -208,6 +294,7 @@ def test_sections_and_charts(report: tuple[str, Path]) -> None:
             "t3-teams",
             "t6-redis-bytes",
             "t6-rss",
+            "t8-pay",
             "scripts",
         )
     )
