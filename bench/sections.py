@@ -152,7 +152,20 @@ def memory_section(results: Results, charts: Charts) -> list[str]:
         out += tabled("Process RSS over the requests:", rss)
         points = [(float(r["requests"]), float(r["rss_mib"])) for r in rss.rows]
         out += image(charts.xy("t6-rss", "Process RSS", points, "requests", "RSS MiB"), "T6 RSS")
-    if redis_memory is None and rss is None:
+    archival = results.get("t6-archival")
+    if archival is not None:
+        out += tabled(
+            "Redis `used_memory` after each campaign is archived (10,000 orders each, flash "
+            "and team in turn), against the baseline read before the first; the peak is the "
+            "campaign's own before its archival:",
+            archival,
+        )
+        points = [(float(r["campaign"]), float(r["vs_baseline"])) for r in archival.rows]
+        chart = charts.xy(
+            "t6-archival", "Redis used_memory after each archival", points, "campaign", "x baseline"
+        )
+        out += image(chart, "T6 archival")
+    if redis_memory is None and rss is None and archival is None:
         out.append(NOT_RUN)
     return out
 
@@ -262,7 +275,7 @@ SECTIONS: tuple[Section, ...] = (
         heading="T4 flush worker",
     ),
     _plain("t5-reaper", heading="T5 mass expiry"),
-    Section(("t6-redis-memory", "t6-process-memory"), memory_section),
+    Section(("t6-redis-memory", "t6-process-memory", "t6-archival"), memory_section),
     _plain("t7-scale", heading="T7 one million users"),
     Section((*T8_REPAIR, *T8_PAY, *T8_PACED), t8_section),
     Section(("scripts",), scripts_section),

@@ -140,6 +140,22 @@ RESULTS: dict[str, list[dict[str, Any]]] = {
         {"requests": n, "rss_mib": 178.0, "growth_since_200k_mib": 0.0, "flat": True}
         for n in (0, 500_000, 1_000_000)
     ],
+    "t6-archival": [
+        {
+            "campaign": n,
+            "kind": "flash" if n % 2 else "team",
+            "orders": 10_000,
+            "peak_used_memory_mib": 12.0,
+            "used_memory_after_archival": 2_000_000 + 10_000 * n,
+            "vs_baseline": (2_000_000 + 10_000 * n) / 2_000_000,
+            "baseline": 2_000_000,
+            "cold_baseline": 1_400_000,
+            "archive_s": 0.4,
+            "keys_deleted": 7,
+            "longest_command_ms": 1.5 * n,
+        }
+        for n in (1, 2, 3)
+    ],
     "scripts": [
         {"script": "reserve_stock", "median_us": 264.0, "redis_us_per_request": 105.0},
         {"script": "batch64", "median_us": 1_480.0, "redis_us_per_request": 17.8},
@@ -208,6 +224,12 @@ def test_verdicts_follow_the_bounds(report: tuple[str, Path]) -> None:
     assert found["T4 flush lag at the T2 rate (sqlite)"][3] == MET
     assert found["T5 mass expiry"][3] == MET
     assert found["T6 Redis bytes per hold"][3] == MET
+    assert found["T6 Redis memory after archival"][1:] == [
+        "1.015x at worst after 3 campaigns of 10,000 orders (each peaked at up to 12 MiB); "
+        "slowest archival command 4.5 ms",
+        "Redis used_memory before the campaigns: 1.91 MiB",
+        MET,
+    ]
     assert found["T8 repair after Redis lost data"][1:] == [
         "sqlite 4.2 s for 100,000 orders (23,810/s, 2.8x the read); "
         "postgresql 6.3 s for 100,000 orders (15,873/s, 4.2x the read)",
@@ -227,6 +249,17 @@ def test_verdicts_follow_the_bounds(report: tuple[str, Path]) -> None:
         "pay's own peak: sqlite 2,500/s, postgresql 2,500/s",
         MET,
     ]
+
+
+def test_t6_archival_needs_every_campaign_within_the_bound() -> None:
+    """One campaign left above 1.05x of the baseline after its archival is enough to fail."""
+    rows = [dict(row) for row in RESULTS["t6-archival"]]
+    archival = target("T6 Redis memory after archival")
+    day = dt.datetime(2026, 12, 2)
+    assert judge(archival, {"t6-archival": Result("t6", "t6", rows, day)}).verdict == MET
+    rows[1]["vs_baseline"] = 1.06
+    found = judge(archival, {"t6-archival": Result("t6", "t6", rows, day)})
+    assert found.verdict == NOT_MET and found.measured.startswith("1.060x at worst")
 
 
 def test_t8_needs_both_backends_and_every_check() -> None:
@@ -294,6 +327,7 @@ def test_sections_and_charts(report: tuple[str, Path]) -> None:
             "t3-teams",
             "t6-redis-bytes",
             "t6-rss",
+            "t6-archival",
             "t8-pay",
             "scripts",
         )
