@@ -602,6 +602,7 @@ async def guarded(awaitable: Any) -> Any:
         redis_errors.ClusterDownError,
         redis_errors.TryAgainError,
         redis_errors.MaxConnectionsError,
+        redis_errors.SlotNotCoveredError,  # a Cluster slot with no live owner, mid-failover
         OSError,
     ) as exc:
         raise errors.Unavailable(f"Redis is unavailable: {exc}") from exc
