@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install redis postgres promtool run demo test lint bench loadtest clean
+.PHONY: help install redis postgres promtool browser run demo test lint bench loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -47,6 +47,17 @@ promtool: ## make sure promtool is installed (Debian's prometheus package; its s
 	    exit 1; \
 	  fi; }
 
+browser: ## make sure headless Chromium and its driver are installed (the live page's browser test)
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "chromium is missing: installing Debian's chromium and chromium-driver with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "the test suite opens the live page in headless Chromium and cannot install it here." >&2; \
+	    echo "Install it yourself: 'sudo apt-get install chromium chromium-driver' (Debian/Ubuntu)." >&2; \
+	    exit 1; \
+	  fi; }
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -66,7 +77,7 @@ lint: install ## ruff and mypy --strict over the package and the tests
 	$(BIN)/ruff format --check engine testkit tests bench loadtests
 	$(BIN)/mypy
 
-test: lint postgres promtool ## lint, then the whole test suite against real servers it starts itself
+test: lint postgres promtool browser ## lint, then the whole test suite against real servers it starts itself
 	$(BIN)/pytest
 
 bench: install postgres ## benchmarks (excluded from `make test`), then the report under bench/reports/

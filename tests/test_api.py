@@ -333,13 +333,18 @@ SPEC_ROUTES = {
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("get", "/v1/live"),
+    ("get", "/live"),
+    ("get", "/live/{asset}"),
 }
+PUBLIC_ROUTES = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/live", "/live/{asset}")
 ADMIN_ROUTES = {
     ("post", "/v1/campaigns"),
     ("patch", "/v1/campaigns/{campaign_id}"),
     ("post", "/v1/campaigns/{campaign_id}/invalidate"),
     ("post", "/v1/orders/{order_id}/refund"),
     ("get", "/v1/teams/{team_id}/orders"),
+    ("get", "/v1/live"),
 }
 
 
@@ -351,7 +356,7 @@ async def test_openapi_document(http: httpx.AsyncClient) -> None:
     schemas = document["components"]["schemas"]
     for path, ops in document["paths"].items():
         for method, op in ops.items():
-            public = path in ("/healthz", "/readyz", "/metrics", "/openapi.json")
+            public = path in PUBLIC_ROUTES
             assert ("security" in op) is not public, (method, path)
             if not public:
                 assert {"400", "401", "403", "404", "409", "503"} <= set(op["responses"])
@@ -1359,3 +1364,23 @@ async def test_large_order_amount_is_exact_or_refused(http: httpx.AsyncClient) -
         error = expect_error(response, response.json()["error"]["code"])
         assert response.status_code < 500, error
         assert (item["available"], item["held"]) == (10_000, 0)
+
+
+async def test_live_page_routes(http: httpx.AsyncClient) -> None:
+    """The live page (tests/test_live_page.py drives it in a browser): its HTML and assets
+    need no token and carry no data; the figures need the admin token."""
+    page = await http.get("/live")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+    assert '<script src="/live/live.js"' in page.text
+    for asset, media in (("live.js", "text/javascript"), ("live.css", "text/css")):
+        served = await http.get(f"/live/{asset}")
+        assert served.status_code == 200 and served.headers["content-type"].startswith(media)
+    expect_error(await http.get("/live/secrets.txt"), "not_found")
+    expect_error(await http.get("/v1/live"), "unauthorized")
+    expect_error(await http.get("/v1/live", headers=GW), "forbidden")
+    campaign_id = await new_flash(http)
+    figures = ok(await http.get("/v1/live", headers=AD))
+    assert campaign_id in {c["id"] for c in figures["campaigns"]}
+    assert {"routes", "outcomes", "stream_lag_s", "reaper_lag_s"} <= set(figures["engine"])

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from engine import errors
 from engine.api.app import STATUS

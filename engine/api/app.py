@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine import errors
-from engine.api import metrics
+from engine.api import live, metrics
 from engine.api import schemas as s
 from engine.api.openapi import Operation, openapi_document
 from engine.core import Engine
@@ -48,6 +48,18 @@ STATUS: dict[str, int] = {
     "unavailable": 503,
 }
 CONFLICT = 409  # every other business rejection: sold_out, team_full, hold_expired, ...
+
+
+_NO_STORE = {"Cache-Control": "no-store"}
+# The live page and its assets: its own script and styles only, data from this origin only.
+_PAGE_HEADERS = {
+    **_NO_STORE,
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; form-action 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+_ASSETS = {"live.js": "text/javascript; charset=utf-8", "live.css": "text/css; charset=utf-8"}
 
 
 class Access(Enum):
@@ -212,6 +224,9 @@ class Api:
             self._route(
                 "GET", "/v1/teams/{team_id}/orders", self.team_orders, adm, None, s.OrdersOut
             ),
+            self._route("GET", "/v1/live", self.live_figures, adm, None, live.LiveOut),
+            self._route("GET", "/live", self.live_page, pub, None, None),
+            self._route("GET", "/live/{asset}", self.live_asset, pub, None, None),
             self._route("GET", "/healthz", self.healthz, pub, None, s.Health),
             self._route("GET", "/readyz", self.readyz, pub, None, s.Health),
             self._route("GET", "/metrics", self.metrics, pub, None, None),
@@ -544,6 +559,22 @@ class Api:
         return json_response(
             s.Health("ok" if ready else "unavailable", checks), 200 if ready else 503
         )
+
+    async def live_figures(self, request: Request) -> Response:
+        """Every figure of the live sale page, cumulative (engine/api/live.py)."""
+        return json_response(await live.snapshot(self.engine), headers=_NO_STORE)
+
+    async def live_page(self, request: Request) -> Response:
+        """The live sale page; it asks for the admin token and polls GET /v1/live."""
+        return Response(live.asset("live.html"), 200, _PAGE_HEADERS, "text/html; charset=utf-8")
+
+    async def live_asset(self, request: Request) -> Response:
+        """The live page's script and style sheet."""
+        name = request.path_params["asset"]
+        media = _ASSETS.get(name)
+        if media is None:
+            raise ApiError("not_found", f"no route {request.url.path}")
+        return Response(live.asset(name), 200, _PAGE_HEADERS, media)
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus metrics."""

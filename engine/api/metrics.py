@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.archive import ARCHIVE_STATS
@@ -25,8 +25,9 @@ from engine.worker import FlushWorker
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
+_REQUESTS_NAME = "flashteam_http_request_seconds"
 _REQUESTS = Histogram(
-    "flashteam_http_request_seconds",
+    _REQUESTS_NAME,
     "HTTP requests by route and outcome (ok or the error code), with their latency",
     ["route", "outcome"],
     buckets=_BUCKETS,
@@ -60,6 +61,34 @@ def _registry() -> CollectorRegistry | None:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
+
+
+Buckets = list[tuple[float, float]]
+
+
+def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, float]]:
+    """The HTTP requests so far, of this process or (with several workers) of all of them:
+    per route, the count and the cumulative latency buckets, every outcome summed (routes in
+    order); and the count per outcome, every route summed."""
+    registry = _registry()
+    families = (registry or REGISTRY).collect()
+    buckets: dict[str, dict[float, float]] = {}
+    counts: dict[str, float] = {}
+    outcomes: dict[str, float] = {}
+    for family in families:
+        if family.name != _REQUESTS_NAME:
+            continue
+        for sample in family.samples:
+            route, outcome = sample.labels["route"], sample.labels["outcome"]
+            if sample.name.endswith("_bucket"):
+                per = buckets.setdefault(route, {})
+                bound = float(sample.labels["le"])
+                per[bound] = per.get(bound, 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                counts[route] = counts.get(route, 0.0) + sample.value
+                outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
+    routes = [(r, (counts.get(r, 0.0), sorted(buckets[r].items()))) for r in sorted(buckets)]
+    return routes, outcomes
 
 
 async def render(rt: Runtime) -> bytes:
