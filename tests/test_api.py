@@ -333,6 +333,7 @@ SPEC_ROUTES = {
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("post", "/v1/batch"),
     ("get", "/v1/live"),
     ("get", "/live"),
     ("get", "/live/{asset}"),

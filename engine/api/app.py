@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine import errors
-from engine.api import live, metrics
+from engine.api import batch, live, metrics
 from engine.api import schemas as s
 from engine.api.openapi import Operation, openapi_document
 from engine.core import Engine
@@ -92,17 +92,22 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(_encoder.encode(body), status, headers, media_type="application/json")
 
 
-def error_response(exc: errors.EngineError) -> Response:
+def error_body(exc: errors.EngineError) -> tuple[int, dict[str, Any]]:
+    """An error's status and its body ``{"error": {"code", "message", ...details}}``."""
     code = exc.http_code if isinstance(exc, ApiError) else exc.code
     status = STATUS.get(code, CONFLICT if isinstance(exc, errors.Rejected) else 500)
+    details = {k: v for k, v in exc.details.items() if k not in ("code", "message")}
+    return status, {"error": {"code": code, "message": exc.message, **details}}
+
+
+def error_response(exc: errors.EngineError) -> Response:
+    status, body = error_body(exc)
     headers = None
     if isinstance(exc, errors.RateLimited):
         retry = max(1, int(float(exc.details.get("retry_after", 1)) + 0.999))
         headers = {"Retry-After": str(retry)}
     elif isinstance(exc, errors.Unavailable):
         headers = {"Retry-After": "1"}
-    details = {k: v for k, v in exc.details.items() if k not in ("code", "message")}
-    body = {"error": {"code": code, "message": exc.message, **details}}
     return json_response(body, status, headers)
 
 
@@ -224,6 +229,7 @@ class Api:
             self._route(
                 "GET", "/v1/teams/{team_id}/orders", self.team_orders, adm, None, s.OrdersOut
             ),
+            self._route("POST", "/v1/batch", self.batch, gw, batch.BatchIn, batch.BatchOut),
             self._route("GET", "/v1/live", self.live_figures, adm, None, live.LiveOut),
             self._route("GET", "/live", self.live_page, pub, None, None),
             self._route("GET", "/live/{asset}", self.live_asset, pub, None, None),
@@ -333,7 +339,8 @@ class Api:
             raise ApiError("forbidden", "this call needs the admin token")
         raise ApiError("unauthorized", "unknown token")
 
-    async def _body(self, request: Request, kind: type[T]) -> T:
+    async def _raw(self, request: Request) -> bytes:
+        """The request body, within ``max_body``."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body:
             raise ApiError("payload_too_large", f"bodies are capped at {self.settings.max_body} B")
@@ -344,6 +351,10 @@ class Api:
                 raise ApiError(
                     "payload_too_large", f"bodies are capped at {self.settings.max_body} B"
                 )
+        return raw
+
+    async def _body(self, request: Request, kind: type[T]) -> T:
+        raw = await self._raw(request)
         decoder = _decoders.get(kind)
         if decoder is None:
             decoder = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -365,8 +376,7 @@ class Api:
                 campaign_id = campaign_of_team(params["team_id"])
             else:
                 return
-            if self._rejections is not None:
-                self._rejections.count(campaign_id, code)
+            self._count(campaign_id, code)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return error_response(ApiError("not_found", f"no route {request.url.path}"))
@@ -559,6 +569,18 @@ class Api:
         return json_response(
             s.Health("ok" if ready else "unavailable", checks), 200 if ready else 503
         )
+
+    async def batch(self, request: Request) -> Response:
+        """Many reservations, team opens, joins, quick-joins and payments in one request: one
+        result per item, in order, each the single call's status and body
+        (engine/api/batch.py)."""
+        items = batch.decode(await self._raw(request))
+        done = await batch.execute(self.engine, items, error_body, self._count)
+        return json_response(done)
+
+    def _count(self, campaign_id: str, code: str) -> None:
+        if self._rejections is not None:
+            self._rejections.count(campaign_id, code)
 
     async def live_figures(self, request: Request) -> Response:
         """Every figure of the live sale page, cumulative (engine/api/live.py)."""

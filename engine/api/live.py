@@ -49,11 +49,12 @@ class LiveCampaign(Struct):
 
 class RouteLoad(Struct):
     """One route's requests so far, every outcome together: the count, and the latency
-    histogram as (upper bound in seconds, requests at or under it) pairs, +Inf last."""
+    histogram as (upper bound in seconds, requests at or under it) pairs, the last one's
+    bound null (+Inf)."""
 
     route: str
     count: float
-    buckets: list[tuple[float, float]]
+    buckets: list[tuple[float | None, float]]
 
 
 class EngineLoad(Struct):

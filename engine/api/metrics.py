@@ -8,6 +8,7 @@ so they are right whichever worker answers.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Awaitable, Callable
 
@@ -63,7 +64,8 @@ def _registry() -> CollectorRegistry | None:
     return registry
 
 
-Buckets = list[tuple[float, float]]
+# A latency histogram: (upper bound in seconds, None for +Inf; requests at or under it).
+Buckets = list[tuple[float | None, float]]
 
 
 def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, float]]:
@@ -87,8 +89,13 @@ def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, f
             elif sample.name.endswith("_count"):
                 counts[route] = counts.get(route, 0.0) + sample.value
                 outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
-    routes = [(r, (counts.get(r, 0.0), sorted(buckets[r].items()))) for r in sorted(buckets)]
+    routes = [(r, (counts.get(r, 0.0), _bounded(buckets[r]))) for r in sorted(buckets)]
     return routes, outcomes
+
+
+def _bounded(buckets: dict[float, float]) -> Buckets:
+    """The buckets in order, +Inf (which JSON cannot write) as None."""
+    return [(None if math.isinf(le) else le, n) for le, n in sorted(buckets.items())]
 
 
 async def render(rt: Runtime) -> bytes:

@@ -100,7 +100,7 @@ function quantile(q, buckets, before) {
   let below = 0;
   for (const [le, n] of deltas) {
     if (n >= target) {
-      if (!Number.isFinite(le)) return lower;
+      if (le === null) return lower; // +Inf: the last finite bound
       return lower + (le - lower) * ((target - below) / Math.max(n - below, 1e-9));
     }
     lower = le;
