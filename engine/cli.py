@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import uvicorn
 import uvloop
 
+from engine.api import server
 from engine.core import Engine
 from engine.demo import DemoPlan, run_demo
 from engine.errors import Archived, ConfigurationError, EngineError
@@ -47,7 +47,8 @@ async def _engine(settings: Settings) -> AsyncIterator[Engine]:
 
 
 def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
-    """The HTTP API under uvicorn (uvloop, httptools), ``workers`` processes on one socket."""
+    """The HTTP API on flashteam's own server (engine/api/server.py), ``workers`` processes
+    on one port."""
     settings.require_tokens()  # refuse before any worker starts
     if workers > 1:
         # prometheus_client keeps every worker's histograms here; /metrics sums them.
@@ -56,20 +57,7 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
     log.info("API on http://%s:%d with %d worker(s)", host, port, workers)
-    uvicorn.run(
-        "engine.api.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-    )
-    return 0
+    return server.run(settings, host, port, workers)
 
 
 def _run(settings: Settings, host: str, port: int, workers: int) -> int:

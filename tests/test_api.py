@@ -1,5 +1,5 @@
 """The HTTP API end to end (docs/http.md): every route and every error code, over real
-sockets, against `flashteam serve` in a subprocess (the session's ``api`` fixture: 2 uvicorn
+sockets, against `flashteam serve` in a subprocess (the session's ``api`` fixture: 2 worker
 workers on their own redis-server).
 
 The server is shared by the whole session, so each test makes its own campaign ids. A few
@@ -281,7 +281,7 @@ def metric(text: str, name: str, **labels: str) -> float | None:
 
 
 async def test_metrics_sum_every_worker(api: ApiServer, http: httpx.AsyncClient) -> None:
-    """Request counts per route and outcome, summed over both uvicorn workers: 20 requests on
+    """Request counts per route and outcome, summed over both worker processes: 20 requests on
     20 fresh connections (spread over the workers) add exactly 20, whichever worker answers."""
     route = {"route": "GET /healthz", "outcome": "ok"}
     before = metric(

@@ -4,7 +4,7 @@ docs/http.md, docs/operations.md).
 - 3,000 concurrent reservations against 100 units sell exactly 100, the rest are ``sold_out``;
 - concurrent joins never over-fill a team, and quick-join + payment under load fills teams to
   exactly their size;
-- SIGKILL of one uvicorn worker mid-load loses no acknowledged order: uvicorn restarts it, and
+- SIGKILL of one API worker mid-load loses no acknowledged order: its parent restarts it, and
   retrying every request that died with its idempotency key leaves exactly one order per
   shopper who got a 201 and conserves the stock.
 """
@@ -285,7 +285,7 @@ async def test_quick_join_under_load_fills_teams_to_exactly_their_size(api: ApiS
 
 
 def worker_pids(supervisor: int) -> set[int]:
-    """The uvicorn worker processes under the supervisor (not multiprocessing's tracker)."""
+    """The API's worker processes under their parent (not multiprocessing's tracker)."""
     pids: set[int] = set()
     for task in Path(f"/proc/{supervisor}/task").iterdir():
         try:
@@ -418,7 +418,7 @@ async def test_a_killed_worker_loses_no_acknowledged_order(
         async def restarted() -> bool:
             return len(worker_pids(supervisor) - before) == 1
 
-        await eventually(restarted, 20, what="uvicorn to restart a worker")
+        await eventually(restarted, 20, what="the API parent to restart a worker")
         now_running = worker_pids(supervisor)
         assert victim not in now_running and len(now_running) == 2, (victim, now_running)
         assert book.after_kill > 0, "no request succeeded after the kill"

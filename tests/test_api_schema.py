@@ -3,7 +3,7 @@ and invalid requests for every operation of the document the running server publ
 answer must be no 5xx, a documented status, a documented content type and a body that matches the
 documented schema.
 
-It runs against the session's ``api`` server (2 uvicorn workers) with the admin token, so admin
+It runs against the session's ``api`` server (2 worker processes) with the admin token, so admin
 routes are exercised too. A flash campaign and a team campaign (with an order and a team) are
 created first, and the generator draws path and query values from their ids about half of the
 time, so some requests reach real objects instead of 404s. Invalidation gets a campaign of its

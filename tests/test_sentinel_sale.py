@@ -1,7 +1,7 @@
 """A Sentinel failover in the middle of a 2,000-shopper HTTP sale, under the processes
 `flashteam run` starts (docs/faults.md).
 
-``LocalEngine`` runs the HTTP API (two uvicorn workers), the flush worker and the reaper, each
+``LocalEngine`` runs the HTTP API (two worker processes), the flush worker and the reaper, each
 its own process, on Sentinel settings (FLASHTEAM_REDIS_SENTINELS, no FLASHTEAM_REDIS_URL):
 a primary, its replica and three Sentinels on loopback. Shoppers reserve one unit and pay it
 over HTTP; one in ten walks away from its hold, which the reaper expires. Once 400 payments

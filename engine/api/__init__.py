@@ -1,2 +1,3 @@
-"""The HTTP API (docs/http.md): ``engine.api.app.create_app`` is the ASGI factory that
-`flashteam serve` runs under uvicorn."""
+"""The HTTP API (docs/http.md): ``engine.api.app.Api`` (its routes), served by
+``engine.api.server`` (`flashteam serve`); ``engine.api.app.create_app`` is the same API as an
+ASGI factory for any ASGI server."""

@@ -1,8 +1,9 @@
-"""The HTTP API for the storefront gateway (docs/http.md): Starlette routes over the engine,
-msgspec for every body in and out.
+"""The HTTP API for the storefront gateway (docs/http.md): routes over the engine, msgspec for
+every body in and out, served by flashteam's own HTTP server (engine/api/server.py) or, through
+``Api.app``, by any ASGI server.
 
-Each handler is wrapped once by ``_endpoint``: it checks the bearer token (constant time),
-reads the body under the size cap, turns every ``EngineError`` into the JSON error body with
+Each handler is wrapped once by ``_route``: it checks the bearer token (constant time), takes
+the body read under the size cap, turns every ``EngineError`` into the JSON error body with
 its HTTP status, counts rejections for the campaign KPIs and records the request's latency
 per route and outcome. A 500 means a bug, and is logged with its traceback.
 """
@@ -14,19 +15,15 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum
 from typing import Any, TypeVar, cast
 
 import msgspec
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from engine import errors
 from engine.api import batch, live, metrics
 from engine.api import schemas as s
+from engine.api.http import AsgiAdapter, Handler, HttpRequest, HttpResponse, NoRoute, Router
 from engine.api.openapi import Operation, openapi_document
 from engine.core import Engine
 from engine.keys import campaign_of_order, campaign_of_team, check_id
@@ -50,16 +47,19 @@ STATUS: dict[str, int] = {
 CONFLICT = 409  # every other business rejection: sold_out, team_full, hold_expired, ...
 
 
-_NO_STORE = {"Cache-Control": "no-store"}
+_NO_STORE = ((b"cache-control", b"no-store"),)
 # The live page and its assets: its own script and styles only, data from this origin only.
-_PAGE_HEADERS = {
-    **_NO_STORE,
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; img-src 'self'; form-action 'none'; frame-ancestors 'none'",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
-_ASSETS = {"live.js": "text/javascript; charset=utf-8", "live.css": "text/css; charset=utf-8"}
+_PAGE_HEADERS = (
+    *_NO_STORE,
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        b"img-src 'self'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-content-type-options", b"nosniff"),
+)
+_ASSETS = {"live.js": b"text/javascript; charset=utf-8", "live.css": b"text/css; charset=utf-8"}
 
 
 class Access(Enum):
@@ -88,8 +88,10 @@ _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encoder.encode(body), status, headers, media_type="application/json")
+def json_response(
+    body: Any, status: int = 200, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> HttpResponse:
+    return HttpResponse(status, _encoder.encode(body), headers=headers)
 
 
 def error_body(exc: errors.EngineError) -> tuple[int, dict[str, Any]]:
@@ -100,14 +102,14 @@ def error_body(exc: errors.EngineError) -> tuple[int, dict[str, Any]]:
     return status, {"error": {"code": code, "message": exc.message, **details}}
 
 
-def error_response(exc: errors.EngineError) -> Response:
+def error_response(exc: errors.EngineError) -> HttpResponse:
     status, body = error_body(exc)
-    headers = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
     if isinstance(exc, errors.RateLimited):
         retry = max(1, int(float(exc.details.get("retry_after", 1)) + 0.999))
-        headers = {"Retry-After": str(retry)}
+        headers = ((b"retry-after", str(retry).encode()),)
     elif isinstance(exc, errors.Unavailable):
-        headers = {"Retry-After": "1"}
+        headers = ((b"retry-after", b"1"),)
     return json_response(body, status, headers)
 
 
@@ -121,8 +123,12 @@ class Api:
         self._admin = admin.encode()
         self._engine = engine
         self._rejections: RejectionCounter | None = None
+        self._owned = False
+        self._stop = asyncio.Event()
+        self._saver: asyncio.Task[None] | None = None
         self._openapi: bytes | None = None
         self.operations: list[Operation] = []
+        self._router = Router()
         gw, adm, pub = Access.GATEWAY, Access.ADMIN, Access.PUBLIC
         o = s.OrderOut
         routes = [
@@ -238,51 +244,64 @@ class Api:
             self._route("GET", "/metrics", self.metrics, pub, None, None),
             self._route("GET", "/openapi.json", self.openapi, pub, None, None),
         ]
+        for method, path, endpoint in routes:
+            self._router.add(method, path, endpoint)
         if settings.echo_route:
-            routes.append(Route("/bench/echo", _echo, methods=["POST"]))
-        self.app = Starlette(
-            routes=routes,
-            lifespan=self._lifespan,
-            exception_handlers={404: self._not_found, 405: self._not_allowed},
-        )
+            self._router.add("POST", "/bench/echo", _echo)
+        self.app = AsgiAdapter(self.handle, settings.max_body, self.startup, self.shutdown)
 
     # -- plumbing ------------------------------------------------------------------------------
 
     @property
     def engine(self) -> Engine:
-        assert self._engine is not None, "the engine opens in the app's lifespan"
+        assert self._engine is not None, "the engine opens in Api.startup"
         return self._engine
 
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        owned = self._engine is None
-        if owned:
+    async def startup(self) -> None:
+        """Open the engine (unless given one) and start saving the rejection counters."""
+        if self._engine is None:
             self._engine = await Engine.open(self.settings)
+            self._owned = True
         self.engine.runtime.scripts.observe = metrics.observe_script
         self._rejections = RejectionCounter(self.engine.runtime)
-        stop = asyncio.Event()
-        saver = asyncio.create_task(self._rejections.run(stop))
+        self._stop = asyncio.Event()
+        self._saver = asyncio.create_task(self._rejections.run(self._stop))
+
+    async def shutdown(self) -> None:
+        """Save the last counters; close the engine if ``startup`` opened it."""
+        if self._saver is not None:
+            self._stop.set()
+            await self._saver
+            self._saver = None
+        if self._owned and self._engine is not None:
+            await self._engine.close()
+            self._engine, self._owned = None, False
+
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        """Answer one request: its route's handler, or 404 / 405."""
         try:
-            yield
-        finally:
-            stop.set()
-            await saver
-            if owned:
-                await self.engine.close()
-                self._engine = None
+            handler = self._router.resolve(request)
+        except NoRoute as missing:
+            if missing.allowed:
+                message = f"{request.method} is not allowed on {request.path}"
+                allow = ", ".join(missing.allowed).encode()
+                refused = error_response(ApiError("method_not_allowed", message))
+                return HttpResponse(refused.status, refused.body, headers=((b"allow", allow),))
+            return error_response(ApiError("not_found", f"no route {request.path}"))
+        return await handler(request)
 
     def _route(
         self,
         method: str,
         path: str,
-        handler: Callable[[Request], Awaitable[Response]],
+        handler: Handler,
         access: Access,
         body: type | None,
         out: type | None,
         status: int = 200,
         query: tuple[tuple[str, bool], ...] = (),
-    ) -> Route:
-        """One route, recorded as an Operation for /openapi.json."""
+    ) -> tuple[str, str, Handler]:
+        """One route, recorded as an Operation for /openapi.json: (method, path, endpoint)."""
         name = f"{method} {path}"
         doc = (handler.__doc__ or name).strip()
         self.operations.append(
@@ -299,7 +318,7 @@ class Api:
             )
         )
 
-        async def endpoint(request: Request) -> Response:
+        async def endpoint(request: HttpRequest) -> HttpResponse:
             started = time.perf_counter()
             outcome = "ok"
             try:
@@ -321,16 +340,16 @@ class Api:
             finally:
                 metrics.observe_request(name, outcome, time.perf_counter() - started)
 
-        return Route(path, endpoint, methods=[method], name=name)
+        return method, path, endpoint
 
-    def _authorize(self, request: Request, access: Access) -> None:
+    def _authorize(self, request: HttpRequest, access: Access) -> None:
         if access is Access.PUBLIC:
             return
-        header = request.headers.get("authorization", "")
+        header = (request.header(b"authorization") or b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError("unauthorized", "send Authorization: Bearer <token>")
-        given = token.strip().encode()
+        given = token.strip().encode("latin-1")
         if hmac.compare_digest(given, self._admin):
             return
         if access is Access.GATEWAY and hmac.compare_digest(given, self._gateway):
@@ -339,22 +358,14 @@ class Api:
             raise ApiError("forbidden", "this call needs the admin token")
         raise ApiError("unauthorized", "unknown token")
 
-    async def _raw(self, request: Request) -> bytes:
-        """The request body, within ``max_body``."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body:
+    def _raw(self, request: HttpRequest) -> bytes:
+        """The request body, within ``max_body`` (the server drops a larger one)."""
+        if request.too_large:
             raise ApiError("payload_too_large", f"bodies are capped at {self.settings.max_body} B")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.settings.max_body:
-                raise ApiError(
-                    "payload_too_large", f"bodies are capped at {self.settings.max_body} B"
-                )
-        return raw
+        return request.body
 
-    async def _body(self, request: Request, kind: type[T]) -> T:
-        raw = await self._raw(request)
+    def _body(self, request: HttpRequest, kind: type[T]) -> T:
+        raw = self._raw(request)
         decoder = _decoders.get(kind)
         if decoder is None:
             decoder = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -365,8 +376,8 @@ class Api:
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise errors.ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
 
-    def _count_rejection(self, request: Request, code: str) -> None:
-        params = request.path_params
+    def _count_rejection(self, request: HttpRequest, code: str) -> None:
+        params = request.params
         with contextlib.suppress(errors.ValidationError):
             if "campaign_id" in params:
                 campaign_id = check_id(params["campaign_id"], "campaign_id")
@@ -378,16 +389,9 @@ class Api:
                 return
             self._count(campaign_id, code)
 
-    async def _not_found(self, request: Request, exc: Exception) -> Response:
-        return error_response(ApiError("not_found", f"no route {request.url.path}"))
-
-    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
-        message = f"{request.method} is not allowed on {request.url.path}"
-        return error_response(ApiError("method_not_allowed", message))
-
     @staticmethod
-    def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
-        raw = request.query_params.get(name)
+    def _query_int(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:
+        raw = request.query_param(name)
         if raw is None:
             return default
         if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
@@ -397,23 +401,23 @@ class Api:
         return int(raw)
 
     @staticmethod
-    def _query_id(request: Request, name: str, required: bool = False) -> str | None:
-        raw = request.query_params.get(name)
+    def _query_id(request: HttpRequest, name: str, required: bool = False) -> str | None:
+        raw = request.query_param(name)
         if raw is None:
             if required:
                 raise errors.ValidationError(f"{name} is required", field=name)
             return None
         return check_id(raw, name)
 
-    def _is_admin(self, request: Request) -> bool:
-        token = request.headers.get("authorization", "").partition(" ")[2].strip().encode()
-        return hmac.compare_digest(token, self._admin)
+    def _is_admin(self, request: HttpRequest) -> bool:
+        header = (request.header(b"authorization") or b"").decode("latin-1")
+        return hmac.compare_digest(header.partition(" ")[2].strip().encode("latin-1"), self._admin)
 
     # -- campaigns -----------------------------------------------------------------------------
 
-    async def create_campaign(self, request: Request) -> Response:
+    async def create_campaign(self, request: HttpRequest) -> HttpResponse:
         """Create a campaign (admin); it sells from starts_at."""
-        body = await self._body(request, s.CampaignIn)
+        body = self._body(request, s.CampaignIn)
         campaign = Campaign(
             id=body.id,
             kind=CampaignKind(body.kind),
@@ -429,37 +433,37 @@ class Api:
         view = await self.engine.campaigns.create(campaign)
         return json_response(s.CampaignOut.of(view), 201)
 
-    async def get_campaign(self, request: Request) -> Response:
+    async def get_campaign(self, request: HttpRequest) -> HttpResponse:
         """A campaign: definition, status, live stock per item."""
-        view = await self.engine.campaigns.get(request.path_params["campaign_id"])
+        view = await self.engine.campaigns.get(request.params["campaign_id"])
         return json_response(s.CampaignOut.of(view))
 
-    async def edit_campaign(self, request: Request) -> Response:
+    async def edit_campaign(self, request: HttpRequest) -> HttpResponse:
         """Edit a campaign (admin): any field while scheduled, a later ends_at while active."""
-        body = await self._body(request, s.CampaignPatch)
+        body = self._body(request, s.CampaignPatch)
         changes = body.changes()
         if not changes:
             raise errors.ValidationError("send at least one field to change")
-        view = await self.engine.campaigns.update(request.path_params["campaign_id"], changes)
+        view = await self.engine.campaigns.update(request.params["campaign_id"], changes)
         return json_response(s.CampaignOut.of(view))
 
-    async def invalidate(self, request: Request) -> Response:
+    async def invalidate(self, request: HttpRequest) -> HttpResponse:
         """Invalidate a campaign (admin): no new orders, holds cancelled, open teams fail."""
-        view = await self.engine.campaigns.invalidate(request.path_params["campaign_id"])
+        view = await self.engine.campaigns.invalidate(request.params["campaign_id"])
         return json_response(s.CampaignOut.of(view))
 
-    async def stats(self, request: Request) -> Response:
+    async def stats(self, request: HttpRequest) -> HttpResponse:
         """Campaign KPIs (docs/kpis.md#campaign-kpis)."""
-        view = await self.engine.campaigns.get(request.path_params["campaign_id"])
+        view = await self.engine.campaigns.get(request.params["campaign_id"])
         return json_response(await campaign_stats(self.engine.runtime, view))
 
     # -- flash sale ----------------------------------------------------------------------------
 
-    async def reserve(self, request: Request) -> Response:
+    async def reserve(self, request: HttpRequest) -> HttpResponse:
         """Reserve units of a flash-sale item: a held order until paid or expired."""
-        body = await self._body(request, s.ReserveIn)
+        body = self._body(request, s.ReserveIn)
         held = await self.engine.flash.reserve(
-            request.path_params["campaign_id"],
+            request.params["campaign_id"],
             body.user_id,
             body.sku,
             body.qty,
@@ -467,47 +471,47 @@ class Api:
         )
         return json_response(s.ReservationOut.of(held.order, replayed=held.replayed), 201)
 
-    async def pay(self, request: Request) -> Response:
+    async def pay(self, request: HttpRequest) -> HttpResponse:
         """Pay a held order (the same payment_ref again is a no-op)."""
-        body = await self._body(request, s.PayIn)
-        order_id = request.path_params["order_id"]
+        body = self._body(request, s.PayIn)
+        order_id = request.params["order_id"]
         order = await self.engine.orders.pay(order_id, body.user_id, body.payment_ref)
         return json_response(s.OrderOut.of(order))
 
-    async def cancel(self, request: Request) -> Response:
+    async def cancel(self, request: HttpRequest) -> HttpResponse:
         """Cancel a held order; its units return to stock."""
-        body = await self._body(request, s.CancelIn)
-        order = await self.engine.orders.cancel(request.path_params["order_id"], body.user_id)
+        body = self._body(request, s.CancelIn)
+        order = await self.engine.orders.cancel(request.params["order_id"], body.user_id)
         return json_response(s.OrderOut.of(order))
 
-    async def refund(self, request: Request) -> Response:
+    async def refund(self, request: HttpRequest) -> HttpResponse:
         """After-sale refund of a paid order (admin), with or without restock."""
-        body = await self._body(request, s.RefundIn)
-        order = await self.engine.orders.refund(request.path_params["order_id"], body.restock)
+        body = self._body(request, s.RefundIn)
+        order = await self.engine.orders.refund(request.params["order_id"], body.restock)
         return json_response(s.OrderOut.of(order))
 
-    async def get_order(self, request: Request) -> Response:
+    async def get_order(self, request: HttpRequest) -> HttpResponse:
         """One order; the gateway names the user (?user_id=), who must own it."""
-        order_id = request.path_params["order_id"]
+        order_id = request.params["order_id"]
         viewer = self._query_id(request, "user_id", required=not self._is_admin(request))
         order = await self.engine.orders.get(order_id)
         if viewer is not None and order.user_id != viewer:
             raise errors.Forbidden("the order belongs to another user")
         return json_response(s.OrderOut.of(order))
 
-    async def user_orders(self, request: Request) -> Response:
+    async def user_orders(self, request: HttpRequest) -> HttpResponse:
         """A user's orders from the durable store, newest first, with their type."""
         limit = self._query_int(request, "limit", 50, 1, 100)
-        orders = await self.engine.orders.of_user(request.path_params["user_id"], limit)
+        orders = await self.engine.orders.of_user(request.params["user_id"], limit)
         return json_response(s.OrdersOut([s.OrderOut.of(o) for o in orders]))
 
     # -- teams ---------------------------------------------------------------------------------
 
-    async def open_team(self, request: Request) -> Response:
+    async def open_team(self, request: HttpRequest) -> HttpResponse:
         """Open a team: the leader holds a seat; paying opens the team to joiners."""
-        body = await self._body(request, s.OpenTeamIn)
+        body = self._body(request, s.OpenTeamIn)
         seat = await self.engine.teams.open(
-            request.path_params["campaign_id"],
+            request.params["campaign_id"],
             body.user_id,
             body.sku,
             body.qty,
@@ -515,54 +519,54 @@ class Api:
         )
         return json_response(s.SeatOut.of(seat), 201)
 
-    async def join(self, request: Request) -> Response:
+    async def join(self, request: HttpRequest) -> HttpResponse:
         """Take a seat in an open team (held until paid)."""
-        body = await self._body(request, s.JoinIn)
+        body = self._body(request, s.JoinIn)
         seat = await self.engine.teams.join(
-            request.path_params["team_id"], body.user_id, body.idempotency_key
+            request.params["team_id"], body.user_id, body.idempotency_key
         )
         return json_response(s.SeatOut.of(seat), 201)
 
-    async def quick_join(self, request: Request) -> Response:
+    async def quick_join(self, request: HttpRequest) -> HttpResponse:
         """Join the best open team of the sku, or open a new one."""
-        body = await self._body(request, s.QuickJoinIn)
+        body = self._body(request, s.QuickJoinIn)
         seat = await self.engine.teams.quick_join(
-            request.path_params["campaign_id"], body.user_id, body.sku, body.idempotency_key
+            request.params["campaign_id"], body.user_id, body.sku, body.idempotency_key
         )
         return json_response(s.SeatOut.of(seat), 201)
 
-    async def joinable(self, request: Request) -> Response:
+    async def joinable(self, request: HttpRequest) -> HttpResponse:
         """Open teams of a sku with free seats, for the product page."""
         sku = self._query_id(request, "sku", required=True)
         assert sku is not None
         teams = await self.engine.teams.joinable(
-            request.path_params["campaign_id"],
+            request.params["campaign_id"],
             sku,
             self._query_id(request, "viewer"),
             self._query_int(request, "limit", 20, 1, 100),
         )
         return json_response(s.TeamsOut([s.TeamOut.of(t) for t in teams]))
 
-    async def team_view(self, request: Request) -> Response:
+    async def team_view(self, request: HttpRequest) -> HttpResponse:
         """The share view of one team, for the viewer."""
         view = await self.engine.teams.view(
-            request.path_params["team_id"], self._query_id(request, "viewer")
+            request.params["team_id"], self._query_id(request, "viewer")
         )
         return json_response(s.ShareOut.of(view))
 
-    async def team_orders(self, request: Request) -> Response:
+    async def team_orders(self, request: HttpRequest) -> HttpResponse:
         """The orders of one team (admin)."""
-        team_id = request.path_params["team_id"]
+        team_id = request.params["team_id"]
         orders = await self.engine.teams.orders(team_id)
         return json_response(s.OrdersOut([s.OrderOut.of(o) for o in orders]))
 
     # -- operations ----------------------------------------------------------------------------
 
-    async def healthz(self, request: Request) -> Response:
+    async def healthz(self, request: HttpRequest) -> HttpResponse:
         """Liveness: the process answers."""
         return json_response(s.Health("ok"))
 
-    async def readyz(self, request: Request) -> Response:
+    async def readyz(self, request: HttpRequest) -> HttpResponse:
         """Readiness: Redis and SQL reachable, scripts loaded."""
         checks = await self.engine.readiness()
         ready = all(v == "ok" for v in checks.values())
@@ -570,11 +574,11 @@ class Api:
             s.Health("ok" if ready else "unavailable", checks), 200 if ready else 503
         )
 
-    async def batch(self, request: Request) -> Response:
+    async def batch(self, request: HttpRequest) -> HttpResponse:
         """Many reservations, team opens, joins, quick-joins and payments in one request: one
         result per item, in order, each the single call's status and body
         (engine/api/batch.py)."""
-        items = batch.decode(await self._raw(request))
+        items = batch.decode(self._raw(request))
         done = await batch.execute(self.engine, items, error_body, self._count)
         return json_response(done)
 
@@ -582,40 +586,46 @@ class Api:
         if self._rejections is not None:
             self._rejections.count(campaign_id, code)
 
-    async def live_figures(self, request: Request) -> Response:
+    async def live_figures(self, request: HttpRequest) -> HttpResponse:
         """Every figure of the live sale page, cumulative (engine/api/live.py)."""
         return json_response(await live.snapshot(self.engine), headers=_NO_STORE)
 
-    async def live_page(self, request: Request) -> Response:
+    async def live_page(self, request: HttpRequest) -> HttpResponse:
         """The live sale page; it asks for the admin token and polls GET /v1/live."""
-        return Response(live.asset("live.html"), 200, _PAGE_HEADERS, "text/html; charset=utf-8")
+        page = live.asset("live.html")
+        return HttpResponse(200, page, b"text/html; charset=utf-8", _PAGE_HEADERS)
 
-    async def live_asset(self, request: Request) -> Response:
+    async def live_asset(self, request: HttpRequest) -> HttpResponse:
         """The live page's script and style sheet."""
-        name = request.path_params["asset"]
+        name = request.params["asset"]
         media = _ASSETS.get(name)
         if media is None:
-            raise ApiError("not_found", f"no route {request.url.path}")
-        return Response(live.asset(name), 200, _PAGE_HEADERS, media)
+            raise ApiError("not_found", f"no route {request.path}")
+        return HttpResponse(200, live.asset(name), media, _PAGE_HEADERS)
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics(self, request: HttpRequest) -> HttpResponse:
         """Prometheus metrics."""
         body = await metrics.render(self.engine.runtime)
-        return Response(body, 200, media_type=metrics.CONTENT_TYPE)
+        return HttpResponse(200, body, metrics.CONTENT_TYPE.encode())
 
-    async def openapi(self, request: Request) -> Response:
+    async def openapi(self, request: HttpRequest) -> HttpResponse:
         """This document."""
         if self._openapi is None:
             self._openapi = _encoder.encode(openapi_document(self.operations))
-        return Response(self._openapi, 200, media_type="application/json")
+        return HttpResponse(200, self._openapi)
 
 
-async def _echo(request: Request) -> Response:
-    """The T2 benchmark's baseline: the same app and server, decode JSON and send it back."""
-    body = msgspec.json.decode(await request.body())
-    return Response(_encoder.encode(body), 200, media_type="application/json")
+async def _echo(request: HttpRequest) -> HttpResponse:
+    """The T2 benchmark's baseline: the same server, decode JSON and send it back (no token,
+    no engine, no metrics)."""
+    try:
+        body = msgspec.json.decode(request.body)
+    except msgspec.DecodeError as exc:
+        return error_response(errors.ValidationError(f"not JSON: {exc}"))
+    return HttpResponse(200, _encoder.encode(body))
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """The ASGI app on settings from the environment (uvicorn's factory)."""
+def create_app(settings: Settings | None = None) -> AsgiAdapter:
+    """The API as an ASGI app on settings from the environment, for an ASGI server's factory
+    (``uvicorn --factory engine.api.app:create_app``); `flashteam serve` uses its own server."""
     return Api(settings or Settings.from_env()).app

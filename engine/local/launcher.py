@@ -107,7 +107,7 @@ class LocalEngine(Server):
 
     @property
     def process(self) -> subprocess.Popen[bytes] | None:
-        """The API's process (the uvicorn supervisor of its workers), while it runs."""
+        """The API's process (the parent of its worker processes), while it runs."""
         return self.processes.get("api")
 
     def env(self) -> dict[str, str]:

@@ -1,0 +1,217 @@
+"""HTTP requests and responses as the API sees them, the router that maps one to its handler,
+and an ASGI adapter so the same handlers run under any ASGI server or test client.
+
+flashteam serves HTTP with its own server (engine/api/server.py): a request arrives whole
+(``HttpRequest``: method, path, raw query, lower-case headers, the body read within the size
+cap) and its answer leaves whole (``HttpResponse``), written with one ``transport.write``.
+There is no middleware stack: the router picks the handler in a dict lookup and a few segment
+comparisons, and the handler (engine/api/app.py) does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    """One request, read whole. ``too_large``: its body went over the cap and was dropped."""
+
+    method: str
+    path: str
+    query: bytes = b""
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    too_large: bool = False
+    params: dict[str, str] = field(default_factory=dict)  # the path's {parameters}
+    _query: dict[str, str] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first header ``name`` (lower case), None when absent."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def query_param(self, name: str) -> str | None:
+        """The first ``name=`` of the query string, decoded; None when absent."""
+        if self._query is None:
+            pairs = parse_qsl(self.query.decode("latin-1"), keep_blank_values=True)
+            self._query = {}
+            for key, value in pairs:
+                self._query.setdefault(key, value)
+        return self._query.get(name)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """One answer: status, body, its media type and any other headers."""
+
+    status: int
+    body: bytes
+    media_type: bytes = b"application/json"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+_STATUS_LINES = {
+    status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus
+}
+
+
+def serialize(response: HttpResponse, keep_alive: bool, head: bool = False) -> bytes:
+    """The bytes of the response on the wire (no body for HEAD), ready for one write."""
+    status = response.status
+    line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode()
+    body = response.body
+    parts = [
+        line,
+        b"content-type: ",
+        response.media_type,
+        b"\r\ncontent-length: %d\r\n" % len(body),
+    ]
+    for name, value in response.headers:
+        parts += (name, b": ", value, b"\r\n")
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class NoRoute(Exception):
+    """Raised by ``Router.resolve`` when no route has the path (``allowed`` empty) or none
+    takes the method (``allowed``: the methods that would)."""
+
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.allowed = sorted(set(allowed))
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    method: str
+    segments: tuple[str | None, ...]  # literal segments, None where a parameter goes
+    names: tuple[str, ...]  # the parameter names, in order
+    handler: Handler
+
+
+class Router:
+    """Routes by method and path template (``/v1/orders/{order_id}/pay``): routes are grouped
+    by their number of segments; within a group, literal segments must match and the others
+    become ``request.params``."""
+
+    def __init__(self) -> None:
+        self._by_length: dict[int, list[_Route]] = {}
+
+    def add(self, method: str, template: str, handler: Handler) -> None:
+        parts = template.split("/")
+        segments = tuple(None if p.startswith("{") else p for p in parts)
+        names = tuple(p[1:-1] for p in parts if p.startswith("{"))
+        self._by_length.setdefault(len(parts), []).append(_Route(method, segments, names, handler))
+
+    def resolve(self, request: HttpRequest) -> Handler:
+        """The handler of the request, with ``request.params`` filled; NoRoute otherwise."""
+        parts = request.path.split("/")
+        allowed: list[str] = []
+        for route in self._by_length.get(len(parts), ()):
+            values = _match(route.segments, parts)
+            if values is None:
+                continue
+            if route.method != request.method:
+                allowed.append(route.method)
+                continue
+            request.params = dict(zip(route.names, values, strict=True))
+            return route.handler
+        raise NoRoute(allowed)
+
+
+def _match(segments: tuple[str | None, ...], parts: list[str]) -> list[str] | None:
+    values = []
+    for literal, part in zip(segments, parts, strict=True):
+        if literal is not None:
+            if literal != part:
+                return None
+        elif part:
+            values.append(part)
+        else:
+            return None  # an empty parameter: no route
+    return values
+
+
+# --------------------------------------------------------------------------- ASGI
+
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Lifespan = Callable[[], Awaitable[None]]
+
+
+class AsgiAdapter:
+    """The same handler as an ASGI application (uvicorn, granian, httpx's ASGITransport):
+    the body read within ``max_body``, the answer sent as one start and one body message;
+    the lifespan runs ``startup`` and ``shutdown``."""
+
+    def __init__(
+        self, handler: Handler, max_body: int, startup: Lifespan, shutdown: Lifespan
+    ) -> None:
+        self._handler = handler
+        self._max_body = max_body
+        self._startup = startup
+        self._shutdown = shutdown
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = HttpRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope.get("query_string", b""),
+            headers=[(k.lower(), v) for k, v in scope.get("headers", [])],
+        )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                request.too_large = True
+            elif chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        request.body = b"".join(chunks)
+        response = await self._handler(request)
+        headers = [
+            (b"content-type", response.media_type),
+            (b"content-length", str(len(response.body)).encode()),
+            *response.headers,
+        ]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self._startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
