@@ -121,11 +121,14 @@ class Api:
         gateway, admin = settings.require_tokens()
         self._gateway = gateway.encode()
         self._admin = admin.encode()
+        self._gateway_header = b"Bearer " + self._gateway
+        self._admin_header = b"Bearer " + self._admin
         self._engine = engine
         self._rejections: RejectionCounter | None = None
         self._owned = False
         self._stop = asyncio.Event()
         self._saver: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._openapi: bytes | None = None
         self.operations: list[Operation] = []
         self._router = Router()
@@ -266,16 +269,26 @@ class Api:
         self._rejections = RejectionCounter(self.engine.runtime)
         self._stop = asyncio.Event()
         self._saver = asyncio.create_task(self._rejections.run(self._stop))
+        self._flusher = asyncio.create_task(self._flush_metrics(self._stop))
 
     async def shutdown(self) -> None:
         """Save the last counters; close the engine if ``startup`` opened it."""
-        if self._saver is not None:
-            self._stop.set()
-            await self._saver
-            self._saver = None
+        self._stop.set()
+        for task in (self._saver, self._flusher):
+            if task is not None:
+                await task
+        self._saver = self._flusher = None
         if self._owned and self._engine is not None:
             await self._engine.close()
             self._engine, self._owned = None, False
+
+    @staticmethod
+    async def _flush_metrics(stop: asyncio.Event) -> None:
+        """Add the buffered latencies to the shared histograms a few times a second."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), metrics.FLUSH_EVERY)
+            metrics.flush()
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Answer one request: its route's handler, or 404 / 405."""
@@ -345,7 +358,15 @@ class Api:
     def _authorize(self, request: HttpRequest, access: Access) -> None:
         if access is Access.PUBLIC:
             return
-        header = (request.header(b"authorization") or b"").decode("latin-1")
+        header = request.header(b"authorization") or b""
+        # The usual spelling, compared whole (constant time); any other goes the long way.
+        if hmac.compare_digest(header, self._admin_header):
+            return
+        if access is Access.GATEWAY and hmac.compare_digest(header, self._gateway_header):
+            return
+        self._authorize_spelled(header.decode("latin-1"), access)
+
+    def _authorize_spelled(self, header: str, access: Access) -> None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError("unauthorized", "send Authorization: Bearer <token>")

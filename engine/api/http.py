@@ -109,8 +109,11 @@ class Router:
     by their number of segments; within a group, literal segments must match and the others
     become ``request.params``."""
 
+    CACHED = 4096  # resolved (method, path) pairs kept; the cache starts over when full
+
     def __init__(self) -> None:
         self._by_length: dict[int, list[_Route]] = {}
+        self._resolved: dict[tuple[str, str], tuple[Handler, dict[str, str]]] = {}
 
     def add(self, method: str, template: str, handler: Handler) -> None:
         parts = template.split("/")
@@ -119,7 +122,20 @@ class Router:
         self._by_length.setdefault(len(parts), []).append(_Route(method, segments, names, handler))
 
     def resolve(self, request: HttpRequest) -> Handler:
-        """The handler of the request, with ``request.params`` filled; NoRoute otherwise."""
+        """The handler of the request, with ``request.params`` filled; NoRoute otherwise. A
+        hot path (one campaign's reservations) is resolved once, then looked up."""
+        key = (request.method, request.path)
+        known = self._resolved.get(key)
+        if known is not None:
+            request.params = known[1]
+            return known[0]
+        handler = self._resolve(request)
+        if len(self._resolved) >= self.CACHED:
+            self._resolved.clear()
+        self._resolved[key] = (handler, request.params)
+        return handler
+
+    def _resolve(self, request: HttpRequest) -> Handler:
         parts = request.path.split("/")
         allowed: list[str] = []
         for route in self._by_length.get(len(parts), ()):

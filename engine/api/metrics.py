@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Awaitable, Callable
+from bisect import bisect_left
+from collections.abc import Awaitable
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -37,23 +39,52 @@ _SCRIPTS = Histogram(
     "flashteam_script_seconds", "Lua script calls and their latency", ["script"], buckets=_BUCKETS
 )
 
-Observe = Callable[[float], None]
-_request_children: dict[tuple[str, str], Observe] = {}
-_script_children: dict[str, Observe] = {}
+class _Buffered:
+    """Observations of one histogram kept in this process and added to it in one go by
+    ``flush`` (a few times a second): an observation costs a bisect and two additions
+    instead of two locked writes to prometheus_client's memory-mapped files (with several
+    API workers). Adding counts to a child at once uses its ``_sum`` and ``_buckets`` values,
+    prometheus_client's own per-bucket counters (there is no public bulk observe)."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._pending: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
+        pending = self._pending.get(labels)
+        if pending is None:
+            pending = self._pending[labels] = ([0] * (len(_BUCKETS) + 1), [0.0])
+        pending[0][bisect_left(_BUCKETS, seconds)] += 1
+        pending[1][0] += seconds
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for labels, (counts, total) in pending.items():
+            child: Any = self._histogram.labels(*labels)
+            child._sum.inc(total[0])
+            for bucket, count in zip(child._buckets, counts, strict=True):
+                if count:
+                    bucket.inc(count)
+
+
+_requests = _Buffered(_REQUESTS)
+_scripts = _Buffered(_SCRIPTS)
+FLUSH_EVERY = 0.1  # seconds between flushes by the API's background task
 
 
 def observe_request(route: str, outcome: str, seconds: float) -> None:
-    child = _request_children.get((route, outcome))
-    if child is None:
-        child = _request_children[(route, outcome)] = _REQUESTS.labels(route, outcome).observe
-    child(seconds)
+    _requests.observe((route, outcome), seconds)
 
 
 def observe_script(script: str, seconds: float) -> None:
-    child = _script_children.get(script)
-    if child is None:
-        child = _script_children[script] = _SCRIPTS.labels(script).observe
-    child(seconds)
+    _scripts.observe((script,), seconds)
+
+
+def flush() -> None:
+    """Add this process's buffered observations to the histograms (before a scrape, and
+    every ``FLUSH_EVERY`` seconds)."""
+    _requests.flush()
+    _scripts.flush()
 
 
 def _registry() -> CollectorRegistry | None:
@@ -72,6 +103,7 @@ def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, f
     """The HTTP requests so far, of this process or (with several workers) of all of them:
     per route, the count and the cumulative latency buckets, every outcome summed (routes in
     order); and the count per outcome, every route summed."""
+    flush()
     registry = _registry()
     families = (registry or REGISTRY).collect()
     buckets: dict[str, dict[float, float]] = {}
@@ -103,6 +135,7 @@ async def render(rt: Runtime) -> bytes:
     SQL answer, and what is read from Redis at scrape time (stream and reaper lag, dead
     letters, fenced campaigns, repair and archival counters). With Redis down the Redis-read
     gauges are left out and ``flashteam_redis_up`` is 0, so the alert still has its metric."""
+    flush()
     registry = _registry()
     text = generate_latest(registry) if registry is not None else generate_latest()
     sql_up = await _answers(rt.store.get_campaign("metrics-probe"))
