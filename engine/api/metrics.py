@@ -39,6 +39,7 @@ _SCRIPTS = Histogram(
     "flashteam_script_seconds", "Lua script calls and their latency", ["script"], buckets=_BUCKETS
 )
 
+
 class _Buffered:
     """Observations of one histogram kept in this process and added to it in one go by
     ``flush`` (a few times a second): an observation costs a bisect and two additions
