@@ -10,7 +10,7 @@ comparisons, and the handler (engine/api/app.py) does the rest.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -166,9 +166,10 @@ def _match(segments: tuple[str | None, ...], parts: list[str]) -> list[str] | No
 # --------------------------------------------------------------------------- ASGI
 
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 Lifespan = Callable[[], Awaitable[None]]
 
 
