@@ -7,8 +7,18 @@ from dataclasses import dataclass
 
 from bench.charts import Charts, Series, series
 from bench.markdown import fmt, image, table, tabled
-from bench.results import IMPLEMENTATIONS, Result, Results
-from bench.targets import MET, NOT_MET, TARGETS, UNMEASURED, Verdict
+from bench.results import IMPLEMENTATIONS, Result, Results, Row
+from bench.targets import (
+    BATCH_ROUTE,
+    DEFAULT_STACK,
+    MET,
+    NAIVE_SYSTEM,
+    NOT_MET,
+    STRIPPED,
+    TARGETS,
+    UNMEASURED,
+    Verdict,
+)
 
 NOT_RUN = "Not measured."
 # The parts of a held order's Redis bytes, as the T6 rows name them.
@@ -109,6 +119,86 @@ def _t1_ratios_chart(ratios: Result, charts: Charts) -> list[str]:
     floors = [(t.bound.limit, t.bound.limit_text) for t in judged if t.bound is not None]
     chart = charts.lines("t1-ratios", "T1 engine / baseline", lines, "ratio (log)", floors=floors)
     return image(chart, "T1 ratios")
+
+
+T2_INTRO = (
+    "Each configuration is its own stack (a private redis-server with AOF, SQLite, 2 API "
+    "workers), measured with wrk and a new shopper per request, in turn, in the same run: "
+    f"`{STRIPPED}` is `flashteam serve` alone with the rate limit off (no flush worker, no "
+    "reaper); `+rate_limit` adds the default rate limit; `+worker_reaper` adds the flush worker "
+    f"and the reaper instead; `{DEFAULT_STACK}` is `flashteam run` with its default settings, "
+    "the stack the targets are judged on. Every configuration also serves the echo route, the "
+    f"baseline of its own server. `{NAIVE_SYSTEM}` is the naive reference (bench/naive.py: "
+    "FastAPI, one Lua DECR per request; uvicorn, 2 workers, uvloop, httptools) on the default "
+    f"stack's Redis. `{BATCH_ROUTE}` is `POST /v1/batch` with 64 reservations per request."
+)
+
+
+def t2_section(results: Results, charts: Charts) -> list[str]:
+    """T2: each configuration's routes against its echo route, and the naive reference."""
+    out = ["## T2 HTTP reserve", ""]
+    http = results.get("http")
+    if http is None:
+        return [*out, NOT_RUN, ""]
+    if not any("config" in row for row in http.rows):  # a run before the stacks were measured
+        return [*out, *tabled(f"{http.title}:", http)]
+    rows = {(str(r["config"]), str(r["route"])): r for r in http.rows}
+    systems = list(dict.fromkeys(str(r["config"]) for r in http.rows))
+    summary = [_t2_summary(system, rows) for system in systems]
+    columns = [
+        "config",
+        "echo_per_s",
+        "reserve_per_s",
+        "reserve_vs_echo",
+        "sold_out_vs_echo",
+        f"{BATCH_ROUTE}_reservations_per_s",
+        "reserve_vs_stripped",
+        "reserve_p99_ms",
+    ]
+    out += [
+        T2_INTRO,
+        "",
+        "Per configuration (rates of the median round; ratios the median of the rounds' ratios):",
+        "",
+    ]
+    out += [table(summary, columns), ""]
+    out += tabled(
+        f"{http.title}. `unflushed_at_end`: events still in the outbox when a window closed "
+        "(the most of any round), where a flush worker runs; the next window waited for it:",
+        http,
+    )
+    bars = [
+        (f"{system} {route}", float(value))
+        for route in ("reserve", BATCH_ROUTE)
+        for system in systems
+        if isinstance(value := rows.get((system, route), {}).get("reservations_per_s"), int | float)
+    ]
+    chart = charts.bars(
+        "t2-reservations",
+        "T2 reservations/s by configuration and route",
+        [label for label, _ in bars],
+        [value for _, value in bars],
+        "reservations per second",
+    )
+    return [*out, *image(chart, "T2 reservations")]
+
+
+def _t2_summary(system: str, rows: dict[tuple[str, str], Row]) -> Row:
+    """One configuration's line: its echo, reserve, sold-out and batch figures."""
+
+    def cell(route: str, column: str) -> object:
+        return rows.get((system, route), {}).get(column, "")
+
+    return {
+        "config": system,
+        "echo_per_s": cell("echo", "requests_per_s"),
+        "reserve_per_s": cell("reserve", "requests_per_s"),
+        "reserve_vs_echo": cell("reserve", "ratio_to_echo"),
+        "sold_out_vs_echo": cell("sold_out", "ratio_to_echo"),
+        f"{BATCH_ROUTE}_reservations_per_s": cell(BATCH_ROUTE, "reservations_per_s"),
+        "reserve_vs_stripped": cell("reserve", "vs_stripped"),
+        "reserve_p99_ms": cell("reserve", "p99_ms"),
+    }
 
 
 def t3_section(results: Results, charts: Charts) -> list[str]:
@@ -265,7 +355,7 @@ def _plain(*names: str, heading: str, intro: str = "", optional: bool = False) -
 
 SECTIONS: tuple[Section, ...] = (
     Section(("t1-reserve", "t1-ratios", "t1-sold-out"), t1_section),
-    _plain("http", heading="T2 HTTP reserve"),
+    Section(("http",), t2_section),
     Section(("t3-teams",), t3_section),
     _plain(
         "flush-sqlite",
