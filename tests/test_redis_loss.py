@@ -152,13 +152,16 @@ async def test_a_restarted_redis_is_verified_before_it_sells(
             held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
             server.stop()
             server.start()
-            assert b"flashteam_campaigns_fenced 1\n" in await render(engine.runtime)
+            exposed = await render(engine.runtime)
+            assert b"flashteam_campaigns_fenced 0\n" in exposed  # no repair due yet
+            assert b"flashteam_campaigns_unverified 1\n" in exposed
             with pytest.raises(Recovering) as refused:
                 await engine.orders.pay(held.order_id, "a", "pa")
             assert refused.value.details == {"reason": "recovering", "why": "restarted"}
             await engine.recovery.wait_idle()
             exposed = await render(engine.runtime)
             assert b"flashteam_campaigns_fenced 0\n" in exposed
+            assert b"flashteam_campaigns_unverified 0\n" in exposed
             assert b"flashteam_recoveries_total 1\n" in exposed
             paid = await engine.orders.pay(held.order_id, "a", "pa")  # the retry goes through
             assert paid.state is OrderState.PAID

@@ -168,7 +168,7 @@ async def _from_redis(rt: Runtime) -> list[str]:
     lag = await FlushWorker(rt, name="metrics").lag()
     overdue = await reaper_lag(rt)
     stats: dict[str, str] = await guarded(rt.redis.hgetall(RECOVERY_STATS))
-    fenced = await fenced_campaigns(rt)
+    fenced, unverified = await untrusted_campaigns(rt)
     dead = int(await guarded(rt.redis.xlen(DEAD_LETTERS)))
     return [
         "# HELP flashteam_stream_unflushed Outbox entries not yet committed to SQL.",
@@ -186,9 +186,14 @@ async def _from_redis(rt: Runtime) -> list[str]:
         "# HELP flashteam_dead_letters Outbox entries the flush worker could not decode (ft:dead).",
         "# TYPE flashteam_dead_letters gauge",
         f"flashteam_dead_letters {dead}",
-        "# HELP flashteam_campaigns_fenced Campaigns answering 'recovering' until repaired.",
+        "# HELP flashteam_campaigns_fenced Campaigns fenced: a repair from SQL is due or "
+        "running; they answer 'recovering'.",
         "# TYPE flashteam_campaigns_fenced gauge",
         f"flashteam_campaigns_fenced {fenced}",
+        "# HELP flashteam_campaigns_unverified Campaigns not yet verified on a restarted or "
+        "promoted server: their next call repairs them.",
+        "# TYPE flashteam_campaigns_unverified gauge",
+        f"flashteam_campaigns_unverified {unverified}",
         "# HELP flashteam_recoveries_total Campaigns repaired from SQL after Redis lost writes.",
         "# TYPE flashteam_recoveries_total counter",
         f"flashteam_recoveries_total {int(stats.get('repairs', 0))}",
@@ -215,12 +220,20 @@ async def _archival(rt: Runtime) -> list[str]:
     ]
 
 
-async def fenced_campaigns(rt: Runtime) -> int:
-    """Campaigns of ``ft:campaigns`` whose operations answer recovering right now (a fence
-    up, or a server restarted or promoted since they were verified)."""
+async def untrusted_campaigns(rt: Runtime) -> tuple[int, int]:
+    """Campaigns of ``ft:campaigns`` whose operations answer recovering right now: (fenced: a
+    repair is due or running, unverified: no fence, but the server restarted or was promoted
+    since they were verified; the first call of each repairs it, so an idle campaign can
+    stay so harmlessly)."""
     campaigns: set[str] = await guarded(rt.redis.smembers(CAMPAIGN_SET))
     recovery = Recovery(rt)
-    return sum([not await recovery.trusted(c) for c in sorted(campaigns)])
+    fenced = unverified = 0
+    for campaign_id in sorted(campaigns):
+        if await guarded(rt.redis.hexists(keys_of(campaign_id).meta, "fence")):
+            fenced += 1
+        elif not await recovery.trusted(campaign_id):
+            unverified += 1
+    return fenced, unverified
 
 
 async def reaper_lag(rt: Runtime) -> float:
