@@ -158,7 +158,7 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
     def join() -> None:
         n = next(joins)
         user = f"j{n}"
-        keys = [*team.order_keys, team.rate(user)]
+        keys = list(team.order_keys)
         team_id = scene.join_teams[n // (TEAM_SIZE - 1)]
         call = Call(JOIN, user, "", team_id, 0, "k")
         reply = scene.evalsha("join_team", keys, list(ARGS.one(TEAM, call)))
@@ -166,7 +166,7 @@ def _calls(scene: Scene, script: str) -> tuple[Callable[..., Any], Any, int, int
 
     def quick() -> None:
         user = f"q{next(scene.users)}"
-        keys = [*team.order_keys, team.rate(user)]
+        keys = list(team.order_keys)
         call = Call(QUICK, user, "sku-2", "", 0, "k")
         reply = scene.evalsha("quick_join", keys, list(ARGS.one(TEAM, call)))
         seat = decode(call, reply, TEAM)
