@@ -80,8 +80,8 @@ lint: install ## ruff and mypy --strict over the package and the tests
 test: lint postgres promtool browser ## lint, then the whole test suite against real servers it starts itself
 	$(BIN)/pytest
 
-bench: install postgres ## benchmarks (excluded from `make test`), then the report under bench/reports/
-	$(BIN)/pytest bench -m benchmark -p no:cacheprovider
+bench: install postgres ## benchmarks (excluded from `make test`) with progress lines, then the report under bench/reports/
+	$(BIN)/pytest bench -m benchmark -p no:cacheprovider -v -s --durations=0
 	$(BIN)/python -m bench.make_report
 
 loadtest: install ## Locust spike on a local engine, then the invariant verdict (ARGS="--help" lists the options)

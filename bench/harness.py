@@ -1,13 +1,14 @@
 """What the benchmarks share: a closed-loop load driver, percentiles, process RSS, a fresh
-engine on a flushed Redis, and running a benchmark's coroutine on uvloop (the event loop the
-HTTP API runs on).
+engine on a flushed Redis, running a benchmark's coroutine on uvloop (the event loop the
+HTTP API runs on), and the progress lines of the long ones (bench/progress.py).
 
 The driver runs ``concurrency`` callers; each calls ``op(n)`` with a fresh sequence number,
 again and again (a closed loop: every caller has one request in flight). After ``warmup``
 seconds it counts the requests that complete within the next ``seconds`` and keeps their
 latencies. With ``limit`` the callers stop after that many requests in all (operations that
 consume a finite resource, such as pre-opened team seats); the window then ends at the last
-completion.
+completion, and ``progress`` names a progress line over them (updated twice a second from the
+event loop, not from the callers).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -26,12 +28,25 @@ from typing import Any, TypeVar
 import redis
 import uvloop
 
+from bench.progress import Progress, ticking
 from engine import Engine
 from testkit.factories import make_settings
 
 T = TypeVar("T")
 
 Op = Callable[[int], Awaitable[bool]]
+
+
+_LINES_OPENED: set[str] = set()  # the tests that have drawn a progress line already
+
+
+def progress_line(label: str, total: float, unit: str = "") -> Progress:
+    """A progress line on stderr (``make bench`` runs pytest with ``-s``); the first of a test
+    starts on a new line, pytest ``-v`` having left the test's name open on the current one."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    fresh = bool(test) and test not in _LINES_OPENED
+    _LINES_OPENED.add(test)
+    return Progress(label, total, unit=unit, fresh_line=fresh)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -78,11 +93,14 @@ async def drive(
     seconds: float,
     warmup: float,
     limit: int | None = None,
+    progress: str | None = None,
 ) -> Measurement:
     """Run ``concurrency`` closed-loop callers of ``op`` and measure the window after warmup.
 
     ``op(n)`` returns True for a success, False for an expected rejection (sold out); an
-    exception fails the benchmark.
+    exception fails the benchmark. ``progress``: with ``limit``, the label of a progress line
+    over the requests measured so far (those of the warm-up not among them: use it with
+    ``warmup=0``).
     """
     numbers = itertools.count()
     begin = time.perf_counter()
@@ -109,7 +127,11 @@ async def drive(
                 if not ok:
                     rejected += 1
 
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    if progress is not None and limit is not None:
+        async with ticking(progress_line(progress, limit, "requests"), lambda: len(latencies)):
+            await asyncio.gather(*(caller() for _ in range(concurrency)))
+    else:
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
     if limit is not None and time.perf_counter() < end:
         if last <= start:
             raise AssertionError(f"{limit} requests ran out during the warm-up: raise the limit")

@@ -46,7 +46,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from bench.harness import Measurement, Op, drive, fresh_engine, run
+from bench.harness import Measurement, Op, drive, fresh_engine, progress_line, run
 from bench.report import report
 from engine import Engine, Settings
 from engine.errors import SoldOut
@@ -253,7 +253,9 @@ def test_t1_reserve_throughput(
     url = redis_server.url
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
+    bar = progress_line("T1 reserve", len(LEVELS), "levels")
     for level in LEVELS:
+        bar.update(bar.done, f"{level} callers: 5 implementations in turn")
         runs: dict[str, Measurement] = {}
         runs["engine"] = run(_engine_run(url, tmp_path, level, coalesce=True, sold_out_ttl=0.5))
         runs["engine-uncoalesced"] = run(
@@ -267,6 +269,7 @@ def test_t1_reserve_throughput(
             assert m.completed > 0 and m.rejected == 0, f"{impl} at {level}: {m.rejected} rejected"
             extra = {"retries": retries if impl == "redis-watch" else 0}
             rows.append(_row(impl, m, **extra))
+        bar.step()
         engine = runs["engine"].rate
         ratios.append(
             {
@@ -278,6 +281,7 @@ def test_t1_reserve_throughput(
                 "vs_postgres": engine / runs["postgres"].rate,
             }
         )
+    bar.close()
     report("t1-reserve", "T1 reserve throughput, one hot item (reserves/s, latency)", rows)
     report("t1-ratios", "T1 engine (coalesced) / each baseline, per concurrency", ratios)
 
@@ -288,8 +292,10 @@ def test_t1_sold_out_storm(redis_server: RedisServer, tmp_path: Path) -> None:
     """Rejections per second once the item is sold out (the first STORM_STOCK requests of the
     warm-up buy it all), with and without coalescing; the sold-out fast path at 0.5 s."""
     rows: list[dict[str, Any]] = []
+    bar = progress_line("T1 sold-out storm", 2 * len(LEVELS), "runs")
     for level in LEVELS:
         for impl, coalesce in (("engine", True), ("engine-uncoalesced", False)):
+            bar.update(bar.done, f"{impl} at {level} callers")
             m = run(
                 _engine_run(
                     redis_server.url,
@@ -302,6 +308,8 @@ def test_t1_sold_out_storm(redis_server: RedisServer, tmp_path: Path) -> None:
             )
             assert m.completed > 0 and m.succeeded == 0, f"{impl}: sales after the sell-out"
             rows.append(_row(impl, m))
+            bar.step()
+    bar.close()
     report("t1-sold-out", "T1 sold-out storm (rejections/s, latency)", rows)
 
 
@@ -362,18 +370,22 @@ def test_t3_team_throughput(redis_server: RedisServer, tmp_path: Path) -> None:
     median round (a 3 s window is easily disturbed on a shared 2-core machine)."""
     rows: list[dict[str, Any]] = []
     kinds = ("reserve", "join", "quick_join")
+    bar = progress_line("T3 teams", len(LEVELS) * T3_ROUNDS * len(kinds), "runs")
     for level in LEVELS:
         rounds: dict[str, list[Measurement]] = {kind: [] for kind in kinds}
-        for _ in range(T3_ROUNDS):
+        for n in range(T3_ROUNDS):
             for kind in kinds:
+                bar.update(bar.done, f"{kind} at {level} callers, round {n + 1}")
                 m = run(_team_run(redis_server.url, tmp_path, level, kind))
                 assert m.completed > 0 and m.rejected == 0
                 rounds[kind].append(m)
+                bar.step()
         median = {
             kind: sorted(ms, key=lambda m: m.rate)[T3_ROUNDS // 2] for kind, ms in rounds.items()
         }
         for kind, m in median.items():
             rows.append(_row(kind, m, vs_reserve=m.rate / median["reserve"].rate))
+    bar.close()
     report(
         "t3-teams",
         f"T3 team join and quick-join vs flash reserve (coalesced, median of {T3_ROUNDS})",

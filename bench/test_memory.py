@@ -11,7 +11,7 @@ connections are closed before each reading, so client buffers do not count.
 Process: 1,000,000 successful reservations (1,000 coalesced callers, one item with enough
 stock, a new user each), RSS sampled every 100,000 requests. Flat means: RSS grows by less
 than FLAT_BYTES between the 200,000th request (pools, caches and the allocator warmed up)
-and the last.
+and the last. Progress lines count the holds, and the requests at each RSS sample.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import redis
 
-from bench.harness import drive, fresh_engine, redis_info, rss_bytes, run
+from bench.harness import drive, fresh_engine, progress_line, redis_info, rss_bytes, run
 from bench.report import report
 from engine import Engine
 from engine.keys import keys_of
@@ -72,7 +72,9 @@ async def _reserve_all(engine: Engine, count: int) -> None:
         await engine.flash.reserve(CID, f"u{n}", SKU, 1, "k")
         return True
 
-    m = await drive(reserve, CALLERS, seconds=3600, warmup=0, limit=count)
+    m = await drive(
+        reserve, CALLERS, seconds=3600, warmup=0, limit=count, progress=f"T6 {count:,} holds"
+    )
     assert m.completed == count and m.rejected == 0
 
 
@@ -128,6 +130,7 @@ async def _process_memory(url: str, tmp: Path) -> list[dict[str, Any]]:
         now = await engine.runtime.now()
         await engine.campaigns.create(flash_campaign(now, CID, stock=REQUESTS, limit=1))
         numbers = itertools.count()
+        bar = progress_line(f"T6 RSS over {REQUESTS:,} requests", REQUESTS, "requests")
         started = time.perf_counter()
 
         def sample(n: int) -> None:
@@ -138,6 +141,7 @@ async def _process_memory(url: str, tmp: Path) -> list[dict[str, Any]]:
                     "seconds": time.perf_counter() - started,
                 }
             )
+            bar.update(n, f"RSS {samples[-1]['rss_mib']:,.0f} MiB")
 
         sample(0)
 
@@ -148,6 +152,7 @@ async def _process_memory(url: str, tmp: Path) -> list[dict[str, Any]]:
                     sample(n + 1)
 
         await asyncio.gather(*(caller() for _ in range(CALLERS)))
+        bar.close()
         view = await engine.campaigns.get(CID)
         assert view.stock[0].held == REQUESTS and view.stock[0].available == 0
     return samples

@@ -6,7 +6,8 @@ deadline field and the deadline index, as ``testkit/helpers.py age_order`` does,
 Lua call per chunk). The reaper's own loop (``Reaper.run``, the production interval of
 0.2 s) is already running when T arrives. Measured, on the Redis clock: from T until the
 last hold is expired and every unit is back on sale. Checked: every order expired exactly
-once (one ``order.expired`` event each), the stock buckets add up.
+once (one ``order.expired`` event each), the stock buckets add up. Progress lines count the
+holds made, then the holds returned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from bench.harness import drive, fresh_engine, run
+from bench.harness import drive, fresh_engine, progress_line, run
 from bench.report import report
 from engine import Engine
 from engine.audit import audit_campaign
@@ -59,7 +60,9 @@ async def _hold_all(engine: Engine) -> None:
         await engine.flash.reserve(CID, f"u{n}", SKU, 1, "k")
         return True
 
-    m = await drive(reserve, CALLERS, seconds=3600, warmup=0, limit=HOLDS)
+    m = await drive(
+        reserve, CALLERS, seconds=3600, warmup=0, limit=HOLDS, progress=f"T5 {HOLDS:,} holds"
+    )
     assert m.completed == HOLDS and m.rejected == 0
 
 
@@ -90,11 +93,14 @@ async def _expire(url: str, tmp: Path) -> dict[str, Any]:
 
         stop = asyncio.Event()
         reaper = asyncio.create_task(engine.reaper.run(stop))
+        returned = progress_line("T5 holds returned by the reaper", HOLDS, "holds")
         try:
             first = last = 0
             while True:
                 left = int(await redis.zcard(keys.deadlines))
                 now_ms = await _redis_ms(engine)
+                # at most a few lines a second, whatever the polling
+                returned.update(HOLDS - left, "expiring" if now_ms >= instant else "waiting for T")
                 if left < HOLDS and not first:
                     first = now_ms  # the reaper's first expiry seen
                 if left == 0:
@@ -103,6 +109,7 @@ async def _expire(url: str, tmp: Path) -> dict[str, Any]:
                 assert now_ms < instant + 120_000, f"{left} holds still held 2 minutes after T"
                 await asyncio.sleep(0.005)
         finally:
+            returned.close()
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper

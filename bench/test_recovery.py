@@ -48,7 +48,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench import targets
-from bench.harness import Measurement, drive, fresh_engine, percentile, run
+from bench.harness import Measurement, drive, fresh_engine, percentile, progress_line, run
 from bench.report import report
 from bench.test_reaper import MOVE_DEADLINES
 from engine import Engine
@@ -189,7 +189,8 @@ async def _flash_sale(engine: Engine, sale: Sale) -> None:
         ids[n] = held.order.order_id
         return True
 
-    m = await drive(reserve, CALLERS, seconds=HOUR, warmup=0, limit=ORDERS)
+    label = f"T8 the {ORDERS:,}-order sale: holds"
+    m = await drive(reserve, CALLERS, seconds=HOUR, warmup=0, limit=ORDERS, progress=label)
     assert m.completed == ORDERS and m.rejected == 0
     fates = [_flash_fate(n) for n in range(ORDERS)]
     paid = [n for n in range(ORDERS) if fates[n] in ("paid", "refund-restock", "refund-gone")]
@@ -659,12 +660,15 @@ def test_t8_pay_durability(redis_server: RedisServer, database_url: str, tmp_pat
     backend, url = database_url.split(":")[0], redis_server.url
     rows: list[dict[str, Any]] = []
     fastest = FIRST_GUESS
+    bar = progress_line("T8 pay", 2 * len(LEVELS) + len(PACED_ROUNDS), "runs")
     for level in LEVELS:
         runs: dict[str, PayRun] = {}
         for mode in ("outbox", "sql"):
+            bar.update(bar.done, f"{mode} at {level} callers")
             holds = int(fastest * (WARMUP + SECONDS) * HOLDS_MARGIN)
             runs[mode] = run(_pay_run(url, tmp_path, database_url, mode, level, holds))
             fastest = max(fastest, runs[mode].m.rate)
+            bar.step()
         outbox = runs["outbox"].m.rate
         rows += [_pay_row(backend, mode, runs[mode], outbox) for mode in ("sql", "outbox")]
     report(
@@ -678,7 +682,10 @@ def test_t8_pay_durability(redis_server: RedisServer, database_url: str, tmp_pat
     rate = PACED_SHARE * peak
     rounds: dict[str, list[Paced]] = {"sql": [], "outbox": []}
     for n, mode in enumerate(PACED_ROUNDS):
+        bar.update(bar.done, f"{mode} open loop at {rate:,.0f}/s")
         rounds[mode].append(run(_paced_run(url, tmp_path, database_url, mode, rate, n)))
+        bar.step()
+    bar.close()
     report(
         f"t8-pay-paced-{backend}",
         f"T8 pay open loop at {PACED_SHARE:.0%} of the durability default's peak ({backend}), "

@@ -5,7 +5,8 @@ with its defaults: request coalescing on, the sold-out fast path at 0.5 s. Asser
 100,000 reservations succeed and 900,000 are rejected ``sold_out``; the audit finds the stock
 buckets whole (available 0 + held 100,000 == stock) and one held unit per successful user.
 Reported: the time to sell out (Redis' own sold-out mark, from the first request), the time
-for all 1,000,000 answers, and this process's RSS along the way.
+for all 1,000,000 answers, and this process's RSS along the way. A progress line counts the
+answers twice a second (from the event loop, not the shoppers).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from bench.harness import fresh_engine, rss_bytes, run
+from bench.harness import fresh_engine, progress_line, rss_bytes, run
+from bench.progress import ticking
 from bench.report import report
 from engine.audit import audit_campaign
 from engine.errors import SoldOut
@@ -40,8 +42,6 @@ async def _sell_out(url: str, tmp: Path) -> dict[str, Any]:
         numbers = itertools.count()
         sold = rejected = 0
         peak_rss = rss_bytes()
-        first_ms = to_ms(await engine.runtime.now())
-        started = time.perf_counter()
 
         async def shopper() -> None:
             nonlocal sold, rejected, peak_rss
@@ -54,8 +54,12 @@ async def _sell_out(url: str, tmp: Path) -> dict[str, Any]:
                 if n % 100_000 == 0:
                     peak_rss = max(peak_rss, rss_bytes())
 
-        await asyncio.gather(*(shopper() for _ in range(CALLERS)))
-        elapsed = time.perf_counter() - started
+        bar = progress_line(f"T7 {USERS:,} users", USERS, "answers")
+        async with ticking(bar, lambda: sold + rejected):
+            first_ms = to_ms(await engine.runtime.now())
+            started = time.perf_counter()
+            await asyncio.gather(*(shopper() for _ in range(CALLERS)))
+            elapsed = time.perf_counter() - started
         view = await engine.campaigns.get(CID)
         item = view.stock[0]
         audit = await audit_campaign(engine.runtime, CID)

@@ -7,14 +7,19 @@
 2. Creates a flash campaign and a team campaign that open ``--open-after`` seconds later.
 3. Runs Locust headless (``loadtests/locustfile.py``) with the chosen shape for ``--run-time``
    seconds, writing ``<name>.html``, ``<name>.json`` and Locust's CSV files under
-   ``--reports``, while sampling the engine's /metrics (stream lag, reaper lag).
+   ``--reports``, with a progress line (requests so far, the current rate); from then until
+   the sale has settled it samples the engine every second: /metrics (stream lag, reaper lag,
+   the request histogram) and each campaign's stock (loadtests/timeline.py).
 4. Lets the sale settle (every hold and team of the run reaches its end), waits for the flush
    worker to drain the outbox, stops the local engine, and checks the invariants of
    docs/invariants.md (no oversell, no stock leak, per-user limits, no over-filled team, SQL
    equal to Redis, nothing dead-lettered), that every acknowledged payment is a paid order in
    SQL, and that the run was healthy (it reached the engine; no 5xx, no unexpected answer).
-5. Prints the campaign KPIs (docs/kpis.md) and the verdict (also saved as
-   ``<name>-verdict.txt``); exits 1 if any check fails, 2 on bad options.
+5. Keeps the samples as ``<name>-timeline.json`` and draws them (``<name>-timeline-*.png``:
+   requests/s by outcome, latency p50/p99, stock per item, stream and reaper lag; skipped
+   without matplotlib), prints the campaign KPIs (docs/kpis.md), the charts' paths and the
+   verdict (also saved as ``<name>-verdict.txt``); exits 1 if any check fails, 2 on bad
+   options.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 
 import uvloop
 
+from bench.progress import Progress
 from engine.core import Engine
 from engine.keys import ID_PATTERN
 from engine.local.launcher import LocalEngine
@@ -47,6 +53,7 @@ from engine.local.redis_server import RedisServer
 from engine.settings import API_WORKERS, DEFAULTS, Settings
 from engine.worker import FlushWorker
 from loadtests.plan import DEFAULT_MIX, SHAPES, parse_mix
+from loadtests.timeline import CHARTS, Stock, Timeline, draw, peaks, stock_of
 from loadtests.verdict import (
     LoadTally,
     Verdict,
@@ -62,8 +69,9 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 STOP_TIMEOUT = 5  # seconds Locust gives a user to finish its task when the load ends
 #: What a run writes next to ``<reports>/<name>``.
 OUTPUTS = (
-    *(".html", ".json", "-tally.json", "-verdict.txt"),
+    *(".html", ".json", "-tally.json", "-verdict.txt", "-timeline.json"),
     *(f"_{kind}.csv" for kind in ("stats", "stats_history", "failures", "exceptions")),
+    *(f"-timeline-{kind}.png" for kind in CHARTS),
 )
 
 
@@ -309,18 +317,43 @@ def create_campaigns(target: Target, args: argparse.Namespace, name: str) -> lis
     return ids
 
 
+def read_stock(target: Target, campaigns: list[str]) -> Stock:
+    """Each campaign's stock per item (``GET /v1/campaigns/{id}``, admin token); a campaign
+    that did not answer is left out."""
+    stock: Stock = {}
+    for campaign_id in campaigns:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            status, body = _http(
+                target, "GET", f"/v1/campaigns/{campaign_id}", None, target.admin_token
+            )
+            if status == 200:
+                stock[campaign_id] = stock_of(body)
+    return stock
+
+
 @contextlib.contextmanager
-def sampling(target: Target, gauges: Gauges) -> Iterator[None]:
-    """Read the engine's /metrics every second into ``gauges`` while the block runs."""
+def sampling(target: Target, gauges: Gauges, timeline: Timeline | None = None) -> Iterator[None]:
+    """Read the engine's /metrics into ``gauges`` once a second while the block runs; with
+    ``timeline``, also keep each reading there with the stock of its campaigns."""
     stop = threading.Event()
 
     def sample() -> None:
+        due = time.monotonic()
         while True:
+            text = None
+            received = time.monotonic()
             with contextlib.suppress(OSError, ValueError):
-                status, text = _http(target, "GET", "/metrics", None, "")
+                status, body = _http(target, "GET", "/metrics", None, "")
+                received = time.monotonic()
                 if status == 200:
-                    gauges.add(text.decode())
-            if stop.wait(1.0):
+                    text = body.decode()
+                    gauges.add(text)
+            # the engine renders /metrics once the request is through its queue: at the end
+            at = received
+            if timeline is not None:
+                timeline.add(text, read_stock(target, timeline.campaigns), at)
+            due += 1.0
+            if stop.wait(max(0.0, due - time.monotonic())):
                 return
 
     thread = threading.Thread(target=sample, name="metrics", daemon=True)
@@ -332,8 +365,16 @@ def sampling(target: Target, gauges: Gauges) -> Iterator[None]:
         thread.join()
 
 
-def run_locust(target: Target, args: argparse.Namespace, prefix: Path, campaigns: list[str]) -> int:
-    """Locust headless with the chosen shape; its reports under ``prefix``."""
+def run_locust(
+    target: Target,
+    args: argparse.Namespace,
+    prefix: Path,
+    campaigns: list[str],
+    timeline: Timeline | None = None,
+) -> int:
+    """Locust headless with the chosen shape; its reports under ``prefix``. A progress line
+    counts the seconds of load (from the first request ``timeline`` sees) against
+    ``--run-time``, with the requests so far and the current rate."""
     env = {
         **os.environ,
         "FLASHTEAM_LOAD_SHAPE": args.shape,
@@ -364,7 +405,50 @@ def run_locust(target: Target, args: argparse.Namespace, prefix: Path, campaigns
         command += ["--expect-workers-max-wait", "300"]
     elif args.processes != 1:
         command += ["--processes", str(args.processes)]
-    return subprocess.run(command, env=env, cwd=ROOT, check=False).returncode
+    seen = timeline or Timeline("", [])
+    launched = time.monotonic()
+    started = None if args.expect_workers else launched  # else: from the workers' first request
+    with (
+        subprocess.Popen(command, env=env, cwd=ROOT) as process,
+        Progress("Locust", args.run_time, unit="s", clock=True) as bar,
+    ):
+        while (code := _exited(process, 1.0)) is None:
+            if started is None and seen.requests_seen > 0:
+                started = time.monotonic()
+            elapsed = 0.0 if started is None else time.monotonic() - started
+            bar.update(min(elapsed, args.run_time) // 1, _load_note(seen, elapsed, args))
+        elapsed = time.monotonic() - (started or launched)
+        bar.update(min(elapsed, args.run_time) // 1)
+        bar.close(
+            f"Locust exited with {code} after {elapsed:.0f} s; {seen.requests_seen:,.0f} requests"
+        )
+    return code
+
+
+def _exited(process: subprocess.Popen[bytes], seconds: float) -> int | None:
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _load_note(timeline: Timeline, elapsed: float, args: argparse.Namespace) -> str:
+    """What the progress line says of the load: requests so far and the current rate."""
+    if not timeline.requests_seen:
+        return "waiting for the workers" if args.expect_workers else "starting the users"
+    note = f"{timeline.requests_seen:,.0f} requests, {timeline.rate_now:,.0f}/s now"
+    if elapsed > args.run_time:
+        note += f"; stopping (users finish their tasks, up to {STOP_TIMEOUT} s)"
+    return note
+
+
+def wait(label: str, seconds: float, note: str) -> None:
+    """Wait ``seconds`` with a progress line."""
+    end = time.monotonic() + seconds
+    with Progress(label, seconds, unit="s", clock=True) as bar:
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(1.0, left))
+            bar.update(round(seconds - max(0.0, end - time.monotonic())), note)
 
 
 async def _open(target: Target) -> Engine:
@@ -384,6 +468,7 @@ async def settle_and_judge(
 ) -> tuple[Verdict, list[str]]:
     """Wait for the outbox to drain, stop a local engine, then judge; returns the verdict and
     the report lines."""
+    print(f"waiting for the flush worker to drain the outbox (up to {args.drain_timeout:g} s)")
     async with await _open(target) as engine:
         drained = await FlushWorker(engine.runtime).wait_flushed(args.drain_timeout)
     lines = [
@@ -392,7 +477,14 @@ async def settle_and_judge(
         else f"outbox NOT drained within {args.drain_timeout:.0f} s of the sale settling"
     ]
     local = target.local is not None
+    if local:
+        print("stopping the engine", flush=True)
     target.stop()  # a local engine: no reaper racing the checks
+    print(
+        "judging: invariants per campaign, SQL against Redis, every acknowledged payment; "
+        "then the KPIs",
+        flush=True,
+    )
     async with await _open(target) as engine:
         if local:
             await FlushWorker(engine.runtime).drain()  # what the reaper left at its stop
@@ -401,6 +493,24 @@ async def settle_and_judge(
         for campaign_id in campaigns:
             lines += await campaign_kpis(engine, campaign_id)
     return verdict, lines
+
+
+def timeline_report(timeline: Timeline, prefix: Path, shown: Path) -> list[str]:
+    """Write ``<name>-timeline.json`` and the charts; the summary's lines naming them."""
+    Path(f"{prefix}-timeline.json").write_text(timeline.to_json())
+    print("drawing the timeline charts ...", flush=True)
+    charts = draw(timeline, prefix)
+    lines = [
+        f"timeline (each second: /metrics and the campaigns' stock, {len(timeline.samples)} "
+        "samples; seconds since the sale opened)",
+        *peaks(timeline),
+    ]
+    if charts is None:
+        lines.append("  charts skipped: matplotlib is not installed (`pip install matplotlib`)")
+    else:
+        lines += [f"  {CHARTS[kind]:<40} {shown}-timeline-{kind}.png" for kind in charts]
+    lines.append(f"  {'raw samples':<40} {shown}-timeline.json")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,7 +549,11 @@ def _main(argv: list[str] | None) -> int:
                 local_engine(data_dir, args.api_workers, data_dir / "engine.log")
             )
         dead = uvloop.run(_dead_letters_now(target))  # also proves both stores answer
+        print("creating the campaigns ...", flush=True)
+        created = time.monotonic()
         campaigns = create_campaigns(target, args, name)
+        timeline = Timeline(name, campaigns, origin=created + args.open_after)
+        timeline.marks["sale opens"] = 0.0
         headline = (
             f"{name}: {args.shape} load on {target.host}, {args.users} users at "
             f"{args.spawn_rate:g}/s for {args.run_time} s, mix {args.mix}; campaigns "
@@ -448,12 +562,15 @@ def _main(argv: list[str] | None) -> int:
         )
         print(headline, flush=True)
         gauges = Gauges()
-        with sampling(target, gauges):
-            locust_code = run_locust(target, args, prefix, campaigns)
+        with sampling(target, gauges, timeline):
+            timeline.mark("load starts")
+            locust_code = run_locust(target, args, prefix, campaigns, timeline)
+            timeline.mark("load ends")
             if not Path(f"{prefix}.json").exists():
                 raise RuntimeError(f"Locust exited with {locust_code} without its results")
             print(f"load done; {settle:g} s for the holds and teams of the sale to end", flush=True)
-            time.sleep(settle)
+            wait("settling", settle, "holds expiring, teams closing")
+            timeline.mark("settled")
         tally = LoadTally.read(Path(f"{prefix}-tally.json"))
         verdict, lines = uvloop.run(settle_and_judge(target, args, campaigns, tally, dead))
     shown = prefix.relative_to(ROOT) if prefix.is_relative_to(ROOT) else prefix
@@ -462,6 +579,7 @@ def _main(argv: list[str] | None) -> int:
     lines += request_table(read_locust_json(Path(f"{prefix}.json")), args.run_time)
     lines += ["", "answers by request", *tally.lines()]
     lines.append(f"  reports: {shown}.html, {shown}.json (Locust exit code {locust_code})")
+    lines += ["", *timeline_report(timeline, prefix, shown)]
     lines += ["", "invariants (docs/invariants.md) and the run", *verdict.lines()]
     text = "\n".join([headline, "", *lines])
     print(text, flush=True)

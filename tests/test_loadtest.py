@@ -1,5 +1,6 @@
 """`make loadtest`: the load shapes and the scenario mix, the verdict failing on states broken on
-purpose, and a few-second smoke run of the whole thing (engine, Locust, drain, verdict)."""
+purpose, and a few-second smoke run of the whole thing (engine, Locust, drain, verdict, the
+timeline charts and the progress lines)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from loadtests.plan import (
     spike,
     step,
 )
+from loadtests.timeline import CHARTS, Timeline
 from loadtests.verdict import LoadTally, Verdict, judge
 from testkit.factories import flash_campaign, team_campaign
 
@@ -214,7 +216,8 @@ async def test_verdict_fails_on_a_lost_payment_or_a_bad_run(engine: Engine) -> N
 
 
 async def test_make_loadtest_smoke_run(tmp_path: Path) -> None:
-    """A 5-second spike through the real driver: engine, Locust, drain, verdict, reports."""
+    """A 5-second spike through the real driver: engine, Locust, drain, verdict, reports,
+    the timeline's samples and charts, progress lines."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -243,3 +246,28 @@ async def test_make_loadtest_smoke_run(tmp_path: Path) -> None:
     assert sum(e["num_requests"] for e in stats) == sum(tally.outcomes.values())
     assert "rejections by reason" in text and "teams: created" in text
     assert "worst stream lag" in text
+    # What it does, as it goes (stderr is a pipe here: plain progress lines, no \r).
+    for doing in ("starting the engine", "creating the campaigns", "waiting for the flush"):
+        assert doing in text
+    assert "judging:" in text and "drawing the timeline charts" in text
+    assert "Locust: 100% 5/5 s" in text and "Locust exited with 0" in text, text
+    assert "settling: 100%" in text and "\r" not in text
+    # The timeline: four charts, linked from the printed summary and the verdict file.
+    verdict_text = (reports / "smoke-verdict.txt").read_text()
+    for kind in CHARTS:
+        chart = reports / f"smoke-timeline-{kind}.png"
+        data = chart.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, kind
+        assert str(chart) in verdict_text and str(chart) in text
+    assert str(reports / "smoke-timeline.json") in verdict_text
+    timeline = Timeline.from_json((reports / "smoke-timeline.json").read_text())
+    assert len(timeline.samples) >= 10  # about one a second over 5 s of load and 5 s settling
+    assert {"sale opens", "load starts", "load ends", "settled"} <= set(timeline.marks)
+    assert sum(rate for _, rate in timeline.requests()["ok"]) > 0
+    assert timeline.latency(0.99) and timeline.gauge("flashteam_reaper_lag_seconds")
+    for kind in ("flash", "team"):
+        campaign_id = f"lt-smoke-{kind}"
+        skus = timeline.skus(campaign_id)
+        assert skus == [f"{kind}-1", f"{kind}-2"]
+        assert [timeline.stock(campaign_id, sku, "available")[0][1] for sku in skus] == [60, 60]
+        assert sum(timeline.stock(campaign_id, sku, "paid")[-1][1] for sku in skus) > 0
