@@ -28,6 +28,14 @@ _RAISE_MARKS = sql.raise_marks(_Q, "MAX")
 _INSERT_ARCHIVE = sql.insert_archive(_Q)
 
 
+# How long a write waits for a database another process holds locked before failing.
+_LOCKED_FOR = 5.0
+
+
+class _Locked(Exception):
+    """Raised by ``SqliteStore._apply`` when another connection holds the database locked."""
+
+
 class SqliteStore(DurableReads):
     """Campaigns, orders and teams in one SQLite file."""
 
@@ -82,8 +90,26 @@ class SqliteStore(DurableReads):
 
     async def apply(self, batch: Batch) -> list[str]:
         async with self._writing:
-            written = await self._apply(batch)
+            written = await self._apply_retrying(batch)
             return await self._collisions(batch, written)
+
+    async def _apply_retrying(self, batch: Batch) -> int:
+        """``_apply``, again while the file is locked by another process (the API workers
+        committing payments, the flush worker): SQLite answers "database is locked" at once
+        in some of those races instead of waiting its busy timeout, so wait here, up to
+        ``_LOCKED_FOR`` seconds, before reporting the store unavailable."""
+        pause, waited = 0.005, 0.0
+        while True:
+            try:
+                return await self._apply(batch)
+            except _Locked:
+                if waited >= _LOCKED_FOR:
+                    raise Unavailable(
+                        f"SQLite write failed: the database stayed locked for {waited:.1f} s"
+                    ) from None
+                await asyncio.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, 0.1)
 
     async def _apply(self, batch: Batch) -> int:
         """Write the batch in one transaction; returns the order and team rows written."""
@@ -110,6 +136,8 @@ class SqliteStore(DurableReads):
         except sqlite3.Error as exc:
             if db.in_transaction:
                 await db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise _Locked from exc
             raise Unavailable(f"SQLite write failed: {exc}") from exc
         return max(orders.rowcount, 0) + max(teams.rowcount, 0)
 
