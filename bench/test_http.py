@@ -51,6 +51,7 @@ from typing import Any
 import pytest
 
 from bench import http_stacks as hs
+from bench.harness import progress_line
 from bench.http_load import CONNECTIONS, Load, LoadGenerator, Route
 from bench.report import RESULTS, report
 from bench.results import load_results
@@ -154,7 +155,11 @@ def _measure(
 ) -> tuple[dict[Key, list[Run]], dict[Key, list[Load]], Run]:
     """Warm-ups, the rounds, then the default stack's paced reserve."""
 
+    windows = sum(len(system.routes) for system in systems.values()) * (1 + ROUNDS)
+    line = progress_line("T2 measurement windows", windows + 1 + PROBES, "windows")
+
     def one(system: System, route: Route, seconds: float, pause_ms: int = 0) -> Run:
+        line.step(f"{system.name} {route.path}")
         load = generator.measure(route, seconds, pause_ms)
         if not system.flushes:
             return Run(load, None)
@@ -187,6 +192,7 @@ def _measure(
         pause_ms = max(1, round(pause_ms + goal_ms - cycle_ms))
     paced = one(default, default.routes["reserve"], SECONDS, pause_ms)
     warm[(DEFAULT_STACK, "reserve")].append(paced.load)
+    line.close()
     return runs, warm, paced
 
 
