@@ -132,6 +132,7 @@ class Api:
         self._openapi: bytes | None = None
         self.operations: list[Operation] = []
         self._router = Router()
+        self._unavailable_logged: dict[tuple[str, str], float] = {}
         gw, adm, pub = Access.GATEWAY, Access.ADMIN, Access.PUBLIC
         o = s.OrderOut
         routes = [
@@ -339,6 +340,8 @@ class Api:
                 return await handler(request)
             except errors.EngineError as exc:
                 outcome = exc.http_code if isinstance(exc, ApiError) else exc.code
+                if isinstance(exc, errors.Unavailable):
+                    self._log_unavailable(name, exc)
                 # Not for ids nobody created, nor for an archived campaign (its counters
                 # are in SQL now, engine/archive.py).
                 if isinstance(exc, errors.Rejected) and not isinstance(
@@ -354,6 +357,15 @@ class Api:
                 metrics.observe_request(name, outcome, time.perf_counter() - started)
 
         return method, path, endpoint
+
+    def _log_unavailable(self, route: str, exc: errors.Unavailable) -> None:
+        """Say why a route answered 503, at most once a second per route and reason (an
+        outage answers every request with it)."""
+        now = time.monotonic()
+        key = (route, exc.message)
+        if now - self._unavailable_logged.get(key, 0.0) >= 1.0:
+            self._unavailable_logged[key] = now
+            log.warning("%s answered 503: %s", route, exc.message)
 
     def _authorize(self, request: HttpRequest, access: Access) -> None:
         if access is Access.PUBLIC:
