@@ -21,6 +21,11 @@ safe to run again, so a pass that dies anywhere is finished by the next one:
 
 One process archives at a time (a lock in Redis, ``ft:archiver``): the reaper every
 ``archive_interval`` seconds, or `flashteam archive <campaign>` by hand.
+
+A sharded campaign (engine/shards.py) is archived whole: any stock transfer left pending is
+finished first, then every stock bucket is sealed (a bucket that refuses unseals the others),
+its records are read from every bucket, its stock buckets summed over them, and every
+bucket's keys deleted, the campaign's own definition last.
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ from datetime import timedelta
 
 from redis.asyncio.lock import Lock
 
-from engine.errors import EngineError, NotFound
+from engine.errors import Archived, EngineError, NotFound, Recovering
 from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of
 from engine.models import Campaign, CampaignKind, ItemStock, from_ms, to_ms
 from engine.reconcile import reconcile
 from engine.runtime import Runtime
 from engine.scripts import Code, Refusal, guarded
+from engine.shards import Layout, finish_pending, sold_out_moments
 from engine.store import Archive, Totals
 
 log = logging.getLogger(__name__)
@@ -212,11 +218,14 @@ class Archiver:
         """Seal the campaign and compare it with SQL: ('', []) when it may be archived, else
         the reason (the campaign then left unsealed) and the differences found."""
         rt = self._rt
-        refused = await rt.scripts.seal(campaign_id)
+        layout = await rt.layout(campaign_id)
+        with contextlib.suppress(Recovering, Archived):  # the seal says why, if it must
+            await finish_pending(rt, layout)
+        refused = await self._seal(layout)
         log.debug("campaign %s: seal: %s", campaign_id, refused or "sealed")
         if refused in _REPAIRED_FIRST:
             await self._repair(campaign_id)
-            refused = await rt.scripts.seal(campaign_id)
+            refused = await self._seal(layout)
         if refused == "missing":
             # Redis lost it (an empty node): SQL is the authority and all there is; a repair
             # would rebuild exactly what SQL holds.
@@ -230,17 +239,42 @@ class Archiver:
             differences.append(f"{found.unflushed} events not flushed")
         differences += await self._stock_differences(campaign_id)
         if differences:
-            await rt.scripts.unseal(campaign_id)
+            for shard in layout.shards:
+                await rt.scripts.unseal(shard)
             return "differs", differences
         log.debug("campaign %s: Redis and SQL agree", campaign_id)
         return "", []
 
+    async def _seal(self, layout: Layout) -> str | None:
+        """Seal every stock bucket (the campaign when it has one); the first refusal (the
+        buckets sealed before it unsealed again), else 'missing' if a bucket is, else None."""
+        scripts = self._rt.scripts
+        sealed: list[str] = []
+        missing = False
+        for shard in layout.shards:
+            refused = await scripts.seal(shard)
+            if refused == "missing":
+                missing = True
+            elif refused is not None:
+                for done in sealed:
+                    await scripts.unseal(done)
+                return refused
+            else:
+                sealed.append(shard)
+        return "missing" if missing else None
+
     async def _stock_differences(self, campaign_id: str) -> list[str]:
-        """Redis's stock buckets against those SQL's orders make (``durable_stock``)."""
+        """Redis's stock buckets (summed over a sharded campaign's: no transfer is pending
+        once it is sealed) against those SQL's orders make (``durable_stock``)."""
         rt = self._rt
         campaign = await rt.store.get_campaign(campaign_id)
         assert campaign is not None  # archive() and the candidates come from SQL
-        inv: dict[str, str] = await guarded(rt.redis.hgetall(keys_of(campaign_id).inv))
+        inv: dict[str, int] = {}
+        for shard in campaign.shard_ids:
+            shard_inv: dict[str, str] = await guarded(rt.redis.hgetall(keys_of(shard).inv))
+            for name, value in shard_inv.items():
+                if name[:2] in ("i:", "a:", "h:", "p:", "r:"):
+                    inv[name] = inv.get(name, 0) + int(value)
         found = []
         for item in durable_stock(campaign, await rt.store.order_totals(campaign_id), {}):
             for bucket, key in (
@@ -260,12 +294,15 @@ class Archiver:
         """The archive record: what the campaign's reads need that only Redis has."""
         rt = self._rt
         keys = keys_of(campaign_id)
-        inv: dict[str, str] = await guarded(rt.redis.hgetall(keys.inv))
+        shards = (await rt.layout(campaign_id)).shards
+        invs: list[dict[str, str]] = [
+            await guarded(rt.redis.hgetall(keys_of(shard).inv)) for shard in shards
+        ]
         rejections: dict[str, str] = await guarded(rt.redis.hgetall(keys.rejections))
         return Archive(
             campaign_id,
             await rt.now(),
-            {f[4:]: int(v) for f, v in inv.items() if f.startswith("out:")},
+            sold_out_moments(invs),
             {code: int(n) for code, n in rejections.items()},
         )
 
@@ -274,10 +311,17 @@ class Archiver:
         (keys deleted, the slowest command in ms)."""
         redis = self._rt.redis
         keys = keys_of(campaign_id)
+        shards = (await self._rt.layout(campaign_id)).shards
         await guarded(redis.srem(CAMPAIGN_SET, campaign_id))
         await guarded(redis.srem(STREAM_SET, campaign_id))
         log.debug("campaign %s: unregistered", campaign_id)
-        doomed = [k for k in (*keys.order_keys, keys.rejections, keys.repair) if k != keys.meta]
+        doomed = []
+        for shard in (*shards[1:], campaign_id):  # a sharded campaign's buckets, then its own
+            bucket = keys_of(shard)
+            others = [bucket.rejections, bucket.repair]
+            if len(shards) > 1:
+                others += [bucket.transfers, bucket.credits]
+            doomed += [k for k in (*bucket.order_keys, *others) if k != keys.meta]
         deleted, longest = 0, 0.0
         for key in [*doomed, keys.meta]:
             sent = time.perf_counter()

@@ -8,6 +8,11 @@ Reads everything the scripts maintain and recomputes it from the orders:
 - per team: held + paid seats <= team_size, one seat per user, the seat counters match the
   seats' orders, a succeeded team has exactly team_size paid seats, every held or paid team
   order sits in its team, and the joinable and expiry indexes hold exactly the open teams.
+A sharded campaign (engine/shards.py) is audited bucket by bucket as above (each bucket's
+buckets add up to its share of the stock), and across buckets: per item, the shares of every
+bucket plus the units of transfers not yet credited equal the initial stock, and every order
+sits in its shopper's bucket.
+
 Used by the tests, ``flashteam demo`` and the load-test verdict. Reads are not atomic with
 traffic: audit a quiet campaign (after the sale, or between test steps).
 """
@@ -21,6 +26,7 @@ from engine.keys import keys_of
 from engine.models import Order, OrderState, Team, TeamState, to_ms
 from engine.runtime import Runtime
 from engine.scripts import guarded
+from engine.shards import Layout, in_transit
 
 
 @dataclass(slots=True)
@@ -42,19 +48,44 @@ async def audit_campaign(rt: Runtime, campaign_id: str) -> Audit:
     """Check the stock, per-user and index invariants of one campaign."""
     keys = keys_of(campaign_id)
     redis = rt.redis
+    layout = await rt.layout(campaign_id)
+    audit = Audit(campaign_id)
+    if not await guarded(redis.exists(keys.meta)):
+        audit.violations.append(f"campaign {campaign_id} is not in Redis")
+        return audit
+    orders: list[Order] = []
+    shares: Counter[str] = Counter()  # per sku, the buckets' shares of the stock
+    for shard in layout.shards:
+        orders += await _audit_bucket(rt, shard, layout, audit, shares)
+    if layout.sharded:
+        audit.violations += await _conservation(rt, layout, shares)
+    team_records: dict[str, str] = await guarded(redis.hgetall(keys.teams))
+    joinable: list[str] = await guarded(redis.zrange(keys.team_index, 0, -1))
+    team_deadlines: list[str] = await guarded(redis.zrange(keys.team_expiry, 0, -1))
+    teams = [Team.from_record(team_id, raw) for team_id, raw in team_records.items()]
+    for team in teams:
+        audit.teams[team.state] = audit.teams.get(team.state, 0) + 1
+    by_id = {order.order_id: order for order in orders}
+    audit.violations += _team_violations(teams, by_id, set(joinable), set(team_deadlines))
+    return audit
+
+
+async def _audit_bucket(
+    rt: Runtime, shard: str, layout: Layout, audit: Audit, shares: Counter[str]
+) -> list[Order]:
+    """Audit one stock bucket (the whole campaign when it has one): its stock buckets, users'
+    units and deadline index against its orders; returns the orders, adds its shares."""
+    keys = keys_of(shard)
+    redis = rt.redis
     meta: dict[str, str] = await guarded(redis.hgetall(keys.meta))
     inv: dict[str, str] = await guarded(redis.hgetall(keys.inv))
     users: dict[str, str] = await guarded(redis.hgetall(keys.users))
     records: dict[str, str] = await guarded(redis.hgetall(keys.orders))
     indexed: list[str] = await guarded(redis.zrange(keys.deadlines, 0, -1))
-    team_records: dict[str, str] = await guarded(redis.hgetall(keys.teams))
-    joinable: list[str] = await guarded(redis.zrange(keys.team_index, 0, -1))
-    team_deadlines: list[str] = await guarded(redis.zrange(keys.team_expiry, 0, -1))
-    audit = Audit(campaign_id)
+    where = "" if shard == layout.campaign_id or not layout.sharded else f"bucket {shard}: "
     if not meta:
-        audit.violations.append(f"campaign {campaign_id} is not in Redis")
-        return audit
-
+        audit.violations.append(f"{where}not in Redis")
+        return []
     orders = [Order.from_record(order_id, raw) for order_id, raw in records.items()]
     bucket_of = {OrderState.HELD: "h", OrderState.PAID: "p"}
     expected: Counter[str] = Counter()
@@ -65,20 +96,35 @@ async def audit_campaign(rt: Runtime, campaign_id: str) -> Audit:
         if order.state in bucket_of:
             expected[f"{bucket_of[order.state]}:{order.sku}"] += order.qty
             per_user[order.user_id] += order.qty
-
-    audit.violations += _stock_violations(inv, expected)
-    audit.violations += _user_violations(users, per_user, int(meta["limit"]))
+        if layout.shard_of_user(order.user_id) != shard:
+            audit.violations.append(f"order {order.order_id}: its user's bucket is another")
+    found = _stock_violations(inv, expected) + _user_violations(users, per_user, int(meta["limit"]))
     held = {order.order_id for order in orders if order.state is OrderState.HELD}
     if held != set(indexed):
-        audit.violations.append(
-            f"deadline index differs from held orders: {len(set(indexed) ^ held)} ids"
-        )
-    teams = [Team.from_record(team_id, raw) for team_id, raw in team_records.items()]
-    for team in teams:
-        audit.teams[team.state] = audit.teams.get(team.state, 0) + 1
-    by_id = {order.order_id: order for order in orders}
-    audit.violations += _team_violations(teams, by_id, set(joinable), set(team_deadlines))
-    return audit
+        found.append(f"deadline index differs from held orders: {len(set(indexed) ^ held)} ids")
+    audit.violations += [where + line for line in found]
+    for name, value in inv.items():
+        if name.startswith("i:"):
+            shares[name[2:]] += int(value)
+    return orders
+
+
+async def _conservation(rt: Runtime, layout: Layout, shares: Counter[str]) -> list[str]:
+    """Per item of a sharded campaign: the buckets' shares plus the units in transit equal
+    the initial stock of its definition."""
+    campaign = await rt.store.get_campaign(layout.campaign_id)
+    if campaign is None:
+        return []
+    transit = await in_transit(rt, layout)
+    found = []
+    for item in campaign.items:
+        share, moving = shares[item.sku], transit.get(item.sku, 0)
+        if share + moving != item.stock:
+            found.append(
+                f"{item.sku}: the buckets' shares {share} + in transit {moving} != stock "
+                f"{item.stock}"
+            )
+    return found
 
 
 def _stock_violations(inv: dict[str, str], expected: Counter[str]) -> list[str]:

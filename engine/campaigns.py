@@ -5,6 +5,12 @@ at creation and again at every engine start (``warm_all``: only campaigns that h
 started; one that has and is missing is repaired from SQL instead, engine/recovery.py).
 Lifecycle guards run on the Redis clock inside ``warm_campaign.lua`` so an edit racing the
 start cannot reset live stock.
+
+A sharded flash campaign (``shards``, engine/shards.py) is placed at creation (its buckets'
+numbers, stored with it) and every step here runs on each of its buckets: warm-up (each with
+its share of the stock), a later end, invalidation (bucket 0 first; each bucket stops selling
+as its own script runs, so for a moment some may still sell while others refuse). Its live
+stock is the sum over the buckets.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from engine.models import (
 )
 from engine.runtime import Runtime
 from engine.scripts import guarded
+from engine.shards import Layout, place
+from engine.shards import stock as sharded_stock
 
 EDITABLE_FIELDS = frozenset(
     {
@@ -69,7 +77,11 @@ class Campaigns:
             raise ValidationError("a new campaign cannot be invalidated", field="invalidated_at")
         if await self._rt.store.get_campaign(campaign.id) is not None:
             raise AlreadyExists(f"campaign {campaign.id} already exists", id=campaign.id)
+        if campaign.shards > 1 and not campaign.buckets:
+            buckets = await place(self._rt.redis, campaign.id, campaign.shards)
+            campaign = dataclasses.replace(campaign, buckets=buckets)
         await self._rt.store.insert_campaign(campaign)
+        self._rt.layouts[campaign.id] = Layout.of(campaign)
         await self._warm(campaign)
         return await self.get(campaign.id)
 
@@ -108,6 +120,8 @@ class Campaigns:
             return await self.get(campaign_id)
         await self._warm(current, only_if_absent=True)
         invalidated_at = await self._rt.scripts.invalidate(campaign_id)
+        for shard in current.shard_ids[1:]:
+            await self._rt.scripts.invalidate(shard)
         if current.invalidated_at is None:
             await self._rt.store.replace_campaign(
                 dataclasses.replace(current, invalidated_at=invalidated_at)
@@ -127,6 +141,10 @@ class Campaigns:
                 totals = await self._rt.store.order_totals(campaign_id)
                 stock = durable_stock(campaign, totals, archive.sold_out)
                 return CampaignView(campaign, campaign.status(now), stock, archived=True)
+        if campaign.shards > 1:
+            return CampaignView(
+                campaign, campaign.status(now), await sharded_stock(self._rt, campaign)
+            )
         stock = tuple(
             ItemStock(
                 sku=item.sku,
@@ -175,12 +193,14 @@ class Campaigns:
     async def _warm(self, campaign: Campaign, *, only_if_absent: bool = False) -> None:
         """Load the definition into Redis (unless there already, ``only_if_absent``) and
         register the campaign with the reaper and the flush worker."""
-        await self._rt.scripts.define(campaign, only_if_absent=only_if_absent)
+        for index in range(campaign.shards):
+            await self._rt.scripts.define(campaign, only_if_absent=only_if_absent, index=index)
         await guarded(self._rt.redis.sadd(CAMPAIGN_SET, campaign.id))
         await guarded(self._rt.redis.sadd(STREAM_SET, campaign.id))
 
     async def _extend(self, campaign: Campaign) -> None:
-        await self._rt.scripts.extend(campaign.id, campaign.ends_at)
+        for shard in campaign.shard_ids:
+            await self._rt.scripts.extend(shard, campaign.ends_at)
 
 
 def _listed(value: object) -> list[object]:

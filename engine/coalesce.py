@@ -34,7 +34,8 @@ class _Batch:
 
 
 class Coalescer:
-    """Per-campaign batches of order-creating calls (all arguments already validated)."""
+    """Per-campaign batches of order-creating calls (all arguments already validated); per
+    stock bucket for a sharded campaign (engine/shards.py)."""
 
     def __init__(self, rt: Runtime) -> None:
         self._scripts = rt.scripts
@@ -53,11 +54,14 @@ class Coalescer:
         idempotency_key: str,
         *,
         probe: bool = False,
+        shard: str | None = None,
     ) -> Reservation | Refusal:
         """A reservation; ``probe``: the item was sold out a moment ago, so only replay the
-        key's original order if there is one (else SoldOut with no units available)."""
+        key's original order if there is one (else SoldOut with no units available).
+        ``shard``: the user's stock bucket of a sharded campaign (engine/shards.py); its
+        requests are coalesced per bucket."""
         call = Call(PROBE if probe else RESERVE, user_id, sku, "", qty, idempotency_key)
-        outcome = await self._submit(campaign_id, call)
+        outcome = await self._submit(campaign_id, call, shard or campaign_id)
         assert not isinstance(outcome, TeamSeatResult)  # RESERVE and PROBE decode to the others
         return outcome
 
@@ -66,7 +70,7 @@ class Coalescer:
     ) -> TeamSeatResult | Refusal:
         """A seat in the open team."""
         call = Call(JOIN, user_id, "", team_id, 0, idempotency_key)
-        outcome = await self._submit(campaign_id, call)
+        outcome = await self._submit(campaign_id, call, campaign_id)
         assert not isinstance(outcome, Reservation)  # JOIN decodes to the others
         return outcome
 
@@ -75,40 +79,41 @@ class Coalescer:
     ) -> TeamSeatResult | Refusal:
         """A seat in the best open team of the sku, or a new pending team."""
         call = Call(QUICK, user_id, sku, "", 0, idempotency_key)
-        outcome = await self._submit(campaign_id, call)
+        outcome = await self._submit(campaign_id, call, campaign_id)
         assert not isinstance(outcome, Reservation)  # QUICK decodes to the others
         return outcome
 
-    async def _submit(self, campaign_id: str, call: Call) -> Outcome:
-        """Queue one request and wait for its own outcome."""
+    async def _submit(self, campaign_id: str, call: Call, shard: str) -> Outcome:
+        """Queue one request for its campaign (or stock bucket, ``shard``) and wait for its
+        own outcome."""
         if self._max <= 1:  # coalescing off: one script call per request
-            return await self._scripts.one(campaign_id, call)
+            return await self._scripts.one(shard, call)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Any]] = loop.create_future()
-        batch = self._pending.get(campaign_id)
+        batch = self._pending.get(shard)
         if batch is None:
-            batch = self._pending[campaign_id] = _Batch()
+            batch = self._pending[shard] = _Batch()
             if self._window > 0:
-                loop.call_later(self._window, self._flush, campaign_id, batch)
+                loop.call_later(self._window, self._flush, shard, batch)
             else:
-                loop.call_soon(self._flush, campaign_id, batch)
+                loop.call_soon(self._flush, shard, batch)
         batch.calls.append(call)
         batch.futures.append(done)
         if len(batch.calls) >= self._max:
-            self._flush(campaign_id, batch)
+            self._flush(shard, batch)
         return decode(call, await done, campaign_id)
 
-    def _flush(self, campaign_id: str, batch: _Batch) -> None:
-        if self._pending.get(campaign_id) is not batch:
+    def _flush(self, shard: str, batch: _Batch) -> None:
+        if self._pending.get(shard) is not batch:
             return  # already sent (it filled up before its window ended)
-        del self._pending[campaign_id]
-        task = asyncio.get_running_loop().create_task(self._send(campaign_id, batch))
+        del self._pending[shard]
+        task = asyncio.get_running_loop().create_task(self._send(shard, batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, campaign_id: str, batch: _Batch) -> None:
+    async def _send(self, shard: str, batch: _Batch) -> None:
         try:
-            replies = await self._scripts.send(campaign_id, batch.calls)
+            replies = await self._scripts.send(shard, batch.calls)
         except BaseException as exc:  # Redis unavailable and the like: every caller gets it
             for done in batch.futures:
                 if not done.done():

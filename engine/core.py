@@ -22,6 +22,7 @@ from engine.recovery import Recovery
 from engine.runtime import Runtime
 from engine.scripts import OrderArgs, Scripts
 from engine.settings import Settings
+from engine.shards import Rebalancer
 from engine.store import Store, open_store
 from engine.teams import Teams
 
@@ -38,7 +39,8 @@ class Engine:
         self.reaper = Reaper(rt, archive=self.archiver.run_once)
         self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
         self.coalescer = Coalescer(rt)
-        self.flash = FlashSale(rt, self.coalescer)
+        self.rebalancer = Rebalancer(rt)
+        self.flash = FlashSale(rt, self.coalescer, self.rebalancer)
         self.orders = Orders(rt)
         self.teams = Teams(rt, self.coalescer)
 

@@ -10,6 +10,10 @@ seconds without running the reservation: they ride in a coalesced batch as a rep
 (one HGET of their idempotency record), so a retry of a reservation that did succeed still
 gets its order back. Units returned by an expiry or a cancel are sellable again within that
 time (0.5 s by default; never more than 1 s).
+
+A sharded campaign (engine/shards.py) sends each shopper's reservation to the shopper's stock
+bucket; when that bucket cannot serve it, the rebalancer moves units there from the other
+buckets and the reservation runs again, until it is served or the whole item is sold out.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ from engine.errors import Archived
 from engine.keys import check_id, check_key, keys_of
 from engine.models import MAX_UNITS, Reservation, check_int
 from engine.runtime import Runtime
-from engine.scripts import Code
+from engine.scripts import Code, Refusal
+from engine.shards import ROUNDS, Layout, Rebalancer
 
 
 class FlashSale:
     """The flash-sale path (docs/lifecycle.md#order)."""
 
-    def __init__(self, rt: Runtime, coalescer: Coalescer) -> None:
+    def __init__(self, rt: Runtime, coalescer: Coalescer, rebalancer: Rebalancer) -> None:
         self._rt = rt
         self._coalescer = coalescer
+        self._rebalancer = rebalancer
         # (campaign, sku) -> monotonic time until which the item counts as sold out here.
         self._sold_out: dict[tuple[str, str], float] = {}
 
@@ -43,6 +49,9 @@ class FlashSale:
         check_id(sku, "sku")
         check_key(idempotency_key, "idempotency_key")
         check_int(qty, "qty", 1, MAX_UNITS)
+        layout = self._rt.layouts.get(keys.campaign_id) or await self._rt.layout(campaign_id)
+        if layout.sharded:
+            return await self._sharded(layout, user_id, sku, qty, idempotency_key)
         flag = (keys.campaign_id, sku)
         sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
         try:
@@ -57,3 +66,33 @@ class FlashSale:
         if ttl and not sold_out and outcome.code is Code.SOLD_OUT and int(outcome.detail) == 0:
             self._sold_out[flag] = time.monotonic() + ttl
         raise outcome.error()
+
+    async def _sharded(
+        self, layout: Layout, user_id: str, sku: str, qty: int, idempotency_key: str
+    ) -> Reservation:
+        """A reservation in the user's stock bucket; when the bucket has too few units, a
+        refill from the other buckets (shared with the other reservations waiting for it),
+        then again, up to ROUNDS times (engine/shards.py)."""
+        campaign_id = layout.campaign_id
+        shard = layout.shard_of_user(user_id)
+        flag = (campaign_id, sku)
+        ttl = self._rt.settings.sold_out_ttl
+        for _ in range(ROUNDS):
+            sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
+            try:
+                outcome = await self._coalescer.reserve(
+                    campaign_id, user_id, sku, qty, idempotency_key, probe=sold_out, shard=shard
+                )
+            except Archived:
+                raise await archived_refusal(self._rt, campaign_id, "reserve") from None
+            if isinstance(outcome, Reservation):
+                return outcome
+            if sold_out or outcome.code is not Code.SOLD_OUT:
+                raise outcome.error()
+            left = await self._rebalancer.refill(layout, sku, shard, qty)
+            if left is not None:  # the whole item is sold out
+                if ttl and left == 0:
+                    self._sold_out[flag] = time.monotonic() + ttl
+                raise Refusal(Code.SOLD_OUT, left).error()
+        self._rebalancer.gave_up += 1
+        raise Refusal(Code.SOLD_OUT, 0).error()

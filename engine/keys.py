@@ -21,6 +21,9 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
     ft:{c:<cid>}:rl:<user>           string  attempts in the current one-second window
     ft:{c:<cid>}:repair      string  the repair lock: the token of the process repairing
                                      the campaign from SQL (engine/recovery.py)
+    ft:{c:<cid>}:transfers   hash    a sharded campaign's stock transfers out of this bucket
+                                     not yet settled (lua/transfer_stock.lua)
+    ft:{c:<cid>}:credits     hash    the transfers this bucket was credited (never twice)
     ft:campaigns             set     campaigns that may still hold orders or teams (the reaper's)
     ft:streams               set     campaigns whose outbox may hold unflushed events (the
                                      flush worker's); both found without KEYS scans
@@ -28,6 +31,13 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
 
 Order ids are ``<cid>.o<n>`` and team ids ``<cid>.t<n>``: the campaign (and so the slot) is
 derivable from the id alone.
+
+A sharded flash campaign (``shards: N``, engine/shards.py) keeps its hot state in N buckets,
+each a whole key space of the list above under its own hash tag: bucket 0 is ``{c:<cid>}``
+(so one bucket is exactly the unsharded layout), bucket ``k`` is ``{c:<cid>:<k>}``, its numbers
+chosen at creation so the N slots land on different masters. A bucket is named by its *shard
+id*: ``<cid>`` for bucket 0, ``<cid>.b<k>`` for bucket ``k`` (a campaign id has no ``.``);
+its orders are ``<shard>.o<n>``, so an order id names its bucket and its slot.
 """
 
 from __future__ import annotations
@@ -43,7 +53,11 @@ ID_PATTERN: Final = r"[A-Za-z0-9_-]{1,64}"
 KEY_PATTERN: Final = r"[A-Za-z0-9_.:-]{1,128}"
 _ID = re.compile(ID_PATTERN)
 _KEY = re.compile(KEY_PATTERN)
-_ORDER_ID = re.compile(rf"({ID_PATTERN})\.o([0-9]{{1,18}})")
+# A shard id: the campaign, then the bucket number unless it is 0 (engine/shards.py).
+SHARD_PATTERN: Final = rf"({ID_PATTERN})(?:\.b([1-9][0-9]{{0,3}}))?"
+MAX_BUCKET: Final = 9_999
+_SHARD = re.compile(SHARD_PATTERN)
+_ORDER_ID = re.compile(rf"{SHARD_PATTERN}\.o([0-9]{{1,18}})")
 _TEAM_ID = re.compile(rf"({ID_PATTERN})\.t([0-9]{{1,18}})")
 
 CAMPAIGN_SET: Final = "ft:campaigns"
@@ -65,12 +79,38 @@ def check_key(value: str, field: str) -> str:
     return value
 
 
-def campaign_of_order(order_id: str) -> str:
-    """The campaign id embedded in an order id; ValidationError if it is not an order id."""
+def _order_match(order_id: str) -> re.Match[str]:
     match = _ORDER_ID.fullmatch(order_id) if isinstance(order_id, str) else None
     if match is None:
-        raise ValidationError("order_id must look like <campaign>.o<number>", field="order_id")
-    return match.group(1)
+        raise ValidationError(
+            "order_id must look like <campaign>.o<number> or <campaign>.b<bucket>.o<number>",
+            field="order_id",
+        )
+    return match
+
+
+def campaign_of_order(order_id: str) -> str:
+    """The campaign id embedded in an order id; ValidationError if it is not an order id."""
+    return _order_match(order_id).group(1)
+
+
+def shard_of_order(order_id: str) -> str:
+    """The shard id (``<campaign>`` or ``<campaign>.b<k>``) of the bucket holding the order."""
+    _order_match(order_id)
+    return order_id[: order_id.rindex(".")]
+
+
+def shard_id(campaign_id: str, bucket: int) -> str:
+    """The shard id of bucket number ``bucket`` of the campaign (0: the campaign id itself)."""
+    return campaign_id if bucket == 0 else f"{campaign_id}.b{bucket}"
+
+
+def split_shard(shard: str) -> tuple[str, int]:
+    """(campaign id, bucket number) of a shard id; ValidationError if it is none."""
+    match = _SHARD.fullmatch(shard) if isinstance(shard, str) else None
+    if match is None:
+        raise ValidationError(f"campaign_id must match {ID_PATTERN}", field="campaign_id")
+    return match.group(1), int(match.group(2) or 0)
 
 
 def campaign_of_team(team_id: str) -> str:
@@ -83,7 +123,8 @@ def campaign_of_team(team_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class CampaignKeys:
-    """The key names of one campaign. Build it only from a validated campaign id."""
+    """The key names of one campaign, or of one bucket of a sharded campaign (``shard``: the
+    shard id; the campaign id itself for bucket 0, the unsharded layout)."""
 
     campaign_id: str
     meta: str
@@ -101,11 +142,17 @@ class CampaignKeys:
     order_keys: tuple[
         str, ...
     ]  # KEYS of every order and team script (lua/lib/common.lua order_keys)
+    shard: str  # the shard id: campaign_id, or "<campaign_id>.b<bucket>" (engine/shards.py)
+    bucket: int
+    tag: str  # "ft:{c:<campaign_id>}" or "ft:{c:<campaign_id>:<bucket>}"
+    transfers: str  # hash: stock transfers out of this bucket, not settled (sharded only)
+    credits: str  # hash: transfers credited to this bucket (sharded only)
 
     @classmethod
-    def of(cls, campaign_id: str) -> CampaignKeys:
-        check_id(campaign_id, "campaign_id")
-        tag = f"ft:{{c:{campaign_id}}}"
+    def of(cls, shard: str) -> CampaignKeys:
+        """The keys of a campaign (its id) or of one of its buckets (a shard id)."""
+        campaign_id, bucket = split_shard(shard)
+        tag = f"ft:{{c:{campaign_id}}}" if bucket == 0 else f"ft:{{c:{campaign_id}:{bucket}}}"
         meta, inv, orders, users, deadlines, events = (
             f"{tag}:{name}" for name in ("meta", "inv", "orders", "users", "deadlines", "events")
         )
@@ -135,11 +182,16 @@ class CampaignKeys:
                 f"{tag}:team_deadlines",
                 f"{tag}:idem",
             ),
+            shard=shard,
+            bucket=bucket,
+            tag=tag,
+            transfers=f"{tag}:transfers",
+            credits=f"{tag}:credits",
         )
 
     def rate(self, user_id: str) -> str:
-        """Key of one user's attempt counter in this campaign."""
-        return f"ft:{{c:{self.campaign_id}}}:rl:{user_id}"
+        """Key of one user's attempt counter in this campaign (or bucket)."""
+        return f"{self.tag}:rl:{user_id}"
 
 
 def idempotency_field(user_id: str, key: str) -> str:
@@ -149,6 +201,7 @@ def idempotency_field(user_id: str, key: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def keys_of(campaign_id: str) -> CampaignKeys:
-    """CampaignKeys.of, cached: the hot path builds no key strings for a known campaign."""
-    return CampaignKeys.of(campaign_id)
+def keys_of(shard: str) -> CampaignKeys:
+    """CampaignKeys.of, cached: the hot path builds no key strings for a known campaign (or
+    bucket)."""
+    return CampaignKeys.of(shard)

@@ -12,13 +12,15 @@ from enum import StrEnum
 from functools import lru_cache
 
 from engine.errors import ValidationError
-from engine.keys import campaign_of_order, campaign_of_team, check_id
+from engine.keys import MAX_BUCKET, campaign_of_order, campaign_of_team, check_id, shard_id
 
 MAX_ITEMS = 100
 MAX_UNITS = 1_000_000_000
 # The largest amount one order may reach (price x per-user limit), in minor units: Lua numbers
 # are doubles, exact up to 2^53, and order records must hold exact integers.
 MAX_AMOUNT = 10**15
+# The most stock buckets (Redis Cluster slots) one flash campaign may spread over.
+MAX_SHARDS = 16
 
 
 class CampaignKind(StrEnum):
@@ -139,6 +141,11 @@ class Campaign:
     team_size: int | None = None
     team_ttl_seconds: int | None = None
     invalidated_at: datetime | None = None
+    # Stock buckets on as many Redis Cluster slots (engine/shards.py); flash campaigns only.
+    shards: int = 1
+    # The bucket numbers (``{c:<id>:<k>}`` tags; 0 first), chosen at creation so the slots
+    # land on different masters; () until placed, and always for one bucket.
+    buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_id(self.id, "id")
@@ -163,6 +170,7 @@ class Campaign:
             )
         check_int(self.hold_seconds, "hold_seconds", 1, 86_400)
         self._check_team_fields()
+        self._check_shards()
 
     def _check_team_fields(self) -> None:
         if self.kind is CampaignKind.TEAM:
@@ -172,6 +180,50 @@ class Campaign:
             raise ValidationError(
                 "team_size and team_ttl_seconds belong to team campaigns only", field="kind"
             )
+
+    def _check_shards(self) -> None:
+        check_int(self.shards, "shards", 1, MAX_SHARDS)
+        if self.shards > 1 and self.kind is CampaignKind.TEAM:
+            raise ValidationError(
+                "shards: sharding is for flash campaigns only (a team's seats, its members' "
+                "orders and the joinable index must share one slot)",
+                field="shards",
+            )
+        buckets = tuple(self.buckets)
+        if self.shards == 1 and buckets in ((), (0,)):
+            object.__setattr__(self, "buckets", ())
+            return
+        if buckets == ():
+            return  # not placed yet (engine.campaigns places it at creation)
+        if (
+            len(buckets) != self.shards
+            or buckets[0] != 0
+            or len(set(buckets)) != len(buckets)
+            or not all(
+                isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= MAX_BUCKET
+                for b in buckets
+            )
+        ):
+            raise ValidationError(
+                f"buckets must be {self.shards} distinct numbers from 0 to {MAX_BUCKET}, 0 first",
+                field="buckets",
+            )
+        object.__setattr__(self, "buckets", buckets)
+
+    @property
+    def shard_ids(self) -> tuple[str, ...]:
+        """The shard id of every stock bucket, bucket 0 (the campaign id) first."""
+        if self.shards == 1:
+            return (self.id,)
+        if not self.buckets:
+            raise ValidationError("a sharded campaign is placed at creation", field="buckets")
+        return tuple(shard_id(self.id, bucket) for bucket in self.buckets)
+
+    def bucket_stock(self, item: Item, index: int) -> int:
+        """The units of ``item`` bucket ``index`` starts with: the stock split evenly, the
+        remainder to the first buckets."""
+        share, extra = divmod(item.stock, self.shards)
+        return share + (1 if index < extra else 0)
 
     def status(self, now: datetime) -> CampaignStatus:
         """Lifecycle status at ``now`` (docs/lifecycle.md#campaign)."""

@@ -21,7 +21,14 @@ import time
 from dataclasses import replace
 
 from engine.errors import Archived, EngineError, NotFound, Recovering, Unavailable
-from engine.keys import STREAM_SET, campaign_of_order, check_id, check_key, keys_of
+from engine.keys import (
+    STREAM_SET,
+    campaign_of_order,
+    check_id,
+    check_key,
+    keys_of,
+    shard_of_order,
+)
 from engine.models import Order, OrderState, TeamState, to_ms
 from engine.runtime import Runtime
 from engine.scripts import Code, Refusal, guarded
@@ -174,8 +181,9 @@ class Orders:
         return stored
 
     async def get(self, order_id: str) -> Order:
-        """The order's current state: Redis while it is there, else the durable store."""
-        keys = keys_of(campaign_of_order(order_id))
+        """The order's current state: Redis while it is there (in its stock bucket, for a
+        sharded campaign), else the durable store."""
+        keys = keys_of(shard_of_order(order_id))
         record = await guarded(self._rt.redis.hget(keys.orders, order_id))
         if record is not None:
             return Order.from_record(order_id, record)

@@ -11,6 +11,9 @@ cancelled), so a crash in the middle of ``Campaigns.invalidate`` leaves nothing 
 
 Every ``archive_interval`` seconds the reaper also runs an archival pass (engine/archive.py):
 finished campaigns leave Redis for SQL.
+
+A sharded campaign's pass runs the expiry in each of its stock buckets, and first finishes
+any stock transfer between them that a process left pending (engine/shards.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from engine.errors import Archived, EngineError, Recovering, Unavailable
 from engine.keys import CAMPAIGN_SET
 from engine.runtime import Runtime
 from engine.scripts import ExpiryStep, guarded
+from engine.shards import finish_pending
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +47,25 @@ class Reaper:
         Returns (teams failed + orders ended, the campaign is over and can hold nothing more).
         """
         scripts = self._rt.scripts
+        layout = await self._rt.layout(campaign_id)
+        if layout.sharded:
+            await finish_pending(self._rt, layout)
         teams, _ = await self._drain(scripts.expire_teams, campaign_id)
-        orders, last = await self._drain(scripts.expire_orders, campaign_id)
-        return teams + orders, last.over
+        ended, over = teams, True
+        for shard in layout.shards:
+            orders, last = await self._drain(scripts.expire_orders, shard)
+            ended, over = ended + orders, over and last.over
+        return ended, over
 
     async def _drain(
-        self, step: Callable[[str, int], Awaitable[ExpiryStep]], campaign_id: str
+        self, step: Callable[[str, int], Awaitable[ExpiryStep]], shard: str
     ) -> tuple[int, ExpiryStep]:
-        """Run one expiry script until nothing more is due at once: (total ended, last step)."""
+        """Run one expiry script until nothing more is due at once in the campaign (or stock
+        bucket): (total ended, last step)."""
         batch = self._rt.settings.reaper_batch
         total = 0
         while True:
-            done = await step(campaign_id, batch)
+            done = await step(shard, batch)
             total += done.ended
             if not done.more_due:
                 return total, done

@@ -9,6 +9,9 @@ each difference is reported by id with the field and both values.
 Orders, units and amounts per (item, state), and teams per state, are printed as a summary;
 the verdict is the record comparison (a swap of two orders' users leaves every total equal).
 
+A sharded campaign's orders are read from every stock bucket (engine/shards.py), its outbox
+from every bucket's stream.
+
 Events still in the outbox stream mean SQL is behind: differences are then expected, and the
 result is not ok either (the check is meant for a drained campaign).
 """
@@ -59,17 +62,21 @@ class Reconciliation:
 async def reconcile(rt: Runtime, campaign_id: str) -> Reconciliation:
     """Compare one campaign's orders and teams in Redis with the SQL store."""
     keys = keys_of(campaign_id)
+    shards = (await rt.layout(campaign_id)).shards
     redis = rt.redis
     result = Reconciliation(campaign_id)
-    unflushed_before = int(await guarded(redis.xlen(keys.events)))
-    redis_orders = await _redis_records(redis, keys.orders, _order_from_redis, campaign_id)
+    unflushed_before = await _unflushed(redis, shards)
+    redis_orders: dict[str, Record | str] = {}
+    for shard in shards:
+        orders = keys_of(shard).orders
+        redis_orders |= await _redis_records(redis, orders, _order_from_redis, campaign_id)
     redis_teams = await _redis_records(redis, keys.teams, _team_from_redis, campaign_id)
     sql_orders = {
         s.order.order_id: _order(s.order) for s in await rt.store.campaign_orders(campaign_id)
     }
     sql_teams = {t.team_id: _team(t) for t in await rt.store.campaign_teams(campaign_id)}
     # Read again: an event written while the records were read is as unflushed as one before.
-    result.unflushed = max(unflushed_before, int(await guarded(redis.xlen(keys.events))))
+    result.unflushed = max(unflushed_before, await _unflushed(redis, shards))
 
     _summarize(result, redis_orders, sql_orders, redis_teams, sql_teams)
     result.orders, result.orders_differing = _compare(
@@ -82,6 +89,11 @@ async def reconcile(rt: Runtime, campaign_id: str) -> Reconciliation:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+async def _unflushed(redis: RedisClient, shards: Sequence[str]) -> int:
+    """Events in the outbox streams of the campaign (of each of its stock buckets)."""
+    return sum([int(await guarded(redis.xlen(keys_of(shard).events))) for shard in shards])
 
 
 def _order(order: Order) -> Record:

@@ -30,6 +30,17 @@ The repair, one process at a time per campaign (a lock in Redis; the others wait
 
 Every step can run twice: a repair that dies half way leaves the fence up and the lock
 expires, and the next attempt starts again from step 1.
+
+A sharded flash campaign (engine/shards.py) is repaired whole, every stock bucket together,
+whichever bucket lost writes: all are fenced, every bucket's outbox is flushed, and each
+bucket is rebuilt from the orders it holds in SQL (its ids, its shoppers' units and
+idempotency records, its sequence past its own durable mark plus the gap), the units no order
+holds split evenly over the buckets. The transfers between buckets are not in SQL and need
+not be: each bucket's share of the stock is a placement, and the rebuild places afresh. So
+every pending transfer and credit record goes, and the buckets get a new ``epoch``: a
+transfer debited before the repair and credited after it is refused as void
+(lua/transfer_stock.lua), since the rebuild counted its units already. Each bucket is
+locked with the repair's token while it is rebuilt, and lifted once all are.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 
 from engine.errors import Archived, EngineError, NotFound
-from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of
+from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of, shard_of_order
 from engine.models import (
     Campaign,
     Order,
@@ -135,22 +146,22 @@ class Recovery:
         """At start-up: fence and repair every campaign whose order or team sequence in
         Redis is behind SQL's high-water marks (Redis lost ids SQL has committed)."""
         for campaign in campaigns:
-            cid = campaign.id
-            marks = await self._rt.store.marks(cid)
-            if marks == (0, 0):
-                continue
-            meta = keys_of(cid).meta
-            oseq, tseq = await guarded(self._rt.redis.hmget(meta, "oseq", "tseq"))
-            if int(oseq or 0) < marks[0] or int(tseq or 0) < marks[1]:
-                log.error(
-                    "campaign %s: Redis's order/team sequence %s/%s is behind SQL's %d/%d",
-                    cid,
-                    oseq,
-                    tseq,
-                    *marks,
-                )
-                await self._rt.scripts.fence(cid, "behind")
-                self.request(cid, "behind")
+            for shard in campaign.shard_ids:  # each stock bucket of a sharded campaign
+                marks = await self._rt.store.marks(shard)
+                if marks == (0, 0):
+                    continue
+                meta = keys_of(shard).meta
+                oseq, tseq = await guarded(self._rt.redis.hmget(meta, "oseq", "tseq"))
+                if int(oseq or 0) < marks[0] or int(tseq or 0) < marks[1]:
+                    log.error(
+                        "campaign %s: Redis's order/team sequence %s/%s is behind SQL's %d/%d",
+                        shard,
+                        oseq,
+                        tseq,
+                        *marks,
+                    )
+                    await self._rt.scripts.fence(shard, "behind")
+                    self.request(campaign.id, "behind")
 
     def request(self, campaign_id: str, why: str) -> None:
         """Repair the campaign in the background (once at a time in this process)."""
@@ -218,15 +229,19 @@ class Recovery:
 
     async def trusted(self, campaign_id: str) -> bool:
         """Whether the campaign's Redis state is verified on the current server (no fence,
-        the server's replication id recorded): what every script checks."""
-        meta = keys_of(campaign_id).meta
-        kind, fence, node = await guarded(self._rt.redis.hmget(meta, "kind", "fence", "node"))
-        return kind is not None and fence is None and node == await self.node_id(campaign_id)
+        the server's replication id recorded): what every script checks; in every stock
+        bucket of a sharded campaign."""
+        for shard in (await self._rt.layout(campaign_id)).shards:
+            meta = keys_of(shard).meta
+            kind, fence, node = await guarded(self._rt.redis.hmget(meta, "kind", "fence", "node"))
+            if kind is None or fence is not None or node != await self.node_id(shard):
+                return False
+        return True
 
-    async def node_id(self, campaign_id: str) -> str | None:
-        """The replication id of the server holding the campaign's slot."""
+    async def node_id(self, shard: str) -> str | None:
+        """The replication id of the server holding the campaign's (or bucket's) slot."""
         redis = self._rt.redis
-        meta = keys_of(campaign_id).meta
+        meta = keys_of(shard).meta
         if isinstance(redis, RedisCluster):
             node = redis.get_node_from_key(meta)
             info = await guarded(redis.info("replication", target_nodes=node))
@@ -238,43 +253,62 @@ class Recovery:
     async def _repair(self, campaign: Campaign, token: str, started: float) -> Repair:
         rt = self._rt
         cid = campaign.id
-        keys = keys_of(cid)
-        await rt.scripts.fence(cid, "repair")
+        shards = campaign.shard_ids
+        for shard in shards:
+            await rt.scripts.fence(shard, "repair")
         flushed = await FlushWorker(rt, name=f"repair-{token[:8]}").drain_campaign(cid)
-        old_meta: dict[str, str] = await guarded(rt.redis.hgetall(keys.meta))
-        old_inv: dict[str, str] = await guarded(rt.redis.hgetall(keys.inv))
+        metas: dict[str, dict[str, str]] = {}
+        invs: dict[str, dict[str, str]] = {}
+        seqs: dict[str, tuple[int, int]] = {}
+        for shard in shards:
+            keys = keys_of(shard)
+            metas[shard] = await guarded(rt.redis.hgetall(keys.meta))
+            invs[shard] = await guarded(rt.redis.hgetall(keys.inv))
+            marks = await rt.store.marks(shard)
+            seqs[shard] = (
+                max(marks[0], int(metas[shard].get("oseq", 0))),
+                max(marks[1], int(metas[shard].get("tseq", 0))),
+            )
         orders = await rt.store.campaign_orders(cid)
         teams = await rt.store.campaign_teams(cid)
-        marks = await rt.store.marks(cid)
         now = await rt.now()
-        seqs = (
-            max(marks[0], int(old_meta.get("oseq", 0))),
-            max(marks[1], int(old_meta.get("tseq", 0))),
-        )
-        state = rebuild(campaign, orders, teams, now, seqs, old_inv)
-        await self._write(cid, token, state)
-        if len(state.settled):
-            await rt.store.apply(state.settled)
-        if not await rt.scripts.lift(cid, token):
-            raise EngineError(f"campaign {cid}: the repair lock expired mid-repair; retry")
+        if len(shards) == 1:
+            states = {cid: rebuild(campaign, orders, teams, now, seqs[cid], invs[cid])}
+        else:
+            epoch = max([to_ms(now), *(int(m.get("epoch", 0)) + 1 for m in metas.values())])
+            states = rebuild_shards(campaign, orders, now, seqs, invs, str(epoch))
+        for shard in (*shards[1:], cid):  # the campaign's own bucket (and lock) last
+            await self._write(cid, shard, token, states[shard])
+        settled = states[cid].settled
+        if len(settled):
+            await rt.store.apply(settled)
+        for shard in (*shards[1:], cid):
+            if not await rt.scripts.lift(shard, token):
+                raise EngineError(f"campaign {cid}: the repair lock expired mid-repair; retry")
         await guarded(rt.redis.sadd(CAMPAIGN_SET, cid))
         await guarded(rt.redis.sadd(STREAM_SET, cid))
         return Repair(
             cid,
-            len(state.orders),
-            len(state.teams),
-            len(state.settled),
+            sum(len(state.orders) for state in states.values()),
+            len(states[cid].teams),
+            len(settled),
             flushed,
             time.perf_counter() - started,
         )
 
-    async def _write(self, campaign_id: str, token: str, state: RedisState) -> None:
-        """Replace the campaign's keys with ``state`` in bounded commands, the fence up."""
+    async def _write(self, campaign_id: str, shard: str, token: str, state: RedisState) -> None:
+        """Replace the campaign's (or one stock bucket's) keys with ``state`` in bounded
+        commands, the fence up."""
         rt = self._rt
-        keys = keys_of(campaign_id)
+        keys = keys_of(shard)
         redis = rt.redis
-        # Every order key but the definition (kept: it carries the fence) and the outbox.
+        if shard != campaign_id:  # a bucket of a sharded campaign: its own lock too
+            await self._hold(shard, token)
+        # Every order key but the definition (kept: it carries the fence) and the outbox;
+        # a sharded campaign's transfer records (the rebuild places the stock afresh).
         replaced = [k for k in keys.order_keys if k not in (keys.meta, keys.events)]
+        if "epoch" in state.meta:
+            replaced += [keys.transfers, keys.credits]
         for key in replaced:  # one key per command: a Cluster client takes no cross-key UNLINK
             await guarded(redis.unlink(key))
         hashes = (
@@ -288,6 +322,8 @@ class Recovery:
             for fields in _chunks(list(mapping.items())):
                 await guarded(redis.hset(key, mapping=dict[Any, Any](fields)))
                 await self._hold(campaign_id, token)
+                if shard != campaign_id:
+                    await self._hold(shard, token)
         joinable = dict.fromkeys(state.joinable, 0)
         for key, scores in (
             (keys.deadlines, state.deadlines),
@@ -300,10 +336,10 @@ class Recovery:
             await guarded(redis.expire(keys.idem, rt.settings.idempotency_ttl))
         await guarded(redis.hset(keys.meta, mapping=dict[Any, Any](state.meta)))
 
-    async def _hold(self, campaign_id: str, token: str) -> None:
-        holder = await self._rt.scripts.take_repair(campaign_id, token, LOCK_MS)
+    async def _hold(self, shard: str, token: str) -> None:
+        holder = await self._rt.scripts.take_repair(shard, token, LOCK_MS)
         if holder is not None:
-            raise EngineError(f"campaign {campaign_id}: another process took over the repair")
+            raise EngineError(f"campaign {shard}: another process took over the repair")
 
 
 def _chunks(items: list[_T]) -> Iterable[list[_T]]:
@@ -323,6 +359,7 @@ def rebuild(
     now: datetime,
     sequences: tuple[int, int],
     old_inv: dict[str, str],
+    available: dict[str, int] | None = None,
 ) -> RedisState:
     """The campaign's Redis state from its durable orders and teams (a pure function).
 
@@ -335,6 +372,9 @@ def rebuild(
     rebuilt from them; held seats of a team that ended expire, and paid seats of a failed
     team are refunded with restock, as its end would have done. What changed gets a new
     version, in ``settled`` for SQL.
+
+    ``available``: per sku, the units on sale (one stock bucket's share of those no order
+    holds, ``rebuild_shards``); by default the stock no order holds.
     """
     now_ms = to_ms(now)
     orders = {s.order.order_id: s.order for s in stored}
@@ -342,7 +382,7 @@ def rebuild(
     known = _settle_teams(campaign, orders, teams, now, settled)
     restocked = {s.order.order_id: s.restocked for s in stored}
     restocked.update(settled.restocked)
-    inv = _inventory(campaign, orders.values(), restocked, old_inv, now_ms)
+    inv = _inventory(campaign, orders.values(), restocked, old_inv, now_ms, available)
     users: Counter[str] = Counter()
     deadlines: dict[str, int] = {}
     for order in orders.values():
@@ -375,6 +415,47 @@ def rebuild(
         idem=idem,
         settled=settled,
     )
+
+
+def rebuild_shards(
+    campaign: Campaign,
+    stored: list[StoredOrder],
+    now: datetime,
+    sequences: dict[str, tuple[int, int]],
+    old_invs: dict[str, dict[str, str]],
+    epoch: str,
+) -> dict[str, RedisState]:
+    """Every stock bucket of a sharded flash campaign from its durable orders (a pure
+    function): each bucket is ``rebuild`` of the orders it holds (by their ids), on sale the
+    units no order of any bucket holds, split evenly (the remainder to the first buckets);
+    each with the new ``epoch``."""
+    shards = campaign.shard_ids
+    by_shard: dict[str, list[StoredOrder]] = {shard: [] for shard in shards}
+    for s in stored:
+        shard = shard_of_order(s.order.order_id)
+        if shard not in by_shard:
+            raise EngineError(f"campaign {campaign.id}: order {s.order.order_id} of no bucket")
+        by_shard[shard].append(s)
+    restocked = {s.order.order_id: s.restocked for s in stored}
+    used = _used((s.order for s in stored), restocked)
+    free: dict[str, int] = {}
+    for item in campaign.items:
+        held = sum(used[b][item.sku] for b in "hpr")
+        if held > item.stock:
+            raise _oversold(campaign, item.sku, held, item.stock)
+        free[item.sku] = item.stock - held
+    states: dict[str, RedisState] = {}
+    for index, shard in enumerate(shards):
+        share = {
+            sku: units // len(shards) + (1 if index < units % len(shards) else 0)
+            for sku, units in free.items()
+        }
+        state = rebuild(
+            campaign, by_shard[shard], [], now, sequences[shard], old_invs[shard], share
+        )
+        state.meta["epoch"] = epoch
+        states[shard] = state
+    return states
 
 
 def _settle_teams(
@@ -417,15 +498,9 @@ def _meta(campaign: Campaign) -> dict[str, str]:
     }
 
 
-def _inventory(
-    campaign: Campaign,
-    orders: Iterable[Order],
-    restocked: dict[str, bool | None],
-    old_inv: dict[str, str],
-    now_ms: int,
-) -> dict[str, str]:
-    """The stock buckets from the orders: held, paid, refunded without restock; available is
-    the rest of the initial stock. A refund whose restock is unknown counts as restocked."""
+def _used(orders: Iterable[Order], restocked: dict[str, bool | None]) -> dict[str, Counter[str]]:
+    """Units per sku that orders hold: held (h), paid (p), refunded without restock (r). A
+    refund whose restock is unknown counts as restocked."""
     buckets: dict[str, Counter[str]] = {b: Counter() for b in "hpr"}
     for order in orders:
         if order.state is OrderState.HELD:
@@ -434,19 +509,37 @@ def _inventory(
             buckets["p"][order.sku] += order.qty
         elif order.state is OrderState.REFUNDED and restocked.get(order.order_id) is False:
             buckets["r"][order.sku] += order.qty
+    return buckets
+
+
+def _oversold(campaign: Campaign, sku: str, used: int, stock: int) -> EngineError:
+    return EngineError(
+        f"campaign {campaign.id}: SQL holds {used} units of {sku} for a stock of "
+        f"{stock}; refusing to repair (run `flashteam reconcile {campaign.id}`)"
+    )
+
+
+def _inventory(
+    campaign: Campaign,
+    orders: Iterable[Order],
+    restocked: dict[str, bool | None],
+    old_inv: dict[str, str],
+    now_ms: int,
+    on_sale: dict[str, int] | None = None,
+) -> dict[str, str]:
+    """The stock buckets from the orders: held, paid, refunded without restock; available is
+    the rest of the initial stock (or ``on_sale``, one stock bucket's share)."""
+    buckets = _used(orders, restocked)
     inv: dict[str, str] = {}
     for item in campaign.items:
         sku = item.sku
         h, p, r = (buckets[b][sku] for b in "hpr")
-        available = item.stock - h - p - r
+        available = item.stock - h - p - r if on_sale is None else on_sale[sku]
         if available < 0:
-            raise EngineError(
-                f"campaign {campaign.id}: SQL holds {h + p + r} units of {sku} for a stock of "
-                f"{item.stock}; refusing to repair (run `flashteam reconcile {campaign.id}`)"
-            )
+            raise _oversold(campaign, sku, h + p + r, item.stock)
         inv |= {
             f"$:{sku}": str(item.price),
-            f"i:{sku}": str(item.stock),
+            f"i:{sku}": str(available + h + p + r),
             f"a:{sku}": str(available),
             f"h:{sku}": str(h),
             f"p:{sku}": str(p),

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from engine.models import from_ms
 from engine.scripts import RedisClient, Scripts, guarded
 from engine.settings import Settings
+from engine.shards import Layout
 from engine.store import Store
 
 
@@ -19,6 +20,20 @@ class Runtime:
     redis: RedisClient
     scripts: Scripts
     store: Store
+    # Each campaign's stock buckets (engine/shards.py), read from SQL once: fixed at creation.
+    layouts: dict[str, Layout] = field(default_factory=dict)
+
+    async def layout(self, campaign_id: str) -> Layout:
+        """The campaign's stock buckets (one for an unsharded campaign, or one SQL does not
+        know: its scripts answer for it)."""
+        known = self.layouts.get(campaign_id)
+        if known is not None:
+            return known
+        campaign = await self.store.get_campaign(campaign_id)
+        if campaign is None:
+            return Layout(campaign_id, (campaign_id,))
+        layout = self.layouts[campaign_id] = Layout.of(campaign)
+        return layout
 
     async def now(self) -> datetime:
         """The Redis server's clock: the one clock every script decides by."""

@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from engine import errors
-from engine.keys import campaign_of_order, keys_of
+from engine.keys import keys_of, shard_of_order
 from engine.models import Campaign, Order, Reservation, Team, TeamSeatResult, from_ms, to_ms
 from engine.settings import Settings
 
@@ -304,6 +304,36 @@ def _lua_dir() -> Path:
 _USES = re.compile(r"^-- uses:(.*)$", re.MULTILINE)
 
 
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Units of one item on their way between two stock buckets of a sharded campaign
+    (lua/transfer_stock.lua): debited from ``source``, credited to ``destination`` once."""
+
+    xid: str
+    source: str  # shard ids
+    destination: str
+    sku: str
+    units: int
+    epoch: str  # the repair generation it was debited in
+
+    @classmethod
+    def of(cls, source: str, xid: str, record: str) -> Transfer:
+        """A pending record read at its source: ``destination|sku|units|epoch|ms``."""
+        destination, sku, units, epoch, _ = record.split("|")
+        return cls(xid, source, destination, sku, int(units), epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """One stock bucket as ``peek`` read it, in one atomic step."""
+
+    shard: str
+    available: int  # of the sku asked about; -1 when the bucket has no such sku
+    credits: int  # transfers credited to it so far (a counter)
+    epoch: str
+    pending: tuple[Transfer, ...]  # transfers out of it not settled yet
+
+
 def script_source(name: str) -> str:
     """The text sent to Redis for ``lua/<name>.lua``: the libraries its ``-- uses:`` line
     names, in that order, then the script."""
@@ -337,6 +367,7 @@ class Scripts:
         "batch",
         "recover_campaign",
         "archive_campaign",
+        "transfer_stock",
     )
 
     def __init__(
@@ -400,32 +431,33 @@ class Scripts:
 
     # The order-creating scripts (lib/ops.lua).
 
-    async def _create(self, name: str, campaign_id: str, call: Call) -> list[Any]:
-        keys = keys_of(campaign_id)
+    async def _create(self, name: str, shard: str, call: Call) -> list[Any]:
+        keys = keys_of(shard)
         keys_one = (*keys.order_keys, keys.rate(call.user_id))
-        return await self._call(name, keys_one, self._args.one(campaign_id, call), campaign_id)
+        return await self._call(name, keys_one, self._args.one(shard, call), keys.campaign_id)
 
-    async def one(self, campaign_id: str, call: Call) -> Outcome:
+    async def one(self, shard: str, call: Call) -> Outcome:
         """One request of any op (OPEN included): its value, or its Refusal (returned, not
-        raised)."""
-        (reply,) = await self.send(campaign_id, [call])
-        return decode(call, reply, campaign_id)
+        raised). ``shard``: the campaign id, or the shard id of one stock bucket of a sharded
+        campaign (engine/shards.py), whose orders are numbered ``<shard>.o<n>``."""
+        (reply,) = await self.send(shard, [call])
+        return decode(call, reply, keys_of(shard).campaign_id)
 
-    async def send(self, campaign_id: str, calls: Sequence[Call]) -> list[list[Any]]:
-        """RESERVE, PROBE, JOIN and QUICK requests of one campaign: one through its own script
-        (a PROBE, which has none, through batch.lua), more through batch.lua in one call, in
-        order. One reply per request, for ``decode`` where its caller waits: decoding a
-        batch's records here at once would keep them all alive together (garbage-collector
-        work on every batch)."""
+    async def send(self, shard: str, calls: Sequence[Call]) -> list[list[Any]]:
+        """RESERVE, PROBE, JOIN and QUICK requests of one campaign (or of one stock bucket of
+        a sharded one: its shard id): one through its own script (a PROBE, which has none,
+        through batch.lua), more through batch.lua in one call, in order. One reply per
+        request, for ``decode`` where its caller waits: decoding a batch's records here at
+        once would keep them all alive together (garbage-collector work on every batch)."""
         if len(calls) == 1 and calls[0].op != PROBE:
             call = calls[0]
-            return [await self._create(_SCRIPT_OF[call.op], campaign_id, call)]
-        keys = keys_of(campaign_id)
+            return [await self._create(_SCRIPT_OF[call.op], shard, call)]
+        keys = keys_of(shard)
         batch_keys = list(keys.order_keys)
         if self._args.rate_limit > 0:  # each request's rate-limit key; none when it is off
             batch_keys += [keys.rate(call.user_id) for call in calls]
         reply = await self._call(
-            "batch", batch_keys, self._args.batch(campaign_id, calls), campaign_id
+            "batch", batch_keys, self._args.batch(shard, calls), keys.campaign_id
         )
         if reply and reply[0] == Code.RECOVERING:  # the whole campaign refused: each request
             return [reply] * len(calls)
@@ -435,7 +467,7 @@ class Scripts:
 
     async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
         """pay_order.lua: the held order paid (its team opened or succeeded)."""
-        keys = keys_of(campaign_of_order(order_id))
+        keys = keys_of(shard_of_order(order_id))
         reply = await self._call(
             "pay_order", keys.order_keys, (order_id, user_id, payment_ref), keys.campaign_id
         )
@@ -443,7 +475,7 @@ class Scripts:
 
     async def cancel(self, order_id: str, user_id: str) -> Order:
         """cancel_order.lua: the held order cancelled by its owner, its seat freed."""
-        keys = keys_of(campaign_of_order(order_id))
+        keys = keys_of(shard_of_order(order_id))
         reply = await self._call(
             "cancel_order", keys.order_keys, (order_id, user_id), keys.campaign_id
         )
@@ -451,7 +483,7 @@ class Scripts:
 
     async def refund(self, order_id: str, restock: bool) -> Order:
         """refund_order.lua: the paid order refunded; units back on sale if ``restock``."""
-        keys = keys_of(campaign_of_order(order_id))
+        keys = keys_of(shard_of_order(order_id))
         reply = await self._call(
             "refund_order", keys.order_keys, (order_id, int(restock)), keys.campaign_id
         )
@@ -459,10 +491,14 @@ class Scripts:
 
     # The reaper.
 
-    async def expire_orders(self, campaign_id: str, limit: int) -> ExpiryStep:
-        """expire_orders.lua: end up to ``limit`` held orders past their deadline."""
-        keys = keys_of(campaign_id).order_keys
-        return _expiry(await self._call("expire_orders", keys, (limit,), campaign_id, refused=-1))
+    async def expire_orders(self, shard: str, limit: int) -> ExpiryStep:
+        """expire_orders.lua: end up to ``limit`` held orders past their deadline (of one
+        stock bucket of a sharded campaign: its shard id)."""
+        keys = keys_of(shard)
+        reply = await self._call(
+            "expire_orders", keys.order_keys, (limit,), keys.campaign_id, refused=-1
+        )
+        return _expiry(reply)
 
     async def expire_teams(self, campaign_id: str, limit: int) -> ExpiryStep:
         """expire_teams.lua: fail up to ``limit`` open teams past their expiry."""
@@ -471,10 +507,13 @@ class Scripts:
 
     # Campaigns.
 
-    async def define(self, campaign: Campaign, *, only_if_absent: bool = False) -> bool:
+    async def define(
+        self, campaign: Campaign, *, only_if_absent: bool = False, index: int = 0
+    ) -> bool:
         """warm_campaign.lua 'define' (or 'ensure' when ``only_if_absent``): load the
-        definition and stock into Redis; False when 'ensure' found it there already."""
-        keys = keys_of(campaign.id)
+        definition and stock into Redis; False when 'ensure' found it there already. Of
+        stock bucket ``index`` for a sharded campaign: its share of every item's stock."""
+        keys = keys_of(campaign.shard_ids[index])
         invalidated = campaign.invalidated_at
         args: list[str | int] = [
             "ensure" if only_if_absent else "define",
@@ -488,7 +527,7 @@ class Scripts:
             0 if invalidated is None else to_ms(invalidated),
         ]
         for item in campaign.items:
-            args += [item.sku, item.price, item.stock]
+            args += [item.sku, item.price, campaign.bucket_stock(item, index)]
         reply = await self._call("warm_campaign", (keys.meta, keys.inv), args, campaign.id)
         if reply[0] == Code.RECOVERING:
             raise Refusal.of(reply).error()
@@ -498,21 +537,23 @@ class Scripts:
             )
         return bool(reply[1] == 1)
 
-    async def extend(self, campaign_id: str, ends_at: datetime) -> None:
-        """warm_campaign.lua 'extend': move the running campaign's end later."""
-        keys = keys_of(campaign_id)
+    async def extend(self, shard: str, ends_at: datetime) -> None:
+        """warm_campaign.lua 'extend': move the running campaign's end later (in one stock
+        bucket of a sharded campaign: its shard id)."""
+        keys = keys_of(shard)
         args: list[str | int] = ["extend", to_ms(ends_at)]
-        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args, campaign_id)
+        reply = await self._call("warm_campaign", (keys.meta, keys.inv), args, keys.campaign_id)
         if reply[0] == Code.RECOVERING:
             raise Refusal.of(reply).error()
         if reply[0] != Code.OK:
             reason = _extra(reply)
             raise rejection(reply[0], f"ends_at can only move later ({reason})", reason=reason)
 
-    async def invalidate(self, campaign_id: str) -> datetime:
+    async def invalidate(self, shard: str) -> datetime:
         """invalidate_campaign.lua: no new orders from now; returns when it was invalidated
-        (the first time, on a retry)."""
-        keys = keys_of(campaign_id)
+        (the first time, on a retry). One stock bucket of a sharded campaign: its shard id."""
+        keys = keys_of(shard)
+        campaign_id = keys.campaign_id
         reply = await self._call("invalidate_campaign", (keys.meta, keys.events), (), campaign_id)
         if reply[0] == Code.RECOVERING:
             raise Refusal.of(reply).error()
@@ -534,56 +575,113 @@ class Scripts:
 
     # Recovery (engine/recovery.py).
 
-    async def report_untrusted(self, campaign_id: str, why: str) -> None:
-        """Fence the campaign and tell ``untrusted``: another part of the engine (the flush
-        worker) found that Redis lost writes of it."""
-        await self.fence(campaign_id, why)
+    async def report_untrusted(self, shard: str, why: str) -> None:
+        """Fence the campaign (or the stock bucket ``shard`` of a sharded one) and tell
+        ``untrusted``: another part of the engine (the flush worker) found that Redis lost
+        writes of it."""
+        await self.fence(shard, why)
         if self.untrusted is not None:
-            await self.untrusted(campaign_id, why)
+            await self.untrusted(keys_of(shard).campaign_id, why)
 
-    async def fence(self, campaign_id: str, why: str) -> None:
-        """recover_campaign.lua 'fence': the campaign's operations answer recovering."""
-        keys = keys_of(campaign_id)
+    async def fence(self, shard: str, why: str) -> None:
+        """recover_campaign.lua 'fence': the campaign's (or the bucket's) operations answer
+        recovering."""
+        keys = keys_of(shard)
         await self._call("recover_campaign", (keys.meta, keys.repair), ("fence", why))
 
-    async def take_repair(self, campaign_id: str, token: str, ms: int) -> str | None:
+    async def take_repair(self, shard: str, token: str, ms: int) -> str | None:
         """recover_campaign.lua 'take': hold the repair lock ``ms`` longer; None when taken,
-        else the token of the process holding it."""
-        keys = keys_of(campaign_id)
+        else the token of the process holding it. A sharded campaign's repair takes the lock
+        of every bucket it rebuilds."""
+        keys = keys_of(shard)
         reply = await self._call("recover_campaign", (keys.meta, keys.repair), ("take", token, ms))
         return None if reply[0] == Code.OK else str(reply[1])
 
     # Archival (engine/archive.py).
 
-    async def seal(self, campaign_id: str) -> str | None:
-        """archive_campaign.lua 'seal': from now on the campaign never changes in Redis; None
-        when sealed (now or before), else why not ('live', 'holds', 'teams', 'unflushed',
-        'missing', or a reason it awaits a repair)."""
-        keys = keys_of(campaign_id)
+    async def seal(self, shard: str) -> str | None:
+        """archive_campaign.lua 'seal': from now on the campaign (or this stock bucket of a
+        sharded one) never changes in Redis; None when sealed (now or before), else why not
+        ('live', 'holds', 'teams', 'unflushed', 'transfers', 'missing', or a reason it awaits
+        a repair)."""
+        keys = keys_of(shard)
         reply = await self._call(
             "archive_campaign",
-            (keys.meta, keys.deadlines, keys.team_expiry, keys.events),
+            (keys.meta, keys.deadlines, keys.team_expiry, keys.events, keys.transfers),
             ("seal",),
         )
         if reply[0] == Code.OK:
             return None
         return "missing" if reply[0] == Code.NOT_FOUND else str(reply[1])
 
-    async def unseal(self, campaign_id: str) -> None:
+    async def unseal(self, shard: str) -> None:
         """archive_campaign.lua 'unseal': the archival is called off, the campaign is live."""
-        keys = keys_of(campaign_id)
+        keys = keys_of(shard)
         await self._call(
             "archive_campaign",
-            (keys.meta, keys.deadlines, keys.team_expiry, keys.events),
+            (keys.meta, keys.deadlines, keys.team_expiry, keys.events, keys.transfers),
             ("unseal",),
         )
 
-    async def lift(self, campaign_id: str, token: str) -> bool:
+    async def lift(self, shard: str, token: str) -> bool:
         """recover_campaign.lua 'lift': the repaired state is trusted on this server; False
         when the lock is no longer this token's (the repair took too long: redo it)."""
-        keys = keys_of(campaign_id)
+        keys = keys_of(shard)
         reply = await self._call("recover_campaign", (keys.meta, keys.repair), ("lift", token))
         return bool(reply[0] == Code.OK)
+
+    # Stock transfers between the buckets of a sharded campaign (engine/shards.py).
+
+    async def peek(self, shard: str, sku: str) -> Peek:
+        """transfer_stock.lua 'peek': one bucket's available units of ``sku``, the credits it
+        received so far, and its pending transfers out."""
+        keys = keys_of(shard)
+        reply = await self._call(
+            "transfer_stock", (keys.meta, keys.inv, keys.transfers), ("peek", sku), keys.campaign_id
+        )
+        if reply[0] != Code.OK:
+            raise Refusal.of(reply).error()
+        pending = tuple(Transfer.of(shard, reply[i], reply[i + 1]) for i in range(4, len(reply), 2))
+        return Peek(shard, int(reply[1]), int(reply[2]), str(reply[3]), pending)
+
+    async def debit(
+        self, source: str, sku: str, most: int, least: int, destination: str
+    ) -> Transfer | None:
+        """transfer_stock.lua 'debit': take up to ``most`` (at least ``least``) available units
+        of ``sku`` out of ``source`` for ``destination``; None when it has too few or the sale
+        is not on."""
+        keys = keys_of(source)
+        reply = await self._call(
+            "transfer_stock",
+            (keys.meta, keys.inv, keys.transfers),
+            ("debit", sku, most, least, destination, source),
+            keys.campaign_id,
+        )
+        if reply[0] == Code.RECOVERING:
+            raise Refusal.of(reply).error()
+        if reply[0] != Code.OK:
+            return None
+        return Transfer(str(reply[1]), source, destination, sku, int(reply[2]), str(reply[3]))
+
+    async def credit(self, transfer: Transfer) -> bool:
+        """transfer_stock.lua 'credit': the units on sale in the destination, once however
+        often it is called; False when the transfer is void (debited before a repair)."""
+        keys = keys_of(transfer.destination)
+        reply = await self._call(
+            "transfer_stock",
+            (keys.meta, keys.inv, keys.credits),
+            ("credit", transfer.xid, transfer.sku, transfer.units, transfer.epoch),
+            keys.campaign_id,
+        )
+        if reply[0] == Code.RECOVERING:
+            raise Refusal.of(reply).error()
+        return bool(reply[0] == Code.OK)
+
+    async def settle(self, transfer: Transfer) -> None:
+        """transfer_stock.lua 'settle': forget the pending record at the source (only once
+        ``credit`` answered)."""
+        keys = keys_of(transfer.source)
+        await self._call("transfer_stock", (keys.transfers,), ("settle", transfer.xid))
 
     async def ack_events(self, stream: str, group: str, entry_ids: Sequence[str]) -> int:
         """ack_events.lua: acknowledge and delete flushed outbox entries; how many were."""

@@ -87,7 +87,9 @@ async def campaign_stats(rt: Runtime, view: CampaignView) -> CampaignStats:
         rejected, unflushed = dict(archive.rejections if archive else {}), 0
     else:
         rejected = await guarded(redis.hgetall(keys.rejections))
-        unflushed = int(await guarded(redis.xlen(keys.events)))
+        unflushed = 0
+        for shard in campaign.shard_ids:  # each stock bucket's outbox (engine/shards.py)
+            unflushed += int(await guarded(redis.xlen(keys_of(shard).events)))
     totals = await rt.store.order_totals(campaign_id)
     per: dict[tuple[str, str], tuple[int, int, int]] = {
         (t.sku, t.state): (t.orders, t.units, t.amount) for t in totals

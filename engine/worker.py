@@ -16,6 +16,10 @@ Each campaign's stream ``ft:{c:<id>}:events`` is read through one consumer group
    repair requested (engine/recovery.py, docs/faults.md). Idle campaigns are checked about
    once a second too.
 
+A sharded campaign (engine/shards.py) has one stream per stock bucket (``ft:{c:<id>:<k>}:
+events``), each flushed as above, and each bucket's order sequence is checked against its own
+high-water mark (SQL's ``sequences`` row of its shard id).
+
 A crash anywhere before 4 leaves the entries pending: this or another worker reads them again
 and the upserts make the second write a no-op, so every change lands exactly once in effect
 (invariant I4, docs/invariants.md). Streams are found through the ``ft:streams`` set (no
@@ -105,19 +109,21 @@ class FlushWorker:
                 await asyncio.sleep(_IDLE_WAIT)
 
     async def drain_campaign(self, campaign_id: str) -> int:
-        """Flush one campaign's stream until it is empty, claiming entries pending with any
-        consumer at once (a repair cannot wait ``claim_idle`` for a dead worker's batch; a
-        live worker writing the same entries meanwhile is harmless: upserts are
-        version-gated). Returns the entries flushed."""
-        stream = keys_of(campaign_id).events
+        """Flush one campaign's stream (every stock bucket's) until it is empty, claiming
+        entries pending with any consumer at once (a repair cannot wait ``claim_idle`` for a
+        dead worker's batch; a live worker writing the same entries meanwhile is harmless:
+        upserts are version-gated). Returns the entries flushed."""
         total = 0
-        while True:
-            moved = await self._flush(campaign_id, claim_idle_ms=0)
-            total += moved
-            if not moved and not int(await guarded(self._rt.redis.xlen(stream))):
-                return total
-            if not moved:
-                await asyncio.sleep(_IDLE_WAIT)
+        for shard in (await self._rt.layout(campaign_id)).shards:
+            stream = keys_of(shard).events
+            while True:
+                moved = await self._flush(shard, claim_idle_ms=0)
+                total += moved
+                if not moved and not int(await guarded(self._rt.redis.xlen(stream))):
+                    break
+                if not moved:
+                    await asyncio.sleep(_IDLE_WAIT)
+        return total
 
     async def wait_flushed(self, within: float) -> float | None:
         """Seconds until the workers flushing these streams (this one or others) have left
@@ -133,18 +139,18 @@ class FlushWorker:
     async def step(self) -> int:
         """One pass over every stream; returns the entries committed (or dead-lettered)."""
         moved = 0
-        for campaign_id in await self._campaigns():
-            moved += await self._flush(campaign_id)
+        for shard in await self._shards():
+            moved += await self._flush(shard)
         return moved
 
     async def lag(self) -> Lag:
         """Unflushed and pending entries over every stream, and the oldest one's age."""
         redis = self._rt.redis
-        campaigns = await self._campaigns()
+        shards = await self._shards()
         unflushed = pending = 0
         oldest: int | None = None
-        for campaign_id in campaigns:
-            stream = keys_of(campaign_id).events
+        for shard in shards:
+            stream = keys_of(shard).events
             unflushed += int(await guarded(redis.xlen(stream)))
             first = await guarded(redis.xrange(stream, count=1))
             if first:
@@ -154,14 +160,17 @@ class FlushWorker:
                 info = await guarded(redis.xpending(stream, GROUP))
                 pending += int(info["pending"])
         now_ms = int((await self._rt.now()).timestamp() * 1000)
-        return Lag(len(campaigns), unflushed, pending, 0 if oldest is None else now_ms - oldest)
+        return Lag(len(shards), unflushed, pending, 0 if oldest is None else now_ms - oldest)
 
-    async def _campaigns(self) -> list[str]:
+    async def _shards(self) -> list[str]:
+        """Every stream's campaign, or stock bucket of a sharded campaign (its shard id)."""
         members: set[str] = await guarded(self._rt.redis.smembers(STREAM_SET))
-        return sorted(members)
+        return [shard for cid in sorted(members) for shard in (await self._rt.layout(cid)).shards]
 
-    async def _flush(self, campaign_id: str, claim_idle_ms: int | None = None) -> int:
-        stream = keys_of(campaign_id).events
+    async def _flush(self, shard: str, claim_idle_ms: int | None = None) -> int:
+        """One batch of the stream of a campaign (or of one stock bucket: ``shard``)."""
+        keys = keys_of(shard)
+        stream, campaign_id = keys.events, keys.campaign_id
         try:
             entries = await self._read(stream, claim_idle_ms)
         except EngineError as exc:
@@ -175,8 +184,8 @@ class FlushWorker:
             await self._create_group(stream)
             entries = await self._read(stream, claim_idle_ms)
         if not entries:
-            await self._check_marks(campaign_id, None)
-            await self._maybe_forget(campaign_id, stream)
+            await self._check_marks(shard, None)
+            await self._maybe_forget(campaign_id)
             return 0
         batch, dead = Batch(), 0
         for entry_id, fields in entries:
@@ -203,30 +212,32 @@ class FlushWorker:
                 len(collisions),
                 ", ".join(collisions[:5]),
             )
-            await self._rt.scripts.report_untrusted(campaign_id, "collision")
+            await self._rt.scripts.report_untrusted(shard, "collision")
         else:
-            await self._check_marks(campaign_id, batch)
+            await self._check_marks(shard, batch)
         return len(entries)
 
-    async def _check_marks(self, campaign_id: str, batch: Batch | None) -> None:
-        """Fence the campaign when Redis's order or team sequence is behind the durable
-        marks: Redis lost ids SQL has committed. After a batch (its marks are the newest this
-        worker knows), and about once a second when idle (SQL's marks, all workers')."""
+    async def _check_marks(self, shard: str, batch: Batch | None) -> None:
+        """Fence the campaign (or stock bucket) when Redis's order or team sequence is behind
+        the durable marks: Redis lost ids SQL has committed. After a batch (its marks are the
+        newest this worker knows), and about once a second when idle (SQL's marks, all
+        workers')."""
         loop_now = asyncio.get_running_loop().time()
-        known = self._durable.get(campaign_id, (0, 0))
+        known = self._durable.get(shard, (0, 0))
         if batch is not None:
-            marks = batch.marks().get(campaign_id, (0, 0))
+            marks = batch.marks().get(shard, (0, 0))
             known = (max(known[0], marks[0]), max(known[1], marks[1]))
-        elif loop_now - self._checked.get(campaign_id, 0.0) < 1.0:
+        elif loop_now - self._checked.get(shard, 0.0) < 1.0:
             return
         else:
-            marks = await self._rt.store.marks(campaign_id)
+            marks = await self._rt.store.marks(shard)
             known = (max(known[0], marks[0]), max(known[1], marks[1]))
-        self._durable[campaign_id] = known
-        self._checked[campaign_id] = loop_now
+        self._durable[shard] = known
+        self._checked[shard] = loop_now
         if known == (0, 0):
             return
-        meta = keys_of(campaign_id).meta
+        keys = keys_of(shard)
+        meta, campaign_id = keys.meta, keys.campaign_id
         kind, oseq, tseq, fence = await guarded(
             self._rt.redis.hmget(meta, "kind", "oseq", "tseq", "fence")
         )
@@ -241,7 +252,7 @@ class FlushWorker:
                 tseq,
                 *known,
             )
-            await self._rt.scripts.report_untrusted(campaign_id, "behind")
+            await self._rt.scripts.report_untrusted(shard, "behind")
 
     async def _read(self, stream: str, claim_idle_ms: int | None) -> list[Entry]:
         redis = self._rt.redis
@@ -283,18 +294,23 @@ class FlushWorker:
             )
         )
 
-    async def _maybe_forget(self, campaign_id: str, stream: str) -> None:
-        """Stop watching the stream of a campaign that is over (the reaper forgot it) once the
-        stream is empty. A refund after that re-registers it; the second look catches one
-        that lands in between."""
+    async def _maybe_forget(self, campaign_id: str) -> None:
+        """Stop watching the streams of a campaign that is over (the reaper forgot it) once
+        they are empty. A refund after that re-registers it; the second look catches one that
+        lands in between."""
         redis = self._rt.redis
         if await guarded(redis.sismember(CAMPAIGN_SET, campaign_id)):
             return
-        if await guarded(redis.xlen(stream)):
+        if await self._unflushed(campaign_id):
             return
         await guarded(redis.srem(STREAM_SET, campaign_id))
-        if await guarded(redis.xlen(stream)):
+        if await self._unflushed(campaign_id):
             await guarded(redis.sadd(STREAM_SET, campaign_id))
+
+    async def _unflushed(self, campaign_id: str) -> int:
+        """Entries in the campaign's streams (every stock bucket's)."""
+        shards = (await self._rt.layout(campaign_id)).shards
+        return sum([int(await guarded(self._rt.redis.xlen(keys_of(s).events))) for s in shards])
 
 
 def _add(batch: Batch, campaign_id: str, event: Event) -> None:

@@ -462,6 +462,7 @@ class Api:
             hold_seconds=body.hold_seconds,
             team_size=body.team_size,
             team_ttl_seconds=body.team_ttl_seconds,
+            shards=body.shards,
         )
         view = await self.engine.campaigns.create(campaign)
         return json_response(s.CampaignOut.of(view), 201)

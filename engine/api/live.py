@@ -92,7 +92,9 @@ async def snapshot(engine: Engine) -> LiveOut:
     for campaign in shown:
         view = await engine.campaigns.get(campaign.id)
         stats = await campaign_stats(rt, view)
-        created = await guarded(rt.redis.hlen(keys_of(campaign.id).orders))
+        created = 0
+        for shard in campaign.shard_ids:  # every stock bucket's (engine/shards.py)
+            created += int(await guarded(rt.redis.hlen(keys_of(shard).orders)))
         out.append(
             LiveCampaign(
                 id=campaign.id,

@@ -229,7 +229,8 @@ async def untrusted_campaigns(rt: Runtime) -> tuple[int, int]:
     recovery = Recovery(rt)
     fenced = unverified = 0
     for campaign_id in sorted(campaigns):
-        if await guarded(rt.redis.hexists(keys_of(campaign_id).meta, "fence")):
+        shards = (await rt.layout(campaign_id)).shards  # any stock bucket fenced
+        if any([await guarded(rt.redis.hexists(keys_of(s).meta, "fence")) for s in shards]):
             fenced += 1
         elif not await recovery.trusted(campaign_id):
             unverified += 1
@@ -244,7 +245,9 @@ async def reaper_lag(rt: Runtime) -> float:
     campaigns: set[str] = await guarded(redis.smembers(CAMPAIGN_SET))
     for campaign_id in campaigns:
         keys = keys_of(campaign_id)
-        for index in (keys.deadlines, keys.team_expiry):
+        indexes = [keys.team_expiry]  # and each stock bucket's holds (engine/shards.py)
+        indexes += [keys_of(shard).deadlines for shard in (await rt.layout(campaign_id)).shards]
+        for index in indexes:
             first = await guarded(redis.zrange(index, 0, 0, withscores=True))
             if first:
                 worst = max(worst, now_ms - int(first[0][1]))

@@ -116,7 +116,11 @@ def _operation(
 
 def _path_schema(name: str, id_schema: dict[str, Any]) -> dict[str, Any]:
     if name == "order_id":
-        return {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}\.o[0-9]{1,18}$"}
+        # <campaign>.o<n>, or <campaign>.b<bucket>.o<n> in a sharded campaign (engine/shards.py)
+        return {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9_-]{1,64}(\.b[1-9][0-9]{0,3})?\.o[0-9]{1,18}$",
+        }
     if name == "team_id":
         return {"type": "string", "pattern": r"^[A-Za-z0-9_-]{1,64}\.t[0-9]{1,18}$"}
     return id_schema

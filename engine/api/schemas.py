@@ -14,6 +14,7 @@ from msgspec import Meta, Struct
 from engine.keys import ID_PATTERN, KEY_PATTERN
 from engine.models import (
     MAX_ITEMS,
+    MAX_SHARDS,
     MAX_UNITS,
     CampaignView,
     Item,
@@ -56,6 +57,16 @@ class CampaignIn(Request):
     hold_seconds: Annotated[int, Meta(ge=1, le=86_400)]
     team_size: Annotated[int, Meta(ge=2, le=100)] | None = None
     team_ttl_seconds: Annotated[int, Meta(ge=1, le=7 * 86_400)] | None = None
+    shards: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=MAX_SHARDS,
+            description="flash only: stock buckets on as many Redis Cluster slots, each "
+            "shopper served by one (docs/architecture.md#sharded-flash-campaigns); fixed at "
+            "creation",
+        ),
+    ] = 1
 
 
 class CampaignPatch(Request):
@@ -305,6 +316,7 @@ class CampaignOut(Struct):
     invalidated_at: datetime | None
     status: str
     stock: list[StockOut]
+    shards: int
 
     @classmethod
     def of(cls, view: CampaignView) -> CampaignOut:
@@ -323,6 +335,7 @@ class CampaignOut(Struct):
             c.invalidated_at,
             view.status.value,
             [StockOut.of(s) for s in view.stock],
+            c.shards,
         )
 
 

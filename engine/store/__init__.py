@@ -49,12 +49,15 @@ class Batch:
         return len(self.orders) + len(self.teams) + len(self.invalidations)
 
     def marks(self) -> dict[str, tuple[int, int]]:
-        """Per campaign, the highest order and team sequence numbers in the batch."""
+        """Per campaign, the highest order and team sequence numbers in the batch; per stock
+        bucket for a sharded campaign, each bucket numbering its orders (keyed by shard id,
+        ``<campaign>.b<k>``: engine/shards.py)."""
         out: dict[str, tuple[int, int]] = {}
-        for order, _ in self.orders.values():
-            o, t = out.get(order.campaign_id, (0, 0))
+        for order_id, (order, _) in self.orders.items():
+            shard = order_id[: order_id.rindex(".")]
+            o, t = out.get(shard, (0, 0))
             team = sequence(order.team_id) if order.team_id else 0
-            out[order.campaign_id] = (max(o, sequence(order.order_id)), max(t, team))
+            out[shard] = (max(o, sequence(order_id)), max(t, team))
         for team_row, _ in self.teams.values():
             o, t = out.get(team_row.campaign_id, (0, 0))
             out[team_row.campaign_id] = (o, max(t, sequence(team_row.team_id)))
@@ -136,7 +139,8 @@ class Store(Protocol):
         durable high-water marks (``marks``) move up in the same transaction."""
 
     async def marks(self, campaign_id: str) -> tuple[int, int]:
-        """The highest order and team sequence numbers committed for the campaign."""
+        """The highest order and team sequence numbers committed for the campaign (or for
+        one stock bucket of a sharded one: its shard id)."""
 
     async def campaign_orders(self, campaign_id: str) -> list[StoredOrder]:
         """Every order of the campaign, by id."""

@@ -45,6 +45,7 @@ def campaign_row(campaign: Campaign) -> tuple[Any, ...]:
         campaign.team_ttl_seconds,
         None if invalidated is None else to_ms(invalidated),
         json.dumps(items),
+        ",".join(str(b) for b in campaign.buckets) if campaign.shards > 1 else None,
     )
 
 
@@ -61,7 +62,16 @@ def campaign_from(row: Row) -> Campaign:
         team_size=row["team_size"],
         team_ttl_seconds=row["team_ttl_seconds"],
         invalidated_at=None if row["invalidated_at"] is None else from_ms(row["invalidated_at"]),
+        **_shards(row["shards"]),
     )
+
+
+def _shards(value: str | None) -> dict[str, Any]:
+    """The shards and buckets fields of a campaign row's ``shards`` column."""
+    if not value:
+        return {}
+    buckets = tuple(int(b) for b in value.split(","))
+    return {"shards": len(buckets), "buckets": buckets}
 
 
 def archive_row(archive: Archive) -> tuple[Any, ...]:

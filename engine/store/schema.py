@@ -88,6 +88,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             rejections  TEXT NOT NULL
         )""",
     ),
+    (
+        # A sharded flash campaign's stock buckets (engine/shards.py): their numbers, "0,3,7";
+        # NULL for one bucket. Fixed at creation, so every process derives the same keys.
+        "ALTER TABLE campaigns ADD COLUMN shards TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -104,6 +109,7 @@ CAMPAIGN_COLUMNS = (
     "team_ttl_seconds",
     "invalidated_at",
     "items",
+    "shards",  # the stock buckets' numbers, "0,3,7"; NULL for one bucket
 )
 ORDER_COLUMNS = (
     "order_id",
