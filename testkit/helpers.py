@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from engine import Engine, OrderState
 from engine.audit import audit_campaign
 from engine.events import Event
-from engine.keys import campaign_of_order, campaign_of_team, keys_of
+from engine.keys import campaign_of_team, keys_of, shard_of_order
 from engine.models import from_ms
 
 T = TypeVar("T")
@@ -37,7 +37,7 @@ async def age_order(engine: Engine, order_id: str, by_ms: int) -> None:
     Rewrites the deadline in the packed record (field 7) and in the deadline index, so tests
     can drive expiry without sleeping.
     """
-    keys = keys_of(campaign_of_order(order_id))
+    keys = keys_of(shard_of_order(order_id))  # its stock bucket's, in a sharded campaign
     redis = engine.runtime.redis
     record = await redis.hget(keys.orders, order_id)
     assert isinstance(record, str), f"no order {order_id}"
