@@ -116,4 +116,6 @@ def campaign_json(campaign: Campaign) -> dict[str, Any]:
     if campaign.team_size is not None:
         body["team_size"] = campaign.team_size
         body["team_ttl_seconds"] = campaign.team_ttl_seconds
+    if campaign.shards > 1:
+        body["shards"] = campaign.shards
     return body
