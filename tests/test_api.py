@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from engine import errors
+from engine.api.metrics import FLUSH_EVERY
 from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
 from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
 from engine.local.launcher import ApiServer
@@ -285,9 +286,18 @@ async def test_metrics_sum_every_worker(api: ApiServer, http: httpx.AsyncClient)
     20 fresh connections (spread over the workers) add exactly 20, whichever worker answers
     (each worker adds its latencies to the shared histograms every 0.1 s: within a moment)."""
     route = {"route": "GET /healthz", "outcome": "ok"}
-    before = metric(
-        (await http.get("/metrics")).text, "flashteam_http_request_seconds_count", **route
-    )
+
+    async def count() -> float:
+        text = (await http.get("/metrics")).text
+        return metric(text, "flashteam_http_request_seconds_count", **route) or 0.0
+
+    async def settled() -> tuple[float] | None:
+        """The count once every worker has added what it had (two flushes apart)."""
+        first = await count()
+        await asyncio.sleep(3 * FLUSH_EVERY)
+        return (first,) if await count() == first else None
+
+    (before,) = await eventually(settled, 10, what="the count to settle")
     fresh = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=api.url, limits=fresh, trust_env=False) as client:
         for _ in range(20):
@@ -298,7 +308,7 @@ async def test_metrics_sum_every_worker(api: ApiServer, http: httpx.AsyncClient)
     async def counted() -> str | None:
         text = (await http.get("/metrics")).text
         after = metric(text, "flashteam_http_request_seconds_count", **route)
-        return text if after == (before or 0) + 20 else None
+        return text if after == before + 20 else None
 
     text = await eventually(counted, 5, what="the 20 requests counted, not more, not fewer")
     response = await http.get("/metrics")

@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,17 +99,18 @@ class SqliteStore(DurableReads):
         committing payments, the flush worker): SQLite answers "database is locked" at once
         in some of those races instead of waiting its busy timeout, so wait here, up to
         ``_LOCKED_FOR`` seconds, before reporting the store unavailable."""
-        pause, waited = 0.005, 0.0
+        started = time.monotonic()
+        pause = 0.005
         while True:
             try:
                 return await self._apply(batch)
             except _Locked:
+                waited = time.monotonic() - started  # the busy timeout's waits included
                 if waited >= _LOCKED_FOR:
                     raise Unavailable(
                         f"SQLite write failed: the database stayed locked for {waited:.1f} s"
                     ) from None
                 await asyncio.sleep(pause)
-                waited += pause
                 pause = min(pause * 2, 0.1)
 
     async def _apply(self, batch: Batch) -> int:
