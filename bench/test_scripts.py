@@ -85,7 +85,7 @@ class Scene:
 def _order_call(campaign: str, user: str) -> tuple[list[str], list[Any]]:
     keys = keys_of(campaign)
     call = Call(RESERVE, user, "sku-1", "", 1, "k")
-    return [*keys.order_keys, keys.rate(user)], list(ARGS.one(campaign, call))
+    return list(keys.order_keys), list(ARGS.one(campaign, call))
 
 
 async def _open_teams(engine: Engine, sku: str, teams: int) -> list[str]:

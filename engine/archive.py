@@ -318,7 +318,7 @@ class Archiver:
         doomed = []
         for shard in (*shards[1:], campaign_id):  # a sharded campaign's buckets, then its own
             bucket = keys_of(shard)
-            others = [bucket.rejections, bucket.repair]
+            others = [bucket.rejections, bucket.repair, *bucket.rate_windows]
             if len(shards) > 1:
                 others += [bucket.transfers, bucket.credits]
             doomed += [k for k in (*bucket.order_keys, *others) if k != keys.meta]

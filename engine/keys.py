@@ -18,7 +18,8 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
     ft:{c:<cid>}:idem        hash    idempotency records: ``<user>:<key>`` -> ``<op><order seq>``
                                      (lua/lib/ops.lua); the hash expires 24 h after its
                                      last write, so every record lives at least 24 h
-    ft:{c:<cid>}:rl:<user>           string  attempts in the current one-second window
+    ft:{c:<cid>}:rl:0, :rl:1 hash    the rate limit's windows, even and odd seconds: user id ->
+                                     attempts that second, ':s' -> the second (lib/ops.lua)
     ft:{c:<cid>}:repair      string  the repair lock: the token of the process repairing
                                      the campaign from SQL (engine/recovery.py)
     ft:{c:<cid>}:transfers   hash    a sharded campaign's stock transfers out of this bucket
@@ -138,6 +139,7 @@ class CampaignKeys:
     team_expiry: str
     idem: str  # hash: idempotency records (idempotency_field -> record)
     rejections: str  # hash: rejections per error code, counted by the API (KPIs)
+    rate_windows: tuple[str, str]  # hashes: attempts per user in even and odd seconds
     repair: str  # string: the repair lock (engine/recovery.py)
     order_keys: tuple[
         str, ...
@@ -169,6 +171,7 @@ class CampaignKeys:
             team_expiry=f"{tag}:team_deadlines",
             idem=f"{tag}:idem",
             rejections=f"{tag}:rejections",
+            rate_windows=(f"{tag}:rl:0", f"{tag}:rl:1"),
             repair=f"{tag}:repair",
             order_keys=(
                 meta,
@@ -188,10 +191,6 @@ class CampaignKeys:
             transfers=f"{tag}:transfers",
             credits=f"{tag}:credits",
         )
-
-    def rate(self, user_id: str) -> str:
-        """Key of one user's attempt counter in this campaign (or bucket)."""
-        return f"{self.tag}:rl:{user_id}"
 
 
 def idempotency_field(user_id: str, key: str) -> str:

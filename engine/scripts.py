@@ -433,7 +433,7 @@ class Scripts:
 
     async def _create(self, name: str, shard: str, call: Call) -> list[Any]:
         keys = keys_of(shard)
-        keys_one = (*keys.order_keys, keys.rate(call.user_id))
+        keys_one = keys.order_keys + keys.rate_windows if self._args.rate_limit else keys.order_keys
         return await self._call(name, keys_one, self._args.one(shard, call), keys.campaign_id)
 
     async def one(self, shard: str, call: Call) -> Outcome:
@@ -454,8 +454,8 @@ class Scripts:
             return [await self._create(_SCRIPT_OF[call.op], shard, call)]
         keys = keys_of(shard)
         batch_keys = list(keys.order_keys)
-        if self._args.rate_limit > 0:  # each request's rate-limit key; none when it is off
-            batch_keys += [keys.rate(call.user_id) for call in calls]
+        if self._args.rate_limit > 0:  # the rate limit's two windows; none when it is off
+            batch_keys += keys.rate_windows
         reply = await self._call(
             "batch", batch_keys, self._args.batch(shard, calls), keys.campaign_id
         )

@@ -6,7 +6,7 @@
 -- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua lib/team_ops.lua
 --
 -- KEYS[1..10]  the campaign's order keys (engine/keys.py order_keys)
--- KEYS[10 + i] request i's rate-limit key (i = 1..n; only when the rate limit is on)
+-- KEYS[11..12] the rate-limit windows (lib/ops.lua; only when the rate limit is on)
 -- ARGV[1] campaign id  ARGV[2] rate limit per second (0 = off)  ARGV[3] idempotency TTL (s)
 -- ARGV[4] quick-join scan bound
 -- ARGV[5] the n requests' fields joined by '|' (none of them can hold a '|'), 5 per request,
@@ -26,15 +26,14 @@ return run_ops(ctx, function()
   for i = 1, n do
     local a = (i - 1) * 5
     local op, user, target, qty, key = f[a + 1], f[a + 2], f[a + 3], f[a + 4], f[a + 5]
-    local rl = KEYS[10 + i]
     if op == 'r' then
-      replies[i] = op_reserve(ctx, rl, user, target, qty, key)
+      replies[i] = op_reserve(ctx, user, target, qty, key)
     elseif op == 'p' then
       replies[i] = op_probe(ctx, user, target, qty, key)
     elseif op == 'j' then
-      replies[i] = op_join(ctx, rl, user, target, key)
+      replies[i] = op_join(ctx, user, target, key)
     else
-      replies[i] = op_quick(ctx, rl, user, target, key)
+      replies[i] = op_quick(ctx, user, target, key)
     end
   end
   return replies

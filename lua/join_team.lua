@@ -5,7 +5,7 @@
 -- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua lib/team_ops.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
--- KEYS[11] rl    string  this user's attempts in the current second
+-- KEYS[11..12] the rate-limit windows (lib/ops.lua; only when the rate limit is on)
 -- ARGV[1] campaign id  ARGV[2] rate limit per second (0 = off)  ARGV[3] idempotency TTL (s)
 -- ARGV[4] quick-join scan bound (unused here)
 -- ARGV[5] user id  ARGV[6] team id  ARGV[7] '' (the team's qty applies)  ARGV[8] idempotency key
@@ -22,5 +22,5 @@ local refused = untrusted(KEYS[1])
 if refused then return refused end
 local ctx = creation_ctx(1)
 return run_ops(ctx, function()
-  return op_join(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[8])
+  return op_join(ctx, ARGV[5], ARGV[6], ARGV[8])
 end)

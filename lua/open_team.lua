@@ -4,7 +4,7 @@
 -- uses: lib/common.lua lib/order.lua lib/team.lua lib/ctx.lua lib/ops.lua lib/team_ops.lua
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys)
--- KEYS[11] rl    string  this user's attempts in the current second
+-- KEYS[11..12] the rate-limit windows (lib/ops.lua; only when the rate limit is on)
 -- ARGV[1] campaign id  ARGV[2] rate limit per second (0 = off)  ARGV[3] idempotency TTL (s)
 -- ARGV[4] quick-join scan bound (unused here)
 -- ARGV[5] leader user id  ARGV[6] sku  ARGV[7] qty per seat (>= 1)  ARGV[8] idempotency key
@@ -18,5 +18,5 @@ local refused = untrusted(KEYS[1])
 if refused then return refused end
 local ctx = creation_ctx(1)
 return run_ops(ctx, function()
-  return op_open(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+  return op_open(ctx, ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 end)

@@ -4,7 +4,7 @@
 --
 -- KEYS[1..10] the campaign's order keys (engine/keys.py order_keys): meta, inv, orders, users,
 --            deadlines, events, teams, joinable, team_deadlines, idem
--- KEYS[11] rl    string  this user's attempts in the current second
+-- KEYS[11..12] the rate-limit windows (lib/ops.lua; only when the rate limit is on)
 -- ARGV[1] campaign id  ARGV[2] rate limit (attempts per second, 0 = off)
 -- ARGV[3] idempotency TTL (s)  ARGV[4] quick-join scan bound (unused here)
 -- ARGV[5] user id  ARGV[6] sku  ARGV[7] qty (>= 1)
@@ -21,5 +21,5 @@ local refused = untrusted(KEYS[1])
 if refused then return refused end
 local ctx = creation_ctx(1)
 return run_ops(ctx, function()
-  return op_reserve(ctx, KEYS[11], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+  return op_reserve(ctx, ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 end)

@@ -111,6 +111,17 @@ async def eventually(
     return value
 
 
+async def early_in_a_second(clock: Clock, before_ms: int = 400) -> None:
+    """Wait until ``clock`` (the Redis clock) is within ``before_ms`` of the start of a second:
+    the rate limit counts attempts per second of that clock (lua/lib/ops.lua), so a test
+    making a few attempts in a row starts them where no second ends in between."""
+
+    async def early() -> bool:
+        return (await clock()).microsecond < before_ms * 1000
+
+    await eventually(early, 5, what=f"the first {before_ms} ms of a second", every=0.01)
+
+
 async def until(clock: Clock, moment: datetime, within: float = 10.0) -> None:
     """Wait until ``clock`` (the Redis clock, e.g. ``engine.runtime.now``) reads ``moment`` or
     later: for what only real time passing can bring, such as a campaign's end."""

@@ -42,7 +42,14 @@ from engine import (
 from engine.keys import CAMPAIGN_SET, keys_of
 from engine.local.redis_server import RedisServer
 from testkit.factories import flash_campaign, make_settings
-from testkit.helpers import EVENT_OF, age_order, assert_invariants, until
+from testkit.helpers import (
+    EVENT_OF,
+    age_order,
+    assert_invariants,
+    early_in_a_second,
+    eventually,
+    until,
+)
 
 CID = "sale"
 SKU = "sku-1"
@@ -293,6 +300,7 @@ async def test_third_attempt_in_one_second_is_rate_limited(
     settings = make_settings(redis_server.url, tmp_path, rate_limit=2)
     async with await Engine.open(settings) as engine:
         await open_sale(engine, limit=10)
+        await early_in_a_second(engine.runtime.now)
         await engine.flash.reserve(CID, "u1", SKU, 1, "k1")
         await engine.flash.reserve(CID, "u1", SKU, 1, "k2")
         with pytest.raises(RateLimited) as caught:
@@ -913,3 +921,25 @@ async def test_rejections_and_retries_append_no_event(
             await call()
     assert len(await events(redis)) == count
     await assert_invariants(engine, CID)
+
+
+async def test_the_rate_limit_keeps_no_key_per_user(
+    redis: aioredis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Attempts are counted in the campaign's two window hashes (even and odd seconds), which
+    forget a second two seconds later and expire with an idle campaign: 300 shoppers leave
+    no key of their own."""
+    settings = make_settings(redis_server.url, tmp_path, rate_limit=2)
+    async with await Engine.open(settings) as engine:
+        await open_sale(engine, limit=1, stock=1_000)
+        await asyncio.gather(*(engine.flash.reserve(CID, f"u{n}", SKU, 1, "k") for n in range(300)))
+        keys = {str(k) for k in await redis.keys("*rl*")}
+        assert keys <= set(keys_of(CID).rate_windows) and keys, keys
+        counted = [await redis.hlen(k) for k in keys]
+        assert 0 < sum(counted) <= 300 + 2  # users of at most two seconds, and ':s' each
+        assert all([0 < await redis.pttl(k) <= 2_000 for k in keys])
+
+        async def forgotten() -> bool:
+            return not await redis.exists(*keys_of(CID).rate_windows)
+
+        await eventually(forgotten, 5, what="the windows to expire with the campaign idle")

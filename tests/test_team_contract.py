@@ -48,7 +48,7 @@ from engine.local.redis_server import RedisServer
 from engine.models import Seat, Team, TeamSeatResult, TeamState, to_ms
 from engine.teams import ShareState, mask_user
 from testkit.factories import flash_campaign, make_settings, team_campaign
-from testkit.helpers import age_order, age_team, assert_invariants, until
+from testkit.helpers import age_order, age_team, assert_invariants, early_in_a_second, until
 
 CID = "group"
 SKU = "sku-1"
@@ -1152,6 +1152,7 @@ async def test_team_attempts_share_the_per_user_rate_limit(
     async with await Engine.open(settings) as engine:
         await start(engine, limit=5)
         team = await open_paid_team(engine, "leader")
+        await early_in_a_second(engine.runtime.now)
         await engine.teams.join(team.team_id, "friend", "j1")
         await engine.teams.quick_join(CID, "friend", SKU, "q1")
         attempts: list[Callable[[], Awaitable[TeamSeatResult]]] = [

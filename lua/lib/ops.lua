@@ -8,24 +8,39 @@
 -- per user and second, 0 = off), idempotency TTL (s), quick-join scan bound. Then each request
 -- is the same five fields in the same order everywhere (ARGV, batch.lua's packed string,
 -- the op_* functions, engine/scripts.py): op, user id, sku or team id, qty, idempotency key.
--- Every op takes the call's context first, then this request's rate-limit key `rl` (all but
--- op_probe, which counts no attempt), then the request's fields in that order.
+-- Every op takes the call's context first, then the request's fields in that order.
+--
+-- The rate limit counts each user's attempts per second of the Redis clock in one of the
+-- campaign's two window hashes (KEYS[11] for even seconds, KEYS[12] for odd ones; passed only
+-- when the limit is on): field user id -> attempts, and ':s' -> the second the hash counts.
+-- The first attempt of a second empties the hash left from two seconds before. So there is
+-- no key per user: two small hashes per campaign, holding the users of the last two seconds.
 
--- The context of an order-creating script making at most n orders.
+-- The context of an order-creating script making at most n orders; `rl` the rate windows.
 local function creation_ctx(n)
-  return new_ctx(order_keys(), ARGV[1], n, tonumber(ARGV[2]), tonumber(ARGV[3]),
+  local ctx = new_ctx(order_keys(), ARGV[1], n, tonumber(ARGV[2]), tonumber(ARGV[3]),
     tonumber(ARGV[4]))
+  if ctx.rate > 0 then ctx.rl = {KEYS[11], KEYS[12]} end
+  return ctx
 end
 
--- Fixed one-second window of attempts per user; returns the window's remaining ms when over.
-local function rate_limited(rl_key, per_second)
-  if per_second <= 0 then return nil end
-  local n = redis.call('INCR', rl_key)
-  if n == 1 then redis.call('PEXPIRE', rl_key, 1000) end
-  if n > per_second then
-    local ttl = redis.call('PTTL', rl_key)
-    if ttl < 0 then ttl = 1000 end
-    return ttl
+-- A fixed one-second window of attempts per user (the Redis clock's seconds); returns the
+-- window's remaining ms when over.
+local function rate_limited(ctx, user)
+  if ctx.rate <= 0 then return nil end
+  local second = math.floor(ctx.now / 1000)
+  local window = ctx.rl[second % 2 + 1]
+  if ctx.rl_second ~= second then  -- once per call: this window counts this second
+    local counted = redis.call('HGET', window, ':s')
+    if counted ~= string.format('%d', second) then
+      redis.call('UNLINK', window)
+      redis.call('HSET', window, ':s', string.format('%d', second))
+      redis.call('PEXPIRE', window, 2000)
+    end
+    ctx.rl_second = second
+  end
+  if redis.call('HINCRBY', window, user, 1) > ctx.rate then
+    return 1000 - ctx.now % 1000
   end
   return nil
 end
@@ -70,11 +85,11 @@ end
 -- What every order-creating op checks first, in this order: an idempotent retry gets its
 -- original reply (or the key mismatch); the attempt counts against the rate limit; then the
 -- campaign gate. Returns the campaign's meta, and the reply to return at once (nil: go on).
-local function admit(ctx, rl, field, op, want, kind, opening)
+local function admit(ctx, user, field, op, want, kind, opening)
   ctx.creating = op .. field  -- the order this request creates carries it (create_order)
   local prior = replay(ctx, field, op, want)
   if prior then return nil, prior end
-  local wait = rate_limited(rl, ctx.rate)
+  local wait = rate_limited(ctx, user)
   if wait then return nil, {RATE_LIMITED, wait} end
   local m = ctx_meta(ctx)
   return m, campaign_closed(m, ctx.now, kind, opening)
@@ -107,10 +122,10 @@ local function create_order(ctx, user, sku, qty, deadline, team_id)
 end
 
 -- Reserve qty units of one item of a flash campaign (reserve_stock.lua).
-local function op_reserve(ctx, rl, user, sku, qty_arg, key)
+local function op_reserve(ctx, user, sku, qty_arg, key)
   local qty = tonumber(qty_arg)
   local field = user .. ':' .. key
-  local m, early = admit(ctx, rl, field, 'r', sku .. ':' .. string.format('%d', qty), 'flash',
+  local m, early = admit(ctx, user, field, 'r', sku .. ':' .. string.format('%d', qty), 'flash',
     true)
   if early then return early end
   if not unit_price(ctx, sku) then return {NOT_FOUND, sku} end

@@ -42,10 +42,10 @@ local function open_pending_team(ctx, m, user, sku, qty)
 end
 
 -- Open a pending team: the leader's units held like a flash order (open_team.lua).
-local function op_open(ctx, rl, user, sku, qty_arg, key)
+local function op_open(ctx, user, sku, qty_arg, key)
   local qty = tonumber(qty_arg)
   local field = user .. ':' .. key
-  local m, early = admit(ctx, rl, field, 'o', sku .. ':' .. string.format('%d', qty), 'team',
+  local m, early = admit(ctx, user, field, 'o', sku .. ':' .. string.format('%d', qty), 'team',
     true)
   if early then return early end
   local blocked = seat_blocked(ctx, m, user, sku, qty)
@@ -56,9 +56,9 @@ local function op_open(ctx, rl, user, sku, qty_arg, key)
 end
 
 -- Take a seat in an open team (join_team.lua).
-local function op_join(ctx, rl, user, team_id, key)
+local function op_join(ctx, user, team_id, key)
   local field = user .. ':' .. key
-  local m, early = admit(ctx, rl, field, 'j', team_id, 'team', false)
+  local m, early = admit(ctx, user, field, 'j', team_id, 'team', false)
   if early then return early end
   local t = ctx_team(ctx, team_id)
   if not t then return {NOT_FOUND} end
@@ -105,9 +105,9 @@ end
 
 -- Seat the user in the best open team of the sku they can afford, else open a new one-unit
 -- team (quick_join.lua).
-local function op_quick(ctx, rl, user, sku, key)
+local function op_quick(ctx, user, sku, key)
   local field = user .. ':' .. key
-  local m, early = admit(ctx, rl, field, 'q', sku, 'team', false)
+  local m, early = admit(ctx, user, field, 'q', sku, 'team', false)
   if early then return early end
 
   -- A team seated as the first entry of the sku's range is still first afterwards (one
