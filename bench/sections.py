@@ -356,6 +356,15 @@ def _plain(*names: str, heading: str, intro: str = "", optional: bool = False) -
 SECTIONS: tuple[Section, ...] = (
     Section(("t1-reserve", "t1-ratios", "t1-sold-out"), t1_section),
     Section(("http",), t2_section),
+    # bench/test_http_servers.py; shown once measured.
+    _plain(
+        "http-servers",
+        heading="T2 server candidates",
+        intro="The same API (stripped configuration, 2 workers) on flashteam's own HTTP server "
+        "(what `flashteam serve` runs), on uvicorn and on granian; each row a server's median "
+        "round, `vs_flashteam` the median of the same rounds' ratios.",
+        optional=True,
+    ),
     Section(("t3-teams",), t3_section),
     _plain(
         "flush-sqlite",
@@ -366,7 +375,16 @@ SECTIONS: tuple[Section, ...] = (
     ),
     _plain("t5-reaper", heading="T5 mass expiry"),
     Section(("t6-redis-memory", "t6-process-memory", "t6-archival"), memory_section),
-    _plain("t7-scale", heading="T7 one million users"),
+    _plain("t7-scale", "t7-scale-shards", heading="T7 one million users"),
+    # bench/test_shards.py; shown once measured.
+    _plain(
+        "shards-scaling",
+        heading="One hot item on 1, 2 and 3 masters",
+        intro="Each master's Redis CPU per 1,000 reservations and the projected ceiling (the "
+        "busiest master at one whole core); on a 2-core machine the measured rate cannot grow "
+        "with the masters (docs/performance.md#t7-one-million-users).",
+        optional=True,
+    ),
     Section((*T8_REPAIR, *T8_PAY, *T8_PACED), t8_section),
     Section(("scripts",), scripts_section),
     # Shown once bench/ measures it: the report of a run without it stays as it was.
