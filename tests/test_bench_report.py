@@ -449,7 +449,7 @@ def test_missing_results_and_missing_benchmarks_are_not_measured(
     for name in ("T4 flush into postgresql", "T7 1M users, 100k stock"):
         assert found[name][1] == "" and found[name][3] == UNMEASURED
     name = "T7 1M users, 100k stock, 3 shards"
-    assert found[name][1] == "no benchmark yet" and found[name][3] == UNMEASURED
+    assert found[name][1] == "" and found[name][3] == UNMEASURED
     assert "## T7 one million users\n\nNot measured." in report[0]
 
 
@@ -491,3 +491,17 @@ def test_sections_and_charts(report: tuple[str, Path]) -> None:
     )
     assert all((out / chart).stat().st_size > 0 for chart in charts)
     assert "docs/performance.md" in text
+
+
+def test_t7_on_3_shards_needs_every_unit_sold_and_none_oversold() -> None:
+    shards = target("T7 1M users, 100k stock, 3 shards")
+    row: dict[str, Any] = {"users": 1_000_000, "stock": 100_000, "sold": 100_000, "oversold": 0}
+    row["unsold"] = 0
+    row |= {"sold_out_after_s": 9.5, "all_answered_after_s": 41.0}
+    day = dt.datetime(2026, 12, 2)
+    found = judge(shards, {"t7-scale-shards": Result("t7", "t7", [row], day)})
+    assert found.verdict == MET and found.measured.startswith("100,000 sold, 0 oversold")
+    for change in ({"unsold": 1, "sold": 99_999}, {"oversold": 1}):
+        bad = Result("t7", "t7", [row | change], day)
+        assert judge(shards, {"t7-scale-shards": bad}).verdict == NOT_MET
+    assert judge(shards, {}).verdict == UNMEASURED
