@@ -7,7 +7,8 @@ Cluster; the campaign's 3 stock buckets on 3 masters.
 - the same with 1 unit per bucket and every shopper hashed to one bucket: the rebalancing
   carries the sale, exactly 3 held;
 - retries with the same idempotency key answer the same order, across the rebalancing; the
-  orders of every bucket are read and paid by their ids.
+  orders of every bucket are read and paid by their ids;
+- a team campaign with shards, too many shards, and an edit of shards are refused (400).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engine.keys import shard_of_order
 from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisClusterServers
 from engine.shards import bucket_index
-from testkit.factories import campaign_json, flash_campaign
+from testkit.factories import campaign_json, flash_campaign, team_campaign
 from tests.test_api_load import ADM, GW, SKU, error_code, pool, stock_of, unique
 from tests.test_concurrency import _attempting_users
 from tests.test_shards import users_of_bucket
@@ -130,3 +131,21 @@ async def test_one_unit_per_bucket_every_shopper_on_one_bucket(cluster_api: ApiS
     assert [r.status_code for r in read] == [200] * 3
     assert [p.json()["state"] for p in paid] == ["paid"] * 3
     assert (after["held"], after["paid"], after["available"]) == (0, 3, 0)
+
+
+async def test_team_campaigns_and_edits_refuse_shards(cluster_api: ApiServer) -> None:
+    now = datetime.now(UTC)
+    team = campaign_json(team_campaign(now, unique("shard-team"))) | {"shards": 3}
+    flat = campaign_json(flash_campaign(now, unique("shard-flat")))
+    async with pool(cluster_api.url, 2) as client:
+        refused = await client.post("/v1/campaigns", json=team, headers=ADM)
+        too_many = await client.post("/v1/campaigns", json=flat | {"shards": 17}, headers=ADM)
+        created = await client.post("/v1/campaigns", json=flat, headers=ADM)
+        edited = await client.request(
+            "PATCH", f"/v1/campaigns/{flat['id']}", json={"shards": 3}, headers=ADM
+        )
+    assert refused.status_code == 400 and error_code(refused) == "validation_error"
+    assert "flash campaigns only" in refused.json()["error"]["message"]
+    assert too_many.status_code == 400
+    assert created.status_code == 201 and created.json()["shards"] == 1
+    assert edited.status_code == 400, "shards is fixed at creation"
