@@ -77,22 +77,22 @@ class FlashSale:
         shard = layout.shard_of_user(user_id)
         flag = (campaign_id, sku)
         ttl = self._rt.settings.sold_out_ttl
-        for _ in range(ROUNDS):
-            sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
-            try:
+        try:
+            for _ in range(ROUNDS):
+                sold_out = self._sold_out.get(flag, 0.0) > time.monotonic()
                 outcome = await self._coalescer.reserve(
                     campaign_id, user_id, sku, qty, idempotency_key, probe=sold_out, shard=shard
                 )
-            except Archived:
-                raise await archived_refusal(self._rt, campaign_id, "reserve") from None
-            if isinstance(outcome, Reservation):
-                return outcome
-            if sold_out or outcome.code is not Code.SOLD_OUT:
-                raise outcome.error()
-            left = await self._rebalancer.refill(layout, sku, shard, qty)
-            if left is not None:  # the whole item is sold out
-                if ttl and left == 0:
-                    self._sold_out[flag] = time.monotonic() + ttl
-                raise Refusal(Code.SOLD_OUT, left).error()
+                if isinstance(outcome, Reservation):
+                    return outcome
+                if sold_out or outcome.code is not Code.SOLD_OUT:
+                    raise outcome.error()
+                left = await self._rebalancer.refill(layout, sku, shard, qty)
+                if left is not None:  # the whole item is sold out
+                    if ttl and left == 0:
+                        self._sold_out[flag] = time.monotonic() + ttl
+                    raise Refusal(Code.SOLD_OUT, left).error()
+        except Archived:  # a bucket's script or a refill's read found it archived
+            raise await archived_refusal(self._rt, campaign_id, "reserve") from None
         self._rebalancer.gave_up += 1
         raise Refusal(Code.SOLD_OUT, 0).error()

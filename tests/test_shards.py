@@ -21,6 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from engine import (
     Campaign,
+    Ended,
     Engine,
     LimitExceeded,
     OrderState,
@@ -398,3 +399,7 @@ async def test_flush_reconcile_repair_and_archive_cover_every_bucket(engine: Eng
         assert not await engine.runtime.redis.keys(f"{keys_of(shard).tag}*")
     (stock,) = (await engine.campaigns.get("whole")).stock
     assert (stock.paid, stock.held, stock.available) == (20, 0, 20)
+    with pytest.raises(Ended):  # answered from SQL, as its scripts would
+        await engine.flash.reserve("whole", users[0], SKU, 1, "late")
+    paid = held[0]
+    assert (await engine.orders.get(paid.order_id)).state is OrderState.PAID
