@@ -3,11 +3,15 @@
 Reads everything the scripts maintain and recomputes it from the orders:
 - per item: available + held + paid + gone == initial stock, and available >= 0;
 - per item: the held and paid buckets equal the sums over the orders in those states;
+- per order: its amount is qty x the item's price (a team leader's order: its leader price,
+  when the item has one);
 - per user: the units counter equals held + paid units over their orders, within the limit;
 - the deadline index holds exactly the held orders;
 - per team: held + paid seats <= team_size, one seat per user, the seat counters match the
-  seats' orders, a succeeded team has exactly team_size paid seats, every held or paid team
-  order sits in its team, and the joinable and expiry indexes hold exactly the open teams.
+  seats' orders, a succeeded team has exactly team_size paid seats (one that succeeded
+  automatically at expiry: from the campaign's auto_success_min_paid to team_size - 1, and
+  only paid seats), every held or paid team order sits in its team, and the joinable and
+  expiry indexes hold exactly the open teams.
 A sharded campaign (engine/shards.py) is audited bucket by bucket as above (each bucket's
 buckets add up to its share of the stock), and across buckets: per item, the shares of every
 bucket plus the units of transfers not yet credited equal the initial stock, and every order
@@ -53,28 +57,36 @@ async def audit_campaign(rt: Runtime, campaign_id: str) -> Audit:
     if not await guarded(redis.exists(keys.meta)):
         audit.violations.append(f"campaign {campaign_id} is not in Redis")
         return audit
+    team_records: dict[str, str] = await guarded(redis.hgetall(keys.teams))
+    teams = [Team.from_record(team_id, raw) for team_id, raw in team_records.items()]
+    leaders = {team.seats[0].order_id for team in teams if team.seats}
     orders: list[Order] = []
     shares: Counter[str] = Counter()  # per sku, the buckets' shares of the stock
     for shard in layout.shards:
-        orders += await _audit_bucket(rt, shard, layout, audit, shares)
+        orders += await _audit_bucket(rt, shard, layout, audit, shares, leaders)
     if layout.sharded:
         audit.violations += await _conservation(rt, layout, shares)
-    team_records: dict[str, str] = await guarded(redis.hgetall(keys.teams))
     joinable: list[str] = await guarded(redis.zrange(keys.team_index, 0, -1))
     team_deadlines: list[str] = await guarded(redis.zrange(keys.team_expiry, 0, -1))
-    teams = [Team.from_record(team_id, raw) for team_id, raw in team_records.items()]
+    auto_min = int(await guarded(redis.hget(keys.meta, "auto")) or 0)
     for team in teams:
         audit.teams[team.state] = audit.teams.get(team.state, 0) + 1
     by_id = {order.order_id: order for order in orders}
-    audit.violations += _team_violations(teams, by_id, set(joinable), set(team_deadlines))
+    audit.violations += _team_violations(teams, by_id, set(joinable), set(team_deadlines), auto_min)
     return audit
 
 
 async def _audit_bucket(
-    rt: Runtime, shard: str, layout: Layout, audit: Audit, shares: Counter[str]
+    rt: Runtime,
+    shard: str,
+    layout: Layout,
+    audit: Audit,
+    shares: Counter[str],
+    leaders: set[str],
 ) -> list[Order]:
     """Audit one stock bucket (the whole campaign when it has one): its stock buckets, users'
-    units and deadline index against its orders; returns the orders, adds its shares."""
+    units, deadline index and amounts against its orders (``leaders``: the orders of team
+    leaders); returns the orders, adds its shares."""
     keys = keys_of(shard)
     redis = rt.redis
     meta: dict[str, str] = await guarded(redis.hgetall(keys.meta))
@@ -99,6 +111,7 @@ async def _audit_bucket(
         if layout.shard_of_user(order.user_id) != shard:
             audit.violations.append(f"order {order.order_id}: its user's bucket is another")
     found = _stock_violations(inv, expected) + _user_violations(users, per_user, int(meta["limit"]))
+    found += _amount_violations(orders, inv, leaders)
     held = {order.order_id for order in orders if order.state is OrderState.HELD}
     if held != set(indexed):
         found.append(f"deadline index differs from held orders: {len(set(indexed) ^ held)} ids")
@@ -143,6 +156,21 @@ def _stock_violations(inv: dict[str, str], expected: Counter[str]) -> list[str]:
     return found
 
 
+def _amount_violations(orders: list[Order], inv: dict[str, str], leaders: set[str]) -> list[str]:
+    """Each order's amount against its item's unit price (``$:``), or for a team leader's
+    order the item's leader price (``l:``) when it has one."""
+    found = []
+    for order in orders:
+        price = inv.get(f"$:{order.sku}")
+        if order.order_id in leaders:
+            price = inv.get(f"l:{order.sku}", price)
+        if price is not None and order.amount != order.qty * int(price):
+            found.append(
+                f"order {order.order_id}: amount {order.amount}, {order.qty} x {price} expected"
+            )
+    return found
+
+
 def _user_violations(users: dict[str, str], per_user: Counter[str], limit: int) -> list[str]:
     found = []
     for user in set(per_user) | set(users):
@@ -155,13 +183,17 @@ def _user_violations(users: dict[str, str], per_user: Counter[str], limit: int) 
 
 
 def _team_violations(
-    teams: list[Team], orders: dict[str, Order], joinable: set[str], expiring: set[str]
+    teams: list[Team],
+    orders: dict[str, Order],
+    joinable: set[str],
+    expiring: set[str],
+    auto_min: int,
 ) -> list[str]:
     found = []
     seated: set[str] = set()
     should_index: set[str] = set()
     for team in teams:
-        found += _one_team_violations(team, orders)
+        found += _one_team_violations(team, orders, auto_min)
         seated.update(seat.order_id for seat in team.seats)
         if team.state is TeamState.OPEN:
             if team.remaining > 0 and team.expires_at is not None:
@@ -182,7 +214,7 @@ def _team_violations(
     return found
 
 
-def _one_team_violations(team: Team, orders: dict[str, Order]) -> list[str]:
+def _one_team_violations(team: Team, orders: dict[str, Order], auto_min: int) -> list[str]:
     found = []
     name = f"team {team.team_id}"
     if team.held + team.paid > team.size:
@@ -199,9 +231,17 @@ def _one_team_violations(team: Team, orders: dict[str, Order]) -> list[str]:
         states[OrderState.HELD] != team.held or states[OrderState.PAID] != team.paid
     ):
         found.append(f"{name}: counters held {team.held} paid {team.paid}, seats say {states}")
-    # A succeeded team's seats stay paid, or were refunded after sale.
+    # A succeeded team's seats stay paid, or were refunded after sale; one that succeeded
+    # automatically kept only its paid seats, at least the campaign's auto_success_min_paid.
     paid_then = states[OrderState.PAID] + states[OrderState.REFUNDED]
-    if team.state is TeamState.SUCCEEDED and not (
+    if team.auto_succeeded:
+        enough = 0 < auto_min <= team.paid < team.size
+        if not (enough and team.held == 0 and team.paid == paid_then == len(team.seats)):
+            found.append(
+                f"{name}: succeeded automatically with held {team.held}, paid {team.paid}, "
+                f"seats {states} (at least {auto_min} paid needed)"
+            )
+    elif team.state is TeamState.SUCCEEDED and not (
         team.held == 0 and team.paid == paid_then == team.size
     ):
         found.append(f"{name}: succeeded with held {team.held}, paid {team.paid}, seats {states}")

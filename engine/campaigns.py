@@ -50,6 +50,8 @@ EDITABLE_FIELDS = frozenset(
         "hold_seconds",
         "team_size",
         "team_ttl_seconds",
+        "per_order_limit",
+        "auto_success_min_paid",
     }
 )
 # How long after its end a campaign may still have live state (open teams run past the end).
@@ -86,7 +88,9 @@ class Campaigns:
         return await self.get(campaign.id)
 
     async def update(self, campaign_id: str, changes: dict[str, Any]) -> CampaignView:
-        """Edit a campaign: any field while scheduled, only a later ``ends_at`` while active."""
+        """Edit a campaign: any field while scheduled (None switches an option off:
+        ``per_order_limit``, ``auto_success_min_paid``), only a later ``ends_at`` while
+        active."""
         unknown = set(changes) - EDITABLE_FIELDS
         if unknown:
             raise ValidationError(f"cannot edit {', '.join(sorted(unknown))}", fields=unknown)
@@ -203,15 +207,28 @@ class Campaigns:
             await self._rt.scripts.extend(shard, campaign.ends_at)
 
 
+_ITEM_FIELDS = frozenset({"sku", "price", "stock"})
+_ITEM_OPTIONS = _ITEM_FIELDS | {"leader_price"}
+
+
 def _listed(value: object) -> list[object]:
     if not isinstance(value, list | tuple):
-        raise ValidationError("items must be a list of {sku, price, stock}", field="items")
+        raise ValidationError(
+            "items must be a list of {sku, price, stock[, leader_price]}", field="items"
+        )
     return list(value)
 
 
 def _item(value: object) -> Item:
     if isinstance(value, Item):
         return value
-    if not isinstance(value, Mapping) or set(value) != {"sku", "price", "stock"}:
-        raise ValidationError("each item is exactly {sku, price, stock}", field="items")
-    return Item(sku=value["sku"], price=value["price"], stock=value["stock"])
+    if not isinstance(value, Mapping) or not _ITEM_FIELDS <= set(value) <= _ITEM_OPTIONS:
+        raise ValidationError(
+            "each item is exactly {sku, price, stock[, leader_price]}", field="items"
+        )
+    return Item(
+        sku=value["sku"],
+        price=value["price"],
+        stock=value["stock"],
+        leader_price=value.get("leader_price"),
+    )

@@ -12,7 +12,7 @@
         │   └── Archived
         ├── Invalidated          ├── IdempotencyMismatch├── TeamFull
         ├── Forbidden            ├── TeamClosed         ├── AlreadyInTeam
-        ├── AlreadyExists        └── TeamInProgress
+        ├── AlreadyExists        ├── TeamInProgress     └── OrderLimitExceeded
 
 Each class carries ``code``, the snake_case name the HTTP layer puts in its error body, and
 keyword ``details`` that travel with it (``starts_at`` for NotStarted, ``retry_after`` for
@@ -110,6 +110,13 @@ class LimitExceeded(Rejected):
     """Raised when the user's held + paid units would pass the per-user limit."""
 
     code = "limit_exceeded"
+
+
+class OrderLimitExceeded(Rejected):
+    """Raised when one order asks for more units than the campaign's per-order cap
+    (details: ``per_order_limit``)."""
+
+    code = "order_limit_exceeded"
 
 
 class RateLimited(Rejected):

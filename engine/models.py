@@ -51,10 +51,13 @@ class OrderKind(StrEnum):
 class TeamState(StrEnum):
     PENDING = "pending"  # leader's order held, unpaid: not open, no clock, not joinable
     OPEN = "open"  # leader paid: joinable until expires_at
-    SUCCEEDED = "succeeded"  # every seat paid
+    SUCCEEDED = "succeeded"  # every seat paid, or (why "auto") enough of them at expiry
     FAILED = "failed"  # expired before success, or the campaign was invalidated
     DISSOLVED = "dissolved"  # the leader never paid (or cancelled)
 
+
+# The ``why`` of a team that succeeded automatically at its expiry (lua/lib/release.lua).
+AUTO_SUCCESS = "auto"
 
 _TEAM_CODES = {
     "W": TeamState.PENDING,
@@ -114,16 +117,30 @@ def aware_utc(value: object, field: str) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One item on sale: its sku, unit price in minor units and the stock offered."""
+    """One item on sale: its sku, unit price in minor units and the stock offered; for a
+    team campaign, optionally the unit price the team's leader pays (``leader_price``, at
+    most ``price``; None: the leader pays ``price`` like every member)."""
 
     sku: str
     price: int
     stock: int
+    leader_price: int | None = None
 
     def __post_init__(self) -> None:
         check_id(self.sku, "sku")
         check_int(self.price, "price", 0, MAX_UNITS * 100)
         check_int(self.stock, "stock", 0, MAX_UNITS)
+        if self.leader_price is not None:
+            check_int(self.leader_price, "leader_price", 0, MAX_UNITS * 100)
+            if self.leader_price > self.price:
+                raise ValidationError(
+                    f"leader_price of {self.sku} must be at most its price ({self.price})",
+                    field="leader_price",
+                )
+
+    def unit_price(self, leader: bool) -> int:
+        """What one unit costs a team's leader (``leader``) or anyone else."""
+        return self.price if not leader or self.leader_price is None else self.leader_price
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +163,12 @@ class Campaign:
     # The bucket numbers (``{c:<id>:<k>}`` tags; 0 first), chosen at creation so the slots
     # land on different masters; () until placed, and always for one bucket.
     buckets: tuple[int, ...] = ()
+    # At most this many units in one order (a reservation, a new team, a seat), besides the
+    # per-user total; None: no cap but the per-user limit.
+    per_order_limit: int | None = None
+    # Team campaigns: an open team whose time runs out with at least this many paid seats
+    # (2 to team_size - 1) succeeds instead of failing; None: it fails (docs/lifecycle.md#team).
+    auto_success_min_paid: int | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id, "id")
@@ -170,6 +193,7 @@ class Campaign:
             )
         check_int(self.hold_seconds, "hold_seconds", 1, 86_400)
         self._check_team_fields()
+        self._check_deal_options()
         self._check_shards()
 
     def _check_team_fields(self) -> None:
@@ -180,6 +204,36 @@ class Campaign:
             raise ValidationError(
                 "team_size and team_ttl_seconds belong to team campaigns only", field="kind"
             )
+
+    def _check_deal_options(self) -> None:
+        """The per-order cap (either kind), and the team-only options: automatic success at
+        expiry and leader prices."""
+        if self.per_order_limit is not None:
+            check_int(self.per_order_limit, "per_order_limit", 1, MAX_UNITS)
+            if self.per_order_limit > self.per_user_limit:
+                raise ValidationError(
+                    f"per_order_limit must be at most per_user_limit ({self.per_user_limit})",
+                    field="per_order_limit",
+                )
+        if self.auto_success_min_paid is not None:
+            self._check_auto_success(self.auto_success_min_paid)
+        if self.kind is not CampaignKind.TEAM and any(
+            item.leader_price is not None for item in self.items
+        ):
+            raise ValidationError(
+                "leader_price belongs to team campaigns only", field="leader_price"
+            )
+
+    def _check_auto_success(self, min_paid: int) -> None:
+        field = "auto_success_min_paid"
+        if self.kind is not CampaignKind.TEAM:
+            raise ValidationError(f"{field} belongs to team campaigns only", field=field)
+        size = self.team_size or 0
+        if size <= 2:
+            raise ValidationError(
+                f"{field} is 2 to team_size - 1: it needs teams of 3 or more seats", field=field
+            )
+        check_int(min_paid, field, 2, size - 1)
 
     def _check_shards(self) -> None:
         check_int(self.shards, "shards", 1, MAX_SHARDS)
@@ -353,8 +407,16 @@ class Team:
     held: int  # seats held, awaiting payment
     paid: int  # seats paid (for a failed team: paid, then refunded)
     version: int
-    why: str | None  # expired | invalidated | leader_unpaid | leader_cancelled
+    # How a team ended: failed (expired, invalidated), dissolved (leader_unpaid,
+    # leader_cancelled), or succeeded automatically at expiry (AUTO_SUCCESS); else None.
+    why: str | None
     seats: tuple[Seat, ...]  # leader first
+
+    @property
+    def auto_succeeded(self) -> bool:
+        """Whether the team succeeded automatically: its time ran out with fewer than
+        ``size`` paid seats, at least the campaign's ``auto_success_min_paid``."""
+        return self.state is TeamState.SUCCEEDED and self.why == AUTO_SUCCESS
 
     @property
     def remaining(self) -> int:

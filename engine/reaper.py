@@ -1,5 +1,6 @@
 """The reaper: ends held orders whose payment deadline passed, and fails open teams whose
-expiry passed, within 1 s, exactly once.
+expiry passed (or, with the campaign's automatic success on, makes those with enough paid
+seats succeed), within 1 s, exactly once.
 
 It polls (no keyspace notifications, docs/architecture.md#reaper): every ``reaper_interval``
 seconds it runs ``expire_teams.lua`` then ``expire_orders.lua`` for each campaign in
@@ -42,9 +43,10 @@ class Reaper:
         self._archive = archive
 
     async def expire_campaign(self, campaign_id: str) -> tuple[int, bool]:
-        """Fail every due team, then end every due held order of one campaign.
+        """End every due team (failed, or succeeded automatically), then every due held order
+        of one campaign.
 
-        Returns (teams failed + orders ended, the campaign is over and can hold nothing more).
+        Returns (teams ended + orders ended, the campaign is over and can hold nothing more).
         """
         scripts = self._rt.scripts
         layout = await self._rt.layout(campaign_id)

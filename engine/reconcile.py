@@ -2,7 +2,8 @@
 
 Every order and every team of the campaign is compared field by field: orders on user, sku,
 qty, amount, state, version, team and payment reference; teams on leader, sku, size, state,
-held and paid seats, version and members (the seats, leader first). A record on one side
+held and paid seats, version, members (the seats, leader first) and how the team ended
+(``why``: a team that succeeded automatically at expiry says ``auto``). A record on one side
 only is a difference too. After the flush worker has drained, the two sides must be equal;
 each difference is reported by id with the field and both values.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from engine.keys import keys_of
-from engine.models import Order, Team
+from engine.models import AUTO_SUCCESS, Order, Team
 from engine.runtime import Runtime
 from engine.scripts import RedisClient, guarded
 
@@ -35,9 +36,9 @@ PAGE = 1000  # fields per HSCAN call
 Record: TypeAlias = tuple[str | int | None, ...]
 
 ORDER_FIELDS = ("user", "sku", "qty", "amount", "state", "version", "team", "payment_ref")
-TEAM_FIELDS = ("leader", "sku", "size", "state", "held", "paid", "version", "members")
+TEAM_FIELDS = ("leader", "sku", "size", "state", "held", "paid", "version", "members", "why")
 _SKU, _QTY, _AMOUNT, _STATE = 1, 2, 3, 4  # positions in an order Record
-_TEAM_STATE = 3  # position in a team Record
+_TEAM_STATE, _TEAM_WHY = 3, 8  # positions in a team Record
 
 
 @dataclass(slots=True)
@@ -120,6 +121,7 @@ def _team(team: Team) -> Record:
         team.paid,
         team.version,
         members,
+        team.why,
     )
 
 
@@ -221,11 +223,18 @@ def _summarize(
     for sku, state, measure in sorted(in_redis.keys() | in_sql.keys()):
         key = (sku, state, measure)
         _line(result, f"{sku:<16} {state:<10} {measure:<7}", in_redis[key], in_sql[key])
-    teams_redis = Counter(str(r[_TEAM_STATE]) for r in redis_teams.values() if isinstance(r, tuple))
-    teams_sql = Counter(str(r[_TEAM_STATE]) for r in sql_teams.values())
+    teams_redis = Counter(_team_state(r) for r in redis_teams.values() if isinstance(r, tuple))
+    teams_sql = Counter(_team_state(r) for r in sql_teams.values())
     for state in sorted(teams_redis.keys() | teams_sql.keys()):
         label = f"{'teams':<16} {state:<10} {'count':<7}"
         _line(result, label, teams_redis[state], teams_sql[state])
+
+
+def _team_state(record: Record) -> str:
+    """A team's state for the summary; ``succeeded+auto`` for one that succeeded
+    automatically at expiry."""
+    state = str(record[_TEAM_STATE])
+    return f"{state}+auto" if record[_TEAM_WHY] == AUTO_SUCCESS else state
 
 
 def _totals(records: Iterable[Record | str]) -> Counter[tuple[str, str, str]]:

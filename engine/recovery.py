@@ -61,6 +61,7 @@ from redis.asyncio.cluster import RedisCluster
 from engine.errors import Archived, EngineError, NotFound
 from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of, shard_of_order
 from engine.models import (
+    AUTO_SUCCESS,
     Campaign,
     Order,
     OrderState,
@@ -495,6 +496,8 @@ def _meta(campaign: Campaign) -> dict[str, str]:
         "team_size": str(campaign.team_size or 0),
         "team_ttl": str((campaign.team_ttl_seconds or 0) * 1000),
         "invalid": str(0 if invalidated is None else to_ms(invalidated)),
+        "order_limit": str(campaign.per_order_limit or 0),
+        "auto": str(campaign.auto_success_min_paid or 0),
     }
 
 
@@ -545,6 +548,8 @@ def _inventory(
             f"p:{sku}": str(p),
             f"r:{sku}": str(r),
         }
+        if item.leader_price is not None:
+            inv[f"l:{sku}"] = str(item.leader_price)
         out = old_inv.get(f"out:{sku}")
         if out is not None or available == 0:
             inv[f"out:{sku}"] = out or str(now_ms)
@@ -574,7 +579,7 @@ def _lost_team(campaign: Campaign, team_id: str, members: list[Order]) -> Team:
 
 
 _LIVE = (OrderState.HELD, OrderState.PAID)
-_ENDED = (TeamState.FAILED, TeamState.DISSOLVED)
+_ENDED = (TeamState.SUCCEEDED, TeamState.FAILED, TeamState.DISSOLVED)
 
 
 def _settle_team(
@@ -582,10 +587,13 @@ def _settle_team(
 ) -> tuple[Team, list[Order]]:
     """``team`` in line with its orders; returns it (the same object when nothing changed)
     and the member orders its end settles. A team's record is kept as its scripts leave it
-    (lua/lib/release.lua): a failed or dissolved team keeps its seats with none held."""
+    (lua/lib/release.lua): a failed or dissolved team keeps its seats with none held; a team
+    that succeeded automatically keeps its paid seats only. An open team whose time ran out
+    with enough paid seats for the campaign's automatic success succeeds here as the reaper
+    would make it (held seats released); one without is left to the reaper, which fails it."""
     live = {o.order_id: o for o in members if o.state in _LIVE}
-    if team.state is TeamState.SUCCEEDED:
-        return team, []
+    if team.state is TeamState.SUCCEEDED and team.why != AUTO_SUCCESS:
+        return team, []  # every seat paid
     if team.state in _ENDED:
         return team, _end_seats(team.state, team.why, live.values())
     recorded = [s.order_id for s in team.seats if s.order_id in live]
@@ -609,6 +617,10 @@ def _settle_team(
             expires = expires or from_ms(to_ms(opened) + ttl_ms)
     if state is TeamState.OPEN and paid >= team.size:
         state = TeamState.SUCCEEDED
+    elif state is TeamState.OPEN and _auto_succeeds(campaign, expires, paid, now):
+        state, held, why = TeamState.SUCCEEDED, 0, AUTO_SUCCESS
+        seats = tuple(seat for seat in seats if live[seat.order_id].state is OrderState.PAID)
+        ended = _end_seats(state, why, live.values())
     now_fields = (state, opened, expires, why, held, paid, seats)
     if now_fields == (
         team.state,
@@ -634,10 +646,25 @@ def _settle_team(
     return fixed, ended
 
 
+def _auto_succeeds(campaign: Campaign, expires: datetime | None, paid: int, now: datetime) -> bool:
+    """Whether an open team with ``paid`` seats paid, expiring at ``expires``, succeeds
+    automatically now (lua/expire_teams.lua): the campaign's option is on and not
+    invalidated (invalidation fails every open team), the team's time ran out, and enough
+    seats are paid."""
+    least = campaign.auto_success_min_paid
+    return (
+        least is not None
+        and campaign.invalidated_at is None
+        and expires is not None
+        and expires <= now
+        and paid >= least
+    )
+
+
 def _end_seats(state: TeamState, why: str | None, live: Iterable[Order]) -> list[Order]:
     """The seats an ended team still has live, ended as its end ends them: a held seat
     expires (cancelled when the campaign was invalidated), a paid seat of a failed team is
-    refunded with restock."""
+    refunded with restock; a succeeded team's paid seats stand."""
     ended: list[Order] = []
     for order in live:
         if order.state is OrderState.HELD:

@@ -58,6 +58,7 @@ class Code(IntEnum):
     TEAM_IN_PROGRESS = 16
     WRONG_KIND = 17
     RECOVERING = 18
+    ORDER_LIMIT_EXCEEDED = 19
 
 
 _REJECTIONS: dict[Code, type[errors.EngineError]] = {
@@ -79,6 +80,7 @@ _REJECTIONS: dict[Code, type[errors.EngineError]] = {
     Code.TEAM_IN_PROGRESS: errors.TeamInProgress,
     Code.WRONG_KIND: errors.InvalidState,
     Code.RECOVERING: errors.Recovering,
+    Code.ORDER_LIMIT_EXCEEDED: errors.OrderLimitExceeded,
 }
 
 
@@ -101,6 +103,7 @@ _MESSAGES = {
     Code.TEAM_IN_PROGRESS: "a paid seat of a team in progress cannot be cancelled or refunded",
     Code.WRONG_KIND: "the campaign is of the other kind (flash or team)",
     Code.RECOVERING: "the campaign is being repaired after Redis lost writes: retry shortly",
+    Code.ORDER_LIMIT_EXCEEDED: "more units than the campaign allows in one order",
 }
 _ORDER_STATES = {"H": "held", "P": "paid", "C": "cancelled", "E": "expired", "R": "refunded"}
 _TEAM_STATES = {"W": "pending", "O": "open", "S": "succeeded", "F": "failed", "D": "dissolved"}
@@ -122,6 +125,7 @@ _DETAILS: dict[Code, Callable[[Any], dict[str, Any]]] = {
     Code.TEAM_CLOSED: lambda extra: {"team_state": _TEAM_STATES.get(extra, extra)},
     Code.NOT_FOUND: lambda extra: {"sku": extra},
     Code.RECOVERING: lambda extra: {"why": extra},
+    Code.ORDER_LIMIT_EXCEEDED: lambda extra: {"per_order_limit": int(extra)},
 }
 
 
@@ -525,9 +529,12 @@ class Scripts:
             campaign.team_size or 0,
             (campaign.team_ttl_seconds or 0) * 1000,
             0 if invalidated is None else to_ms(invalidated),
+            campaign.per_order_limit or 0,
+            campaign.auto_success_min_paid or 0,
         ]
         for item in campaign.items:
-            args += [item.sku, item.price, campaign.bucket_stock(item, index)]
+            leader = "" if item.leader_price is None else item.leader_price
+            args += [item.sku, item.price, campaign.bucket_stock(item, index), leader]
         reply = await self._call("warm_campaign", (keys.meta, keys.inv), args, campaign.id)
         if reply[0] == Code.RECOVERING:
             raise Refusal.of(reply).error()

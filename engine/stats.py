@@ -52,12 +52,17 @@ class TeamKpis:
     pending: int
     open: int
     opened: int  # teams whose leader paid (pending ones never opened)
-    succeeded: int
+    succeeded: int  # filled + auto_succeeded
     failed: int
     dissolved: int
     success_rate: float | None  # succeeded / (succeeded + failed)
-    mean_time_to_fill_s: float | None
+    mean_time_to_fill_s: float | None  # of the filled teams
     joins_per_opened_team: float | None
+    filled: int = 0  # succeeded with every seat paid
+    # Succeeded automatically: their time ran out with auto_success_min_paid or more paid
+    # seats, not all (a campaign option); and the seats they lacked, what the option gave.
+    auto_succeeded: int = 0
+    auto_unfilled_seats: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +144,8 @@ async def campaign_stats(rt: Runtime, view: CampaignView) -> CampaignStats:
 
 async def _team_kpis(rt: Runtime, campaign_id: str, totals_orders: int) -> TeamKpis:
     states = await rt.store.team_totals(campaign_id)
-    opened, fill_ms = await rt.store.team_fill(campaign_id)
+    fill = await rt.store.team_fill(campaign_id)
+    opened, fill_ms = fill.opened, fill.fill_ms
     created = sum(states.values())
     succeeded, failed = states.get("succeeded", 0), states.get("failed", 0)
     # Every team order is a seat; each team has exactly one leader's seat.
@@ -155,6 +161,9 @@ async def _team_kpis(rt: Runtime, campaign_id: str, totals_orders: int) -> TeamK
         success_rate=_ratio(succeeded, succeeded + failed),
         mean_time_to_fill_s=None if fill_ms is None else fill_ms / 1000,
         joins_per_opened_team=_ratio(joins, opened),
+        filled=succeeded - fill.auto,
+        auto_succeeded=fill.auto,
+        auto_unfilled_seats=fill.unfilled,
     )
 
 

@@ -54,13 +54,16 @@ class MemberView:
 
 @dataclass(frozen=True, slots=True)
 class TeamView:
-    """The share view of one team for one viewer."""
+    """The share view of one team for one viewer; ``auto_succeeded`` when the team succeeded
+    automatically at its expiry (or its time ran out and it is about to: the campaign's
+    automatic success, docs/lifecycle.md#team)."""
 
     team: Team
     share_state: ShareState
     members: tuple[MemberView, ...]
     viewer_can_join: bool
     viewer_in_team: bool
+    auto_succeeded: bool = False
 
 
 def mask_user(user_id: str) -> str:
@@ -172,10 +175,10 @@ class Teams:
             check_id(viewer, "viewer")
         team = await self.get(team_id)
         orders = {order.order_id: order for order in await self.orders(team_id)}
-        invalidated = await self._invalidated(team.campaign_id)
+        invalidated, auto_min = await self._options(team.campaign_id)
         now = await self._rt.now()
         in_team = viewer is not None and any(seat.user_id == viewer for seat in team.seats)
-        state = _share_state(team, invalidated, now)
+        state, auto = _share_state(team, invalidated, auto_min, now)
         members = tuple(
             MemberView(
                 name=mask_user(seat.user_id),
@@ -187,22 +190,33 @@ class Teams:
             for i, seat in enumerate(team.seats)
         )
         can_join = state is ShareState.OPEN and viewer is not None and not in_team
-        return TeamView(team, state, members, can_join, in_team)
+        return TeamView(team, state, members, can_join, in_team, auto)
 
-    async def _invalidated(self, campaign_id: str) -> bool:
-        """Whether the campaign was invalidated: Redis's definition, else SQL's (archived)."""
-        raw = await guarded(self._rt.redis.hget(keys_of(campaign_id).meta, "invalid"))
-        if raw is not None:
-            return int(raw) > 0
+    async def _options(self, campaign_id: str) -> tuple[bool, int]:
+        """Whether the campaign was invalidated, and the paid seats that make an expiring
+        team succeed (0: the option is off): Redis's definition, else SQL's (archived)."""
+        meta = keys_of(campaign_id).meta
+        invalid, auto = await guarded(self._rt.redis.hmget(meta, "invalid", "auto"))
+        if invalid is not None:
+            return int(invalid) > 0, int(auto or 0)
         campaign = await self._rt.store.get_campaign(campaign_id)
-        return campaign is not None and campaign.invalidated_at is not None
+        if campaign is None:
+            return False, 0
+        return campaign.invalidated_at is not None, campaign.auto_success_min_paid or 0
 
 
-def _share_state(team: Team, invalidated: bool, now: datetime) -> ShareState:
+def _share_state(
+    team: Team, invalidated: bool, auto_min: int, now: datetime
+) -> tuple[ShareState, bool]:
+    """The team's share state, and whether it succeeded (or is about to) automatically."""
     if invalidated and team.state is not TeamState.SUCCEEDED:
-        return ShareState.CAMPAIGN_INVALIDATED
+        return ShareState.CAMPAIGN_INVALIDATED, False
     if team.state is TeamState.OPEN:
         if team.expires_at is not None and now >= team.expires_at:
-            return ShareState.FAILED  # its time ran out; the reaper is about to fail it
-        return ShareState.OPEN if team.remaining > 0 else ShareState.FULL_AWAITING_PAYMENT
-    return ShareState(team.state.value)
+            # Its time ran out; the reaper is about to end it (docs/lifecycle.md#team).
+            if auto_min and team.paid >= auto_min:
+                return ShareState.SUCCEEDED, True
+            return ShareState.FAILED, False
+        state = ShareState.OPEN if team.remaining > 0 else ShareState.FULL_AWAITING_PAYMENT
+        return state, False
+    return ShareState(team.state.value), team.auto_succeeded

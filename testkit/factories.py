@@ -46,6 +46,7 @@ class _Shape(TypedDict, total=False):
     lasts: float
     skus: tuple[str, ...]
     price: int
+    per_order_limit: int | None
 
 
 def flash_campaign(
@@ -59,9 +60,11 @@ def flash_campaign(
     lasts: float = 3600.0,
     skus: tuple[str, ...] = ("sku-1",),
     price: int = 1999,
+    per_order_limit: int | None = None,
 ) -> Campaign:
     """A flash campaign relative to ``now`` (the Redis clock); active by default: it started
-    ``-starts_in`` seconds ago and lasts ``lasts`` seconds."""
+    ``-starts_in`` seconds ago and lasts ``lasts`` seconds; no cap per order but the per-user
+    limit unless ``per_order_limit``."""
     starts = now + timedelta(seconds=starts_in)
     return Campaign(
         id=campaign_id,
@@ -72,6 +75,7 @@ def flash_campaign(
         items=tuple(Item(sku, price, stock) for sku in skus),
         per_user_limit=limit,
         hold_seconds=hold_seconds,
+        per_order_limit=per_order_limit,
     )
 
 
@@ -81,18 +85,24 @@ def team_campaign(
     *,
     team_size: int = 3,
     team_ttl_seconds: int = 600,
+    auto_success_min_paid: int | None = None,
+    leader_price: int | None = None,
     **shape: Unpack[_Shape],
 ) -> Campaign:
-    """A team campaign relative to ``now``: ``flash_campaign``'s window, items, limit and
-    holds (the same options and defaults, but a price of 990) plus the team's size and time to
-    live; active by default."""
+    """A team campaign relative to ``now``: ``flash_campaign``'s window, items, limit, holds
+    and per-order cap (the same options and defaults, but a price of 990) plus the team's size
+    and time to live, the paid seats that make an expiring team succeed (off by default) and
+    every item's leader price (none by default); active by default."""
     shape.setdefault("price", 990)
+    flash = flash_campaign(now, campaign_id, **shape)
     return dataclasses.replace(
-        flash_campaign(now, campaign_id, **shape),
+        flash,
         kind=CampaignKind.TEAM,
         title=f"Team deal {campaign_id}",
         team_size=team_size,
         team_ttl_seconds=team_ttl_seconds,
+        auto_success_min_paid=auto_success_min_paid,
+        items=tuple(dataclasses.replace(i, leader_price=leader_price) for i in flash.items),
     )
 
 
@@ -109,7 +119,7 @@ def campaign_json(campaign: Campaign) -> dict[str, Any]:
         "title": campaign.title,
         "starts_at": rfc3339(campaign.starts_at),
         "ends_at": rfc3339(campaign.ends_at),
-        "items": [{"sku": i.sku, "price": i.price, "stock": i.stock} for i in campaign.items],
+        "items": [_item_json(i) for i in campaign.items],
         "per_user_limit": campaign.per_user_limit,
         "hold_seconds": campaign.hold_seconds,
     }
@@ -118,4 +128,14 @@ def campaign_json(campaign: Campaign) -> dict[str, Any]:
         body["team_ttl_seconds"] = campaign.team_ttl_seconds
     if campaign.shards > 1:
         body["shards"] = campaign.shards
+    for option in ("per_order_limit", "auto_success_min_paid"):
+        if getattr(campaign, option) is not None:
+            body[option] = getattr(campaign, option)
     return body
+
+
+def _item_json(item: Item) -> dict[str, Any]:
+    out: dict[str, Any] = {"sku": item.sku, "price": item.price, "stock": item.stock}
+    if item.leader_price is not None:
+        out["leader_price"] = item.leader_price
+    return out

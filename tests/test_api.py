@@ -92,6 +92,7 @@ COVERED = {
     "team_closed": "test_team_lifecycle, test_team_expiry",
     "already_in_team": "test_team_lifecycle",
     "team_in_progress": "test_team_lifecycle",
+    "order_limit_exceeded": "test_team_deal_options, test_per_order_cap_in_a_batch",
 }
 
 
@@ -502,6 +503,16 @@ def _invalid_definitions() -> list[tuple[str, Callable[[Json], None]]]:
     def item(**changes: Any) -> Callable[[Json], None]:
         return lambda body: body["items"][0].update(changes)
 
+    def team(**changes: Any) -> Callable[[Json], None]:
+        return put(**({"kind": "team", "team_size": 3, "team_ttl_seconds": 60} | changes))
+
+    def both(*mutations: Callable[[Json], None]) -> Callable[[Json], None]:
+        def apply(body: Json) -> None:
+            for mutate in mutations:
+                mutate(body)
+
+        return apply
+
     def ends_before_start(body: Json) -> None:
         body["ends_at"] = rfc3339(parse_time(body["starts_at"]) - timedelta(seconds=1))
 
@@ -537,6 +548,15 @@ def _invalid_definitions() -> list[tuple[str, Callable[[Json], None]]]:
         ("team size 1", put(kind="team", team_size=1, team_ttl_seconds=60)),
         ("team ttl 0", put(kind="team", team_size=2, team_ttl_seconds=0)),
         ("null field", put(title=None)),
+        ("per-order cap 0", put(per_order_limit=0)),
+        ("per-order cap over the per-user limit", put(per_order_limit=3)),
+        ("automatic success of a flash sale", put(auto_success_min_paid=2)),
+        ("automatic success from 1 paid seat", team(auto_success_min_paid=1)),
+        ("automatic success at every seat", team(auto_success_min_paid=3)),
+        ("automatic success of teams of 2", team(team_size=2, auto_success_min_paid=2)),
+        ("leader price of a flash sale", item(leader_price=100)),
+        ("leader price over the price", both(team(), item(leader_price=2000))),
+        ("negative leader price", both(team(), item(leader_price=-1))),
     ]
 
 
@@ -1141,6 +1161,95 @@ async def test_team_expiry(http: httpx.AsyncClient, server_clock: Clock) -> None
     assert team_id not in await joinable(http, campaign_id, "m2")
     fresh = ok(await quick_join(http, campaign_id, "m2"), 201)
     assert fresh["opened"] is True and fresh["team_id"] != team_id
+
+
+async def test_team_deal_options(http: httpx.AsyncClient, server_clock: Clock) -> None:
+    """A team campaign with every option: the leader pays the leader price, a member the
+    price; an order over the per-order cap is 409 order_limit_exceeded; a team whose time
+    ran out with enough paid seats shows succeeded, automatically (no reaper in this
+    server: the share view says what the reaper will do)."""
+    campaign = team_campaign(
+        now(),
+        unique("deal"),
+        team_ttl_seconds=2,
+        limit=2,
+        per_order_limit=1,
+        auto_success_min_paid=2,
+        leader_price=490,
+    )
+    campaign_id = campaign.id
+    created = await create(http, campaign)
+    assert created["items"] == [{"sku": SKU, "price": 990, "stock": 100, "leader_price": 490}]
+    assert (created["per_order_limit"], created["auto_success_min_paid"]) == (1, 2)
+    assert ok(await http.get(f"/v1/campaigns/{campaign_id}", headers=GW)) == created
+
+    error = expect_error(await open_team(http, campaign_id, "lead", qty=2), "order_limit_exceeded")
+    assert error["per_order_limit"] == 1 and "one order" in error["message"]
+    lead = ok(await open_team(http, campaign_id, "lead"), 201)
+    assert (lead["order"]["amount"], lead["order"]["qty"]) == (490, 1)
+    team_id = lead["team_id"]
+    assert ok(await pay(http, lead["order_id"], "lead"))["amount"] == 490
+    seat = ok(await join(http, team_id, "m1"), 201)
+    assert seat["order"]["amount"] == 990
+    ok(await pay(http, seat["order_id"], "m1"))
+    held = ok(await quick_join(http, campaign_id, "m2"), 201)
+    assert (held["team_id"], held["order"]["amount"]) == (team_id, 990)
+    view = await share(http, team_id, "m3")
+    assert (view["share_state"], view["auto_succeeded"]) == ("full_awaiting_payment", False)
+
+    await until(server_clock, parse_time(view["team"]["expires_at"]))
+    view = await share(http, team_id, "m3")
+    assert (view["share_state"], view["auto_succeeded"]) == ("succeeded", True)
+    assert view["viewer_can_join"] is False
+    expect_error(await pay(http, held["order_id"], "m2"), "hold_expired")
+    ok(await http.get(f"/v1/campaigns/{campaign_id}/stats", headers=GW))
+
+
+async def test_team_deal_options_edit_by_the_lifecycle(http: httpx.AsyncClient) -> None:
+    """Scheduled: the options change, and null switches one off; active: not_editable."""
+    scheduled = team_campaign(now(), unique("deal-edit"), starts_in=3600, team_size=4)
+    path = f"/v1/campaigns/{scheduled.id}"
+    await create(http, scheduled)
+    changes = {
+        "per_order_limit": 2,
+        "auto_success_min_paid": 3,
+        "items": [{"sku": SKU, "price": 990, "stock": 10, "leader_price": 1}],
+    }
+    edited = ok(await http.patch(path, json=changes, headers=AD))
+    assert (edited["per_order_limit"], edited["auto_success_min_paid"]) == (2, 3)
+    assert edited["items"] == changes["items"]
+    off = ok(await http.patch(path, json={"per_order_limit": None}, headers=AD))
+    assert (off["per_order_limit"], off["auto_success_min_paid"]) == (None, 3)
+    error = expect_error(
+        await http.patch(path, json={"auto_success_min_paid": 4}, headers=AD), "validation_error"
+    )
+    assert "auto_success_min_paid" in error["message"]
+    error = expect_error(
+        await http.patch(path, json={"per_order_limit": 3}, headers=AD), "validation_error"
+    )
+    assert "per_user_limit" in error["message"]
+    assert ok(await http.get(path, headers=GW)) == off
+
+    active_id = await new_team(http, "deal-active", team_size=4)
+    active = f"/v1/campaigns/{active_id}"
+    for change in ({"per_order_limit": 1}, {"auto_success_min_paid": 2}):
+        expect_error(await http.patch(active, json=change, headers=AD), "not_editable")
+
+
+async def test_per_order_cap_in_a_batch(http: httpx.AsyncClient) -> None:
+    flash_id = await new_flash(http, "capped", limit=2, per_order_limit=1)
+    team_id = await new_team(http, "capped-team", limit=2, per_order_limit=1)
+    items = [
+        {"op": "reserve", "campaign_id": flash_id, "user_id": "u1", "sku": SKU, "qty": 2},
+        {"op": "reserve", "campaign_id": flash_id, "user_id": "u2", "sku": SKU, "qty": 1},
+        {"op": "open_team", "campaign_id": team_id, "user_id": "u3", "sku": SKU, "qty": 2},
+    ]
+    for n, item in enumerate(items):
+        item["idempotency_key"] = f"k{n}"
+    body = ok(await http.post("/v1/batch", json={"requests": items}, headers=GW))
+    statuses = [(r["status"], r["body"].get("error", {}).get("code")) for r in body["results"]]
+    assert statuses == [(409, "order_limit_exceeded"), (201, None), (409, "order_limit_exceeded")]
+    assert body["results"][0]["body"]["error"]["per_order_limit"] == 1
 
 
 async def test_team_campaign_invalidated(http: httpx.AsyncClient) -> None:

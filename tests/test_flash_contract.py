@@ -9,6 +9,8 @@ per-user counter, the deadline index, the outbox stream) and the invariant audit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -34,12 +36,13 @@ from engine import (
     NotStarted,
     Order,
     OrderKind,
+    OrderLimitExceeded,
     OrderState,
     RateLimited,
     SoldOut,
     ValidationError,
 )
-from engine.keys import CAMPAIGN_SET, keys_of
+from engine.keys import CAMPAIGN_SET, keys_of, shard_of_order
 from engine.local.redis_server import RedisServer
 from testkit.factories import flash_campaign, make_settings
 from testkit.helpers import (
@@ -943,3 +946,107 @@ async def test_the_rate_limit_keeps_no_key_per_user(
             return not await redis.exists(*keys_of(CID).rate_windows)
 
         await eventually(forgotten, 5, what="the windows to expire with the campaign idle")
+
+
+# --------------------------------------------------------------------------- the per-order cap
+
+
+async def test_per_order_cap_refuses_a_bigger_order_writing_nothing(
+    engine: Engine, redis: aioredis.Redis
+) -> None:
+    """At most 1 unit per order, at most 3 per user across orders: the cap is checked in the
+    reservation script before any write, ahead of the per-user limit and the stock."""
+    await open_sale(engine, limit=3, per_order_limit=1, stock=2)
+    assert await redis.hget(KEYS.meta, "order_limit") == "1"
+    with pytest.raises(OrderLimitExceeded) as caught:
+        await engine.flash.reserve(CID, "u1", SKU, 2, "k-two")
+    assert caught.value.details == {"per_order_limit": 1}
+    assert caught.value.code == "order_limit_exceeded"
+    with pytest.raises(OrderLimitExceeded):  # over the stock too: the cap is said first
+        await engine.flash.reserve(CID, "u1", SKU, 3, "k-three")
+    assert await events(redis) == []
+    assert await redis.hlen(KEYS.orders) == 0
+    assert await held_units(redis, "u1") == 0
+    assert (await stock_of(engine)).available == 2
+
+    # The same key with an allowed qty is a new request (nothing was remembered).
+    first = await hold(engine, "u1", 1, key="k-two")
+    assert first.amount == PRICE
+    await engine.orders.pay(first.order_id, "u1", "pay-1")
+    await hold(engine, "u1", 1, key="k-second")
+    with pytest.raises(SoldOut):
+        await engine.flash.reserve(CID, "u1", SKU, 1, "k-third")
+    await assert_invariants(engine, CID)
+
+
+async def test_per_order_cap_and_the_per_user_total(engine: Engine, redis: aioredis.Redis) -> None:
+    await open_sale(engine, limit=3, per_order_limit=2)
+    await hold(engine, "u1", 2, key="k1")
+    held = await hold(engine, "u1", 1, key="k2")
+    with pytest.raises(LimitExceeded) as caught:
+        await engine.flash.reserve(CID, "u1", SKU, 1, "k3")
+    assert caught.value.details == {"units_left": 0}
+    with pytest.raises(OrderLimitExceeded):  # the cap first, whatever the limit left
+        await engine.flash.reserve(CID, "u1", SKU, 3, "k3")
+    await engine.orders.cancel(held.order_id, "u1")
+    assert (await hold(engine, "u1", 1, key="k3")).qty == 1
+    retry = await engine.flash.reserve(CID, "u1", SKU, 2, "k1")  # a retry replays, cap or not
+    assert retry.replayed and retry.order.qty == 2
+    await assert_invariants(engine, CID)
+
+
+async def test_per_order_cap_inside_a_coalesced_batch(
+    engine: Engine, redis: aioredis.Redis
+) -> None:
+    """Concurrent reservations run as one batch.lua call: each over the cap gets its own
+    rejection, the others their orders, in one script call."""
+    await open_sale(engine, limit=5, per_order_limit=2, stock=100)
+    calls: Counter[str] = Counter()
+    engine.runtime.scripts.observe = lambda name, _: calls.update((name,))
+    wants = [(f"u{n}", n % 4 + 1) for n in range(40)]  # qty 1, 2, 3, 4, 1, 2, ...
+    results = await asyncio.gather(
+        *(engine.flash.reserve(CID, user, SKU, qty, f"k{user}") for user, qty in wants),
+        return_exceptions=True,
+    )
+    assert calls == {"batch": 1}, calls
+    for (user, qty), result in zip(wants, results, strict=True):
+        if qty <= 2:
+            assert not isinstance(result, BaseException), result
+            assert (result.order.user_id, result.order.qty) == (user, qty)
+        else:
+            assert isinstance(result, OrderLimitExceeded), result
+            assert result.details == {"per_order_limit": 2}
+    assert (await stock_of(engine)).held == 10 * 1 + 10 * 2
+    assert await redis.hlen(KEYS.orders) == 20
+    await assert_invariants(engine, CID)
+
+
+async def test_per_order_cap_in_every_bucket_of_a_sharded_campaign(
+    engine: Engine, redis: aioredis.Redis
+) -> None:
+    """Each stock bucket's definition carries the cap: an order over it is refused in the
+    shopper's bucket (no rebalancing for it), one within it is served there."""
+    campaign = dataclasses.replace(
+        flash_campaign(await engine.runtime.now(), CID, limit=3, per_order_limit=1, stock=30),
+        shards=3,
+    )
+    created = (await engine.campaigns.create(campaign)).campaign
+    for shard in created.shard_ids:
+        assert await redis.hget(keys_of(shard).meta, "order_limit") == "1"
+    users = [f"s{n}" for n in range(24)]
+    refused = await asyncio.gather(
+        *(engine.flash.reserve(CID, user, SKU, 2, f"k-{user}") for user in users),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, OrderLimitExceeded) for r in refused), refused
+    held = await asyncio.gather(
+        *(engine.flash.reserve(CID, user, SKU, 1, f"k-{user}") for user in users)
+    )
+    layout = await engine.runtime.layout(CID)
+    buckets = Counter(shard_of_order(r.order.order_id) for r in held)
+    assert set(buckets) == set(created.shard_ids), buckets
+    for reservation in held:
+        order = reservation.order
+        assert shard_of_order(order.order_id) == layout.shard_of_user(order.user_id)
+    assert sum(item.held for item in (await engine.campaigns.get(CID)).stock) == 24
+    await assert_invariants(engine, CID)

@@ -4,6 +4,7 @@ cluster per session, a fresh database per test)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from engine.models import (
     TeamState,
     from_ms,
 )
-from engine.store import Batch, Store, Totals
+from engine.store import Batch, Store, TeamFill, Totals
 from engine.store.postgres import PostgresStore
-from engine.store.schema import SCHEMA_VERSION
+from engine.store.schema import MIGRATIONS, SCHEMA_VERSION
 from engine.store.sqlite import SqliteStore
 
 BASE = from_ms(1_800_000_000_000)
@@ -187,7 +188,7 @@ async def test_open_creates_the_schema_and_reopen_is_a_no_op(backend: Backend) -
     first = await backend.open()
     await first.insert_campaign(flash())
     await first.close()
-    assert await backend.versions() == [SCHEMA_VERSION] == [4]
+    assert await backend.versions() == [SCHEMA_VERSION] == [5]
     second = await backend.open()
     try:
         assert await backend.versions() == [SCHEMA_VERSION]
@@ -212,6 +213,54 @@ async def test_insert_get_and_replace_campaign(store: Store) -> None:
     changed = flash(ends=7200)
     await store.replace_campaign(changed)
     assert await store.get_campaign("sale") == changed
+
+
+async def test_team_deal_options_are_stored_and_switched_off(store: Store) -> None:
+    """The per-order cap and automatic success (their columns, migration 5) and the leader
+    price (in the items' JSON) come back as stored; None switches them off again."""
+    dealt = dataclasses.replace(
+        group(),
+        team_size=4,
+        per_user_limit=3,
+        items=(Item("sku-1", 990, 30, leader_price=490), Item("sku-2", 500, 5)),
+        per_order_limit=1,
+        auto_success_min_paid=2,
+    )
+    await store.insert_campaign(dealt)
+    assert await store.get_campaign("group") == dealt
+    plain = dataclasses.replace(
+        dealt,
+        items=(Item("sku-1", 990, 30), Item("sku-2", 500, 5)),
+        per_order_limit=None,
+        auto_success_min_paid=None,
+    )
+    await store.replace_campaign(plain)
+    assert await store.get_campaign("group") == plain
+
+
+async def test_a_schema_4_database_migrates_keeping_its_campaigns(tmp_path: Path) -> None:
+    """A SQLite file written before the team deal options opens at the current schema; its
+    campaigns read with every option off."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        for statements in MIGRATIONS[:4]:
+            for statement in statements:
+                db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version (version) VALUES (4)")
+        db.execute(
+            "INSERT INTO campaigns (id, kind, title, starts_at, ends_at, per_user_limit,"
+            " hold_seconds, team_size, team_ttl_seconds, invalidated_at, items, shards)"
+            " VALUES ('group', 'team', 'Team deal', ?, ?, 1, 60, 3, 600, NULL,"
+            ' \'[{"sku": "sku-1", "price": 990, "stock": 30}]\', NULL)',
+            (ms(0), ms(3600)),
+        )
+    store = await SqliteStore.open(path)
+    try:
+        assert await _sqlite_versions(path) == [SCHEMA_VERSION]
+        assert await store.get_campaign("group") == group()
+    finally:
+        await store.close()
 
 
 async def test_insert_taken_id_raises_already_exists(store: Store) -> None:
@@ -325,6 +374,17 @@ async def test_order_and_team_totals(store: Store) -> None:
     assert await store.team_totals("group") == {"open": 2, "failed": 1, "succeeded": 1}
     assert await store.order_totals("nothing") == []
     assert await store.team_totals("nothing") == {}
+
+
+async def test_team_fill_counts_teams_that_succeeded_automatically_apart(store: Store) -> None:
+    """A team that succeeded automatically at expiry (why "auto", 2 of 3 seats paid) counts
+    apart with the seat it lacked, and not in the mean time to fill."""
+    filled = team(1, state=TeamState.SUCCEEDED, paid=3, version=4)  # opened at 6 s, filled 1004
+    auto = team(2, state=TeamState.SUCCEEDED, paid=2, why="auto", version=9)
+    await store.apply(batch(teams=(filled, auto, team(3), team(4, state=TeamState.PENDING))))
+    assert await store.team_totals("group") == {"succeeded": 2, "open": 1, "pending": 1}
+    assert await store.team_fill("group") == TeamFill(3, 1004_000 - 6_000, 1, 1)
+    assert await store.team_fill("nothing") == TeamFill(0, None, 0, 0)
 
 
 async def test_invalidation_is_recorded_once(store: Store) -> None:

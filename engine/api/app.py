@@ -27,7 +27,7 @@ from engine.api.http import AsgiAdapter, Handler, HttpRequest, HttpResponse, NoR
 from engine.api.openapi import Operation, openapi_document
 from engine.core import Engine
 from engine.keys import campaign_of_order, campaign_of_team, check_id
-from engine.models import Campaign, CampaignKind, Item
+from engine.models import Campaign, CampaignKind
 from engine.settings import Settings
 from engine.stats import CampaignStats, RejectionCounter, campaign_stats
 
@@ -457,12 +457,14 @@ class Api:
             title=body.title,
             starts_at=body.starts_at,
             ends_at=body.ends_at,
-            items=tuple(Item(i.sku, i.price, i.stock) for i in body.items),
+            items=tuple(i.item() for i in body.items),
             per_user_limit=body.per_user_limit,
             hold_seconds=body.hold_seconds,
             team_size=body.team_size,
             team_ttl_seconds=body.team_ttl_seconds,
             shards=body.shards,
+            per_order_limit=body.per_order_limit,
+            auto_success_min_paid=body.auto_success_min_paid,
         )
         view = await self.engine.campaigns.create(campaign)
         return json_response(s.CampaignOut.of(view), 201)

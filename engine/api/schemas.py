@@ -44,6 +44,42 @@ class ItemIn(Request):
     sku: Id
     price: Money
     stock: Annotated[int, Meta(ge=0, le=MAX_UNITS)]
+    leader_price: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                le=MAX_UNITS * 100,
+                description="team campaigns: the unit price a team's leader pays, at most "
+                "price (docs/lifecycle.md#team); absent: the leader pays price",
+            ),
+        ]
+        | None
+    ) = None
+
+    def item(self) -> Item:
+        return Item(self.sku, self.price, self.stock, self.leader_price)
+
+
+PerOrderLimit = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=MAX_UNITS,
+        description="at most this many units in one order (a reservation, a new team, a "
+        "seat), besides per_user_limit (which it may not exceed); absent or null: no cap",
+    ),
+]
+AutoSuccessMinPaid = Annotated[
+    int,
+    Meta(
+        ge=2,
+        le=99,
+        description="team campaigns: an open team whose time runs out with at least this "
+        "many paid seats (2 to team_size - 1) succeeds instead of failing; absent or null: "
+        "it fails (docs/lifecycle.md#team)",
+    ),
+]
 
 
 class CampaignIn(Request):
@@ -67,6 +103,8 @@ class CampaignIn(Request):
             "creation",
         ),
     ] = 1
+    per_order_limit: PerOrderLimit | None = None
+    auto_success_min_paid: AutoSuccessMinPaid | None = None
 
 
 class CampaignPatch(Request):
@@ -84,6 +122,9 @@ class CampaignPatch(Request):
     hold_seconds: Annotated[int, Meta(ge=1, le=86_400)] | msgspec.UnsetType = msgspec.UNSET
     team_size: Annotated[int, Meta(ge=2, le=100)] | msgspec.UnsetType = msgspec.UNSET
     team_ttl_seconds: Annotated[int, Meta(ge=1, le=7 * 86_400)] | msgspec.UnsetType = msgspec.UNSET
+    # null switches the option off
+    per_order_limit: PerOrderLimit | msgspec.UnsetType | None = msgspec.UNSET
+    auto_success_min_paid: AutoSuccessMinPaid | msgspec.UnsetType | None = msgspec.UNSET
 
     def changes(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -91,9 +132,7 @@ class CampaignPatch(Request):
             value = getattr(self, field)
             if value is msgspec.UNSET:
                 continue
-            out[field] = (
-                tuple(Item(i.sku, i.price, i.stock) for i in value) if field == "items" else value
-            )
+            out[field] = tuple(i.item() for i in value) if field == "items" else value
         return out
 
 
@@ -265,6 +304,9 @@ class ShareOut(Struct):
     members: list[MemberOut]
     viewer_can_join: bool
     viewer_in_team: bool
+    # share_state "succeeded" because the team's time ran out with enough paid seats (the
+    # campaign's automatic success), not because every seat was paid.
+    auto_succeeded: bool
 
     @classmethod
     def of(cls, view: TeamView) -> ShareOut:
@@ -274,6 +316,7 @@ class ShareOut(Struct):
             [MemberOut(m.name, m.leader, m.paid) for m in view.members],
             view.viewer_can_join,
             view.viewer_in_team,
+            view.auto_succeeded,
         )
 
 
@@ -296,10 +339,11 @@ class StockOut(Struct):
         )
 
 
-class ItemOut(Struct):
+class ItemOut(Struct, omit_defaults=True):
     sku: str
     price: int
     stock: int
+    leader_price: int | None = None  # only when the item has one
 
 
 class CampaignOut(Struct):
@@ -317,6 +361,8 @@ class CampaignOut(Struct):
     status: str
     stock: list[StockOut]
     shards: int
+    per_order_limit: int | None
+    auto_success_min_paid: int | None
 
     @classmethod
     def of(cls, view: CampaignView) -> CampaignOut:
@@ -327,7 +373,7 @@ class CampaignOut(Struct):
             c.title,
             c.starts_at,
             c.ends_at,
-            [ItemOut(i.sku, i.price, i.stock) for i in c.items],
+            [ItemOut(i.sku, i.price, i.stock, i.leader_price) for i in c.items],
             c.per_user_limit,
             c.hold_seconds,
             c.team_size,
@@ -336,6 +382,8 @@ class CampaignOut(Struct):
             view.status.value,
             [StockOut.of(s) for s in view.stock],
             c.shards,
+            c.per_order_limit,
+            c.auto_success_min_paid,
         )
 
 

@@ -92,6 +92,19 @@ class Totals:
 
 
 @dataclass(frozen=True, slots=True)
+class TeamFill:
+    """How a campaign's teams filled: ``opened`` teams whose leader paid; ``fill_ms`` the
+    mean ms from opening to success of those that filled every seat (None: none did);
+    ``auto`` teams that succeeded automatically at expiry, and ``unfilled`` the seats those
+    lacked (docs/kpis.md)."""
+
+    opened: int
+    fill_ms: float | None
+    auto: int = 0
+    unfilled: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Archive:
     """A campaign archived out of Redis (engine.archive): SQL is its only copy from then on.
     What its reads need that only Redis had: when each item sold out (sku -> ms on the Redis
@@ -162,8 +175,9 @@ class Store(Protocol):
     async def team_totals(self, campaign_id: str) -> dict[str, int]:
         """Teams per state."""
 
-    async def team_fill(self, campaign_id: str) -> tuple[int, float | None]:
-        """Teams that opened, and the mean ms from opening to success (None: none filled)."""
+    async def team_fill(self, campaign_id: str) -> TeamFill:
+        """Teams that opened, the mean ms from opening to filling every seat, and the teams
+        that succeeded automatically at expiry with the seats they lacked."""
 
 
 async def open_store(settings: Settings) -> Store:

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from engine.models import Campaign, Order, Team, from_ms, to_ms
-from engine.store import Archive, Batch, StoredOrder, Totals
+from engine.store import Archive, Batch, StoredOrder, TeamFill, Totals
 from engine.store import schema as sql
 from engine.store.rows import Row, campaign_from, order_from, team_from
 
@@ -78,11 +78,15 @@ class DurableReads:
         rows = await self._fetch(sql.TEAM_TOTALS, campaign_id)
         return {r["state"]: int(r["teams"]) for r in rows}
 
-    async def team_fill(self, campaign_id: str) -> tuple[int, float | None]:
-        """Teams that opened, and the mean ms from opening to success of those that filled."""
+    async def team_fill(self, campaign_id: str) -> TeamFill:
         row = (await self._fetch(sql.TEAM_FILL, campaign_id))[0]
         fill = row["fill_ms"]
-        return int(row["opened"] or 0), None if fill is None else float(fill)
+        return TeamFill(
+            int(row["opened"] or 0),
+            None if fill is None else float(fill),
+            int(row["auto"] or 0),
+            int(row["unfilled"] or 0),
+        )
 
     async def marks(self, campaign_id: str) -> tuple[int, int]:
         rows = await self._fetch(sql.MARKS, campaign_id)

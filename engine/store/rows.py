@@ -30,8 +30,15 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
+def _item_json(item: Item) -> dict[str, Any]:
+    out: dict[str, Any] = {"sku": item.sku, "price": item.price, "stock": item.stock}
+    if item.leader_price is not None:  # absent, not null: the items of older rows read alike
+        out["leader_price"] = item.leader_price
+    return out
+
+
 def campaign_row(campaign: Campaign) -> tuple[Any, ...]:
-    items = [{"sku": i.sku, "price": i.price, "stock": i.stock} for i in campaign.items]
+    items = [_item_json(i) for i in campaign.items]
     invalidated = campaign.invalidated_at
     return (
         campaign.id,
@@ -46,6 +53,8 @@ def campaign_row(campaign: Campaign) -> tuple[Any, ...]:
         None if invalidated is None else to_ms(invalidated),
         json.dumps(items),
         ",".join(str(b) for b in campaign.buckets) if campaign.shards > 1 else None,
+        campaign.per_order_limit,
+        campaign.auto_success_min_paid,
     )
 
 
@@ -62,6 +71,8 @@ def campaign_from(row: Row) -> Campaign:
         team_size=row["team_size"],
         team_ttl_seconds=row["team_ttl_seconds"],
         invalidated_at=None if row["invalidated_at"] is None else from_ms(row["invalidated_at"]),
+        per_order_limit=row["per_order_limit"],
+        auto_success_min_paid=row["auto_success_min_paid"],
         **_shards(row["shards"]),
     )
 

@@ -93,6 +93,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # NULL for one bucket. Fixed at creation, so every process derives the same keys.
         "ALTER TABLE campaigns ADD COLUMN shards TEXT",
     ),
+    (
+        # Team deal options (docs/lifecycle.md#campaign): a cap on the units of one order, and
+        # for team campaigns the paid seats that make an expiring team succeed; NULL: off.
+        # (A leader price is an item's, kept in the items' JSON.)
+        "ALTER TABLE campaigns ADD COLUMN per_order_limit INTEGER",
+        "ALTER TABLE campaigns ADD COLUMN auto_success_min_paid INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -110,6 +117,8 @@ CAMPAIGN_COLUMNS = (
     "invalidated_at",
     "items",
     "shards",  # the stock buckets' numbers, "0,3,7"; NULL for one bucket
+    "per_order_limit",  # units per order at most; NULL: only the per-user limit
+    "auto_success_min_paid",  # team campaigns: paid seats an expiring team succeeds with
 )
 ORDER_COLUMNS = (
     "order_id",
@@ -253,9 +262,15 @@ ORDER_TOTALS = (
     " SUM(CASE WHEN restocked = 0 THEN qty ELSE 0 END) AS kept"
     " FROM orders WHERE campaign_id = {0} GROUP BY sku, state"
 )
+# Teams that opened; the mean time to fill of those that filled every seat; those that
+# succeeded automatically at expiry (why 'auto'), and the seats they lacked.
 TEAM_FILL = (
     "SELECT COUNT(opened_at) AS opened,"
-    " AVG(CASE WHEN state = 'succeeded' THEN updated_at - opened_at END) AS fill_ms"
+    " AVG(CASE WHEN state = 'succeeded' AND COALESCE(why, '') <> 'auto'"
+    " THEN updated_at - opened_at END) AS fill_ms,"
+    " SUM(CASE WHEN state = 'succeeded' AND why = 'auto' THEN 1 ELSE 0 END) AS auto,"
+    " SUM(CASE WHEN state = 'succeeded' AND why = 'auto' THEN size - paid ELSE 0 END)"
+    " AS unfilled"
     " FROM teams WHERE campaign_id = {0}"
 )
 TEAM_TOTALS = "SELECT state, COUNT(*) AS teams FROM teams WHERE campaign_id = {0} GROUP BY state"

@@ -8,13 +8,14 @@
 --   0 ok, 1 not_found, 2 not_started, 3 ended, 4 invalidated, 5 sold_out, 6 limit_exceeded,
 --   7 rate_limited, 8 idempotency_mismatch, 9 forbidden, 10 hold_expired, 11 invalid_state,
 --   12 not_editable, 13 team_full, 14 team_closed, 15 already_in_team, 16 team_in_progress,
---   17 wrong_kind, 18 recovering (the campaign's Redis state awaits a repair from SQL)
+--   17 wrong_kind, 18 recovering (the campaign's Redis state awaits a repair from SQL),
+--   19 order_limit_exceeded (more units in one order than the campaign's per-order cap)
 
 local OK, NOT_FOUND, NOT_STARTED, ENDED, INVALIDATED = 0, 1, 2, 3, 4
 local SOLD_OUT, LIMIT_EXCEEDED, RATE_LIMITED, IDEMPOTENCY_MISMATCH = 5, 6, 7, 8
 local FORBIDDEN, HOLD_EXPIRED, INVALID_STATE, NOT_EDITABLE = 9, 10, 11, 12
 local TEAM_FULL, TEAM_CLOSED, ALREADY_IN_TEAM, TEAM_IN_PROGRESS, WRONG_KIND = 13, 14, 15, 16, 17
-local RECOVERING = 18
+local RECOVERING, ORDER_LIMIT_EXCEEDED = 18, 19
 
 -- KEYS[1..10] of every order and team script, in this order (engine/keys.py order_keys).
 local function order_keys()
@@ -43,15 +44,18 @@ local function split(s)
   end
 end
 
-local META_FIELDS = {'kind', 'starts', 'ends', 'limit', 'hold', 'invalid', 'team_size', 'team_ttl'}
+local META_FIELDS = {'kind', 'starts', 'ends', 'limit', 'hold', 'invalid', 'team_size', 'team_ttl',
+  'order_limit', 'auto'}
 
 -- The campaign's definition as the scripts check it (times in ms), nil when it is not warmed.
+-- order_limit: units per order at most (0: no cap); auto: the paid seats an open team needs
+-- to succeed when its time runs out (0: it fails). Both 0 when absent.
 local function load_meta(meta_key)
   local v = redis.call('HMGET', meta_key, unpack(META_FIELDS))
   if not v[1] then return nil end
   return {kind = v[1], starts = tonumber(v[2]), ends = tonumber(v[3]), limit = tonumber(v[4]),
     hold = tonumber(v[5]), invalid = tonumber(v[6]), team_size = tonumber(v[7]),
-    team_ttl = tonumber(v[8])}
+    team_ttl = tonumber(v[8]), order_limit = tonumber(v[9]) or 0, auto = tonumber(v[10]) or 0}
 end
 
 -- This server's replication id: it changes whenever the server restarts or is promoted (a

@@ -16,7 +16,8 @@
 local function new_ctx(k, cid, n, rate, ttl, scan)
   local now = now_ms()
   return {k = k, cid = cid, n = n or 1, rate = rate, ttl = ttl, scan = scan, now = now,
-    at = string.format('%d', now), meta = nil, prices = {}, avail = {}, units = {},
+    at = string.format('%d', now), meta = nil, prices = {}, leader_prices = {}, avail = {},
+    units = {},
     dirty_users = {}, buckets = {a = {}, h = {}, p = {}, r = {}}, teams = {}, team_raws = {},
     orders = {}, idem = {}, deadlines = {}, index = {}, first = {}, seq = 0, seq_last = 0}
 end
@@ -39,6 +40,12 @@ end
 -- Unit price of sku, nil for an unknown sku.
 local function unit_price(ctx, sku)
   return hget_once(ctx.prices, sku, ctx.k.inv, '$:' .. sku, false) or nil
+end
+
+-- The unit price a team's leader pays for sku: its leader price when the item has one
+-- ('l:<sku>', at most the price), else its price.
+local function leader_unit_price(ctx, sku)
+  return hget_once(ctx.leader_prices, sku, ctx.k.inv, 'l:' .. sku, false) or unit_price(ctx, sku)
 end
 
 -- Available units of sku (with this call's moves), -1 for an unknown sku.

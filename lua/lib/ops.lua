@@ -96,8 +96,10 @@ local function admit(ctx, user, field, op, want, kind, opening)
 end
 
 -- The one rule for a shopper taking qty more units of sku (a reservation, a new team, a
--- seat): nil when the per-user limit and the stock allow it, else the rejection.
+-- seat): nil when the per-order cap, the per-user limit and the stock allow it, else the
+-- rejection.
 local function seat_blocked(ctx, m, user, sku, qty)
+  if m.order_limit > 0 and qty > m.order_limit then return {ORDER_LIMIT_EXCEEDED, m.order_limit} end
   local units = user_units(ctx, user)
   if units + qty > m.limit then return {LIMIT_EXCEEDED, m.limit - units} end
   local available = units_available(ctx, sku)
@@ -106,16 +108,17 @@ local function seat_blocked(ctx, m, user, sku, qty)
   return nil
 end
 
--- A new held order of qty units of sku for user until `deadline` (of team_id, if given);
--- returns the order and its sequence number. Its `idem` ("<op><user>:<key>", set by admit)
--- goes into its order.reserved event, so SQL keeps the idempotency record too.
-local function create_order(ctx, user, sku, qty, deadline, team_id)
+-- A new held order of qty units of sku for user until `deadline` (of team_id, if given) at
+-- `unit` per unit (default: the item's price); returns the order and its sequence number. Its
+-- `idem` ("<op><user>:<key>", set by admit) goes into its order.reserved event, so SQL keeps
+-- the idempotency record too.
+local function create_order(ctx, user, sku, qty, deadline, team_id, unit)
   move(ctx, sku, 'a', 'h', qty)
   add_units(ctx, user, qty)
   local seq = next_seq(ctx)
   local id = ctx.cid .. '.o' .. seq
   schedule(ctx, deadline, id)
-  return {id = id, user = user, sku = sku, qty = qty, amount = qty * unit_price(ctx, sku),
+  return {id = id, user = user, sku = sku, qty = qty, amount = qty * (unit or unit_price(ctx, sku)),
     state = 'H', created = ctx.now, deadline = deadline, version = 0,
     kind = team_id and 't' or 'f', team = team_id or '', payref = '', idem = ctx.creating},
     seq

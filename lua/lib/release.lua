@@ -1,5 +1,6 @@
--- lib/release.lua: ending held orders and failing teams, shared by cancel_order.lua,
--- expire_orders.lua and expire_teams.lua. Requires lib/ctx.lua (and what it requires).
+-- lib/release.lua: ending held orders and ending teams (failure, automatic success), shared by
+-- cancel_order.lua, expire_orders.lua and expire_teams.lua. Requires lib/ctx.lua (and what it
+-- requires).
 
 -- End a held order (cancelled C or expired E): stock back, the user's units freed, its
 -- deadline unindexed.
@@ -57,4 +58,24 @@ local function fail_team(ctx, t, why)
   t.why = why
   t.held = 0
   emit_team(ctx, t, why, nil, nil)
+end
+
+-- An open team whose time ran out with at least the campaign's `auto` paid seats (a campaign
+-- option; never on invalidation) succeeds with the seats paid so far: every held seat is
+-- released as a failing team's would be (its order expired, its units back on sale) and leaves
+-- the team; the paid seats stand. The team's `why` says it succeeded automatically ('auto').
+local function auto_succeed(ctx, t)
+  touch_index(ctx, t)
+  redis.call('ZREM', ctx.k.team_deadlines, t.id)
+  for i = #t.members, 1, -1 do
+    local o = ctx_order(ctx, t.members[i].order)
+    if o and o.state == 'H' then
+      release_hold(ctx, o, 'E', 'team_succeeded')
+      remove_member(t, i)
+    end
+  end
+  t.state = 'S'
+  t.why = 'auto'
+  t.held = 0
+  emit_team(ctx, t, 'auto', nil, nil)
 end

@@ -25,16 +25,17 @@ local function take_seat(ctx, m, t, user)
   return {OK, o.id, raw, 0, t.id, emit_team(ctx, t, 'user', 'team.joined', o.id), 0}, seq
 end
 
--- Open a pending team led by user, with the leader's held order: it must be paid before the
--- campaign ends, as no team may open after the end (docs/lifecycle.md#team). Returns the
--- reply and the order's sequence number.
+-- Open a pending team led by user, with the leader's held order at the item's leader price
+-- (if it has one): it must be paid before the campaign ends, as no team may open after the end
+-- (docs/lifecycle.md#team). Returns the reply and the order's sequence number.
 local function open_pending_team(ctx, m, user, sku, qty)
   local t = {id = ctx.cid .. '.t' .. redis.call('HINCRBY', ctx.k.meta, 'tseq', 1),
     leader = user, sku = sku, qty = qty, size = m.team_size, state = 'W', created = ctx.now,
     opened = 0, expires = 0, held = 0, paid = 0, version = 0, why = '', members = {},
     seats = {}}
   ctx.teams[t.id] = t
-  local o, seq = create_order(ctx, user, sku, qty, math.min(ctx.now + m.hold, m.ends), t.id)
+  local o, seq = create_order(ctx, user, sku, qty, math.min(ctx.now + m.hold, m.ends), t.id,
+    leader_unit_price(ctx, sku))
   add_member(t, o.id, user)
   t.held = 1
   local raw = emit_order(ctx, o, 'user')
