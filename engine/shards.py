@@ -253,32 +253,38 @@ class Rebalancer:
     async def _round(self, layout: Layout, sku: str, shard: str, refill: _Refill) -> int | None:
         scripts = self._rt.scripts
         peeks = await self._peek(layout, sku)
+        available = {p.shard: p.available for p in peeks}
         pending = [t for p in peeks for t in p.pending]
         for transfer in pending:  # units in transit are not sold out: deliver them
-            await finish(scripts, transfer)
+            if await finish(scripts, transfer) and transfer.sku == sku:
+                available[transfer.destination] += transfer.units
             self.finished += 1
-        if pending:
-            return _AGAIN
-        here = next(p for p in peeks if p.shard == shard)
-        if here.available >= refill.need:
-            return None  # units arrived meanwhile
+        here = available[shard]
+        if here >= refill.need:
+            return None  # units arrived meanwhile (or were in transit to this bucket)
         donors = sorted(
-            (p for p in peeks if p.shard != shard and p.available > 0),
-            key=lambda p: p.available,
+            ((units, donor) for donor, units in available.items() if donor != shard and units > 0),
             reverse=True,
         )
         if not donors:
-            if await self._quiet(layout, sku, shard, refill.need, peeks):
+            if not pending and await self._quiet(layout, sku, shard, refill.need, peeks):
                 self.sold_out += 1
-                return max(here.available, 0)
+                return max(here, 0)
             return _AGAIN
-        want = max(refill.demand, refill.need) - here.available
+        return await self._move(sku, shard, donors, max(refill.demand, refill.need) - here)
+
+    async def _move(
+        self, sku: str, shard: str, donors: list[tuple[int, str]], want: int
+    ) -> int | None:
+        """Move up to ``want`` units (at least half of a donor's) from the donors to ``shard``:
+        None when some moved, else _AGAIN (the donors' shoppers took them first)."""
+        scripts = self._rt.scripts
         moved = 0
-        for donor in donors:
+        for units, donor in donors:
             if moved >= want:
                 break
-            most = max(want - moved, (donor.available + 1) // 2)
-            debited = await scripts.debit(donor.shard, sku, most, 1, shard)
+            most = max(want - moved, (units + 1) // 2)
+            debited = await scripts.debit(donor, sku, most, 1, shard)
             if debited is not None and await finish(scripts, debited):
                 self.transfers += 1
                 self.moved += debited.units

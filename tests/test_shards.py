@@ -181,12 +181,16 @@ async def test_one_unit_per_bucket_and_every_shopper_on_one_bucket(any_engine: E
 
 
 async def test_sold_out_only_when_every_unit_is_sold(engine: Engine) -> None:
-    """The bound of units in flight, measured: while transfers move units between the buckets
-    all the time, a shopper reserving one unit after another is told sold_out only once the
-    whole stock is sold (none of it counted out while in transit)."""
+    """The bound of units in flight, measured: while transfers move units between the two
+    other buckets all the time, a shopper reserving one unit after another (whose bucket runs
+    dry after its third of the stock, so every further unit needs a refill) is told sold_out
+    only once the whole stock is sold: no unit is counted out while in transit, and the answer
+    comes from the refill's proof, not from giving up."""
     now = await engine.runtime.now()
     await engine.campaigns.create(sharded(flash_campaign(now, "flux", stock=60, limit=1)))
-    shards = (await engine.runtime.layout("flux")).shards
+    layout = await engine.runtime.layout("flux")
+    shards, shoppers = layout.shards, users_of_bucket(1, 200)
+    others = [shard for shard in shards if shard != layout.shard_of_user(shoppers[0])]
     scripts = engine.runtime.scripts
     stop = asyncio.Event()
     moved = 0
@@ -195,7 +199,7 @@ async def test_sold_out_only_when_every_unit_is_sold(engine: Engine) -> None:
         nonlocal moved
         rng = random.Random(seed)
         while not stop.is_set():
-            source, destination = rng.sample(shards, 2)
+            source, destination = rng.sample(others, 2)
             transfer = await scripts.debit(source, SKU, rng.randint(1, 5), 1, destination)
             await asyncio.sleep(0)  # in flight for a moment
             if transfer is not None:
@@ -206,7 +210,7 @@ async def test_sold_out_only_when_every_unit_is_sold(engine: Engine) -> None:
     shufflers = [asyncio.create_task(shuffle(seed)) for seed in range(4)]
     sold = 0
     try:
-        for user in users_of_bucket(1, 200):
+        for user in shoppers:
             try:
                 await engine.flash.reserve("flux", user, SKU, 1, "k")
                 sold += 1
@@ -215,8 +219,10 @@ async def test_sold_out_only_when_every_unit_is_sold(engine: Engine) -> None:
     finally:
         stop.set()
         await asyncio.gather(*shufflers)
-    assert sold == 60, f"sold_out after {sold} of 60 units ({moved} moved meanwhile)"
-    assert moved > 60
+    stats = engine.rebalancer.stats()
+    assert sold == 60, f"sold_out after {sold} of 60 units ({moved} moved meanwhile): {stats}"
+    assert moved > 60 and stats["finished"] > 0, stats  # refills met transfers in flight
+    assert stats["gave_up"] == 0 and stats["sold_out"] == 1, stats
     await finish_pending(engine.runtime, await engine.runtime.layout("flux"))
     await assert_invariants(engine, "flux")
 
