@@ -1,7 +1,9 @@
 """A stateful (hypothesis) test of team-join (group buy) against an in-memory model.
 
 One team campaign with one sku (stock 6), five users, a per-user limit of 2 units and teams of
-3 (or 2) seats. The machine drives open_team / leader pays / join (a given team) / quick_join /
+3 (or 2) seats, each example with or without each team deal option (docs/lifecycle.md): the
+automatic success of an expiring team with 2 paid seats (teams of 3), a leader price, a cap of
+1 unit per order. The machine drives open_team / leader pays / join (a given team) / quick_join /
 member pays / cancel (a held seat; a paid seat of an open team is ``team_in_progress``) /
 leader-hold expiry / member-hold expiry / team expiry (``age_order`` / ``age_team`` + the
 reaper, sometimes several reapers at once) / after-sale refund of a succeeded team's order /
@@ -9,7 +11,10 @@ idempotent retries / rarely invalidation, in a random order. The model predicts 
 rejections included (the engine must raise exactly the predicted class), and after every step:
 
 - Invariant I3 (docs/invariants.md) on the engine's own records: per team held + paid seats <=
-  team_size, one seat per user, a succeeded team has exactly team_size paid seats, and team states
+  team_size, one seat per user, a succeeded team has exactly team_size paid seats (one that
+  succeeded automatically: its paid seats only, at least the minimum, fewer than team_size;
+  never on invalidation), every order's amount is its qty at the price (the leader's at the
+  leader price), and team states
   only move along pending -> open -> succeeded | failed and pending -> dissolved (both between steps
   and along every team record in the outbox stream);
 - Invariants I1 / I2: per item available + held + paid + gone == initial, available >= 0; per user
@@ -62,6 +67,7 @@ from engine import (
     NotFound,
     Order,
     OrderKind,
+    OrderLimitExceeded,
     OrderState,
     Rejected,
     SoldOut,
@@ -81,6 +87,8 @@ T = TypeVar("T")
 
 SKU = "sku-1"
 PRICE = 990
+LEADER_PRICE = 490
+AUTO_MIN = 2  # paid seats an expiring team of 3 succeeds with, when the option is on
 STOCK = 6
 USERS = ("u1", "u2", "u3", "u4", "u5")
 LIMIT = 2
@@ -126,6 +134,7 @@ class ModelOrder:
     payment_ref: str | None = None
     aged: bool = False  # its deadline was moved into the past (not reaped yet)
     restocked: bool = True  # for a refunded order: its units went back on sale
+    leader: bool = False  # the order that opened its team (charged the leader price)
     events: list[tuple[str, str]] = field(default_factory=lambda: [("order.reserved", "user")])
 
 
@@ -141,7 +150,7 @@ class ModelTeam:
     expires_ms: int | None = None
     aged: bool = False  # its expiry was moved into the past (not reaped yet)
     why: str | None = None
-    paid_at_end: int = 0  # paid seats when it failed or dissolved (the record keeps them)
+    paid_at_end: int = 0  # paid seats when it failed, dissolved or succeeded automatically
     events: list[tuple[str, str]] = field(default_factory=lambda: [("team.created", "user")])
 
 
@@ -180,6 +189,9 @@ class TeamMachine(EngineMachine):
     def __init__(self) -> None:
         super().__init__()
         self.size = 3
+        self.auto: int | None = None  # the campaign's auto_success_min_paid
+        self.leader_price: int | None = None
+        self.cap: int | None = None  # the campaign's per_order_limit
         self.orders: dict[str, ModelOrder] = {}
         self.teams: dict[str, ModelTeam] = {}
         self.idem: dict[tuple[str, str], tuple[str, str]] = {}  # -> (fingerprint, order id)
@@ -221,11 +233,21 @@ class TeamMachine(EngineMachine):
             return f"fresh-{self.fresh}"
         return key
 
-    @initialize(size=st.sampled_from((3, 3, 2)))
-    def create_campaign(self, size: int) -> None:
-        """The campaign: active for an hour, teams of ``size``."""
+    @initialize(
+        size=st.sampled_from((3, 3, 2)),
+        auto=st.booleans(),
+        leader=st.booleans(),
+        cap=st.booleans(),
+    )
+    def create_campaign(self, size: int, auto: bool, leader: bool, cap: bool) -> None:
+        """The campaign: active for an hour, teams of ``size``; automatic success from 2 paid
+        seats (teams of 3 only), a leader price, 1 unit per order, each or not."""
         self.size = size
+        self.auto = AUTO_MIN if auto and size > AUTO_MIN else None
+        self.leader_price = LEADER_PRICE if leader else None
+        self.cap = 1 if cap else None
         event(f"team_size {size}")
+        event(f"options: auto {self.auto}, leader price {self.leader_price}, cap {self.cap}")
 
         async def create() -> None:
             now = await self.eng.runtime.now()
@@ -236,11 +258,13 @@ class TeamMachine(EngineMachine):
                     title="team state machine",
                     starts_at=now - timedelta(seconds=1),
                     ends_at=now + timedelta(hours=1),
-                    items=(Item(SKU, PRICE, STOCK),),
+                    items=(Item(SKU, PRICE, STOCK, self.leader_price),),
                     per_user_limit=LIMIT,
                     hold_seconds=HOLD_SECONDS,
                     team_size=size,
                     team_ttl_seconds=TEAM_TTL_SECONDS,
+                    per_order_limit=self.cap,
+                    auto_success_min_paid=self.auto,
                 )
             )
 
@@ -269,7 +293,7 @@ class TeamMachine(EngineMachine):
         if team.state in (TeamState.PENDING, TeamState.OPEN):
             states = Counter(self.orders[oid].state for oid in team.seats)
             return states[OrderState.HELD], states[OrderState.PAID]
-        if team.state is TeamState.SUCCEEDED:
+        if team.state is TeamState.SUCCEEDED and team.why is None:
             return 0, self.size
         return 0, team.paid_at_end
 
@@ -312,9 +336,19 @@ class TeamMachine(EngineMachine):
     def expired(self, team: ModelTeam) -> bool:
         return team.state is TeamState.OPEN and (team.aged or self.invalidated)
 
+    def auto_succeeds(self, team: ModelTeam) -> bool:
+        """Whether the open team, its time run out, succeeds automatically (never on
+        invalidation)."""
+        return self.auto is not None and not self.invalidated and self.counts(team)[1] >= self.auto
+
+    def unit_price(self, order: ModelOrder) -> int:
+        return LEADER_PRICE if order.leader and self.leader_price is not None else PRICE
+
     # -- the model: predictions ----------------------------------------------------------------
 
     def seat_blocked(self, user: str, qty: int) -> Expected:
+        if self.cap is not None and qty > self.cap:
+            return OrderLimitExceeded
         if self.units(user) + qty > LIMIT:
             return LimitExceeded
         if self.stock()["available"] < qty:
@@ -409,6 +443,19 @@ class TeamMachine(EngineMachine):
             team.seats.remove(order.order_id)
             team.events.append(("team.seat_released", reason))
 
+    def succeed_automatically(self, team: ModelTeam) -> None:
+        """An expired open team with enough paid seats succeeds: held seats expire and leave
+        it, paid seats stand."""
+        team.paid_at_end = self.counts(team)[1]
+        for oid in list(team.seats):
+            order = self.orders[oid]
+            if order.state is OrderState.HELD:
+                self.move(order, OrderState.EXPIRED, "team_succeeded")
+                team.seats.remove(oid)
+        team.state = TeamState.SUCCEEDED
+        team.why = "auto"
+        team.events.append(("team.succeeded", "auto"))
+
     def fail(self, team: ModelTeam, why: str) -> None:
         """An open team fails: paid seats refunded (restocked), held seats end."""
         team.paid_at_end = self.counts(team)[1]
@@ -429,7 +476,10 @@ class TeamMachine(EngineMachine):
         why = "invalidated" if self.invalidated else "expired"
         teams = [t for t in self.teams.values() if self.expired(t)]
         for team in teams:
-            self.fail(team, why)
+            if self.auto_succeeds(team):
+                self.succeed_automatically(team)
+            else:
+                self.fail(team, why)
         holds = self.held_ids() if self.invalidated else self.held_ids(aged=True)
         for oid in holds:
             order = self.orders[oid]
@@ -490,7 +540,9 @@ class TeamMachine(EngineMachine):
             OrderKind.TEAM,
             team.team_id,
         )
-        assert order.amount == plan.qty * PRICE
+        leads = plan.team_id is None
+        unit = LEADER_PRICE if leads and self.leader_price is not None else PRICE
+        assert order.amount == plan.qty * unit, (order, plan)
         created, deadline = to_ms(order.created_at), to_ms(order.expires_at)
         if plan.team_id is None:  # a new pending team led by the user
             assert got.opened
@@ -506,7 +558,7 @@ class TeamMachine(EngineMachine):
             assert deadline == min(created + HOLD_MS, model.expires_ms)
             model.seats.append(oid)
             model.events.append(("team.joined", "user"))
-        self.orders[oid] = ModelOrder(oid, user, team.team_id, plan.qty, deadline)
+        self.orders[oid] = ModelOrder(oid, user, team.team_id, plan.qty, deadline, leader=leads)
         return oid
 
     def open_and_check(self, user: str, qty: int, key: str) -> str | None:
@@ -675,6 +727,31 @@ class TeamMachine(EngineMachine):
             if seat is not None:
                 self.pay_and_check(seat, user, f"pay-{seat}")
 
+    @rule(
+        leader=USER,
+        member=USER,
+        then=st.sampled_from(("wait", "expire", "expire and reap", "expire and reap")),
+        reapers=st.integers(1, 3),
+    )
+    def two_paid_seats(self, leader: str, member: str, then: str, reapers: int) -> None:
+        """A leader opens a team and pays, a friend joins and pays: in a team of 3, one paid
+        seat short of success (or a rejection on the way, checked as ever); then maybe its
+        time runs out (the automatic success's case), and maybe reapers run."""
+        order_id = self.open_and_check(leader, 1, self.key(None))
+        if order_id is None:
+            return
+        self.pay_and_check(order_id, leader, f"pay-{order_id}")
+        team = self.teams[self.orders[order_id].team_id]
+        if not self.joinable(team):
+            return
+        seat = self.join_and_check(team.team_id, member, self.key(None))
+        if seat is not None:
+            self.pay_and_check(seat, member, f"pay-{seat}")
+        if then != "wait" and team.state is TeamState.OPEN:
+            self.expire_team(team)
+            if then == "expire and reap":
+                self.reap(reapers)
+
     @precondition(lambda self: bool(self.joinable_ids()))
     @rule(data=st.data())
     def crowd_team(self, data: st.DataObject) -> None:
@@ -770,9 +847,15 @@ class TeamMachine(EngineMachine):
     @rule(data=st.data(), then_reap=st.booleans())
     def team_expires(self, data: st.DataObject, then_reap: bool) -> None:
         """An open team's time runs out (and with it its held seats' holds, which never outlive
-        the team); the reaper fails it: paid seats refunded, held seats expired."""
+        the team); the reaper fails it: paid seats refunded, held seats expired (or, with the
+        automatic success on and enough seats paid, it succeeds)."""
         choices = [t for t in self.open_ids() if not self.teams[t].aged]
-        team = self.teams[data.draw(st.sampled_from(choices), label="team")]
+        self.expire_team(self.teams[data.draw(st.sampled_from(choices), label="team")])
+        if then_reap:
+            self.reap(1)
+
+    def expire_team(self, team: ModelTeam) -> None:
+        """Age the team past its expiry, and its held seats with it."""
         self.run(age_team(self.eng, team.team_id, AGE_TEAM_MS))
         team.aged = True
         assert team.expires_ms is not None
@@ -781,8 +864,27 @@ class TeamMachine(EngineMachine):
             order = self.orders[order_id]
             if order.state is OrderState.HELD and not order.aged:
                 self.age(order_id)
+
+    def almost_full(self) -> list[str]:
+        """Open teams, not expired yet, with every seat but one paid (2 of 3): those the
+        automatic success is for."""
+        return [
+            t.team_id
+            for t in self.teams.values()
+            if t.state is TeamState.OPEN
+            and not t.aged
+            and self.counts(t)[1] >= self.size - 1 >= AUTO_MIN
+        ]
+
+    @precondition(lambda self: bool(self.almost_full()))
+    @rule(data=st.data(), then_reap=st.booleans(), reapers=st.integers(1, 3))
+    def almost_full_team_expires(self, data: st.DataObject, then_reap: bool, reapers: int) -> None:
+        """An open team one paid seat short runs out of time: with the automatic success on it
+        succeeds (its held seat released), else it fails."""
+        team_id = data.draw(st.sampled_from(self.almost_full()), label="team")
+        self.expire_team(self.teams[team_id])
         if then_reap:
-            self.reap(1)
+            self.reap(reapers)
 
     @precondition(lambda self: self.due())
     @rule(reapers=st.integers(1, 3))
@@ -829,8 +931,11 @@ class TeamMachine(EngineMachine):
         """The page a shared team link opens."""
         view = self.run(self.eng.teams.view(team.team_id, viewer))
         users = self.seat_users(team)
+        auto = team.why == "auto"
         if self.invalidated and team.state is not TeamState.SUCCEEDED:
             state = ShareState.CAMPAIGN_INVALIDATED
+        elif team.state is TeamState.OPEN and team.aged and self.auto_succeeds(team):
+            state, auto = ShareState.SUCCEEDED, True  # the reaper is about to make it so
         elif team.state is TeamState.OPEN and team.aged:
             state = ShareState.FAILED
         elif team.state is TeamState.OPEN and self.remaining(team) == 0:
@@ -838,6 +943,7 @@ class TeamMachine(EngineMachine):
         else:
             state = ShareState(team.state.value)
         assert view.share_state is state, team.team_id
+        assert view.auto_succeeded is auto, team.team_id
         assert [(m.name, m.leader, m.paid) for m in view.members] == [
             (mask_user(self.orders[oid].user), i == 0, self.orders[oid].state in paid_states())
             for i, oid in enumerate(team.seats)
@@ -892,7 +998,7 @@ class TeamMachine(EngineMachine):
     @invariant()
     def engine_keeps_the_invariants(self) -> None:
         snap = self.run(self.snapshot())
-        check_team_rules(snap, self.size, self.last_states)
+        check_team_rules(snap, self.size, self.auto, self.last_states)
         self.last_states = {tid: team.state for tid, team in snap.teams.items()}
         check_stock_and_limits(snap)
         check_exactly_once(snap)
@@ -914,7 +1020,7 @@ class TeamMachine(EngineMachine):
                 model.state,
                 model.payment_ref,
             ), oid
-            assert got.amount == model.qty * PRICE
+            assert got.amount == model.qty * self.unit_price(model), oid
             assert to_ms(got.expires_at) == model.deadline_ms, oid
             assert got.version == len(model.events), oid
         for tid, model_team in self.teams.items():
@@ -970,8 +1076,11 @@ def read_event(snap: Snapshot, entry: dict[str, str]) -> None:
         assert order.version == len(seen), f"{oid}: version {order.version} at event {len(seen)}"
 
 
-def check_team_rules(snap: Snapshot, size: int, last: dict[str, TeamState]) -> None:
-    """Invariant I3 on the engine's own records."""
+def check_team_rules(
+    snap: Snapshot, size: int, auto: int | None, last: dict[str, TeamState]
+) -> None:
+    """Invariant I3 on the engine's own records (``auto``: the campaign's
+    auto_success_min_paid)."""
     seated: Counter[tuple[str, str]] = Counter()
     for order in snap.orders.values():
         if order.state in LIVE and order.team_id is not None:
@@ -981,8 +1090,13 @@ def check_team_rules(snap: Snapshot, size: int, last: dict[str, TeamState]) -> N
         assert team.held + team.paid <= size, f"{tid}: over-filled: {team}"
         users = [seat.user_id for seat in team.seats]
         assert len(users) == len(set(users)), f"{tid}: a user holds two seats: {users}"
-        if team.state is TeamState.SUCCEEDED:
+        if team.auto_succeeded:
+            assert auto is not None, f"{tid}: succeeded automatically with the option off"
+            assert auto <= team.paid < size and team.held == 0, f"{tid}: {team}"
+            assert team.paid == len(team.seats), f"{tid}: a seat not paid: {team}"
+        elif team.state is TeamState.SUCCEEDED:
             assert team.paid == size == len(team.seats), f"{tid}: succeeded short: {team}"
+        if team.state is TeamState.SUCCEEDED:
             states = {snap.orders[seat.order_id].state for seat in team.seats}
             assert states <= set(paid_states()), f"{tid}: succeeded with {states}"
         if tid in last:
