@@ -26,6 +26,9 @@ from engine import (
 from engine.keys import keys_of
 from engine.local.redis_server import RedisServer
 from engine.models import Team, TeamSeatResult, TeamState
+from engine.reconcile import reconcile
+from engine.stats import campaign_stats
+from engine.worker import FlushWorker
 from testkit.factories import make_settings, team_campaign
 from testkit.helpers import age_order, age_team, assert_invariants
 
@@ -261,6 +264,156 @@ async def test_quick_join_2000_shoppers_fill_teams_exactly(any_engine: Engine) -
     assert await stock(engine, "quick") == (3_000, 1_000, 0, 2_000)
     assert len(await engine.teams.joinable("quick", SKU, limit=100)) == 100
     await assert_invariants(engine, "quick")
+
+
+LEADER_PRICE = 490  # team_campaign's price is 990
+
+
+async def _deal_round(
+    engine: Engine, cid: str, users: Sequence[str], walks_off: set[str]
+) -> list[TeamSeatResult]:
+    """Everyone quick-joins at once; leaders pay first, then the members but ``walks_off``."""
+    results = await asyncio.gather(
+        *(engine.teams.quick_join(cid, user, SKU, "deal") for user in users)
+    )
+    await asyncio.gather(*(pay(engine, r.order) for r in results if r.opened))
+    await asyncio.gather(
+        *(
+            pay(engine, r.order)
+            for r in results
+            if not r.opened and r.order.user_id not in walks_off
+        )
+    )
+    return results
+
+
+async def _amounts_in_sql(engine: Engine, cid: str, teams: Sequence[Team]) -> dict[str, Order]:
+    """Flush the outbox; every order in SQL is the leader price for a team's leader, the
+    price for every other seat, whatever its state; returns them."""
+    await FlushWorker(engine.runtime).drain()
+    assert (await reconcile(engine.runtime, cid)).ok
+    stored = {s.order.order_id: s.order for s in await engine.runtime.store.campaign_orders(cid)}
+    leaders = {team.seats[0].order_id for team in teams}
+    for order_id, order in stored.items():
+        unit = LEADER_PRICE if order_id in leaders else 990
+        assert (order.qty, order.amount) == (1, unit), order
+    return stored
+
+
+async def test_last_seat_race_with_team_deal_options(any_engine: Engine) -> None:
+    """Teams of 3, automatic success from 2 paid seats, the leader at 490, 1 unit per order:
+    200 shoppers race for the last seat, exactly one is seated; the winner pays, the other
+    member never does, and at expiry the team succeeds with the leader and the winner."""
+    engine = any_engine
+    await start(
+        engine,
+        "dealrace",
+        team_size=3,
+        stock=1_000,
+        limit=1,
+        per_order_limit=1,
+        auto_success_min_paid=2,
+        leader_price=LEADER_PRICE,
+    )
+    team = await paid_team(engine, "dealrace", "leader")
+    second = await join(engine, team.team_id, "second")
+    results = await asyncio.gather(
+        *(engine.teams.join(team.team_id, f"u{n}", f"k{n}") for n in range(200)),
+        return_exceptions=True,
+    )
+    assert outcomes(results) == {"TeamSeatResult": 1, "TeamFull": 199}, outcomes(results)
+    (winner,) = [r for r in results if isinstance(r, TeamSeatResult)]
+    await pay(engine, winner.order)
+    full = await engine.teams.get(team.team_id)
+    assert (full.held, full.paid, full.remaining) == (1, 2, 0)
+
+    await age_team(engine, team.team_id, TTL_MS + 1_000)
+    reaped = await asyncio.gather(*(engine.reaper.expire_campaign("dealrace") for _ in range(2)))
+    assert sum(n for n, _ in reaped) == 1
+    done = await engine.teams.get(team.team_id)
+    assert (done.state, done.why, done.paid, done.held) == (TeamState.SUCCEEDED, "auto", 2, 0)
+    assert [s.user_id for s in done.seats] == ["leader", winner.order.user_id]
+    assert (await engine.orders.get(second.order_id)).state is OrderState.EXPIRED
+    assert await stock(engine, "dealrace") == (1_000, 998, 0, 2)
+    stored = await _amounts_in_sql(engine, "dealrace", [done])
+    assert sorted(o.amount for o in stored.values() if o.state is OrderState.PAID) == [490, 990]
+    await assert_invariants(engine, "dealrace")
+
+
+async def test_quick_join_2000_shoppers_with_team_deal_options(any_engine: Engine) -> None:
+    """2,000 quick-joiners with automatic success on (2 paid seats of 3) and a leader price:
+    no team ever holds more than its seats; a member in four never pays, so at expiry some
+    teams succeed automatically, others fail; every amount is right in SQL and GMV is the
+    paid amounts."""
+    engine, cid = any_engine, "dealquick"
+    await start(
+        engine,
+        cid,
+        team_size=3,
+        stock=3_000,
+        limit=1,
+        per_order_limit=1,
+        auto_success_min_paid=2,
+        leader_price=LEADER_PRICE,
+    )
+    users = [f"shopper-{n}" for n in range(2_000)]
+    walks_off = set(users[500::4])
+    first = await _deal_round(engine, cid, users[:500], walks_off)
+    assert all(r.opened for r in first)
+    second = await _deal_round(engine, cid, users[500:], walks_off)
+    assert len([r for r in second if not r.opened]) == 1_000
+
+    teams = await all_teams(engine, cid)
+    for team in teams:
+        assert team.held + team.paid <= team.size and len(team.seats) <= team.size
+    paid_at_expiry = {t.team_id: t.paid for t in teams if t.state is TeamState.OPEN}
+    for team_id in paid_at_expiry:  # one by one: each reads the whole joinable index
+        await age_team(engine, team_id, TTL_MS + 1_000)
+    reaped = await asyncio.gather(*(engine.reaper.expire_campaign(cid) for _ in range(2)))
+    assert sum(n for n, _ in reaped) == len(paid_at_expiry)
+
+    teams = await all_teams(engine, cid)
+    orders = await all_orders(engine, cid)
+    by_kind = Counter(_deal_end(team, orders, paid_at_expiry) for team in teams)
+    assert by_kind["auto"] > 100 and by_kind["filled"] > 100 and by_kind["failed"] >= 500
+    seated = Counter(
+        seat.user_id
+        for team in teams
+        for seat in team.seats
+        if orders[seat.order_id].state is not OrderState.EXPIRED
+    )
+    assert max(seated.values()) == 1, "a shopper holds two seats"
+    assert not any(o.state is OrderState.HELD for o in orders.values())
+
+    stored = await _amounts_in_sql(engine, cid, teams)
+    assert len(stored) == 2_000
+    paid = [o for o in stored.values() if o.state is OrderState.PAID]
+    view = await engine.campaigns.get(cid)
+    stats = await campaign_stats(engine.runtime, view)
+    assert stats.items[0].gmv == sum(o.amount for o in paid)
+    assert stats.items[0].paid_units == len(paid) == view.stock[0].paid
+    assert stats.teams is not None
+    assert (stats.teams.auto_succeeded, stats.teams.filled) == (by_kind["auto"], by_kind["filled"])
+    assert stats.teams.auto_unfilled_seats == by_kind["auto"]
+    await assert_invariants(engine, cid)
+
+
+def _deal_end(team: Team, orders: dict[str, Order], paid_at_expiry: dict[str, int]) -> str:
+    """How the team ended (auto, filled, failed), checked against its seats: never more than
+    its size, no held seat left, each seat's order in the state its end leaves it."""
+    members = [seat.user_id for seat in team.seats]
+    assert len(members) == len(set(members)) <= team.size and team.held == 0, team
+    states = {orders[seat.order_id].state for seat in team.seats}
+    if team.auto_succeeded:
+        assert paid_at_expiry[team.team_id] == team.paid == 2 == len(members), team
+        assert states == {OrderState.PAID}, team
+        return "auto"
+    if team.state is TeamState.SUCCEEDED:
+        assert team.paid == 3 == len(members) and states == {OrderState.PAID}, team
+        return "filled"
+    assert (team.state, paid_at_expiry[team.team_id]) == (TeamState.FAILED, 1), team
+    assert states <= {OrderState.REFUNDED, OrderState.EXPIRED}, team
+    return "failed"
 
 
 async def _shopper_worker(engine: Engine, queue: list[str], paid: list[Order]) -> None:
