@@ -93,6 +93,7 @@ class Sale:
     users: set[str] = field(default_factory=set)
     teams: list[str] = field(default_factory=list)
     paid: dict[str, tuple[str, str]] = field(default_factory=dict)  # order -> user, payment ref
+    auto_teams: list[str] = field(default_factory=list)  # succeeded automatically at expiry
 
 
 async def _hold(engine: Engine, sale: Sale, cid: str, user: str, sku: str, qty: int = 1) -> str:
@@ -190,13 +191,46 @@ async def run_invalidated(engine: Engine, sale: Sale, cid: str) -> Campaign:
     return campaign
 
 
+async def run_deals(engine: Engine, sale: Sale, cid: str) -> Campaign:
+    """A team campaign with the team deal options (automatic success from 2 paid seats of
+    3, a leader price, 1 unit per order): a team whose time runs out with 2 paid seats and a
+    held one (it succeeds automatically when reaped), one with its leader alone (it fails)."""
+    now = await engine.runtime.now()
+    campaign = team_campaign(
+        now,
+        cid,
+        stock=20,
+        limit=1,
+        team_size=3,
+        lasts=LASTS,
+        per_order_limit=1,
+        auto_success_min_paid=2,
+        leader_price=490,
+    )
+    await engine.campaigns.create(campaign)
+    sale.campaigns.append(campaign)
+    e1, team_e = await _seat(engine, sale, "e1", "open", cid)
+    await _pay(engine, sale, e1, "e1")
+    e2, _ = await _seat(engine, sale, "e2", "join", team_e)
+    await _pay(engine, sale, e2, "e2")
+    await _seat(engine, sale, "e3", "join", team_e)
+    await age_team(engine, team_e, HOUR_MS)
+    sale.auto_teams.append(team_e)
+    f1, team_f = await _seat(engine, sale, "f1", "open", cid)
+    await _pay(engine, sale, f1, "f1")
+    await age_team(engine, team_f, HOUR_MS)
+    return campaign
+
+
 async def finished_sale(engine: Engine) -> Sale:
-    """The three sales run, ended (or invalidated), reaped and flushed."""
+    """The four sales run, ended (or invalidated), reaped and flushed."""
     sale = Sale()
     await run_flash(engine, sale, "arch-flash")
     await run_teams(engine, sale, "arch-team")
     await run_invalidated(engine, sale, "arch-void")
-    await until(engine.runtime.now, max(c.ends_at for c in sale.campaigns[:2]), within=30)
+    await run_deals(engine, sale, "arch-deal")
+    ended = max(c.ends_at for c in sale.campaigns if c.id != "arch-void")
+    await until(engine.runtime.now, ended, within=30)
     await engine.reaper.run_once()
     await FlushWorker(engine.runtime).drain()
     return sale
@@ -248,6 +282,19 @@ async def test_every_read_is_the_same_after_archival_and_redis_keeps_nothing(
     assert before["/v1/campaigns/arch-void"][1]["status"] == "invalidated"
     order_states = {before[f"/v1/orders/{o}"][1]["state"] for o in sale.orders}
     assert order_states == {s.value for s in OrderState} - {"held"}
+    (auto_team,) = sale.auto_teams
+    view = before[f"/v1/teams/{auto_team}?viewer=zed"][1]
+    assert (view["share_state"], view["auto_succeeded"], view["team"]["paid"]) == (
+        "succeeded",
+        True,
+        2,
+    )
+    deal = before["/v1/campaigns/arch-deal/stats"][1]
+    assert (deal["teams"]["auto_succeeded"], deal["teams"]["failed"]) == (1, 1)
+    assert deal["items"][0]["gmv"] == 490 + 990
+    definition = before["/v1/campaigns/arch-deal"][1]
+    assert (definition["per_order_limit"], definition["auto_success_min_paid"]) == (1, 2)
+    assert definition["items"][0]["leader_price"] == 490
 
     for campaign in sale.campaigns:
         done = await engine.archiver.archive(campaign.id)
