@@ -3,10 +3,12 @@
 Flash: shoppers rush one item the moment the sale opens. Some pay, some cancel, the rest
 abandon their hold; the reaper returns abandoned stock when the holds expire and a second
 wave buys it. Team: shoppers arrive in waves and quick-join teams of three; some never pay,
-so some teams never fill: they fail when their time runs out and every paid member is
-refunded; teams whose leader never pays are dissolved. The demo prints what sold, expired,
-failed and was refunded, rejections by reason and the invariant checks, and exits non-zero
-when any invariant fails.
+so some teams never fill. The team deal uses the merchant options
+(docs/lifecycle.md#team-deal-options): a leader price, one unit per order, and automatic
+success of a team whose time runs out with two paid seats; a team with fewer fails and its
+paid leader is refunded; teams whose leader never pays are dissolved. The demo prints what
+sold, expired, failed and was refunded, the teams by outcome, the GMV, rejections by reason
+and the invariant checks, and exits non-zero when any check fails.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from datetime import timedelta
 from engine.audit import audit_campaign
 from engine.core import Engine
 from engine.errors import Rejected
-from engine.models import Campaign, CampaignKind, Item, OrderState, TeamState
+from engine.models import Campaign, CampaignKind, Item, OrderState
+from engine.stats import campaign_stats
+from engine.worker import FlushWorker
 
 _CONCURRENCY = 512
 _REAPER_SLACK = 0.3
@@ -41,6 +45,9 @@ class DemoPlan:
     team_size: int = 3
     team_ttl_seconds: int = 2
     team_batch: int = 100  # shoppers arriving together; the next batch sees the teams opened
+    team_price: int = 3_990
+    leader_price: int = 2_990  # the team leader's price (a team deal option)
+    auto_success_min_paid: int = 2  # a team out of time with this many paid seats succeeds
 
 
 @dataclass(slots=True)
@@ -182,11 +189,13 @@ async def _team_sale(engine: Engine, plan: DemoPlan, out: list[str]) -> bool:
             title="Demo team deal",
             starts_at=now,
             ends_at=now + timedelta(minutes=10),
-            items=(Item("fruit-box", 3_990, plan.team_shoppers),),
+            items=(Item("fruit-box", plan.team_price, plan.team_shoppers, plan.leader_price),),
             per_user_limit=1,
+            per_order_limit=1,
             hold_seconds=plan.hold_seconds,
             team_size=plan.team_size,
             team_ttl_seconds=plan.team_ttl_seconds,
+            auto_success_min_paid=plan.auto_success_min_paid,
         )
     )
     rng = random.Random(plan.seed)
@@ -203,30 +212,40 @@ async def _team_sale(engine: Engine, plan: DemoPlan, out: list[str]) -> bool:
 
 
 async def _team_report(engine: Engine, plan: DemoPlan, tally: _Tally, out: list[str]) -> bool:
+    await FlushWorker(engine.runtime).drain()  # the KPIs are read from SQL
     audit = await audit_campaign(engine.runtime, "demo-team")
-    teams = audit.teams
-    succeeded, failed = teams.get(TeamState.SUCCEEDED, 0), teams.get(TeamState.FAILED, 0)
-    opened = succeeded + failed + teams.get(TeamState.OPEN, 0)
-    rate = f"{100 * succeeded / opened:.1f}%" if opened else "n/a"
+    stats = await campaign_stats(engine.runtime, await engine.campaigns.get("demo-team"))
+    kpis, gmv = stats.teams, stats.items[0].gmv
+    assert kpis is not None  # a team campaign
+    paid = audit.orders.get(OrderState.PAID, 0)
+    # Every succeeded team's seats were paid but the ones its automatic success lacked; its
+    # leader paid the leader price, every other paid seat the team price.
+    seats_ok = paid == plan.team_size * kpis.succeeded - kpis.auto_unfilled_seats
+    gmv_ok = gmv == kpis.succeeded * plan.leader_price + (paid - kpis.succeeded) * plan.team_price
+    rate = f"{100 * kpis.success_rate:.1f}%" if kpis.success_rate is not None else "n/a"
     out += [
         f"team sale: {plan.team_shoppers} shoppers quick-joining teams of {plan.team_size} "
-        f"(team time {plan.team_ttl_seconds} s)",
-        f"  teams created {sum(teams.values()):>7}",
-        f"  opened        {opened:>7} (leader paid)",
-        f"  succeeded     {succeeded:>7} (success rate {rate})",
-        f"  failed        {failed:>7} (time ran out: paid members refunded)",
-        f"  dissolved     {teams.get(TeamState.DISSOLVED, 0):>7} (leader never paid)",
+        f"(team time {plan.team_ttl_seconds} s, leader price {plan.leader_price}, "
+        f"automatic success from {plan.auto_success_min_paid} paid seats)",
+        f"  teams created {kpis.created:>7}",
+        f"  opened        {kpis.opened:>7} (leader paid)",
+        f"  succeeded     {kpis.succeeded:>7} (success rate {rate})",
+        f"    full        {kpis.filled:>7}",
+        f"    automatic   {kpis.auto_succeeded:>7} (time ran out with "
+        f"{plan.auto_success_min_paid}+ paid: {kpis.auto_unfilled_seats} seats given)",
+        f"  failed        {kpis.failed:>7} (time ran out: the paid leader refunded)",
+        f"  dissolved     {kpis.dissolved:>7} (leader never paid)",
         f"  refunds       {audit.orders.get(OrderState.REFUNDED, 0):>7} orders refunded",
-        f"  paid orders   {audit.orders.get(OrderState.PAID, 0):>7} "
-        f"(= {plan.team_size} x succeeded teams: "
-        f"{'OK' if audit.orders.get(OrderState.PAID, 0) == plan.team_size * succeeded else 'NO'})",
+        f"  paid orders   {paid:>7} (= seats of succeeded teams: {'OK' if seats_ok else 'NO'})",
+        f"  GMV           {gmv:>7} (leaders at {plan.leader_price}, members at "
+        f"{plan.team_price}: {'OK' if gmv_ok else 'NO'})",
         "  rejections by reason:",
         *_rejection_lines(tally),
         f"  invariants I1-I3 (stock, limits, no over-filled team; docs/invariants.md): "
         f"{'OK' if audit.ok else 'FAILED'}",
         *(f"    violation: {v}" for v in audit.violations),
     ]
-    return audit.ok and audit.orders.get(OrderState.PAID, 0) == plan.team_size * succeeded
+    return audit.ok and seats_ok and gmv_ok
 
 
 def _rejection_lines(tally: _Tally) -> list[str]:

@@ -4,7 +4,10 @@
    private redis-server, SQLite, the API, the flush worker and the reaper) under
    ``var/loadtest/<name>/``, or targets a running one with ``--host`` (then ``--redis-url`` and
    ``--database-url`` let it check).
-2. Creates a flash campaign and a team campaign that open ``--open-after`` seconds later.
+2. Creates a flash campaign and a team campaign that open ``--open-after`` seconds later, one
+   unit per order; the team campaign with the team deal options
+   (docs/lifecycle.md#team-deal-options): a leader price (``--leader-price``) and automatic
+   success (``--auto-success``).
 3. Runs Locust headless (``loadtests/locustfile.py``) with the chosen shape for ``--run-time``
    seconds, writing ``<name>.html``, ``<name>.json`` and Locust's CSV files under
    ``--reports``, with a progress line (requests so far, the current rate); from then until
@@ -66,6 +69,7 @@ from loadtests.verdict import (
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+TEAM_PRICE = 999  # the team campaign's unit price; the flash campaign's is 1999
 STOP_TIMEOUT = 5  # seconds Locust gives a user to finish its task when the load ends
 #: What a run writes next to ``<reports>/<name>``.
 OUTPUTS = (
@@ -189,6 +193,20 @@ def _parser() -> argparse.ArgumentParser:
     sale.add_argument("--hold-seconds", type=int, default=10, help="payment window of a hold")
     sale.add_argument("--team-ttl", type=int, default=20, help="seconds a team stays open")
     sale.add_argument(
+        "--leader-price",
+        type=int,
+        default=TEAM_PRICE - 200,
+        help=f"what a team's leader pays per unit (team deal option; the team price is "
+        f"{TEAM_PRICE}; default %(default)s)",
+    )
+    sale.add_argument(
+        "--auto-success",
+        type=int,
+        default=2,
+        help="a team whose time runs out with this many paid seats succeeds (team deal "
+        "option; 0: off; else 2 to team size - 1; default %(default)s)",
+    )
+    sale.add_argument(
         "--open-after", type=float, default=2.0, help="seconds from creation to the opening"
     )
     sale.add_argument(
@@ -259,6 +277,10 @@ def _number_problem(args: argparse.Namespace) -> str | None:
         return "--pay-rate + --cancel-rate must be at most 1"
     if not 2 <= args.team_size <= 100:
         return "--team-size must be between 2 and 100"
+    if not 0 <= args.leader_price <= TEAM_PRICE:
+        return f"--leader-price must be between 0 and the team price, {TEAM_PRICE}"
+    if args.auto_success and not 2 <= args.auto_success < args.team_size:
+        return "--auto-success must be 0 (off) or between 2 and --team-size - 1"
     return None
 
 
@@ -293,9 +315,14 @@ def _http(target: Target, method: str, path: str, body: Any, token: str) -> tupl
 def create_campaigns(target: Target, args: argparse.Namespace, name: str) -> list[str]:
     """A flash and a team campaign opening ``--open-after`` seconds from now."""
     opens = datetime.now(UTC) + timedelta(seconds=args.open_after)
-    team = {"team_size": args.team_size, "team_ttl_seconds": args.team_ttl}
+    team = {
+        "team_size": args.team_size,
+        "team_ttl_seconds": args.team_ttl,
+        "auto_success_min_paid": args.auto_success or None,
+    }
     ids = []
-    for kind, price, limit, extra in (("flash", 1999, 2, {}), ("team", 999, 1, team)):
+    for kind, price, limit, extra in (("flash", 1999, 2, {}), ("team", TEAM_PRICE, 1, team)):
+        leader = {"leader_price": args.leader_price} if kind == "team" else {}
         campaign = {
             "id": f"lt-{name}-{kind}",
             "kind": kind,
@@ -303,10 +330,11 @@ def create_campaigns(target: Target, args: argparse.Namespace, name: str) -> lis
             "starts_at": opens.isoformat(),
             "ends_at": (opens + timedelta(days=1)).isoformat(),
             "items": [
-                {"sku": f"{kind}-{i}", "price": price, "stock": args.stock}
+                {"sku": f"{kind}-{i}", "price": price, "stock": args.stock, **leader}
                 for i in range(1, args.items + 1)
             ],
             "per_user_limit": limit,
+            "per_order_limit": 1,  # every shopper takes one unit per order
             "hold_seconds": args.hold_seconds,
             **extra,
         }

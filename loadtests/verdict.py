@@ -270,9 +270,10 @@ def kpi_lines(stats: CampaignStats) -> list[str]:
     if stats.teams is not None:
         t = stats.teams
         out.append(
-            f"    teams: created {t.created}, opened {t.opened}, succeeded {t.succeeded}, "
-            f"failed {t.failed}, dissolved {t.dissolved}, still open {t.open}, "
-            f"success rate {_pct(t.success_rate)}, mean time to fill "
+            f"    teams: created {t.created}, opened {t.opened}, succeeded {t.succeeded} "
+            f"(full {t.filled}, automatically {t.auto_succeeded} lacking "
+            f"{t.auto_unfilled_seats} seats), failed {t.failed}, dissolved {t.dissolved}, "
+            f"still open {t.open}, success rate {_pct(t.success_rate)}, mean time to fill "
             f"{_num(t.mean_time_to_fill_s, ' s')}, joins per opened team "
             f"{_num(t.joins_per_opened_team)}"
         )

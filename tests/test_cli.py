@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,10 @@ def test_demo_sells_out_without_oversell_and_fills_teams_exactly(tmp_path: Path)
         "invariants I1-I3 (stock, limits, no over-filled team; docs/invariants.md): OK"
         in done.stdout
     )
-    assert "= 3 x succeeded teams: OK" in done.stdout
+    assert "(= seats of succeeded teams: OK)" in done.stdout
+    assert "(leaders at 2990, members at 3990: OK)" in done.stdout
+    automatic = re.search(r"automatic +(\d+) ", done.stdout)
+    assert automatic and int(automatic.group(1)) > 0, done.stdout  # the option was exercised
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -68,6 +70,22 @@ def test_mix_parses_weights_and_rejects_nonsense() -> None:
     for bad in ("flash", "shopper=1", "flash=-1", "flash=x", "flash=0", ""):
         with pytest.raises(ValueError):
             parse_mix(bad)
+
+
+def test_bad_options_exit_2_with_the_reason() -> None:
+    for options, reason in (
+        (("--leader-price", "1000"), "--leader-price must be between 0 and the team price"),
+        (("--auto-success", "3"), "--auto-success must be 0 (off) or between 2"),
+        (("--auto-success", "1"), "--auto-success must be 0 (off) or between 2"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "loadtests.run", *options],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and reason in done.stderr, (options, done.stderr)
 
 
 # --------------------------------------------------------------------------- the verdict
@@ -245,6 +263,9 @@ async def test_make_loadtest_smoke_run(tmp_path: Path) -> None:
     assert tally.count("ok", "reserve") > 0 and tally.acknowledged
     assert sum(e["num_requests"] for e in stats) == sum(tally.outcomes.values())
     assert "rejections by reason" in text and "teams: created" in text
+    # The team campaign carries the deal options: its leaders paid 799, its members 999 (the
+    # audit behind the first [PASS] checks every amount), and automatic success was counted.
+    assert re.search(r"succeeded \d+ \(full \d+, automatically \d+ lacking \d+ seats\)", text)
     assert "worst stream lag" in text
     # What it does, as it goes (stderr is a pipe here: plain progress lines, no \r).
     for doing in ("starting the engine", "creating the campaigns", "waiting for the flush"):

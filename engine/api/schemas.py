@@ -51,7 +51,7 @@ class ItemIn(Request):
                 ge=0,
                 le=MAX_UNITS * 100,
                 description="team campaigns: the unit price a team's leader pays, at most "
-                "price (docs/lifecycle.md#team); absent: the leader pays price",
+                "price (docs/lifecycle.md#team-deal-options); absent: the leader pays price",
             ),
         ]
         | None
@@ -77,7 +77,7 @@ AutoSuccessMinPaid = Annotated[
         le=99,
         description="team campaigns: an open team whose time runs out with at least this "
         "many paid seats (2 to team_size - 1) succeeds instead of failing; absent or null: "
-        "it fails (docs/lifecycle.md#team)",
+        "it fails (docs/lifecycle.md#team-deal-options)",
     ),
 ]
 
