@@ -167,7 +167,8 @@ class Campaign:
     # per-user total; None: no cap but the per-user limit.
     per_order_limit: int | None = None
     # Team campaigns: an open team whose time runs out with at least this many paid seats
-    # (2 to team_size - 1) succeeds instead of failing; None: it fails (docs/lifecycle.md#team-deal-options).
+    # (2 to team_size - 1) succeeds instead of failing; None: it fails
+    # (docs/lifecycle.md#team-deal-options).
     auto_success_min_paid: int | None = None
 
     def __post_init__(self) -> None:
