@@ -42,7 +42,7 @@ from redis.asyncio.lock import Lock
 
 from engine.errors import Archived, EngineError, NotFound, Recovering
 from engine.keys import CAMPAIGN_SET, STREAM_SET, keys_of
-from engine.models import Campaign, CampaignKind, ItemStock, from_ms, to_ms
+from engine.models import Campaign, CampaignKind, ItemStock, to_ms
 from engine.reconcile import reconcile
 from engine.runtime import Runtime
 from engine.scripts import Code, Refusal, guarded
@@ -94,19 +94,7 @@ def durable_stock(
     stock = []
     for item in campaign.items:
         held, paid, gone = (units[(item.sku, s)] for s in ("held", "paid", "gone"))
-        out = sold_out.get(item.sku)
-        stock.append(
-            ItemStock(
-                sku=item.sku,
-                price=item.price,
-                initial=item.stock,
-                available=item.stock - held - paid - gone,
-                held=held,
-                paid=paid,
-                gone=gone,
-                sold_out_at=None if out is None else from_ms(out),
-            )
-        )
+        stock.append(ItemStock.counted(item, held, paid, gone, sold_out.get(item.sku)))
     return tuple(stock)
 
 

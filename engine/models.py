@@ -309,6 +309,22 @@ class ItemStock:
     gone: int  # refunded without restock: left the sale
     sold_out_at: datetime | None = None  # when available first reached 0
 
+    @classmethod
+    def counted(
+        cls, item: Item, held: int, paid: int, gone: int, sold_out_ms: int | None
+    ) -> ItemStock:
+        """An item's stock from its held, paid and gone units, the rest available (I1)."""
+        return cls(
+            sku=item.sku,
+            price=item.price,
+            initial=item.stock,
+            available=item.stock - held - paid - gone,
+            held=held,
+            paid=paid,
+            gone=gone,
+            sold_out_at=None if sold_out_ms is None else from_ms(sold_out_ms),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class CampaignView:

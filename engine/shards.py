@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio.cluster import RedisCluster
 
 from engine.keys import MAX_BUCKET, keys_of, shard_id
-from engine.models import Campaign, ItemStock, from_ms
+from engine.models import Campaign, ItemStock
 from engine.scripts import Peek, RedisClient, Scripts, Transfer, guarded
 
 if TYPE_CHECKING:
@@ -155,18 +155,7 @@ async def stock(rt: Runtime, campaign: Campaign) -> tuple[ItemStock, ...]:
         held, paid, gone = (sum(int(inv.get(f"{b}:{sku}", 0)) for inv in invs) for b in "hpr")
         outs = [inv.get(f"out:{sku}") for inv in invs]
         out = max(int(o) for o in outs if o) if all(outs) else None
-        items.append(
-            ItemStock(
-                sku=sku,
-                price=item.price,
-                initial=item.stock,
-                available=item.stock - held - paid - gone,
-                held=held,
-                paid=paid,
-                gone=gone,
-                sold_out_at=None if out is None else from_ms(out),
-            )
-        )
+        items.append(ItemStock.counted(item, held, paid, gone, out))
     return tuple(items)
 
 
