@@ -30,6 +30,8 @@ import uvloop
 
 from bench.progress import Progress, ticking
 from engine import Engine
+from engine.errors import SoldOut
+from engine.models import to_ms
 from testkit.factories import make_settings
 
 T = TypeVar("T")
@@ -160,6 +162,48 @@ async def fresh_engine(
     settings = make_settings(url, folder, **changes)
     async with await Engine.open(settings) as engine:
         yield engine
+
+
+@dataclass(frozen=True, slots=True)
+class Rush:
+    """What T7's rush saw: the answers, when it began (Redis clock, ms), how long all the
+    answers took (s), and this process's peak RSS."""
+
+    sold: int
+    rejected: int
+    first_ms: int
+    elapsed: float
+    peak_rss: int
+
+
+async def rush(
+    engine: Engine, campaign_id: str, sku: str, users: int, callers: int, label: str
+) -> Rush:
+    """T7's shoppers: ``users`` of them, ``callers`` at a time, each reserving one unit of
+    ``sku`` once; counts the answers (a progress line named ``label``) and samples RSS every
+    100,000."""
+    numbers = itertools.count()
+    sold = rejected = 0
+    peak_rss = rss_bytes()
+
+    async def shopper() -> None:
+        nonlocal sold, rejected, peak_rss
+        while (n := next(numbers)) < users:
+            try:
+                await engine.flash.reserve(campaign_id, f"u{n}", sku, 1, "k")
+                sold += 1
+            except SoldOut:
+                rejected += 1
+            if n % 100_000 == 0:
+                peak_rss = max(peak_rss, rss_bytes())
+
+    bar = progress_line(label, users, "answers")
+    async with ticking(bar, lambda: sold + rejected):
+        first_ms = to_ms(await engine.runtime.now())
+        started = time.perf_counter()
+        await asyncio.gather(*(shopper() for _ in range(callers)))
+        elapsed = time.perf_counter() - started
+    return Rush(sold, rejected, first_ms, elapsed, peak_rss)
 
 
 def rss_bytes() -> int:

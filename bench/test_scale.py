@@ -11,19 +11,14 @@ answers twice a second (from the event loop, not the shoppers).
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.harness import fresh_engine, progress_line, rss_bytes, run
-from bench.progress import ticking
+from bench.harness import fresh_engine, run, rush
 from bench.report import report
 from engine.audit import audit_campaign
-from engine.errors import SoldOut
 from engine.local.redis_server import RedisServer
 from engine.models import OrderState, to_ms
 from testkit.factories import flash_campaign
@@ -39,32 +34,12 @@ async def _sell_out(url: str, tmp: Path) -> dict[str, Any]:
     async with fresh_engine(url, tmp, "t7", coalesce=True, sold_out_ttl=0.5) as engine:
         now = await engine.runtime.now()
         await engine.campaigns.create(flash_campaign(now, CID, stock=STOCK, limit=1))
-        numbers = itertools.count()
-        sold = rejected = 0
-        peak_rss = rss_bytes()
-
-        async def shopper() -> None:
-            nonlocal sold, rejected, peak_rss
-            while (n := next(numbers)) < USERS:
-                try:
-                    await engine.flash.reserve(CID, f"u{n}", SKU, 1, "k")
-                    sold += 1
-                except SoldOut:
-                    rejected += 1
-                if n % 100_000 == 0:
-                    peak_rss = max(peak_rss, rss_bytes())
-
-        bar = progress_line(f"T7 {USERS:,} users", USERS, "answers")
-        async with ticking(bar, lambda: sold + rejected):
-            first_ms = to_ms(await engine.runtime.now())
-            started = time.perf_counter()
-            await asyncio.gather(*(shopper() for _ in range(CALLERS)))
-            elapsed = time.perf_counter() - started
+        sale = await rush(engine, CID, SKU, USERS, CALLERS, f"T7 {USERS:,} users")
         view = await engine.campaigns.get(CID)
         item = view.stock[0]
         audit = await audit_campaign(engine.runtime, CID)
         assert audit.ok, audit.violations[:10]
-        assert sold == STOCK and rejected == USERS - STOCK, (sold, rejected)
+        assert (sale.sold, sale.rejected) == (STOCK, USERS - STOCK)
         assert item.available == 0 and item.held == STOCK and item.paid == 0
         assert audit.orders == {OrderState.HELD: STOCK}
         assert audit.units == {OrderState.HELD: STOCK}
@@ -72,13 +47,13 @@ async def _sell_out(url: str, tmp: Path) -> dict[str, Any]:
         return {
             "users": USERS,
             "stock": STOCK,
-            "sold": sold,
-            "rejected": rejected,
-            "oversold": max(0, -item.available) + max(0, sold - STOCK),
-            "sold_out_after_s": (to_ms(item.sold_out_at) - first_ms) / 1000,
-            "all_answered_after_s": elapsed,
-            "requests_per_s": USERS / elapsed,
-            "peak_rss_mib": peak_rss / 2**20,
+            "sold": sale.sold,
+            "rejected": sale.rejected,
+            "oversold": max(0, -item.available) + max(0, sale.sold - STOCK),
+            "sold_out_after_s": (to_ms(item.sold_out_at) - sale.first_ms) / 1000,
+            "all_answered_after_s": sale.elapsed,
+            "requests_per_s": USERS / sale.elapsed,
+            "peak_rss_mib": sale.peak_rss / 2**20,
         }
 
 

@@ -32,12 +32,8 @@ with a core per master and enough client processes (API workers) to feed them.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import itertools
 import statistics
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -47,17 +43,15 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 
-from bench.harness import drive, progress_line, rss_bytes, run
-from bench.progress import ticking
+from bench.harness import drive, flush_redis, fresh_engine, progress_line, run, rush
 from bench.report import report
 from engine import Engine
 from engine.audit import audit_campaign
-from engine.errors import SoldOut
 from engine.keys import keys_of
 from engine.local.redis_server import RedisClusterServers
 from engine.models import OrderState, to_ms
 from engine.shards import in_transit
-from testkit.factories import flash_campaign, make_settings
+from testkit.factories import flash_campaign
 
 USERS = 1_000_000
 STOCK = 100_000
@@ -72,25 +66,14 @@ def _masters(cluster: RedisClusterServers) -> list[str]:
     return [server.url for server in cluster.servers[:3]]
 
 
-def _flush(cluster: RedisClusterServers) -> None:
-    for url in _masters(cluster):
-        client = redis.Redis.from_url(url)
-        try:
-            client.flushall()
-            client.script_flush()
-        finally:
-            client.close()
-
-
 @asynccontextmanager
 async def cluster_engine(
     cluster: RedisClusterServers, data_dir: Path, name: str, **changes: object
 ) -> AsyncIterator[Engine]:
     """An engine on the flushed cluster with its own SQLite file (the benchmarks' settings)."""
-    _flush(cluster)
-    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=data_dir))
-    settings = make_settings(cluster.url, folder, redis_cluster=True, **changes)
-    async with await Engine.open(settings) as engine:
+    for url in _masters(cluster):
+        flush_redis(url)
+    async with fresh_engine(cluster.url, data_dir, name, redis_cluster=True, **changes) as engine:
         yield engine
 
 
@@ -103,33 +86,14 @@ async def _sell_out(cluster: RedisClusterServers, tmp: Path, buckets: int) -> di
         campaign = flash_campaign(now, "scale", stock=STOCK, limit=1)
         campaign = dataclasses.replace(campaign, shards=buckets)
         await engine.campaigns.create(campaign)
-        numbers = itertools.count()
-        sold = rejected = 0
-        peak_rss = rss_bytes()
-
-        async def shopper() -> None:
-            nonlocal sold, rejected, peak_rss
-            while (n := next(numbers)) < USERS:
-                try:
-                    await engine.flash.reserve("scale", f"u{n}", SKU, 1, "k")
-                    sold += 1
-                except SoldOut:
-                    rejected += 1
-                if n % 100_000 == 0:
-                    peak_rss = max(peak_rss, rss_bytes())
-
-        bar = progress_line(f"T7 {USERS:,} users, {buckets} bucket(s)", USERS, "answers")
-        async with ticking(bar, lambda: sold + rejected):
-            first_ms = to_ms(await engine.runtime.now())
-            started = time.perf_counter()
-            await asyncio.gather(*(shopper() for _ in range(CALLERS)))
-            elapsed = time.perf_counter() - started
+        label = f"T7 {USERS:,} users, {buckets} bucket(s)"
+        sale = await rush(engine, "scale", SKU, USERS, CALLERS, label)
         (item,) = (await engine.campaigns.get("scale")).stock
         audit = await audit_campaign(engine.runtime, "scale")
         layout = await engine.runtime.layout("scale")
         assert audit.ok, audit.violations[:10]
         assert await in_transit(engine.runtime, layout) == {}
-        assert sold == STOCK and rejected == USERS - STOCK, (sold, rejected)
+        assert (sale.sold, sale.rejected) == (STOCK, USERS - STOCK)
         assert item.available == 0 and item.held == STOCK and item.paid == 0
         assert audit.orders == {OrderState.HELD: STOCK}
         assert item.sold_out_at is not None
@@ -143,18 +107,18 @@ async def _sell_out(cluster: RedisClusterServers, tmp: Path, buckets: int) -> di
             "users": USERS,
             "stock": STOCK,
             "buckets": buckets,
-            "sold": sold,
-            "rejected": rejected,
-            "oversold": max(0, -item.available) + max(0, sold - STOCK),
+            "sold": sale.sold,
+            "rejected": sale.rejected,
+            "oversold": max(0, -item.available) + max(0, sale.sold - STOCK),
             "unsold": item.available,
             "held_per_bucket": "/".join(f"{n:,}" for n in per_bucket),
             "transfers": rebalancer.transfers,
             "units_moved": rebalancer.moved,
             "gave_up": rebalancer.gave_up,
-            "sold_out_after_s": (to_ms(item.sold_out_at) - first_ms) / 1000,
-            "all_answered_after_s": elapsed,
-            "requests_per_s": USERS / elapsed,
-            "peak_rss_mib": peak_rss / 2**20,
+            "sold_out_after_s": (to_ms(item.sold_out_at) - sale.first_ms) / 1000,
+            "all_answered_after_s": sale.elapsed,
+            "requests_per_s": USERS / sale.elapsed,
+            "peak_rss_mib": sale.peak_rss / 2**20,
         }
 
 
