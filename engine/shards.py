@@ -46,6 +46,7 @@ that quick-join reads must be changed in one script, on one slot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.cluster import RedisCluster
 
+from engine.errors import EngineError
 from engine.keys import MAX_BUCKET, keys_of, shard_id
 from engine.models import Campaign, ItemStock
 from engine.scripts import Peek, RedisClient, Scripts, Transfer, guarded
@@ -63,6 +65,9 @@ if TYPE_CHECKING:
 # Rounds of reserve-then-refill one reservation of a sharded campaign tries (see the module's
 # docstring); reads of every bucket one refill makes before it answers anyway.
 ROUNDS = 16
+# hash: transfers, units moved, pending transfers finished, reservations that gave up, added
+# by every process's rebalancer as they happen (rare events), for /metrics
+REBALANCE_STATS = "ft:rebalance"
 SCANS = 8
 
 
@@ -248,6 +253,7 @@ class Rebalancer:
             if await finish(scripts, transfer) and transfer.sku == sku:
                 available[transfer.destination] += transfer.units
             self.finished += 1
+            await self.count("finished")
         here = available[shard]
         if here >= refill.need:
             return None  # units arrived meanwhile (or were in transit to this bucket)
@@ -278,6 +284,7 @@ class Rebalancer:
                 self.transfers += 1
                 self.moved += debited.units
                 moved += debited.units
+                await self.count("transfers", moved=debited.units)
         return None if moved else _AGAIN
 
     async def _peek(self, layout: Layout, sku: str) -> list[Peek]:
@@ -301,8 +308,18 @@ class Rebalancer:
             self.rereads += 1
         return quiet
 
+    async def count(self, event: str, moved: int = 0) -> None:
+        """Add one ``event`` (and ``moved`` units) to the counters all processes share in
+        Redis (``REBALANCE_STATS``, read by /metrics); a Redis away loses the count, not the
+        caller's answer."""
+        redis = self._rt.redis
+        with contextlib.suppress(EngineError):
+            await guarded(redis.hincrby(REBALANCE_STATS, event, 1))
+            if moved:
+                await guarded(redis.hincrby(REBALANCE_STATS, "moved", moved))
+
     def stats(self) -> dict[str, Any]:
-        """The counters, for tests, benchmarks and metrics."""
+        """This process's counters, for tests and benchmarks."""
         return {
             "transfers": self.transfers,
             "moved": self.moved,

@@ -28,6 +28,7 @@ from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisClusterServers
 from engine.shards import bucket_index
 from testkit.factories import campaign_json, flash_campaign, team_campaign
+from tests.test_api import metric
 from tests.test_api_load import ADM, GW, SKU, error_code, pool, stock_of, unique
 from tests.test_concurrency import _attempting_users
 from tests.test_shards import users_of_bucket
@@ -98,6 +99,7 @@ async def test_one_unit_per_bucket_every_shopper_on_one_bucket(cluster_api: ApiS
     shoppers = users_of_bucket(1, 3_000)
     attempts = [*shoppers, *shoppers[:2_000]]
     async with pool(cluster_api.url) as client:
+        before = await rebalancing(client)
         await create(client, campaign_id, 3)
         answers = await asyncio.gather(
             *(reserve(client, campaign_id, u, f"k{i}") for i, u in enumerate(attempts))
@@ -119,6 +121,7 @@ async def test_one_unit_per_bucket_every_shopper_on_one_bucket(cluster_api: ApiS
             for o in held
         ]
         after = await stock_of(client, campaign_id)
+        counted = await rebalancing(client)
 
     assert Counter(a.status_code for a in answers) == {201: 3, 409: 4_997}
     refused = {(u, error_code(a)) for u, a in zip(attempts, answers, strict=True) if a.is_error}
@@ -131,6 +134,22 @@ async def test_one_unit_per_bucket_every_shopper_on_one_bucket(cluster_api: ApiS
     assert [r.status_code for r in read] == [200] * 3
     assert [p.json()["state"] for p in paid] == ["paid"] * 3
     assert (after["held"], after["paid"], after["available"]) == (0, 3, 0)
+    # /metrics (either worker) counts what both workers' rebalancers did: the 2 units of the
+    # other buckets moved into bucket 1, in 1 or 2 transfers; none gave up.
+    moved = {name: counted[name] - before[name] for name in counted}
+    assert moved["units_moved"] == 2 and 1 <= moved["transfers"] <= 2, moved
+    assert moved["gave_up"] == 0, moved
+
+
+async def rebalancing(client: Any) -> dict[str, float]:
+    """The rebalancer counters of /metrics."""
+    text = (await client.get("/metrics")).text
+    counters = {}
+    for name in ("transfers", "units_moved", "pending_finished", "gave_up"):
+        value = metric(text, f"flashteam_rebalancer_{name}_total")
+        assert value is not None, f"{name} missing from /metrics"
+        counters[name] = value
+    return counters
 
 
 async def test_team_campaigns_and_edits_refuse_shards(cluster_api: ApiServer) -> None:

@@ -23,6 +23,7 @@ from engine.keys import CAMPAIGN_SET, DEAD_LETTERS, keys_of
 from engine.recovery import RECOVERY_STATS, Recovery
 from engine.runtime import Runtime
 from engine.scripts import guarded
+from engine.shards import REBALANCE_STATS
 from engine.worker import FlushWorker
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -201,6 +202,7 @@ async def _from_redis(rt: Runtime) -> list[str]:
         "# TYPE flashteam_recovery_failures_total counter",
         f"flashteam_recovery_failures_total {int(stats.get('failures', 0))}",
         *await _archival(rt),
+        *await _rebalancing(rt),
     ]
 
 
@@ -218,6 +220,30 @@ async def _archival(rt: Runtime) -> list[str]:
         "# TYPE flashteam_archive_refusals_total counter",
         *(f'flashteam_archive_refusals_total{{reason="{r}"}} {n}' for r, n in refusals),
     ]
+
+
+async def _rebalancing(rt: Runtime) -> list[str]:
+    """The rebalancer's counters of every process (engine/shards.py, sharded campaigns)."""
+    counts: dict[str, str] = await guarded(rt.redis.hgetall(REBALANCE_STATS))
+    lines = []
+    for field, name, what in (
+        ("transfers", "transfers", "Transfers of stock between the buckets of sharded campaigns."),
+        ("moved", "units_moved", "Units those transfers moved."),
+        ("finished", "pending_finished", "Transfers left in transit, finished by another caller."),
+        (
+            "gave_up",
+            "gave_up",
+            "Reservations answered sold_out after every refill round (busy "
+            "buckets, stock not proven sold out).",
+        ),
+    ):
+        metric = f"flashteam_rebalancer_{name}_total"
+        lines += [
+            f"# HELP {metric} {what}",
+            f"# TYPE {metric} counter",
+            f"{metric} {int(counts.get(field, 0))}",
+        ]
+    return lines
 
 
 async def untrusted_campaigns(rt: Runtime) -> tuple[int, int]:
