@@ -4,8 +4,8 @@
    private redis-server, SQLite, the API, the flush worker and the reaper) under
    ``var/loadtest/<name>/``, or targets a running one with ``--host`` (then ``--redis-url`` and
    ``--database-url`` let it check).
-2. Creates a flash campaign and a team campaign that open ``--open-after`` seconds later, one
-   unit per order; the team campaign with the team deal options
+2. Creates a flash campaign (in ``--shards`` stock buckets) and a team campaign that open
+   ``--open-after`` seconds later, one unit per order; the team campaign with the team deal options
    (docs/lifecycle.md#team-deal-options): a leader price (``--leader-price``) and automatic
    success (``--auto-success``).
 3. Runs Locust headless (``loadtests/locustfile.py``) with the chosen shape for ``--run-time``
@@ -53,6 +53,7 @@ from engine.keys import ID_PATTERN
 from engine.local.launcher import LocalEngine
 from engine.local.process import free_port
 from engine.local.redis_server import RedisServer
+from engine.models import MAX_SHARDS
 from engine.settings import API_WORKERS, DEFAULTS, Settings
 from engine.worker import FlushWorker
 from loadtests.plan import DEFAULT_MIX, SHAPES, parse_mix
@@ -189,6 +190,13 @@ def _parser() -> argparse.ArgumentParser:
     sale = p.add_argument_group("the sale")
     sale.add_argument("--items", type=int, default=2, help="items per campaign")
     sale.add_argument("--stock", type=int, default=1000, help="units per item")
+    sale.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help=f"stock buckets of the flash campaign (1 to {MAX_SHARDS}; more than 1: one hot "
+        "item on several Redis masters, docs/architecture.md#sharded-flash-campaigns)",
+    )
     sale.add_argument("--team-size", type=int, default=3, help="seats per team")
     sale.add_argument("--hold-seconds", type=int, default=10, help="payment window of a hold")
     sale.add_argument("--team-ttl", type=int, default=20, help="seconds a team stays open")
@@ -275,8 +283,15 @@ def _number_problem(args: argparse.Namespace) -> str | None:
         return "--pay-rate, --cancel-rate, --open-after and --settle cannot be negative"
     if args.pay_rate + args.cancel_rate > 1:
         return "--pay-rate + --cancel-rate must be at most 1"
+    return _sale_problem(args)
+
+
+def _sale_problem(args: argparse.Namespace) -> str | None:
+    """A problem with the campaigns' options (team size, shards, team deal options)."""
     if not 2 <= args.team_size <= 100:
         return "--team-size must be between 2 and 100"
+    if not 1 <= args.shards <= MAX_SHARDS:
+        return f"--shards must be between 1 and {MAX_SHARDS}"
     if not 0 <= args.leader_price <= TEAM_PRICE:
         return f"--leader-price must be between 0 and the team price, {TEAM_PRICE}"
     if args.auto_success and not 2 <= args.auto_success < args.team_size:
@@ -321,7 +336,8 @@ def create_campaigns(target: Target, args: argparse.Namespace, name: str) -> lis
         "auto_success_min_paid": args.auto_success or None,
     }
     ids = []
-    for kind, price, limit, extra in (("flash", 1999, 2, {}), ("team", TEAM_PRICE, 1, team)):
+    flash = {"shards": args.shards}
+    for kind, price, limit, extra in (("flash", 1999, 2, flash), ("team", TEAM_PRICE, 1, team)):
         leader = {"leader_price": args.leader_price} if kind == "team" else {}
         campaign = {
             "id": f"lt-{name}-{kind}",
