@@ -65,10 +65,10 @@ if TYPE_CHECKING:
 # Rounds of reserve-then-refill one reservation of a sharded campaign tries (see the module's
 # docstring); reads of every bucket one refill makes before it answers anyway.
 ROUNDS = 16
+SCANS = 8
 # hash: transfers, units moved, pending transfers finished, reservations that gave up, added
 # by every process's rebalancer as they happen (rare events), for /metrics
 REBALANCE_STATS = "ft:rebalance"
-SCANS = 8
 
 
 def bucket_index(user_id: str, buckets: int) -> int:
