@@ -11,6 +11,7 @@ shopper, and Redis equal to SQL order by order after a final drain.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -24,13 +25,14 @@ from redis.crc import key_slot
 
 from engine.core import Engine
 from engine.errors import NotFound, SoldOut, Unavailable
-from engine.keys import keys_of
+from engine.keys import keys_of, shard_of_order
 from engine.local.redis_server import RedisClusterServers, RedisServer
 from engine.models import Order, OrderState
+from engine.shards import in_transit
 from engine.worker import FlushWorker
 from testkit.factories import flash_campaign, make_settings
 from testkit.helpers import assert_invariants
-from tests.test_redis_loss import assert_redis_matches_sql, sold_in_sql, verdict
+from tests.test_redis_loss import assert_redis_matches_sql, redis_orders, sold_in_sql, verdict
 
 CID = "failover"
 SKU = "sku-1"
@@ -105,15 +107,15 @@ async def final_verdict(engine: Engine, ledger: Ledger, stock: int) -> dict[str,
     await FlushWorker(engine.runtime).drain()
     orders = await sold_in_sql(engine, CID)
     verdict(orders, ledger.paid, stock)
-    redis_orders: dict[str, str] = await engine.runtime.redis.hgetall(keys_of(CID).orders)  # type: ignore[assignment]
+    in_redis = await redis_orders(engine, CID)
     for order_id, users in ledger.owners().items():
         assert len(users) == 1, f"order {order_id} acknowledged to {sorted(users)}"
         (user,) = users
         if order_id in orders:  # a hold lost with the primary is on neither side
             assert orders[order_id].user_id == user
-            assert Order.from_record(order_id, redis_orders[order_id]).user_id == user
+            assert Order.from_record(order_id, in_redis[order_id]).user_id == user
         else:
-            assert order_id not in redis_orders and order_id not in ledger.paid
+            assert order_id not in in_redis and order_id not in ledger.paid
     await assert_redis_matches_sql(engine, CID)
     await assert_invariants(engine, CID)
     return orders
@@ -174,12 +176,18 @@ async def test_a_replica_that_stopped_following_is_promoted_under_a_restarted_en
 
 
 async def sale_through_a_failover(
-    engine: Engine, stock: int, kill: Callable[[], Awaitable[None]], after: int = 300
+    engine: Engine,
+    stock: int,
+    kill: Callable[[], Awaitable[None]],
+    after: int = 300,
+    shards: int = 1,
 ) -> Ledger:
     """``stock`` shoppers (limit 1) buy while a worker flushes; ``kill`` runs once ``after``
-    payments are acknowledged. The same engine must finish the sale."""
+    payments are acknowledged. The same engine must finish the sale. ``shards``: the
+    campaign's stock buckets."""
     now = await engine.runtime.now()
-    await engine.campaigns.create(flash_campaign(now, CID, stock=stock, limit=1))
+    campaign = flash_campaign(now, CID, stock=stock, limit=1)
+    await engine.campaigns.create(dataclasses.replace(campaign, shards=shards))
     ledger = Ledger(signal_at=after)
     stop = asyncio.Event()
     worker = asyncio.create_task(FlushWorker(engine.runtime).run(stop))
@@ -225,3 +233,32 @@ async def test_a_cluster_replica_takes_over_the_campaigns_slot_in_the_middle_of_
         assert await engine.recovery.trusted(CID)
         orders = await final_verdict(engine, ledger, 2000)
         assert paid_units(orders) == 2000
+
+
+@pytest.mark.cluster
+async def test_a_cluster_master_of_one_bucket_of_a_sharded_campaign_fails_over_mid_sale(
+    replicated_cluster: RedisClusterServers, tmp_path: Path
+) -> None:
+    """A flash campaign in 3 stock buckets, one per master; the master of bucket 1 is
+    SIGKILLed once 300 payments were acknowledged and its replica takes over: the whole
+    campaign is repaired from SQL, the same engine sells every unit exactly once across the
+    buckets, and nothing acknowledged is lost."""
+    share = 16384 // replicated_cluster.masters
+
+    async def kill() -> None:
+        layout = await engine.runtime.layout(CID)
+        slot = key_slot(keys_of(layout.shards[1]).meta.encode())
+        killed = replicated_cluster.kill_master(min(slot // share, replicated_cluster.masters - 1))
+        await asyncio.to_thread(replicated_cluster.wait_promoted, killed)
+
+    settings = make_settings(replicated_cluster.url, tmp_path, redis_cluster=True)
+    async with await Engine.open(settings) as engine:
+        ledger = await sale_through_a_failover(engine, 2000, kill, shards=3)
+        await engine.recovery.wait_idle()
+        assert engine.recovery.repairs >= 1, "the promoted replica was repaired from SQL"
+        assert await engine.recovery.trusted(CID)
+        orders = await final_verdict(engine, ledger, 2000)
+        assert paid_units(orders) == 2000
+        layout = await engine.runtime.layout(CID)
+        assert len({shard_of_order(order_id) for order_id in orders}) == 3
+        assert await in_transit(engine.runtime, layout) == {}

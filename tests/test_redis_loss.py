@@ -36,12 +36,22 @@ async def sold_in_sql(engine: Engine, campaign_id: str) -> dict[str, Order]:
     }
 
 
+async def redis_orders(engine: Engine, campaign_id: str) -> dict[str, str]:
+    """Every order record of the campaign in Redis, from each of its stock buckets."""
+    records: dict[str, str] = {}
+    for shard in (await engine.runtime.layout(campaign_id)).shards:
+        bucket: dict[str, str] = await engine.runtime.redis.hgetall(keys_of(shard).orders)  # type: ignore[assignment]
+        records |= bucket
+    return records
+
+
 async def assert_redis_matches_sql(engine: Engine, campaign_id: str) -> None:
     """Every order and team in Redis is the one SQL holds, field by field, and vice versa."""
     rt = engine.runtime
     keys = keys_of(campaign_id)
-    orders: dict[str, str] = await engine.runtime.redis.hgetall(keys.orders)  # type: ignore[assignment]
-    in_redis = {i: Order.from_record(i, r) for i, r in orders.items()}
+    in_redis = {
+        i: Order.from_record(i, r) for i, r in (await redis_orders(engine, campaign_id)).items()
+    }
     assert in_redis == await sold_in_sql(engine, campaign_id)
     teams = {t.team_id: t for t in await rt.store.campaign_teams(campaign_id)}
     records: dict[str, str] = await rt.redis.hgetall(keys.teams)  # type: ignore[assignment]
