@@ -2,7 +2,8 @@
 
 Two shapes of failover with real servers (docs/faults.md): a replica that stopped following
 before the primary died, then promoted under a restarted engine; a Redis Cluster replica
-taking over the campaign's slot in the middle of a sale, under a running engine. Each ends
+taking over the campaign's slot in the middle of a sale, under a running engine, and the same
+for the master of one stock bucket of a sharded campaign. Each ends
 with the verdict of tests/test_redis_loss.py: paid units in SQL never above the stock, no
 order id acknowledged to two shoppers, every acknowledged payment paid in SQL under its
 shopper, and Redis equal to SQL order by order after a final drain.
