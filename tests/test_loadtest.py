@@ -234,17 +234,16 @@ async def test_verdict_fails_on_a_lost_payment_or_a_bad_run(engine: Engine) -> N
 # --------------------------------------------------------------------------- smoke run
 
 
-async def test_a_sharded_flash_sale_under_load(tmp_path: Path) -> None:
-    """The load test with the flash campaign in 3 stock buckets (on the engine's one Redis):
-    the verdict (invariants across the buckets, SQL against Redis order by order, every
-    acknowledged payment) passes, and the flash orders name their buckets."""
+async def passing_run(tmp_path: Path, name: str, *options: str) -> str:
+    """``make loadtest`` with ``options``, 40 users, a few seconds, reports and data under
+    ``tmp_path``: its output, once it exited 0 with every one of its 8 checks passed."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "loadtests.run",
-        *("--users", "40", "--spawn-rate", "40", "--run-time", "4", "--open-after", "0.5"),
-        *("--stock", "30", "--hold-seconds", "2", "--team-ttl", "3", "--shards", "3"),
-        *("--name", "sharded", "--reports", str(tmp_path / "reports")),
+        *("--users", "40", "--spawn-rate", "40", "--open-after", "0.5"),
+        *("--hold-seconds", "2", "--team-ttl", "3", *options),
+        *("--name", name, "--reports", str(tmp_path / "reports")),
         *("--data-dir", str(tmp_path / "data")),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
@@ -253,7 +252,16 @@ async def test_a_sharded_flash_sale_under_load(tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(process.communicate(), 100)
     text = out.decode()
     assert process.returncode == 0, text
-    assert "verdict: PASS" in text and text.count("[PASS]") == 8, text
+    assert "verdict: PASS" in text
+    assert text.count("[PASS]") == 8, text
+    return text
+
+
+async def test_a_sharded_flash_sale_under_load(tmp_path: Path) -> None:
+    """The load test with the flash campaign in 3 stock buckets (on the engine's one Redis):
+    the verdict (invariants across the buckets, SQL against Redis order by order, every
+    acknowledged payment) passes, and the flash orders name their buckets."""
+    await passing_run(tmp_path, "sharded", "--run-time", "4", "--stock", "30", "--shards", "3")
     with sqlite3.connect(tmp_path / "data" / "sharded" / "flashteam.db") as db:
         (shards,) = db.execute(
             "SELECT shards FROM campaigns WHERE id = 'lt-sharded-flash'"
@@ -271,23 +279,7 @@ async def test_a_sharded_flash_sale_under_load(tmp_path: Path) -> None:
 async def test_make_loadtest_smoke_run(tmp_path: Path) -> None:
     """A 5-second spike through the real driver: engine, Locust, drain, verdict, reports,
     the timeline's samples and charts, progress lines."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "loadtests.run",
-        *("--users", "40", "--spawn-rate", "40", "--run-time", "5", "--open-after", "0.5"),
-        *("--stock", "60", "--hold-seconds", "2", "--team-ttl", "3"),
-        *("--name", "smoke", "--reports", str(tmp_path / "reports")),
-        *("--data-dir", str(tmp_path / "data")),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 100)
-    text = out.decode()
-    assert process.returncode == 0, text
-    assert "verdict: PASS" in text
-    assert text.count("[PASS]") == 8, text
+    text = await passing_run(tmp_path, "smoke", "--run-time", "5", "--stock", "60")
     reports = tmp_path / "reports"
     assert (reports / "smoke.html").stat().st_size > 10_000
     assert (reports / "smoke-verdict.txt").read_text().strip().endswith("verdict: PASS")
