@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from enum import Enum
 from typing import Any, TypeVar, cast
 
@@ -94,6 +95,19 @@ def json_response(
     return HttpResponse(status, _encoder.encode(body), headers=headers)
 
 
+def _campaign_of_request(request: HttpRequest) -> str | None:
+    """The campaign a request's path names (its campaign, order or team id), or None."""
+    params = request.params
+    with contextlib.suppress(errors.ValidationError):
+        if "campaign_id" in params:
+            return check_id(params["campaign_id"], "campaign_id")
+        if "order_id" in params:
+            return campaign_of_order(params["order_id"])
+        if "team_id" in params:
+            return campaign_of_team(params["team_id"])
+    return None
+
+
 def error_body(exc: errors.EngineError) -> tuple[int, dict[str, Any]]:
     """An error's status and its body ``{"error": {"code", "message", ...details}}``."""
     code = exc.http_code if isinstance(exc, ApiError) else exc.code
@@ -131,7 +145,7 @@ class Api:
         self._flusher: asyncio.Task[None] | None = None
         self._openapi: bytes | None = None
         self.operations: list[Operation] = []
-        self._router = Router()
+        self._router = Router(cache_params=frozenset({"campaign_id"}))
         self._unavailable_logged: dict[tuple[str, str], float] = {}
         gw, adm, pub = Access.GATEWAY, Access.ADMIN, Access.PUBLIC
         o = s.OrderOut
@@ -340,14 +354,7 @@ class Api:
                 return await handler(request)
             except errors.EngineError as exc:
                 outcome = exc.http_code if isinstance(exc, ApiError) else exc.code
-                if isinstance(exc, errors.Unavailable):
-                    self._log_unavailable(name, exc)
-                # Not for ids nobody created, nor for an archived campaign (its counters
-                # are in SQL now, engine/archive.py).
-                if isinstance(exc, errors.Rejected) and not isinstance(
-                    exc, errors.NotFound | errors.Archived
-                ):
-                    self._count_rejection(request, outcome)
+                self._failed(name, exc, lambda: _campaign_of_request(request))
                 return error_response(exc)
             except Exception:
                 outcome = "internal"
@@ -358,14 +365,26 @@ class Api:
 
         return method, path, endpoint
 
-    def _log_unavailable(self, route: str, exc: errors.Unavailable) -> None:
-        """Say why a route answered 503, at most once a second per route and reason (an
-        outage answers every request with it)."""
-        now = time.monotonic()
-        key = (route, exc.message)
-        if now - self._unavailable_logged.get(key, 0.0) >= 1.0:
-            self._unavailable_logged[key] = now
-            log.warning("%s answered 503: %s", route, exc.message)
+    def _failed(
+        self, route: str, exc: errors.EngineError, campaign_of: Callable[[], str | None]
+    ) -> None:
+        """What a call answered with an error records, on its own route or inside a batch:
+        a 503's reason (logged at most once a second per route and reason: an outage answers
+        every request with it), and a business rejection counted for its campaign's KPIs
+        (``campaign_of``: its id, or None; not for ids nobody created, nor for an archived
+        campaign, whose counters are in SQL now, engine/archive.py)."""
+        if isinstance(exc, errors.Unavailable):
+            now = time.monotonic()
+            key = (route, exc.message)
+            if now - self._unavailable_logged.get(key, 0.0) >= 1.0:
+                self._unavailable_logged[key] = now
+                log.warning("%s answered 503: %s", route, exc.message)
+        elif isinstance(exc, errors.Rejected) and not isinstance(
+            exc, errors.NotFound | errors.Archived
+        ):
+            campaign_id = campaign_of()
+            if campaign_id is not None and self._rejections is not None:
+                self._rejections.count(campaign_id, exc.code)
 
     def _authorize(self, request: HttpRequest, access: Access) -> None:
         if access is Access.PUBLIC:
@@ -408,19 +427,6 @@ class Api:
             raise errors.ValidationError(str(exc)) from exc
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise errors.ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
-
-    def _count_rejection(self, request: HttpRequest, code: str) -> None:
-        params = request.params
-        with contextlib.suppress(errors.ValidationError):
-            if "campaign_id" in params:
-                campaign_id = check_id(params["campaign_id"], "campaign_id")
-            elif "order_id" in params:
-                campaign_id = campaign_of_order(params["order_id"])
-            elif "team_id" in params:
-                campaign_id = campaign_of_team(params["team_id"])
-            else:
-                return
-            self._count(campaign_id, code)
 
     @staticmethod
     def _query_int(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:
@@ -615,12 +621,8 @@ class Api:
         result per item, in order, each the single call's status and body
         (engine/api/batch.py)."""
         items = batch.decode(self._raw(request))
-        done = await batch.execute(self.engine, items, error_body, self._count)
+        done = await batch.execute(self.engine, items, error_body, self._failed)
         return json_response(done)
-
-    def _count(self, campaign_id: str, code: str) -> None:
-        if self._rejections is not None:
-            self._rejections.count(campaign_id, code)
 
     async def live_figures(self, request: HttpRequest) -> HttpResponse:
         """Every figure of the live sale page, cumulative (engine/api/live.py)."""

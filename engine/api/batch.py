@@ -98,7 +98,8 @@ _envelope = msgspec.json.Decoder(_Envelope)
 _item = msgspec.json.Decoder(Item)
 
 ErrorBody = Callable[[errors.EngineError], tuple[int, dict[str, Any]]]
-Count = Callable[[str, str], None]
+# Records a failed item: (route, error, the item's campaign id when asked) -> None
+Failed = Callable[[str, errors.EngineError, Callable[[], str | None]], None]
 
 
 def decode(raw: bytes) -> list[Item | errors.ValidationError]:
@@ -123,16 +124,17 @@ async def execute(
     engine: Engine,
     items: list[Item | errors.ValidationError],
     error_body: ErrorBody,
-    count: Count,
+    failed: Failed,
 ) -> BatchOut:
     """Run every item (concurrently, submitted in order) and answer each as its single call
-    would; ``count(campaign, code)`` records each business rejection (the KPIs)."""
-    results = await asyncio.gather(*(_one(engine, item, error_body, count) for item in items))
+    would; ``failed`` records each error as the single call's route does (a 503's reason,
+    a business rejection in its campaign's KPIs)."""
+    results = await asyncio.gather(*(_one(engine, item, error_body, failed) for item in items))
     return BatchOut(list(results))
 
 
 async def _one(
-    engine: Engine, item: Item | errors.ValidationError, error_body: ErrorBody, count: Count
+    engine: Engine, item: Item | errors.ValidationError, error_body: ErrorBody, failed: Failed
 ) -> BatchResult:
     try:
         if isinstance(item, errors.ValidationError):
@@ -140,14 +142,8 @@ async def _one(
         status, body = await _call(engine, item)
         return BatchResult(status, body)
     except errors.EngineError as exc:
-        status, body = error_body(exc)
-        if isinstance(exc, errors.Rejected) and not isinstance(
-            exc, errors.NotFound | errors.Archived
-        ):
-            campaign = _campaign_of(item)
-            if campaign is not None:
-                count(campaign, exc.code)
-        return BatchResult(status, body)
+        failed("batch", exc, lambda: _campaign_of(item))
+        return BatchResult(*error_body(exc))
     except Exception:
         log.exception("batch item failed: %r", item)
         return BatchResult(*error_body(errors.EngineError("internal error")))

@@ -107,12 +107,18 @@ class _Route:
 class Router:
     """Routes by method and path template (``/v1/orders/{order_id}/pay``): routes are grouped
     by their number of segments; within a group, literal segments must match and the others
-    become ``request.params``."""
+    become ``request.params``.
+
+    A resolved path is kept when every parameter of its route is one of ``cache_params``:
+    ids that are few and long-lived (a campaign's), so a hot path (one campaign's
+    reservations) is resolved once, then looked up. Paths with an order, team or user id are
+    new in nearly every request: keeping them would only churn the cache."""
 
     CACHED = 4096  # resolved (method, path) pairs kept; the cache starts over when full
 
-    def __init__(self) -> None:
+    def __init__(self, cache_params: frozenset[str] = frozenset()) -> None:
         self._by_length: dict[int, list[_Route]] = {}
+        self._cache_params = cache_params
         self._resolved: dict[tuple[str, str], tuple[Handler, dict[str, str]]] = {}
 
     def add(self, method: str, template: str, handler: Handler) -> None:
@@ -122,20 +128,20 @@ class Router:
         self._by_length.setdefault(len(parts), []).append(_Route(method, segments, names, handler))
 
     def resolve(self, request: HttpRequest) -> Handler:
-        """The handler of the request, with ``request.params`` filled; NoRoute otherwise. A
-        hot path (one campaign's reservations) is resolved once, then looked up."""
+        """The handler of the request, with ``request.params`` filled; NoRoute otherwise."""
         key = (request.method, request.path)
         known = self._resolved.get(key)
         if known is not None:
             request.params = known[1]
             return known[0]
-        handler = self._resolve(request)
-        if len(self._resolved) >= self.CACHED:
-            self._resolved.clear()
-        self._resolved[key] = (handler, request.params)
-        return handler
+        route = self._resolve(request)
+        if self._cache_params.issuperset(route.names):
+            if len(self._resolved) >= self.CACHED:
+                self._resolved.clear()
+            self._resolved[key] = (route.handler, request.params)
+        return route.handler
 
-    def _resolve(self, request: HttpRequest) -> Handler:
+    def _resolve(self, request: HttpRequest) -> _Route:
         parts = request.path.split("/")
         allowed: list[str] = []
         for route in self._by_length.get(len(parts), ()):
@@ -146,7 +152,7 @@ class Router:
                 allowed.append(route.method)
                 continue
             request.params = dict(zip(route.names, values, strict=True))
-            return route.handler
+            return route
         raise NoRoute(allowed)
 
 
