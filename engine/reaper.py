@@ -50,8 +50,7 @@ class Reaper:
         """
         scripts = self._rt.scripts
         layout = await self._rt.layout(campaign_id)
-        if layout.sharded:
-            await finish_pending(self._rt, layout)
+        await finish_pending(self._rt, layout)  # a sharded campaign's transfers in transit
         teams, _ = await self._drain(scripts.expire_teams, campaign_id)
         ended, over = teams, True
         for shard in layout.shards:

@@ -28,6 +28,7 @@ from engine.keys import keys_of
 from engine.models import AUTO_SUCCESS, Order, Team
 from engine.runtime import Runtime
 from engine.scripts import RedisClient, guarded
+from engine.shards import outbox_entries
 
 PAGE = 1000  # fields per HSCAN call
 
@@ -66,7 +67,7 @@ async def reconcile(rt: Runtime, campaign_id: str) -> Reconciliation:
     shards = (await rt.layout(campaign_id)).shards
     redis = rt.redis
     result = Reconciliation(campaign_id)
-    unflushed_before = await _unflushed(redis, shards)
+    unflushed_before = await outbox_entries(redis, shards)
     redis_orders: dict[str, Record | str] = {}
     for shard in shards:
         orders = keys_of(shard).orders
@@ -77,7 +78,7 @@ async def reconcile(rt: Runtime, campaign_id: str) -> Reconciliation:
     }
     sql_teams = {t.team_id: _team(t) for t in await rt.store.campaign_teams(campaign_id)}
     # Read again: an event written while the records were read is as unflushed as one before.
-    result.unflushed = max(unflushed_before, await _unflushed(redis, shards))
+    result.unflushed = max(unflushed_before, await outbox_entries(redis, shards))
 
     _summarize(result, redis_orders, sql_orders, redis_teams, sql_teams)
     result.orders, result.orders_differing = _compare(
@@ -90,11 +91,6 @@ async def reconcile(rt: Runtime, campaign_id: str) -> Reconciliation:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-async def _unflushed(redis: RedisClient, shards: Sequence[str]) -> int:
-    """Events in the outbox streams of the campaign (of each of its stock buckets)."""
-    return sum([int(await guarded(redis.xlen(keys_of(shard).events))) for shard in shards])
 
 
 def _order(order: Order) -> Record:

@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +173,11 @@ def sold_out_moments(invs: list[dict[str, str]]) -> dict[str, int]:
             if field.startswith("out:"):
                 outs.setdefault(field[4:], []).append(int(value))
     return {sku: max(moments) for sku, moments in outs.items() if len(moments) == len(invs)}
+
+
+async def outbox_entries(redis: RedisClient, shards: Sequence[str]) -> int:
+    """Events in the outbox streams of a campaign's stock buckets (``shards``)."""
+    return sum([int(await guarded(redis.xlen(keys_of(shard).events))) for shard in shards])
 
 
 async def in_transit(rt: Runtime, layout: Layout) -> dict[str, int]:

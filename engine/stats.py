@@ -21,6 +21,7 @@ from engine.keys import keys_of
 from engine.models import CampaignKind, CampaignView, to_ms
 from engine.runtime import Runtime
 from engine.scripts import guarded
+from engine.shards import outbox_entries
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ class TeamKpis:
     success_rate: float | None  # succeeded / (succeeded + failed)
     mean_time_to_fill_s: float | None  # of the filled teams
     joins_per_opened_team: float | None
-    filled: int = 0  # succeeded with every seat paid
+    filled: int  # succeeded with every seat paid
     # Succeeded automatically: their time ran out with auto_success_min_paid or more paid
     # seats, not all (a campaign option); and the seats they lacked, what the option gave.
-    auto_succeeded: int = 0
-    auto_unfilled_seats: int = 0
+    auto_succeeded: int
+    auto_unfilled_seats: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +93,7 @@ async def campaign_stats(rt: Runtime, view: CampaignView) -> CampaignStats:
         rejected, unflushed = dict(archive.rejections if archive else {}), 0
     else:
         rejected = await guarded(redis.hgetall(keys.rejections))
-        unflushed = 0
-        for shard in campaign.shard_ids:  # each stock bucket's outbox (engine/shards.py)
-            unflushed += int(await guarded(redis.xlen(keys_of(shard).events)))
+        unflushed = await outbox_entries(redis, campaign.shard_ids)
     totals = await rt.store.order_totals(campaign_id)
     per: dict[tuple[str, str], tuple[int, int, int]] = {
         (t.sku, t.state): (t.orders, t.units, t.amount) for t in totals

@@ -44,6 +44,7 @@ from engine.events import Event
 from engine.keys import CAMPAIGN_SET, DEAD_LETTERS, STREAM_SET, keys_of
 from engine.runtime import Runtime
 from engine.scripts import guarded
+from engine.shards import outbox_entries
 from engine.store import Batch
 
 log = logging.getLogger(__name__)
@@ -309,8 +310,7 @@ class FlushWorker:
 
     async def _unflushed(self, campaign_id: str) -> int:
         """Entries in the campaign's streams (every stock bucket's)."""
-        shards = (await self._rt.layout(campaign_id)).shards
-        return sum([int(await guarded(self._rt.redis.xlen(keys_of(s).events))) for s in shards])
+        return await outbox_entries(self._rt.redis, (await self._rt.layout(campaign_id)).shards)
 
 
 def _add(batch: Batch, campaign_id: str, event: Event) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from engine.keys import shard_of_order
 from engine.models import Campaign, Order, Team
 from engine.settings import Settings
 
@@ -54,7 +55,7 @@ class Batch:
         ``<campaign>.b<k>``: engine/shards.py)."""
         out: dict[str, tuple[int, int]] = {}
         for order_id, (order, _) in self.orders.items():
-            shard = order_id[: order_id.rindex(".")]
+            shard = shard_of_order(order_id)
             o, t = out.get(shard, (0, 0))
             team = sequence(order.team_id) if order.team_id else 0
             out[shard] = (max(o, sequence(order_id)), max(t, team))
@@ -100,8 +101,8 @@ class TeamFill:
 
     opened: int
     fill_ms: float | None
-    auto: int = 0
-    unfilled: int = 0
+    auto: int
+    unfilled: int
 
 
 @dataclass(frozen=True, slots=True)
