@@ -94,6 +94,5 @@ class FlashSale:
                     raise Refusal(Code.SOLD_OUT, left).error()
         except Archived:  # a bucket's script or a refill's read found it archived
             raise await archived_refusal(self._rt, campaign_id, "reserve") from None
-        self._rebalancer.gave_up += 1
-        await self._rebalancer.count("gave_up")
+        self._rebalancer.count("gave_up")
         raise Refusal(Code.SOLD_OUT, 0).error()

@@ -46,12 +46,11 @@ that quick-join reads must be changed in one script, on one slot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -212,15 +211,45 @@ class Rebalancer:
     """Moves stock between the buckets of sharded campaigns for this process's reservations
     (module docstring); counts what it did."""
 
+    # What it counts: transfers it debited and finished, their units (moved), pending
+    # transfers of others (or of a dead process) it finished, refills that proved the item
+    # sold out, second reads that found a bucket credited meanwhile (rereads), and
+    # reservations answered sold_out after ROUNDS rounds (gave_up).
+    EVENTS = ("transfers", "moved", "finished", "sold_out", "rereads", "gave_up")
+
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._refills: dict[tuple[str, str], _Refill] = {}
-        self.transfers = 0  # transfers this process debited and finished
-        self.moved = 0  # their units
-        self.finished = 0  # pending transfers of others (or of a dead process) it finished
-        self.sold_out = 0  # refills that proved the item sold out
-        self.rereads = 0  # second reads that found a bucket credited meanwhile
-        self.gave_up = 0  # reservations answered sold_out after ROUNDS rounds
+        self._counts: Counter[str] = Counter()  # since this process started
+        self._unsaved: Counter[str] = Counter()  # not yet added to REBALANCE_STATS
+
+    def count(self, event: str, n: int = 1) -> None:
+        """Count ``n`` of ``event`` (one of EVENTS); ``save`` adds them to Redis later."""
+        self._counts[event] += n
+        self._unsaved[event] += n
+
+    async def save(self) -> None:
+        """Add the counts not saved yet to the counters every process shares in Redis
+        (``REBALANCE_STATS``, read by /metrics); kept for the next try when Redis is away."""
+        unsaved, self._unsaved = self._unsaved, Counter()
+        for event, n in unsaved.items():
+            try:
+                await guarded(self._rt.redis.hincrby(REBALANCE_STATS, event, n))
+            except EngineError:
+                self._unsaved[event] += n
+                raise
+
+    @property
+    def transfers(self) -> int:
+        return self._counts["transfers"]
+
+    @property
+    def moved(self) -> int:
+        return self._counts["moved"]
+
+    @property
+    def gave_up(self) -> int:
+        return self._counts["gave_up"]
 
     async def refill(self, layout: Layout, sku: str, shard: str, qty: int) -> int | None:
         """Bring units of ``sku`` into bucket ``shard`` for a reservation of ``qty`` it could
@@ -258,8 +287,7 @@ class Rebalancer:
         for transfer in pending:  # units in transit are not sold out: deliver them
             if await finish(scripts, transfer) and transfer.sku == sku:
                 available[transfer.destination] += transfer.units
-            self.finished += 1
-            await self.count("finished")
+            self.count("finished")
         here = available[shard]
         if here >= refill.need:
             return None  # units arrived meanwhile (or were in transit to this bucket)
@@ -269,7 +297,7 @@ class Rebalancer:
         )
         if not donors:
             if not pending and await self._quiet(layout, sku, shard, refill.need, peeks):
-                self.sold_out += 1
+                self.count("sold_out")
                 return max(here, 0)
             return _AGAIN
         return await self._move(sku, shard, donors, max(refill.demand, refill.need) - here)
@@ -287,10 +315,9 @@ class Rebalancer:
             most = max(want - moved, (units + 1) // 2)
             debited = await scripts.debit(donor, sku, most, 1, shard)
             if debited is not None and await finish(scripts, debited):
-                self.transfers += 1
-                self.moved += debited.units
+                self.count("transfers")
+                self.count("moved", debited.units)
                 moved += debited.units
-                await self.count("transfers", moved=debited.units)
         return None if moved else _AGAIN
 
     async def _peek(self, layout: Layout, sku: str) -> list[Peek]:
@@ -311,26 +338,9 @@ class Rebalancer:
             for a, b in zip(first, again, strict=True)
         )
         if not quiet:
-            self.rereads += 1
+            self.count("rereads")
         return quiet
 
-    async def count(self, event: str, moved: int = 0) -> None:
-        """Add one ``event`` (and ``moved`` units) to the counters all processes share in
-        Redis (``REBALANCE_STATS``, read by /metrics); a Redis away loses the count, not the
-        caller's answer."""
-        redis = self._rt.redis
-        with contextlib.suppress(EngineError):
-            await guarded(redis.hincrby(REBALANCE_STATS, event, 1))
-            if moved:
-                await guarded(redis.hincrby(REBALANCE_STATS, "moved", moved))
-
-    def stats(self) -> dict[str, Any]:
-        """This process's counters, for tests and benchmarks."""
-        return {
-            "transfers": self.transfers,
-            "moved": self.moved,
-            "finished": self.finished,
-            "sold_out": self.sold_out,
-            "rereads": self.rereads,
-            "gave_up": self.gave_up,
-        }
+    def stats(self) -> dict[str, int]:
+        """This process's counts, for tests and benchmarks."""
+        return {event: self._counts[event] for event in self.EVENTS}

@@ -10,8 +10,6 @@ campaign's figures all come from SQL (engine/archive.py).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -185,12 +183,3 @@ class RejectionCounter:
             except EngineError:
                 self._counts[(campaign_id, code)] += n  # Redis is away: keep them for later
                 raise
-
-    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
-            try:
-                await self.flush()
-            except EngineError as exc:
-                log.warning("rejection counters not saved yet: %s", exc)

@@ -28,6 +28,7 @@ from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisClusterServers
 from engine.shards import bucket_index
 from testkit.factories import campaign_json, flash_campaign, team_campaign
+from testkit.helpers import eventually
 from tests.test_api import metric
 from tests.test_api_load import ADM, GW, SKU, error_code, pool, stock_of, unique
 from tests.test_concurrency import _attempting_users
@@ -121,7 +122,13 @@ async def test_one_unit_per_bucket_every_shopper_on_one_bucket(cluster_api: ApiS
             for o in held
         ]
         after = await stock_of(client, campaign_id)
-        counted = await rebalancing(client)
+
+        async def saved() -> dict[str, float] | None:
+            """the 2 units moved counted (the workers save their counts about once a second)"""
+            counters = await rebalancing(client)
+            return counters if counters["units_moved"] - before["units_moved"] >= 2 else None
+
+        counted = await eventually(saved, 10)
 
     assert Counter(a.status_code for a in answers) == {201: 3, 409: 4_997}
     refused = {(u, error_code(a)) for u, a in zip(attempts, answers, strict=True) if a.is_error}

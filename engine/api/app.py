@@ -283,7 +283,7 @@ class Api:
         self.engine.runtime.scripts.observe = metrics.observe_script
         self._rejections = RejectionCounter(self.engine.runtime)
         self._stop = asyncio.Event()
-        self._saver = asyncio.create_task(self._rejections.run(self._stop))
+        self._saver = asyncio.create_task(self._save_counters(self._rejections, self._stop))
         self._flusher = asyncio.create_task(self._flush_metrics(self._stop))
 
     async def shutdown(self) -> None:
@@ -296,6 +296,19 @@ class Api:
         if self._owned and self._engine is not None:
             await self._engine.close()
             self._engine, self._owned = None, False
+
+    async def _save_counters(self, rejections: RejectionCounter, stop: asyncio.Event) -> None:
+        """Add the rejection counters (the KPIs) and the rebalancer's counters (/metrics),
+        counted in process, to Redis about once a second, and a last time when stopped: a
+        sold-out storm or a refill costs no Redis call of its own to be counted."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            for save in (rejections.flush, self.engine.rebalancer.save):
+                try:
+                    await save()
+                except errors.EngineError as exc:
+                    log.warning("counters not saved yet: %s", exc)
 
     @staticmethod
     async def _flush_metrics(stop: asyncio.Event) -> None:
