@@ -144,8 +144,8 @@ class CampaignKeys:
     order_keys: tuple[
         str, ...
     ]  # KEYS of every order and team script (lua/lib/common.lua order_keys)
+    limited_keys: tuple[str, ...]  # order_keys, then rate_windows: with the rate limit on
     shard: str  # the shard id: campaign_id, or "<campaign_id>.b<bucket>" (engine/shards.py)
-    bucket: int
     tag: str  # "ft:{c:<campaign_id>}" or "ft:{c:<campaign_id>:<bucket>}"
     transfers: str  # hash: stock transfers out of this bucket, not settled (sharded only)
     credits: str  # hash: transfers credited to this bucket (sharded only)
@@ -158,6 +158,19 @@ class CampaignKeys:
         meta, inv, orders, users, deadlines, events = (
             f"{tag}:{name}" for name in ("meta", "inv", "orders", "users", "deadlines", "events")
         )
+        order_keys = (
+            meta,
+            inv,
+            orders,
+            users,
+            deadlines,
+            events,
+            f"{tag}:teams",
+            f"{tag}:joinable",
+            f"{tag}:team_deadlines",
+            f"{tag}:idem",
+        )
+        rate_windows = (f"{tag}:rl:0", f"{tag}:rl:1")
         return cls(
             campaign_id=campaign_id,
             meta=meta,
@@ -171,22 +184,11 @@ class CampaignKeys:
             team_expiry=f"{tag}:team_deadlines",
             idem=f"{tag}:idem",
             rejections=f"{tag}:rejections",
-            rate_windows=(f"{tag}:rl:0", f"{tag}:rl:1"),
+            rate_windows=rate_windows,
             repair=f"{tag}:repair",
-            order_keys=(
-                meta,
-                inv,
-                orders,
-                users,
-                deadlines,
-                events,
-                f"{tag}:teams",
-                f"{tag}:joinable",
-                f"{tag}:team_deadlines",
-                f"{tag}:idem",
-            ),
+            order_keys=order_keys,
+            limited_keys=order_keys + rate_windows,
             shard=shard,
-            bucket=bucket,
             tag=tag,
             transfers=f"{tag}:transfers",
             credits=f"{tag}:credits",

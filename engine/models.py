@@ -138,10 +138,6 @@ class Item:
                     field="leader_price",
                 )
 
-    def unit_price(self, leader: bool) -> int:
-        """What one unit costs a team's leader (``leader``) or anyone else."""
-        return self.price if not leader or self.leader_price is None else self.leader_price
-
 
 @dataclass(frozen=True, slots=True)
 class Campaign:

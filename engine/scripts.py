@@ -437,7 +437,7 @@ class Scripts:
 
     async def _create(self, name: str, shard: str, call: Call) -> list[Any]:
         keys = keys_of(shard)
-        keys_one = keys.order_keys + keys.rate_windows if self._args.rate_limit else keys.order_keys
+        keys_one = keys.limited_keys if self._args.rate_limit else keys.order_keys
         return await self._call(name, keys_one, self._args.one(shard, call), keys.campaign_id)
 
     async def one(self, shard: str, call: Call) -> Outcome:
@@ -457,9 +457,8 @@ class Scripts:
             call = calls[0]
             return [await self._create(_SCRIPT_OF[call.op], shard, call)]
         keys = keys_of(shard)
-        batch_keys = list(keys.order_keys)
-        if self._args.rate_limit > 0:  # the rate limit's two windows; none when it is off
-            batch_keys += keys.rate_windows
+        # the rate limit's two windows after the order keys; none when it is off
+        batch_keys = keys.limited_keys if self._args.rate_limit > 0 else keys.order_keys
         reply = await self._call(
             "batch", batch_keys, self._args.batch(shard, calls), keys.campaign_id
         )

@@ -154,13 +154,12 @@ async def stock(rt: Runtime, campaign: Campaign) -> tuple[ItemStock, ...]:
     invs: list[dict[str, str]] = [
         await guarded(rt.redis.hgetall(keys_of(shard).inv)) for shard in campaign.shard_ids
     ]
+    sold_out = sold_out_moments(invs)
     items = []
     for item in campaign.items:
         sku = item.sku
         held, paid, gone = (sum(int(inv.get(f"{b}:{sku}", 0)) for inv in invs) for b in "hpr")
-        outs = [inv.get(f"out:{sku}") for inv in invs]
-        out = max(int(o) for o in outs if o) if all(outs) else None
-        items.append(ItemStock.counted(item, held, paid, gone, out))
+        items.append(ItemStock.counted(item, held, paid, gone, sold_out.get(sku)))
     return tuple(items)
 
 
