@@ -434,12 +434,7 @@ class Api:
         decoder = _decoders.get(kind)
         if decoder is None:
             decoder = _decoders[kind] = msgspec.json.Decoder(kind)
-        try:
-            return cast(T, decoder.decode(raw or b"{}"))
-        except msgspec.ValidationError as exc:
-            raise errors.ValidationError(str(exc)) from exc
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise errors.ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
+        return cast(T, s.decode_json(decoder, raw))
 
     @staticmethod
     def _query_int(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:

@@ -105,12 +105,7 @@ Failed = Callable[[str, errors.EngineError, Callable[[], str | None]], None]
 def decode(raw: bytes) -> list[Item | errors.ValidationError]:
     """The batch's items, each decoded on its own: a bad item becomes its ValidationError;
     ValidationError for the whole batch when it is not ``{"requests": [...]}``."""
-    try:
-        envelope = _envelope.decode(raw or b"{}")
-    except msgspec.ValidationError as exc:
-        raise errors.ValidationError(f'{exc} (a batch is {{"requests": [...]}})') from exc
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise errors.ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
+    envelope = s.decode_json(_envelope, raw, ' (a batch is {"requests": [...]})')
     items: list[Item | errors.ValidationError] = []
     for n, part in enumerate(envelope.requests):
         try:

@@ -19,6 +19,14 @@ from urllib.parse import parse_qsl
 Headers = list[tuple[bytes, bytes]]
 
 
+def find_header(headers: Headers, name: bytes) -> bytes | None:
+    """The first of ``headers`` named ``name`` (lower case), None when absent."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
 @dataclass(slots=True)
 class HttpRequest:
     """One request, read whole. ``too_large``: its body went over the cap and was dropped."""
@@ -34,10 +42,7 @@ class HttpRequest:
 
     def header(self, name: bytes) -> bytes | None:
         """The first header ``name`` (lower case), None when absent."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return find_header(self.headers, name)
 
     def query_param(self, name: str) -> str | None:
         """The first ``name=`` of the query string, decoded; None when absent."""

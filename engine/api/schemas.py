@@ -6,11 +6,12 @@ structs, so the documented schema and the checked one cannot drift apart.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Self, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
 
+from engine.errors import ValidationError
 from engine.keys import ID_PATTERN, KEY_PATTERN
 from engine.models import (
     MAX_ITEMS,
@@ -24,6 +25,20 @@ from engine.models import (
     TeamSeatResult,
 )
 from engine.teams import TeamView, mask_user
+
+T = TypeVar("T")
+
+
+def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes, hint: str = "") -> T:
+    """A request body decoded by ``decoder`` (an empty body as ``{}``); ValidationError
+    naming what is wrong (``hint`` added to a shape error) when it does not fit."""
+    try:
+        return decoder.decode(raw or b"{}")
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"{exc}{hint}") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
+
 
 Id = Annotated[str, Meta(pattern=f"^{ID_PATTERN}$", description="[A-Za-z0-9_-]{1,64}")]
 Key = Annotated[str, Meta(pattern=f"^{KEY_PATTERN}$", description="[A-Za-z0-9_.:-]{1,128}")]

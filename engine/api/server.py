@@ -34,7 +34,7 @@ from urllib.parse import unquote
 import httptools
 import uvloop
 
-from engine.api.http import Handler, HttpRequest, HttpResponse, serialize
+from engine.api.http import Handler, HttpRequest, HttpResponse, find_header, serialize
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,10 @@ class HttpProtocol(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        length = _header(self._headers, b"content-length")
+        length = find_header(self._headers, b"content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self._size = self._max_body + 1  # refused whole: its bytes are not kept
-        elif (_header(self._headers, b"expect") or b"").lower() == b"100-continue":
+        elif (find_header(self._headers, b"expect") or b"").lower() == b"100-continue":
             self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -225,13 +225,6 @@ class HttpProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
 
 
 # --------------------------------------------------------------------------- one worker
