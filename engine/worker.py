@@ -186,7 +186,8 @@ class FlushWorker:
             entries = await self._read(stream, claim_idle_ms)
         if not entries:
             await self._check_marks(shard, None)
-            await self._maybe_forget(campaign_id)
+            if shard == campaign_id:  # once per campaign: it looks at every bucket's stream
+                await self._maybe_forget(campaign_id)
             return 0
         batch, dead = Batch(), 0
         for entry_id, fields in entries:

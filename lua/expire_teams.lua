@@ -23,15 +23,19 @@ local upto = invalidated and '+inf' or now
 local due = redis.call('ZRANGEBYSCORE', k.team_deadlines, '-inf', upto, 'LIMIT', 0,
   tonumber(ARGV[1]))
 
+-- with automatic success on, the paid seats an expired team needs to succeed (never on
+-- invalidation)
+local auto = (not invalidated and m.auto > 0) and m.auto or nil
+
 return run_ops(ctx, function()
   for _, id in ipairs(due) do
     local t = ctx_team(ctx, id)
-    if t and t.state == 'O' and not invalidated and m.auto > 0 and t.paid >= m.auto then
-      auto_succeed(ctx, t)
-    elseif t and t.state == 'O' then
-      fail_team(ctx, t, invalidated and 'invalidated' or 'expired')
-    else
+    if not (t and t.state == 'O') then
       redis.call('ZREM', k.team_deadlines, id)
+    elseif auto and t.paid >= auto then
+      auto_succeed(ctx, t)
+    else
+      fail_team(ctx, t, invalidated and 'invalidated' or 'expired')
     end
   end
   local head = redis.call('ZRANGE', k.team_deadlines, 0, 0, 'WITHSCORES')
