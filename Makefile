@@ -3,9 +3,16 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# uv installs the environment from uv.lock; it lives in a venv of its own (.tools), pinned
+# with the hashes of its wheels in requirements/uv.txt.
+TOOLS  := .tools
+UV     := $(TOOLS)/bin/uv
+# Never download an interpreter: the lock is installed into the Python the machine has.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
 .DEFAULT_GOAL := help
-.PHONY: help install redis postgres promtool browser run demo test lint bench loadtest clean
+.PHONY: help install lock redis postgres promtool browser run demo test lint bench loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -58,13 +65,32 @@ browser: ## make sure headless Chromium and its driver are installed (the live p
 	    exit 1; \
 	  fi; }
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+$(UV): requirements/uv.txt
+	rm -rf $(TOOLS)
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q --isolated --disable-pip-version-check --require-hashes --no-deps -r requirements/uv.txt
 	touch $@
 
-install: redis $(STAMP) ## create .venv and install flashteam with its dev tools
+$(STAMP): pyproject.toml uv.lock $(UV)
+	@$(UV) lock --locked --quiet || { \
+	  echo "uv.lock does not match pyproject.toml: run 'make lock' to refresh it (then commit both)." >&2; \
+	  exit 1; }
+	$(UV) sync --locked --extra dev --python $(PYTHON) --quiet
+	touch $@
+
+install: redis $(STAMP) ## create .venv with exactly the versions in uv.lock (flashteam and its dev tools)
+
+lock: $(UV) ## refresh uv.lock (and uv itself) to the newest releases, keeping them only if `make test` passes
+	cp uv.lock $(TOOLS)/uv.lock.before
+	cp requirements/uv.txt $(TOOLS)/uv.txt.before
+	echo uv | $(UV) pip compile - --universal --generate-hashes --upgrade --quiet \
+	  --custom-compile-command 'make lock' -o requirements/uv.txt
+	$(UV) lock --upgrade
+	$(MAKE) test || { \
+	  cp $(TOOLS)/uv.lock.before uv.lock; cp $(TOOLS)/uv.txt.before requirements/uv.txt; \
+	  echo "the newest releases fail 'make test': uv.lock is back as it was." >&2; \
+	  echo "Fix the code for them, or hold a package back in pyproject.toml, then run 'make lock' again." >&2; \
+	  exit 1; }
 
 run: install ## start the engine locally on embedded defaults (private redis-server under ./var/, SQLite)
 	$(BIN)/flashteam run
@@ -87,5 +113,5 @@ bench: install postgres ## benchmarks (excluded from `make test`) with progress 
 loadtest: install ## Locust spike on a local engine, then the invariant verdict (ARGS="--help" lists the options)
 	$(BIN)/python -m loadtests.run $(ARGS)
 
-clean: ## remove the venv and local data
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+clean: ## remove the venvs and local data
+	rm -rf $(VENV) $(TOOLS) var .pytest_cache .mypy_cache .ruff_cache

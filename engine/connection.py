@@ -93,7 +93,7 @@ class _PrimaryConnection(SentinelManagedConnection):
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
     ) -> None:
         if not self.is_connected:
-            await self.connect()  # type: ignore[no-untyped-call]
+            await SentinelManagedConnection.connect(self)
         await super().send_packed_command(command, check_health)
 
 
@@ -101,7 +101,7 @@ def _sentinel_client(settings: Settings) -> SentinelPrimary:
     """The primary of ``settings.redis_master``, found through ``settings.redis_sentinels``
     when each connection opens; a missing or unreachable set of Sentinels surfaces on the
     first call (Unavailable), as a down Redis does."""
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+    sentinel = Sentinel(
         settings.sentinel_addresses,
         # One try per Sentinel and call: the next Sentinel of the list is the retry (redis-py's
         # default would retry each one three times, backing off up to 10 s).

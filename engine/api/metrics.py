@@ -93,7 +93,7 @@ def _registry() -> CollectorRegistry | None:
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return None
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    MultiProcessCollector(registry)
     return registry
 
 

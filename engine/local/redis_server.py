@@ -67,7 +67,7 @@ def _query(port: int, command: str, *args: str) -> Any:
     """One command (``"CLUSTER INFO"``, with its arguments) to a local server; its reply as
     redis-py parses it."""
     with _admin(port) as client:
-        return client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+        return client.execute_command(command, *args)
 
 
 def _wait(what: str, done: Callable[[], bool], timeout: float = _START_TIMEOUT) -> None:
