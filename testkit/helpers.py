@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, closing, contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -20,6 +22,16 @@ from engine.models import from_ms
 
 T = TypeVar("T")
 Clock = Callable[[], Awaitable[datetime]]
+
+
+@contextmanager
+def sqlite_file(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A plain connection to a SQLite file, committed when the block succeeds (rolled back
+    when it raises) and closed either way: ``with sqlite3.connect(path)`` alone commits but
+    leaves the connection open until garbage collection (a ResourceWarning)."""
+    with closing(sqlite3.connect(path)) as db, db:
+        yield db
+
 
 # The outbox event that records an order's move into each state (docs/events.md).
 EVENT_OF = {

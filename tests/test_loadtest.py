@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -34,6 +33,7 @@ from loadtests.plan import (
 from loadtests.timeline import CHARTS, Timeline
 from loadtests.verdict import LoadTally, Verdict, judge
 from testkit.factories import flash_campaign, team_campaign
+from testkit.helpers import sqlite_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,7 +164,7 @@ async def _overfill(engine: Engine, flash: str, team: str, team_id: str) -> None
 
 
 async def _sql_behind(engine: Engine, flash: str, team: str, team_id: str) -> None:
-    with sqlite3.connect(engine.runtime.settings.sqlite_path) as db:
+    with sqlite_file(engine.runtime.settings.sqlite_path) as db:
         db.execute(
             "UPDATE orders SET state = 'cancelled' WHERE state = 'held' AND campaign_id = ?",
             (flash,),
@@ -262,7 +262,7 @@ async def test_a_sharded_flash_sale_under_load(tmp_path: Path) -> None:
     the verdict (invariants across the buckets, SQL against Redis order by order, every
     acknowledged payment) passes, and the flash orders name their buckets."""
     await passing_run(tmp_path, "sharded", "--run-time", "4", "--stock", "30", "--shards", "3")
-    with sqlite3.connect(tmp_path / "data" / "sharded" / "flashteam.db") as db:
+    with sqlite_file(tmp_path / "data" / "sharded" / "flashteam.db") as db:
         (shards,) = db.execute(
             "SELECT shards FROM campaigns WHERE id = 'lt-sharded-flash'"
         ).fetchone()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,6 +33,7 @@ from engine.store import Batch, Store, TeamFill, Totals
 from engine.store.postgres import PostgresStore
 from engine.store.schema import MIGRATIONS, SCHEMA_VERSION
 from engine.store.sqlite import SqliteStore
+from testkit.helpers import sqlite_file
 
 BASE = from_ms(1_800_000_000_000)
 
@@ -64,7 +64,7 @@ async def _pg_versions(url: str) -> list[int]:
 
 
 async def _sqlite_versions(path: Path) -> list[int]:
-    with sqlite3.connect(path) as db:
+    with sqlite_file(path) as db:
         return [int(r[0]) for r in db.execute("SELECT version FROM schema_version")]
 
 
@@ -242,7 +242,7 @@ async def test_a_schema_4_database_migrates_keeping_its_campaigns(tmp_path: Path
     """A SQLite file written before the team deal options opens at the current schema; its
     campaigns read with every option off."""
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:
+    with sqlite_file(path) as db:
         for statements in MIGRATIONS[:4]:
             for statement in statements:
                 db.execute(statement)

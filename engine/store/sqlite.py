@@ -165,9 +165,11 @@ async def _connect(path: Path) -> aiosqlite.Connection:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await _migrate(db)
-    except sqlite3.Error as exc:
-        await db.close()
-        raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+    except BaseException as exc:
+        await db.close()  # on any failure, cancellation included: never leak the connection
+        if isinstance(exc, sqlite3.Error):
+            raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+        raise
     return db
 
 
