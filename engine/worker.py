@@ -172,18 +172,9 @@ class FlushWorker:
         """One batch of the stream of a campaign (or of one stock bucket: ``shard``)."""
         keys = keys_of(shard)
         stream, campaign_id = keys.events, keys.campaign_id
-        try:
-            entries = await self._read(stream, claim_idle_ms)
-        except EngineError as exc:
-            if "NOGROUP" not in str(exc.__cause__):
-                raise
-            # No stream or group yet (a new campaign), or Redis lost them (it came back empty
-            # or from an older snapshot): create the group and read from the start. Not for
-            # a campaign no longer registered: an archived one's stream is gone for good.
-            if not await guarded(self._rt.redis.sismember(STREAM_SET, campaign_id)):
-                return 0
-            await self._create_group(stream)
-            entries = await self._read(stream, claim_idle_ms)
+        entries = await self._read_group(stream, campaign_id, claim_idle_ms)
+        if entries is None:
+            return 0
         if not entries:
             await self._check_marks(shard, None)
             if shard == campaign_id:  # once per campaign: it looks at every bucket's stream
@@ -255,6 +246,26 @@ class FlushWorker:
                 *known,
             )
             await self._rt.scripts.report_untrusted(shard, "behind")
+
+    async def _read_group(
+        self, stream: str, campaign_id: str, claim_idle_ms: int | None
+    ) -> list[Entry] | None:
+        """``_read``, creating the consumer group wherever Redis says it has none (NOGROUP,
+        at any of the read's three commands): a new campaign's stream, or one Redis lost
+        (it came back empty or from an older snapshot, or a stream emptied between two
+        commands). None for a campaign no longer registered: an archived one's stream is
+        gone for good. [] when the group is gone again right after its creation: the next
+        pass creates it again; a worker never stops on a missing group."""
+        for _ in range(2):
+            try:
+                return await self._read(stream, claim_idle_ms)
+            except EngineError as exc:
+                if "NOGROUP" not in str(exc.__cause__):
+                    raise
+            if not await guarded(self._rt.redis.sismember(STREAM_SET, campaign_id)):
+                return None
+            await self._create_group(stream)
+        return []
 
     async def _read(self, stream: str, claim_idle_ms: int | None) -> list[Entry]:
         redis = self._rt.redis

@@ -280,6 +280,33 @@ async def test_two_workers_in_one_group_write_each_entry_once(durable: Engine) -
     await assert_sql_matches_redis(engine)
 
 
+async def test_a_group_lost_between_any_two_commands_is_created_again(engine: Engine) -> None:
+    """The consumer group vanishes (Redis came back empty, or from an older snapshot) at a
+    different moment of each pass: before the first read, between the read of the worker's
+    own entries, the claim of others' and the read of new ones. Every pass ends without an
+    error (the worker creates the group again wherever Redis answers NOGROUP), and then
+    every reservation reaches SQL."""
+    await engine.campaigns.create(flash_campaign(await engine.runtime.now(), stock=100))
+    worker = FlushWorker(engine.runtime, name="w")
+    redis, stream = engine.runtime.redis, keys_of("sale").events
+    held = []
+
+    async def lose_the_group(after: int) -> None:
+        for _ in range(after):
+            await asyncio.sleep(0)
+        with contextlib.suppress(redis_errors.ResponseError):  # no stream yet
+            await redis.xgroup_destroy(stream, GROUP)
+
+    for i in range(48):
+        reserved = await engine.flash.reserve("sale", f"u{i}", "sku-1", 1, f"k{i}")
+        held.append(reserved.order.order_id)
+        await asyncio.gather(worker.step(), lose_the_group(i % 12))
+    await worker.drain()
+    assert [await engine.runtime.store.get_order(order_id) for order_id in held] == [
+        await engine.orders.get(order_id) for order_id in held
+    ]
+
+
 # --------------------------------------------------------------------------- SQL outages
 
 
