@@ -103,8 +103,8 @@ lint: install ## ruff and mypy --strict over the package and the tests
 	$(BIN)/ruff format --check engine testkit tests bench loadtests
 	$(BIN)/mypy
 
-test: lint postgres promtool browser ## lint, then the whole test suite against real servers it starts itself
-	$(BIN)/pytest
+test: lint postgres promtool browser ## lint, then the whole suite on Python 3.11, 3.12 (on Valkey) and 3.13 (RUNS="3.12:redis" for one)
+	$(if $(RUNS),RUNS="$(RUNS)") PYTHON=$(PYTHON) scripts/test-matrix
 
 bench: install postgres ## benchmarks (excluded from `make test`) with progress lines, then the report under bench/reports/
 	$(BIN)/pytest bench -m benchmark -p no:cacheprovider -v -s --durations=0
@@ -114,4 +114,4 @@ loadtest: install ## Locust spike on a local engine, then the invariant verdict 
 	$(BIN)/python -m loadtests.run $(ARGS)
 
 clean: ## remove the venvs and local data
-	rm -rf $(VENV) $(TOOLS) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV)-* $(TOOLS) var .pytest_cache .mypy_cache .ruff_cache
