@@ -81,16 +81,15 @@ $(STAMP): pyproject.toml uv.lock $(UV)
 install: redis $(STAMP) ## create .venv with exactly the versions in uv.lock (flashteam and its dev tools)
 
 lock: $(UV) ## refresh uv.lock (and uv itself) to the newest releases, keeping them only if `make test` passes
-	cp uv.lock $(TOOLS)/uv.lock.before
-	cp requirements/uv.txt $(TOOLS)/uv.txt.before
+	@before=$$(mktemp -d) && cp uv.lock requirements/uv.txt "$$before"/ && \
 	echo uv | $(UV) pip compile - --universal --generate-hashes --upgrade --quiet \
-	  --custom-compile-command 'make lock' -o requirements/uv.txt
-	$(UV) lock --upgrade
-	$(MAKE) test || { \
-	  cp $(TOOLS)/uv.lock.before uv.lock; cp $(TOOLS)/uv.txt.before requirements/uv.txt; \
+	  --custom-compile-command 'make lock' -o requirements/uv.txt && \
+	$(UV) lock --upgrade && \
+	if $(MAKE) test; then rm -rf "$$before"; else \
+	  cp "$$before"/uv.lock uv.lock; cp "$$before"/uv.txt requirements/uv.txt; rm -rf "$$before"; \
 	  echo "the newest releases fail 'make test': uv.lock is back as it was." >&2; \
 	  echo "Fix the code for them, or hold a package back in pyproject.toml, then run 'make lock' again." >&2; \
-	  exit 1; }
+	  exit 1; fi
 
 run: install ## start the engine locally on embedded defaults (private redis-server under ./var/, SQLite)
 	$(BIN)/flashteam run
