@@ -3,16 +3,20 @@
 Request and script latencies are histograms kept by prometheus_client; with several worker
 processes (`flashteam serve --workers N`) they live in ``PROMETHEUS_MULTIPROC_DIR`` and any
 worker's /metrics sums them all. Stream lag and reaper lag are read from Redis at scrape time,
-so they are right whichever worker answers.
+so they are right whichever worker answers; a worker reads them at most once a second
+(``Cached``), however often it is scraped, and waits at most a second for each of Redis and
+SQL: anyone who can reach the port cannot load the sale's Redis through /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import time
 from bisect import bisect_left
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -132,20 +136,56 @@ def _bounded(buckets: dict[float, float]) -> Buckets:
     return [(None if math.isinf(le) else le, n) for le, n in sorted(buckets.items())]
 
 
-async def render(rt: Runtime) -> bytes:
-    """The exposition text: this process's (or every worker's) histograms, whether Redis and
-    SQL answer, and what is read from Redis at scrape time (stream and reaper lag, dead
-    letters, fenced campaigns, repair and archival counters). With Redis down the Redis-read
-    gauges are left out and ``flashteam_redis_up`` is 0, so the alert still has its metric."""
+T = TypeVar("T")
+
+
+class Cached(Generic[T]):
+    """What ``compute`` returns, computed at most once per ``every`` seconds: callers in
+    between get the last result, concurrent callers share one computation."""
+
+    def __init__(self, compute: Callable[[], Awaitable[T]], every: float) -> None:
+        self._compute = compute
+        self._every = every
+        self._last: tuple[float, T] | None = None
+        self._running: asyncio.Task[T] | None = None
+
+    async def get(self) -> T:
+        last = self._last
+        if last is not None and time.monotonic() - last[0] < self._every:
+            return last[1]
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> T:
+        try:
+            value = await self._compute()
+            self._last = (time.monotonic(), value)
+            return value
+        finally:
+            self._running = None
+
+
+def render(dependencies: list[str]) -> bytes:
+    """The exposition text: this process's (or every worker's) histograms, then
+    ``dependencies`` (what ``dependencies`` read)."""
     flush()
     registry = _registry()
     text = generate_latest(registry) if registry is not None else generate_latest()
-    sql_up = await _answers(rt.store.get_campaign("metrics-probe"))
+    return text + ("\n".join(dependencies) + "\n").encode()
+
+
+async def dependencies(rt: Runtime, within: float) -> list[str]:
+    """Whether Redis and SQL answer (within ``within`` seconds each), and what is read from
+    Redis at scrape time (stream and reaper lag, dead letters, fenced campaigns, repair and
+    archival counters). With Redis down or stalled the Redis-read gauges are left out and
+    ``flashteam_redis_up`` is 0, so the alert still has its metric."""
+    sql_up = await _answers(rt.store.get_campaign("metrics-probe"), within)
     try:
-        from_redis = await _from_redis(rt)
-    except Unavailable:
+        from_redis = await asyncio.wait_for(_from_redis(rt), within)
+    except (Unavailable, TimeoutError):
         from_redis = []
-    lines = [
+    return [
         "# HELP flashteam_redis_up 1 when Redis answered this scrape, else 0.",
         "# TYPE flashteam_redis_up gauge",
         f"flashteam_redis_up {int(bool(from_redis))}",
@@ -154,13 +194,12 @@ async def render(rt: Runtime) -> bytes:
         f"flashteam_sql_up {int(sql_up)}",
         *from_redis,
     ]
-    return text + ("\n".join(lines) + "\n").encode()
 
 
-async def _answers(probe: Awaitable[object]) -> bool:
+async def _answers(probe: Awaitable[object], within: float) -> bool:
     try:
-        await probe
-    except EngineError:
+        await asyncio.wait_for(probe, within)
+    except (EngineError, TimeoutError):
         return False
     return True
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 GRACE = 10.0  # seconds a stopping worker waits for its requests in flight
 LINGER = 2.0  # seconds a closing connection discards what the client still sends
 MAX_PIPELINED = 16  # requests read ahead of their answers before reading pauses
+SLICE = 2048  # bytes parsed at a time from a larger chunk, to stop at the read-ahead bound
 # File descriptors a worker keeps for itself besides its clients: its Redis and SQL
 # connections (engine/connection.py: up to 2 x 256 to Redis), logs, the listening socket.
 FD_RESERVE = 640
@@ -109,21 +110,40 @@ class _Stop(Exception):
 
 
 class Connections:
-    """The worker's open connections (at most ``cap`` served), so a stop can close them."""
+    """The worker's open connections, so a stop can close them, and the cap on them: a new
+    connection over ``cap`` takes the place of the connection idle the longest (one between
+    requests, or that sent nothing yet: a client reconnects when its idle connection closes),
+    or is refused when none is idle."""
 
     def __init__(self, cap: int) -> None:
         self.open: set[HttpProtocol] = set()
         self.cap = cap
         self.stopping = False
+        self._idle: dict[HttpProtocol, None] = {}  # idle connections, the oldest first
         self._none_left = asyncio.Event()
 
     def add(self, connection: HttpProtocol) -> bool:
         """Count a new connection; False when it is over the cap (it is refused)."""
         self.open.add(connection)
-        return len(self.open) <= self.cap
+        if len(self.open) <= self.cap:
+            return True
+        if self._idle:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            oldest.close_when_idle()
+            return True
+        return False
+
+    def idle(self, connection: HttpProtocol) -> None:
+        self._idle.pop(connection, None)
+        self._idle[connection] = None
+
+    def busy(self, connection: HttpProtocol) -> None:
+        self._idle.pop(connection, None)
 
     def discard(self, connection: HttpProtocol) -> None:
         self.open.discard(connection)
+        self._idle.pop(connection, None)
         if self.stopping and not self.open:
             self._none_left.set()
 
@@ -174,6 +194,7 @@ class HttpProtocol(asyncio.Protocol):
         self._size = 0
         self._head_size = 0
         self._whole = False
+        self._unparsed = b""  # bytes read past the read-ahead bound, parsed when it has room
 
     # -- asyncio.Protocol
 
@@ -193,6 +214,29 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._reading:
             return  # the last request is queued (or the connection is closing): dropped
+        if self._unparsed:  # reading is paused: this arrived before the pause took effect
+            self._unparsed += data
+            return
+        if len(data) <= SLICE:
+            self._parse(data)
+        else:
+            self._parse_slices(data)
+
+    def _parse_slices(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time while the read-ahead has room; keep the rest for
+        when it has room again (a client cannot queue thousands of tiny requests in a chunk)."""
+        view = memoryview(data)
+        for start in range(0, len(data), SLICE):
+            if self._read_ahead_full():
+                self._unparsed = bytes(view[start:])
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                return
+            self._parse(view[start : start + SLICE])
+            if not self._reading:
+                return
+
+    def _parse(self, data: bytes | memoryview) -> None:
         # A head in progress when the chunk arrives and still in progress after it: the whole
         # chunk counts towards its size (httptools keeps an unfinished header to itself);
         # otherwise its parts count as the parser hands them over.
@@ -239,6 +283,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url, self._headers, self._body, self._size = b"", [], [], 0
         self._head_size = 0
         self._phase, self._began = _HEAD, self._loop.time()
+        self._connections.busy(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = self._timer_for = None
@@ -338,6 +383,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         self._phase, self._began = _IDLE, self._loop.time()
+        self._connections.idle(self)
         if self._timer is not None:
             self._timer.cancel()
         key = (_IDLE, self._began)
@@ -365,13 +411,19 @@ class HttpProtocol(asyncio.Protocol):
 
     def _resume_reading(self) -> None:
         if (
-            self._transport is not None
-            and self._reading
-            and not self._closing
-            and self._writable.is_set()
-            and not self._read_ahead_full()
+            self._transport is None
+            or not self._reading
+            or self._closing
+            or not self._writable.is_set()
+            or self._read_ahead_full()
         ):
-            self._transport.resume_reading()
+            return
+        if self._unparsed:
+            unparsed, self._unparsed = self._unparsed, b""
+            self._parse_slices(unparsed)
+            if self._unparsed or not self._reading or self._transport is None:
+                return
+        self._transport.resume_reading()
 
     async def _serve(self) -> None:
         try:
