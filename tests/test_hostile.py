@@ -1,0 +1,213 @@
+"""Hostile clients against flashteam's HTTP server over raw loopback sockets (testkit/hostile.py):
+each limit and timeout of docs/http.md#limits-and-timeouts, answers in order before an error
+closes the connection, bounded read-ahead for a client that stops reading, Upgrade refused
+before any handler runs, a flood of idle connections that does not keep a real request out,
+and the per-worker connection cap.
+
+The server runs with short timeouts (1 s) and a cap of 64 connections, so the suite takes
+seconds; the same probes run against uvicorn and granian for docs/performance.md
+(``python -m bench.hostile``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import resource
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from engine.api.http import HttpResponse, serialize
+from engine.api.server import FD_RESERVE, connection_cap
+from engine.local.launcher import ApiServer
+from engine.local.redis_server import RedisServer
+from testkit import hostile
+from tests.test_api import GW, SKU, new_flash, ok, unique
+
+GW_HEADER = "Authorization: " + GW["Authorization"]
+PATIENCE = 1.0  # every timeout of the server below
+CAP = 64
+LIMITS = {
+    "header_timeout": "1",
+    "body_timeout": "1",
+    "keep_alive": "1",
+    "write_timeout": "1",
+    "max_connections": str(CAP),
+}
+# What flashteam answers each probe with, in order (none: closed without an answer).
+STATUSES = {
+    "one header of 1 MiB": [431],
+    "65,536 headers (~850 KB)": [431],
+    "URL of 64 KiB": [414],
+    "head sent a byte every 0.25 s": [408],
+    "body sent a byte every 0.25 s": [408],
+    "connection that sends nothing": [],
+    "client that stops reading": [],
+    "2 pipelined requests, then garbage": [200, 200, 400],
+    "Connection: close, then stray bytes": [200],
+    "Upgrade: websocket": [400],
+    "CONNECT": [400],
+    "1,000 idle connections, then a request": [200],
+    "Date header": [200],
+}
+
+
+@pytest.fixture(scope="module")
+def strict(api_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """One API worker with 1 s timeouts and a cap of 64 connections."""
+    data = tmp_path_factory.mktemp("hostile")
+    with ApiServer(api_redis.url, data, workers=1, extra=LIMITS) as server:
+        yield server
+
+
+@pytest.fixture
+async def http(strict: ApiServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=strict.url, timeout=15, trust_env=False) as client:
+        yield client
+
+
+def address(server: ApiServer) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def test_every_probe_has_its_expected_answer() -> None:
+    assert set(STATUSES) == {probe.name for probe in hostile.PROBES}
+
+
+@pytest.mark.parametrize("probe", hostile.PROBES, ids=[p.name for p in hostile.PROBES])
+async def test_the_server_holds(strict: ApiServer, probe: hostile.Probe) -> None:
+    host, port = address(strict)
+    seen = await probe.run(host, port, PATIENCE)
+    assert seen.statuses == STATUSES[probe.name], seen
+    assert probe.held(seen), seen
+    for answer in seen.answers:
+        if answer.body and answer.status >= 400:
+            assert json.loads(answer.body)["error"]["code"], answer
+    # The server serves the next client as before.
+    after = await hostile.exchange(host, port, hostile.request("GET", "/healthz"), within=5)
+    assert after.statuses == [200], after
+
+
+async def test_refusals_carry_their_error_codes(strict: ApiServer) -> None:
+    host, port = address(strict)
+    codes = {}
+    for name, probe in (
+        ("431", hostile.big_header),
+        ("414", hostile.long_url),
+        ("400", hostile.upgrade),
+    ):
+        seen = await probe(host, port, PATIENCE)
+        codes[name] = json.loads(seen.answers[0].body)["error"]["code"]
+    assert codes == {
+        "431": "headers_too_large",
+        "414": "url_too_long",
+        "400": "validation_error",
+    }
+
+
+async def test_pipelined_reservations_are_answered_before_the_garbage(
+    strict: ApiServer, http: httpx.AsyncClient
+) -> None:
+    """Both reservations are made and answered 201, in order; then the garbage gets its 400
+    and the connection closes."""
+    campaign_id = await new_flash(http, "pipe")
+    path = f"/v1/campaigns/{campaign_id}/orders"
+    raw = b"".join(
+        hostile.request("POST", path, json.dumps(body).encode(), extra=f"{GW_HEADER}\r\n")
+        for body in (
+            {"user_id": "u1", "sku": SKU, "qty": 1, "idempotency_key": "p1"},
+            {"user_id": "u2", "sku": SKU, "qty": 1, "idempotency_key": "p2"},
+        )
+    )
+    seen = await hostile.exchange(*address(strict), raw + b"\x00GARBAGE\r\n\r\n", count=3)
+    assert seen.statuses == [201, 201, 400] and seen.closed, seen
+    users = [json.loads(a.body)["user_id"] for a in seen.answers[:2]]
+    assert users == ["u1", "u2"]
+
+
+async def test_upgrade_and_connect_run_no_handler(
+    strict: ApiServer, http: httpx.AsyncClient
+) -> None:
+    """A reservation sent with an Upgrade header is refused and not made: the same key,
+    sent plainly afterwards, makes a new order (not a replay)."""
+    campaign_id = await new_flash(http, "upgrade")
+    body = {"user_id": "u1", "sku": SKU, "qty": 1, "idempotency_key": "up-1"}
+    raw = hostile.request(
+        "POST",
+        f"/v1/campaigns/{campaign_id}/orders",
+        json.dumps(body).encode(),
+        extra=f"{GW_HEADER}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n",
+    )
+    seen = await hostile.exchange(*address(strict), raw)
+    assert seen.statuses == [400] and seen.closed, seen
+    made = ok(await http.post(f"/v1/campaigns/{campaign_id}/orders", json=body, headers=GW), 201)
+    assert made["replayed"] is False
+
+
+async def test_connection_close_with_trailing_bytes_runs_the_request_once(
+    strict: ApiServer, http: httpx.AsyncClient
+) -> None:
+    campaign_id = await new_flash(http, "close")
+    body = {"user_id": "u1", "sku": SKU, "qty": 1, "idempotency_key": unique("k")}
+    raw = hostile.request(
+        "POST",
+        f"/v1/campaigns/{campaign_id}/orders",
+        json.dumps(body).encode(),
+        extra=f"{GW_HEADER}\r\nConnection: close\r\n",
+    )
+    seen = await hostile.exchange(*address(strict), raw + raw)  # the copy is stray bytes
+    assert seen.statuses == [201] and seen.closed, seen
+    assert seen.answers[0].headers["connection"] == "close"
+    again = ok(await http.post(f"/v1/campaigns/{campaign_id}/orders", json=body, headers=GW), 201)
+    assert again["replayed"] is True  # the first one made it; the stray copy was not run
+
+
+async def test_over_the_cap_a_connection_is_refused_until_one_is_free(strict: ApiServer) -> None:
+    """64 connections each in the middle of a head (not idle: none can be closed for a new
+    one): the 65th is answered 503 overloaded with Retry-After; once they time out (408),
+    a new connection is served."""
+    host, port = address(strict)
+    busy = []
+    try:
+        for _ in range(CAP):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nX-Partial: ")
+            await writer.drain()
+            busy.append(writer)
+        await asyncio.sleep(0.1)  # every partial head read
+        seen = await hostile.exchange(host, port, hostile.request("GET", "/healthz"), within=5)
+        assert seen.statuses == [503] and seen.closed, seen
+        assert seen.answers[0].headers["retry-after"] == "1"
+        assert json.loads(seen.answers[0].body)["error"]["code"] == "overloaded"
+    finally:
+        for writer in busy:
+            writer.close()
+    for _ in range(50):
+        seen = await hostile.exchange(host, port, hostile.request("GET", "/healthz"), within=5)
+        if seen.statuses == [200]:
+            break
+        await asyncio.sleep(0.1)
+    assert seen.statuses == [200], seen
+
+
+def test_response_headers_cannot_carry_cr_or_lf() -> None:
+    with pytest.raises(ValueError, match="CR or LF"):
+        HttpResponse(200, b"{}", headers=((b"x-next", b"a\r\nSet-Cookie: b"),))
+    with pytest.raises(ValueError, match="CR or LF"):
+        HttpResponse(200, b"{}", media_type=b"text/plain\nx: y")
+    wire = serialize(HttpResponse(200, b"{}"), keep_alive=True)
+    date = re.search(rb"\r\ndate: (.*?)\r\n", wire)
+    assert date is not None
+    assert re.fullmatch(rb"[A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT", date[1])
+
+
+def test_the_worker_raises_its_open_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(4096, hard - FD_RESERVE) if hard != resource.RLIM_INFINITY else 4096
+    assert connection_cap(wanted) == wanted
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= min(wanted + FD_RESERVE, hard)
+    assert soft <= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
