@@ -9,6 +9,7 @@ async with await Engine.open(settings) as engine:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from types import TracebackType
 
 from engine.archive import Archiver
@@ -66,20 +67,20 @@ class Engine:
         ``within`` seconds), the scripts (loaded at start; a restarted Redis gets them again
         at their first call), the store (one read by key within ``within``)."""
         rt = self.runtime
-        checks: dict[str, str] = {}
-        for name, probe in (
-            ("redis", rt.now()),
-            ("sql", rt.store.get_campaign("readyz-probe")),
-        ):
+
+        async def check(probe: Awaitable[object]) -> str:
             try:
                 await asyncio.wait_for(probe, within)
-                checks[name] = "ok"
             except EngineError as exc:
-                checks[name] = exc.message
+                return exc.message
             except TimeoutError:
-                checks[name] = f"no answer within {within:g} s"
-        checks["scripts"] = "ok" if rt.scripts.loaded else "not loaded"
-        return dict(sorted(checks.items()))
+                return f"no answer within {within:g} s"
+            return "ok"
+
+        redis, sql = await asyncio.gather(
+            check(rt.now()), check(rt.store.get_campaign("readyz-probe"))
+        )
+        return {"redis": redis, "scripts": "ok" if rt.scripts.loaded else "not loaded", "sql": sql}
 
     async def close(self) -> None:
         """Stop the background repairs, close the store and the Redis connections."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from enum import Enum
 
 WINDOW = 0.1  # seconds between two adjustments of the limit
@@ -40,13 +41,20 @@ class Priority(Enum):
 class Admission:
     """One worker's limit on requests in flight (``admit`` then ``done``)."""
 
-    def __init__(self, target: float, minimum: int, maximum: int) -> None:
+    def __init__(
+        self,
+        target: float,
+        minimum: int,
+        maximum: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.target = target
         self.minimum = minimum
         self.maximum = maximum
         self.limit = float(min(maximum, max(minimum, 64)))
         self.in_flight = 0
-        self._window_ends = time.perf_counter() + WINDOW
+        self._clock = clock
+        self._window_ends = clock() + WINDOW
         self._ended = 0
         self._slow = 0
         self._refused = False
@@ -67,7 +75,7 @@ class Admission:
         self._ended += 1
         if seconds > self.target:
             self._slow += 1
-        now = time.perf_counter()
+        now = self._clock()
         if now >= self._window_ends:
             self._adjust()
             self._window_ends = now + WINDOW

@@ -180,11 +180,9 @@ async def dependencies(rt: Runtime, within: float) -> list[str]:
     Redis at scrape time (stream and reaper lag, dead letters, fenced campaigns, repair and
     archival counters). With Redis down or stalled the Redis-read gauges are left out and
     ``flashteam_redis_up`` is 0, so the alert still has its metric."""
-    sql_up = await _answers(rt.store.get_campaign("metrics-probe"), within)
-    try:
-        from_redis = await asyncio.wait_for(_from_redis(rt), within)
-    except (Unavailable, TimeoutError):
-        from_redis = []
+    sql_up, from_redis = await asyncio.gather(
+        _answers(rt.store.get_campaign("metrics-probe"), within), _redis_lines(rt, within)
+    )
     return [
         "# HELP flashteam_redis_up 1 when Redis answered this scrape, else 0.",
         "# TYPE flashteam_redis_up gauge",
@@ -194,6 +192,13 @@ async def dependencies(rt: Runtime, within: float) -> list[str]:
         f"flashteam_sql_up {int(sql_up)}",
         *from_redis,
     ]
+
+
+async def _redis_lines(rt: Runtime, within: float) -> list[str]:
+    try:
+        return await asyncio.wait_for(_from_redis(rt), within)
+    except (Unavailable, TimeoutError):
+        return []
 
 
 async def _answers(probe: Awaitable[object], within: float) -> bool:
