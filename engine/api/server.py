@@ -258,8 +258,12 @@ class HttpProtocol(asyncio.Protocol):
         self._arm_deadline()
 
     def eof_received(self) -> bool | None:
+        """The client sent all it will: the answers still go out, then the connection
+        closes (at once when none is pending)."""
+        self._reading = False
         if self._serving or self._queue:
-            return True  # half-closed: the answers still go out, then the connection closes
+            self._closing = True
+            return True
         return None
 
     def pause_writing(self) -> None:
