@@ -340,13 +340,14 @@ class Api:
                 except errors.EngineError as exc:
                     log.warning("counters not saved yet: %s", exc)
 
-    @staticmethod
-    async def _flush_metrics(stop: asyncio.Event) -> None:
-        """Add the buffered latencies to the shared histograms a few times a second."""
+    async def _flush_metrics(self, stop: asyncio.Event) -> None:
+        """Add the buffered latencies to the shared histograms, and the admission limit and
+        requests in flight to their gauges, a few times a second."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), metrics.FLUSH_EVERY)
             metrics.flush()
+            metrics.observe_admission(self.admission.limit, self.admission.in_flight)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Answer one request: its route's handler, or 404 / 405."""

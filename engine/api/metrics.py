@@ -18,7 +18,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.archive import ARCHIVE_STATS
@@ -43,6 +43,23 @@ _REQUESTS = Histogram(
 _SCRIPTS = Histogram(
     "flashteam_script_seconds", "Lua script calls and their latency", ["script"], buckets=_BUCKETS
 )
+
+# Admission control (engine/api/admission.py), sampled at each flush: summed over the workers.
+_ADMISSION_LIMIT = Gauge(
+    "flashteam_admission_limit",
+    "Requests the API workers may run at once (their adaptive admission limits, summed)",
+    multiprocess_mode="livesum",
+)
+_ADMISSION_IN_FLIGHT = Gauge(
+    "flashteam_admission_in_flight",
+    "Requests the API workers run right now (sampled a few times a second, summed)",
+    multiprocess_mode="livesum",
+)
+
+
+def observe_admission(limit: float, in_flight: int) -> None:
+    _ADMISSION_LIMIT.set(int(limit))
+    _ADMISSION_IN_FLIGHT.set(in_flight)
 
 
 class _Buffered:
