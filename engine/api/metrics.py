@@ -122,15 +122,17 @@ def _registry() -> CollectorRegistry | None:
 Buckets = list[tuple[float | None, float]]
 
 
-def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, float]]:
+def request_load() -> tuple[list[tuple[str, tuple[float, float, Buckets]]], dict[str, float]]:
     """The HTTP requests so far, of this process or (with several workers) of all of them:
-    per route, the count and the cumulative latency buckets, every outcome summed (routes in
-    order); and the count per outcome, every route summed."""
+    per route, the count, how many of them were shed (503 overloaded) and the cumulative
+    latency buckets, every outcome summed (routes in order); and the count per outcome, every
+    route summed."""
     flush()
     registry = _registry()
     families = (registry or REGISTRY).collect()
     buckets: dict[str, dict[float, float]] = {}
     counts: dict[str, float] = {}
+    shed: dict[str, float] = {}
     outcomes: dict[str, float] = {}
     for family in families:
         if family.name != _REQUESTS_NAME:
@@ -144,7 +146,11 @@ def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, f
             elif sample.name.endswith("_count"):
                 counts[route] = counts.get(route, 0.0) + sample.value
                 outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
-    routes = [(r, (counts.get(r, 0.0), _bounded(buckets[r]))) for r in sorted(buckets)]
+                if outcome == "overloaded":
+                    shed[route] = shed.get(route, 0.0) + sample.value
+    routes = [
+        (r, (counts.get(r, 0.0), shed.get(r, 0.0), _bounded(buckets[r]))) for r in sorted(buckets)
+    ]
     return routes, outcomes
 
 
