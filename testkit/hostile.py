@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 # What a probe allows a server, beyond the timeouts it was given, before it counts as held.
 SLACK = 3.0
@@ -50,7 +51,7 @@ class Probe:
 
     name: str
     expected: str
-    run: Callable[[str, int, float], Awaitable[Seen]]
+    run: Callable[[str, int, float], Coroutine[Any, Any, Seen]]
     held: Callable[[Seen], bool]
 
 

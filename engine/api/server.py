@@ -178,6 +178,7 @@ class HttpProtocol(asyncio.Protocol):
         self._serving = False
         self._reading = True  # False once the last request is queued: later bytes are dropped
         self._closing = False
+        self._eof = False
         self._over_cap = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -258,11 +259,10 @@ class HttpProtocol(asyncio.Protocol):
         self._arm_deadline()
 
     def eof_received(self) -> bool | None:
-        """The client sent all it will: the answers still go out, then the connection
-        closes (at once when none is pending)."""
-        self._reading = False
+        """The client sent all it will: the answers still go out (the requests read ahead
+        too), then the connection closes (at once when none is pending)."""
+        self._eof = True
         if self._serving or self._queue:
-            self._closing = True
             return True
         return None
 
@@ -457,7 +457,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._resume_reading()
         finally:
             self._serving = False
-        if self._closing or self._connections.stopping:
+        if self._closing or self._eof or self._connections.stopping:
             self._close()
         elif self._phase == _IDLE:
             self._arm_idle()
