@@ -149,7 +149,9 @@ class Settings:
         "at once",
     )
     admission_min: int = _setting(
-        16, "the fewest requests an API worker runs at once, however slow they are (at least 1)"
+        64,
+        "the fewest requests an API worker runs at once, however slow they are (at least 1; "
+        "the default is one coalesced batch: fewer would cost throughput, not latency)",
     )
     admission_max: int = _setting(
         1_024, "the most requests an API worker runs at once, however fast they are"

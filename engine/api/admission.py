@@ -51,7 +51,7 @@ class Admission:
         self.target = target
         self.minimum = minimum
         self.maximum = maximum
-        self.limit = float(min(maximum, max(minimum, 64)))
+        self.limit = float(minimum)
         self.in_flight = 0
         self._clock = clock
         self._window_ends = clock() + WINDOW
