@@ -87,6 +87,16 @@ async def test_excess_reservations_are_shed_and_a_payment_goes_through(
     assert await counted() >= len(shed)
 
 
+async def test_requests_refused_before_running_take_no_place(http: httpx.AsyncClient) -> None:
+    """401s and 400s, one after the other, leave the limit of 2 free for a reservation."""
+    campaign_id = await new_flash(http, "refused")
+    path = f"/v1/campaigns/{campaign_id}/orders"
+    for _ in range(5):
+        expect_error(await http.post(path, json={}), "unauthorized")
+        expect_error(await http.post(path, json={"user_id": "u"}, headers=GW), "validation_error")
+    ok(await reserve(http, campaign_id, "after"), 201)
+
+
 async def test_a_stalled_redis_answers_503_within_the_request_timeout(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as redis_server:
         server = ApiServer(

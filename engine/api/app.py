@@ -70,6 +70,7 @@ _OVERLOADED = refusal(
     retry_after=1,
 )
 PROBE_EVERY = 1.0  # seconds /readyz and /metrics reuse what they last read from Redis and SQL
+PROBE_TIMEOUT = 1.0  # seconds /readyz and /metrics wait for Redis and for SQL
 # The live page and its assets: its own script and styles only, data from this origin only.
 _PAGE_HEADERS = (
     *_NO_STORE,
@@ -406,14 +407,14 @@ class Api:
 
         async def endpoint(request: HttpRequest) -> HttpResponse:
             started = time.perf_counter()
-            if priority is not Priority.EXEMPT and not admission.admit(priority):
-                metrics.observe_request(name, "overloaded", time.perf_counter() - started)
-                return _OVERLOADED
             outcome = "ok"
             try:
                 self._authorize(request, access)
                 if priority is Priority.EXEMPT:  # they bound their own waits (PROBE_TIMEOUT)
                     return await handler(request)
+                if not admission.admit(priority):
+                    outcome = "overloaded"
+                    return _OVERLOADED
                 work = asyncio.ensure_future(handler(request))
                 work.add_done_callback(partial(ended, started=started))
                 return await _within(work, timeout)
@@ -717,9 +718,6 @@ class Api:
         if self._openapi is None:
             self._openapi = _encoder.encode(openapi_document(self.operations))
         return HttpResponse(200, self._openapi)
-
-
-PROBE_TIMEOUT = 1.0  # seconds /readyz and /metrics wait for Redis and for SQL
 
 
 async def _within(task: asyncio.Future[HttpResponse], seconds: float) -> HttpResponse:
