@@ -32,6 +32,7 @@ from testkit import hostile
 from tests.test_api import GW, SKU, new_flash, ok, unique
 
 GW_HEADER = "Authorization: " + GW["Authorization"]
+HEALTH = hostile.request("GET", "/healthz", extra="Connection: close\r\n")
 PATIENCE = 1.0  # every timeout of the server below
 CAP = 64
 LIMITS = {
@@ -92,7 +93,7 @@ async def test_the_server_holds(strict: ApiServer, probe: hostile.Probe) -> None
         if answer.body and answer.status >= 400:
             assert json.loads(answer.body)["error"]["code"], answer
     # The server serves the next client as before.
-    after = await hostile.exchange(host, port, hostile.request("GET", "/healthz"), within=5)
+    after = await hostile.exchange(host, port, HEALTH, within=5)
     assert after.statuses == [200], after
 
 
@@ -183,7 +184,7 @@ async def test_over_the_cap_a_connection_is_refused_until_one_is_free(strict: Ap
             await writer.drain()
             busy.append(writer)
         await asyncio.sleep(0.1)  # every partial head read
-        seen = await hostile.exchange(host, port, hostile.request("GET", "/healthz"), within=5)
+        seen = await hostile.exchange(host, port, HEALTH, within=5)
         assert seen.statuses == [503] and seen.closed, seen
         assert seen.answers[0].headers["retry-after"] == "1"
         assert json.loads(seen.answers[0].body)["error"]["code"] == "overloaded"
@@ -191,7 +192,7 @@ async def test_over_the_cap_a_connection_is_refused_until_one_is_free(strict: Ap
         for writer in busy:
             writer.close()
     for _ in range(50):
-        seen = await hostile.exchange(host, port, hostile.request("GET", "/healthz"), within=5)
+        seen = await hostile.exchange(host, port, HEALTH, within=5)
         if seen.statuses == [200]:
             break
         await asyncio.sleep(0.1)
