@@ -2,8 +2,9 @@
 reservations on many keep-alive connections, and a paced stream of payments, each in a process
 of its own (uvloop, raw HTTP/1.1), every answer's latency kept by its status.
 
-A reservation answered 503 ``overloaded`` is retried by its connection at once, as a bot
-would: the load stays at one request in flight per connection, the worst case for shedding.
+A connection whose reservation is answered 503 ``overloaded`` sends its next one after the
+answer's ``Retry-After``, as the storefront gateway is asked to (docs/operations.md); every
+other answer is followed by the next request at once.
 """
 
 from __future__ import annotations
@@ -76,12 +77,14 @@ def _head(url: str, path: str) -> tuple[str, int, str]:
 
 async def _exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: str, body: bytes
-) -> int:
+) -> tuple[int, float]:
+    """One request: its status, and its Retry-After in seconds (0 without one)."""
     writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
     answer = await reader.readuntil(b"\r\n\r\n")
     length = re.search(rb"(?i)content-length: *(\d+)", answer)
     await reader.readexactly(int(length[1]) if length else 0)
-    return int(answer[9:12])
+    retry = re.search(rb"(?i)retry-after: *(\d+)", answer)
+    return int(answer[9:12]), float(retry[1]) if retry else 0.0
 
 
 async def reserve(url: str, campaign: str, sku: str, connections: int, seconds: float) -> Outcome:
@@ -106,8 +109,10 @@ async def reserve(url: str, campaign: str, sku: str, connections: int, seconds: 
                     f'{{"user_id":"{tag}-{c}-{n}","sku":"{sku}","qty":1,"idempotency_key":"k"}}'
                 ).encode()
                 sent = time.perf_counter()
-                status = await _exchange(reader, writer, head, body)
+                status, retry_after = await _exchange(reader, writer, head, body)
                 outcome.latencies[status].append(time.perf_counter() - sent)
+                if retry_after:
+                    await asyncio.sleep(min(retry_after, deadline - time.perf_counter()))
         except (OSError, asyncio.IncompleteReadError):
             outcome.socket_errors += 1
         finally:
@@ -138,7 +143,7 @@ async def pay(url: str, orders: list[tuple[str, str]], per_s: float) -> Outcome:
                 _, _, head = _head(url, f"/v1/orders/{order_id}/pay")
                 body = f'{{"user_id":"{user}","payment_ref":"psp-{order_id}"}}'.encode()
                 sent = time.perf_counter()
-                status = await _exchange(reader, writer, head, body)
+                status, _ = await _exchange(reader, writer, head, body)
                 outcome.latencies[status].append(time.perf_counter() - sent)
                 queue.task_done()
         except (OSError, asyncio.IncompleteReadError):

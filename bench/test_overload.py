@@ -2,14 +2,14 @@
 
 Reservations first at 64 connections (the peak: what the stack serves when it is not
 overloaded), then at 4,000 connections, each closed loop (a connection sends its next
-reservation as soon as it has an answer; a shed one, 503 ``overloaded``, is sent again at once)
-while a stream of payments (``PAY_PER_S`` a second, for orders reserved beforehand) runs
-alongside. Reported: the goodput (reservations answered 201 per second) at 4,000 connections
-over the peak's, the p99 of the reservations answered 201 and of the shed answers, and the
-p99 of the payments. The generators share the machine with the stack: on a 2-core machine
-the 4,000 connections' own client costs CPU the server would otherwise have; timings are
-reported, never asserted; correctness is (every answer 201 or 503, every payment 200 or 503,
-the stock adds up).
+reservation as soon as it has an answer, or after ``Retry-After`` when it was shed with 503
+``overloaded``, as the storefront gateway is asked to) while a stream of payments
+(``PAY_PER_S`` a second, for orders reserved beforehand) runs alongside. Reported: the
+goodput (reservations answered 201 per second) at 4,000 connections over the peak's, the p99
+of the reservations answered 201 and of the shed answers, and the p99 of the payments. The
+generators share the machine with the stack: on a 2-core machine the 4,000 connections' own
+client costs CPU the server would otherwise have; timings are reported, never asserted;
+correctness is (every answer 201 or 503, every payment 200 or 503, the stock adds up).
 """
 
 from __future__ import annotations
