@@ -134,8 +134,9 @@ class Settings:
     )
     max_connections: int = _setting(
         4_096,
-        "open connections per API worker (its open-file limit is raised to fit): a connection "
-        "over it answers 503 overloaded and closes",
+        "open connections per API worker (its open-file limit is raised to fit): a new one "
+        "over it takes the place of the connection idle the longest, or answers 503 overloaded "
+        "and closes when none is idle",
     )
     request_timeout: float = _setting(
         2.0,
