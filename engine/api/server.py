@@ -515,9 +515,10 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def connection_cap(wanted: int) -> int:
-    """Raise this process's open-file soft limit to its hard limit (a default of 1,024 fits a
-    few hundred clients), and return how many connections it can hold: ``wanted``, or fewer
-    when the hard limit leaves no room for them besides ``FD_RESERVE`` (logged)."""
+    """Raise this process's open-file soft limit to fit ``wanted`` connections besides
+    ``FD_RESERVE``, up to the hard limit (a default soft limit of 1,024 fits a few hundred
+    clients), and return how many connections it can hold: ``wanted``, or fewer when the hard
+    limit leaves no room for them (logged)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = wanted + FD_RESERVE
     target = needed if hard == resource.RLIM_INFINITY else min(max(soft, needed), hard)
