@@ -2,8 +2,8 @@
 503 ``overloaded`` and Retry-After, counted by route on /metrics, while a payment is served
 and health, readiness and metrics answer; a stalled Redis makes a call answer 503
 ``unavailable`` within FLASHTEAM_REQUEST_TIMEOUT instead of holding it, and the sale goes on
-by itself when the stall ends. The admission limit's adaptation is tested on its own, with a
-clock of the test's.
+by itself when the stall ends; a payment waiting on a locked SQL store likewise. The
+admission limit's adaptation is tested on its own, with a clock of the test's.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -131,6 +132,33 @@ async def test_a_stalled_redis_answers_503_within_the_request_timeout(tmp_path: 
             again = ok(await reserve(client, campaign_id, "u2", key="stalled-1"), 201)
             assert again["replayed"] is True
             assert (await stock_of(client, campaign_id))["held"] == 2
+
+
+async def test_a_stalled_sql_answers_a_payment_503_within_the_request_timeout(
+    api_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Another process holds the SQLite file locked: a payment (acknowledged once SQL has it)
+    answers 503 unavailable after 1 s instead of waiting; once the lock goes, the retry with
+    the same payment reference is paid."""
+    server = ApiServer(api_redis.url, tmp_path / "api", workers=1, extra={"request_timeout": "1"})
+    async with (
+        running(server),
+        httpx.AsyncClient(base_url=server.url, timeout=30, trust_env=False) as client,
+    ):
+        campaign_id = await new_flash(client, "sql-stall")
+        held = ok(await reserve(client, campaign_id, "u1"), 201)
+        pay = f"/v1/orders/{held['order_id']}/pay"
+        body = {"user_id": "u1", "payment_ref": "psp-stall"}
+        lock = sqlite3.connect(server.settings.sqlite_path, isolation_level=None, timeout=10)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            stalled = await client.post(pay, json=body, headers=GW)
+            assert "within 1 s" in expect_error(stalled, "unavailable")["message"]
+            assert stalled.headers["retry-after"] == "1"
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert ok(await client.post(pay, json=body, headers=GW))["state"] == "paid"
 
 
 # --------------------------------------------------------------------------- the limit
