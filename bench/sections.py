@@ -386,6 +386,13 @@ SECTIONS: tuple[Section, ...] = (
         optional=True,
     ),
     Section((*T8_REPAIR, *T8_PAY, *T8_PACED), t8_section),
+    _plain(
+        "t9-overload",
+        heading="T9 overload",
+        intro="Reserve at 64 connections (the peak) and at 4,000, closed loop, shed answers "
+        "(503 overloaded) retried at once, with a stream of payments during the overload "
+        "(docs/performance.md#t9-overload).",
+    ),
     Section(("scripts",), scripts_section),
     # Shown once bench/ measures it: the report of a run without it stays as it was.
     _plain(

@@ -1,4 +1,4 @@
-"""The performance targets T1 to T8 of docs/performance.md, each defined once, and their verdicts.
+"""The performance targets T1 to T9 of docs/performance.md, each defined once, and their verdicts.
 
 A target's floor or bound is written only here: the verdicts are judged with it, and every
 sentence of the report that states it (the requirement cells, the target lines of the T1
@@ -33,6 +33,8 @@ PACED_MIN_SHARE = 0.9 * PACED_SHARE
 T1_CALLERS = 1_000
 # What a T8 repair row must say was checked after the repair (bench/test_recovery.py).
 REPAIR_CHECKS = ("audit_ok", "redis_equals_sql", "reconcile_ok", "trusted")
+# T9 (bench/test_overload.py): reserve at the peak's connections, then at the overload's.
+PEAK_CONNECTIONS, OVERLOAD_CONNECTIONS = 64, 4_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,7 @@ class Target:
 
     @property
     def id(self) -> str:
-        """``T1`` to ``T8``: the section of docs/performance.md."""
+        """``T1`` to ``T9``: the section of docs/performance.md."""
         return self.name.split()[0]
 
     @property
@@ -392,6 +394,39 @@ def _t8_p99(results: Results, target: Target) -> Reading:
     return Reading("; ".join(measured), f"{target.baseline}: {', '.join(baselines)}", ok)
 
 
+def _t9(results: Results, target: Target) -> Reading:
+    """One figure of the overload row (bench/test_overload.py), with the peak as baseline."""
+    phases = by(results["t9-overload"].rows, "phase")
+    if "overload" not in phases or "peak" not in phases:
+        raise NotMeasured("no peak and overload rows in t9-overload.json")
+    row, peak = phases["overload"], phases["peak"]
+    cell = row[target.column]
+    if cell == "":
+        raise NotMeasured(f"no {target.column} in the overload row (nothing was shed?)")
+    value = float(cell)
+    unit = "x" if target.column == "vs_peak" else " ms"
+    return Reading(
+        f"{value:,.2f}{unit}: {float(row['reserved_per_s']):,.0f} reserved/s, "
+        f"{float(row['shed_per_s']):,.0f} shed/s at {OVERLOAD_CONNECTIONS:,} connections",
+        f"peak {float(peak['reserved_per_s']):,.0f}/s at {PEAK_CONNECTIONS} connections, "
+        f"p99 {float(peak['reserve_p99_ms']):,.1f} ms",
+        target.holds(value),
+    )
+
+
+def _t9_target(name: str, requirement: str, bound: Bound, column: str) -> Target:
+    return Target(
+        name,
+        f"{requirement} at {OVERLOAD_CONNECTIONS:,} connections, {_ON_DEFAULT}",
+        bound,
+        f"reserve at {PEAK_CONNECTIONS} connections",
+        _t9,
+        ("t9-overload",),
+        "overload",
+        column,
+    )
+
+
 # --------------------------------------------------------------------------- the targets
 
 _NAIVE = "naive reference endpoint (FastAPI, one Lua DECR per request)"
@@ -613,6 +648,27 @@ TARGETS: tuple[Target, ...] = (
         tuple(f"t8-pay-paced-{backend}" for backend in _BACKENDS),
         "sql",
         "p99_ms",
+    ),
+    _t9_target(
+        "T9 goodput under overload",
+        "reservations/s {bound} the peak's",
+        Bound(">=", 0.8, "x"),
+        "vs_peak",
+    ),
+    _t9_target(
+        "T9 reserve p99 under overload",
+        "reserve p99 {bound}",
+        Bound("<=", 100, " ms"),
+        "reserve_p99_ms",
+    ),
+    _t9_target(
+        "T9 shed answer p99", "503 overloaded p99 {bound}", Bound("<=", 5, " ms"), "shed_p99_ms"
+    ),
+    _t9_target(
+        "T9 pay p99 while shedding",
+        "pay p99 {bound} while reservations are shed",
+        Bound("<=", 50, " ms"),
+        "pay_p99_ms",
     ),
 )
 

@@ -8,6 +8,8 @@ async with await Engine.open(settings) as engine:
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from types import TracebackType
 
 from engine.archive import Archiver
@@ -60,21 +62,25 @@ class Engine:
         await engine.recovery.check(await engine.campaigns.warm_all())
         return engine
 
-    async def readiness(self) -> dict[str, str]:
-        """Each dependency's state, "ok" or what is wrong: Redis, the scripts, the store."""
+    async def readiness(self, within: float) -> dict[str, str]:
+        """Each dependency's state, "ok" or what is wrong: Redis (its clock read within
+        ``within`` seconds), the scripts (loaded at start; a restarted Redis gets them again
+        at their first call), the store (one read by key within ``within``)."""
         rt = self.runtime
-        checks: dict[str, str] = {}
-        for name, probe in (
-            ("redis", rt.now()),
-            ("scripts", rt.scripts.load()),
-            ("sql", rt.store.get_campaign("readyz-probe")),
-        ):
+
+        async def check(probe: Awaitable[object]) -> str:
             try:
-                await probe
-                checks[name] = "ok"
+                await asyncio.wait_for(probe, within)
             except EngineError as exc:
-                checks[name] = exc.message
-        return checks
+                return exc.message
+            except TimeoutError:
+                return f"no answer within {within:g} s"
+            return "ok"
+
+        redis, sql = await asyncio.gather(
+            check(rt.now()), check(rt.store.get_campaign("readyz-probe"))
+        )
+        return {"redis": redis, "scripts": "ok" if rt.scripts.loaded else "not loaded", "sql": sql}
 
     async def close(self) -> None:
         """Stop the background repairs, close the store and the Redis connections."""

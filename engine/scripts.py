@@ -385,6 +385,7 @@ class Scripts:
         self._limit = asyncio.Semaphore(max_in_flight)
         # Called with (script name, seconds) after every call when set (the API's metrics).
         self.observe: Callable[[str, float], None] | None = None
+        self.loaded = False  # every script was sent to Redis once (load)
         # Awaited with (campaign id, why) when a script finds the campaign's Redis state
         # untrusted (lib/common.lua untrusted), before the caller gets Recovering: the
         # engine's recovery (engine/recovery.py) schedules the repair, or raises NotFound
@@ -403,6 +404,7 @@ class Scripts:
         """SCRIPT LOAD every script (on every primary of a cluster) so the first call is warm."""
         for source in self._sources.values():
             await guarded(self._client.script_load(source))
+        self.loaded = True
 
     async def _call(
         self,

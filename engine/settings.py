@@ -101,6 +101,62 @@ class Settings:
         "generates one when unset)",
     )
     max_body: int = _setting(65_536, "largest HTTP request body accepted, bytes; 1024 to 16777216")
+    max_head: int = _setting(
+        16_384,
+        "largest HTTP request head (request line and headers), bytes, 1024 to 1048576: a larger "
+        "one answers 431 and the connection closes",
+    )
+    max_headers: int = _setting(
+        100, "most headers in one HTTP request, 8 to 1000: more answer 431 and close"
+    )
+    max_url: int = _setting(
+        8_192,
+        "longest HTTP request target (path and query), bytes, 256 to max_head: longer answers "
+        "414 and closes",
+    )
+    header_timeout: float = _setting(
+        10.0,
+        "seconds a client has to send a whole request head once it started it: 408 and close "
+        "after that",
+    )
+    body_timeout: float = _setting(
+        10.0,
+        "seconds a client has to send a whole request body once its head arrived: 408 and "
+        "close after that",
+    )
+    keep_alive: float = _setting(
+        5.0, "seconds an idle keep-alive connection (or one that sent nothing yet) stays open"
+    )
+    write_timeout: float = _setting(
+        10.0,
+        "seconds a client that stopped reading its answers has to take them again before its "
+        "connection is dropped",
+    )
+    max_connections: int = _setting(
+        4_096,
+        "open connections per API worker (its open-file limit is raised to fit): a new one "
+        "over it takes the place of the connection idle the longest, or answers 503 overloaded "
+        "and closes when none is idle",
+    )
+    request_timeout: float = _setting(
+        2.0,
+        "seconds a request may wait on Redis or SQL: then it answers 503 unavailable with "
+        "Retry-After (retry with the same idempotency key or payment reference), 0.1 to 30",
+    )
+    admission_target: float = _setting(
+        0.05,
+        "seconds an admitted request should take at most: each API worker adapts how many "
+        "requests it runs at once so they stay under it, and answers the excess 503 overloaded "
+        "at once",
+    )
+    admission_min: int = _setting(
+        64,
+        "the fewest requests an API worker runs at once, however slow they are (at least 1; "
+        "the default is one coalesced batch: fewer would cost throughput, not latency)",
+    )
+    admission_max: int = _setting(
+        1_024, "the most requests an API worker runs at once, however fast they are"
+    )
     echo_route: bool = _setting(
         False,
         "1: also serve POST /bench/echo, a bare JSON echo (the baseline of benchmark T2, "
@@ -167,6 +223,7 @@ class Settings:
         if not 1_024 <= self.max_body <= 16_777_216:
             raise ConfigurationError("FLASHTEAM_MAX_BODY must be from 1024 to 16777216 bytes")
         self._check_reaper()
+        self._check_http()
 
     def _check_reaper(self) -> None:
         if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:
@@ -177,6 +234,34 @@ class Settings:
         if self.archive_after < 0 or self.archive_interval < 0:
             raise ConfigurationError(
                 "FLASHTEAM_ARCHIVE_AFTER and FLASHTEAM_ARCHIVE_INTERVAL must be >= 0 seconds"
+            )
+
+    def _check_http(self) -> None:
+        if not 1_024 <= self.max_head <= 1_048_576 or not 8 <= self.max_headers <= 1_000:
+            raise ConfigurationError(
+                "FLASHTEAM_MAX_HEAD must be from 1024 to 1048576 bytes and FLASHTEAM_MAX_HEADERS "
+                "from 8 to 1000"
+            )
+        if not 256 <= self.max_url <= self.max_head:
+            raise ConfigurationError(
+                "FLASHTEAM_MAX_URL must be from 256 bytes to FLASHTEAM_MAX_HEAD"
+            )
+        timeouts = (self.header_timeout, self.body_timeout, self.keep_alive, self.write_timeout)
+        if not all(0 < each <= 3_600 for each in timeouts):
+            raise ConfigurationError(
+                "FLASHTEAM_HEADER_TIMEOUT, FLASHTEAM_BODY_TIMEOUT, FLASHTEAM_KEEP_ALIVE and "
+                "FLASHTEAM_WRITE_TIMEOUT must be in (0, 3600] seconds"
+            )
+        if not 0.1 <= self.request_timeout <= 30:
+            raise ConfigurationError("FLASHTEAM_REQUEST_TIMEOUT must be from 0.1 to 30 seconds")
+        if self.max_connections < 16:
+            raise ConfigurationError("FLASHTEAM_MAX_CONNECTIONS must be >= 16")
+        if not 0 < self.admission_target <= 10 or not (
+            1 <= self.admission_min <= self.admission_max
+        ):
+            raise ConfigurationError(
+                "FLASHTEAM_ADMISSION_TARGET must be in (0, 10] seconds and "
+                "1 <= FLASHTEAM_ADMISSION_MIN <= FLASHTEAM_ADMISSION_MAX"
             )
 
     def _check_redis(self) -> None:

@@ -201,8 +201,9 @@ class Visitor(FastHttpUser):
     ) -> dict[str, Any] | None:
         """One request; returns the JSON body of a 2xx, None for anything else.
 
-        A 409 or 429 with a business code (or one of ``also``) is an expected outcome,
-        counted as a success, so Locust's failure table lists only what must not happen.
+        A 409 or 429 with a business code (or one of ``also``), and a 503 ``overloaded`` (shed
+        at once by admission control), are expected outcomes, counted as successes, so Locust's
+        failure table lists only what must not happen.
         Every answer is tallied by ``loadtests.plan.classify``.
         """
         with self.client.request(
@@ -210,7 +211,7 @@ class Visitor(FastHttpUser):
         ) as reply:
             category, detail, result = _judge(reply, also)
             TALLY.outcomes[outcome_key(name, category, detail)] += 1
-            if category in ("ok", "business"):
+            if category in ("ok", "business", "shed"):
                 reply.success()
             else:
                 reply.failure(f"{category}: {detail}")

@@ -113,8 +113,9 @@ BUSINESS = frozenset(
 )
 
 #: Outcome categories, in report order. Only "server_error" and "unexpected" fail a run;
-#: "transport" (timeouts, refused connections) is a capacity finding, not a correctness one.
-CATEGORIES = ("ok", "business", "unexpected", "server_error", "transport")
+#: "shed" (503 overloaded: admission control refused the request at once, docs/http.md#overload)
+#: and "transport" (timeouts, refused connections) are capacity findings, not correctness ones.
+CATEGORIES = ("ok", "business", "unexpected", "server_error", "shed", "transport")
 
 
 def classify(status: int, code: str, also: frozenset[str] = frozenset()) -> tuple[str, str]:
@@ -126,6 +127,8 @@ def classify(status: int, code: str, also: frozenset[str] = frozenset()) -> tupl
         return "transport", code or "no answer"
     if status in (409, 429) and (code in BUSINESS or code in also):
         return "business", code
+    if status == 503 and code == "overloaded":
+        return "shed", code
     detail = f"{status} {code}".strip()
     return ("server_error" if status >= 500 else "unexpected"), detail
 

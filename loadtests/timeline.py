@@ -393,6 +393,7 @@ OUTCOME_COLORS = {
     "sold_out": "tab:orange",
     "internal": "darkred",
     "unavailable": "tab:red",
+    "overloaded": "salmon",
 }
 PALETTE = ("tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "gold")
 FIELD_STYLES: dict[str, Any] = {"available": "-", "held": "--", "paid": ":"}

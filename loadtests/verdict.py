@@ -157,6 +157,7 @@ async def _load_checks(engine: Engine, tally: LoadTally) -> list[Check]:
     held = tally.count("ok", "reserve")
     wrong = tally.count("unexpected") + tally.count("server_error")
     transport = tally.count("transport")
+    shed = tally.count("shed")
     return [
         Check(
             f"every acknowledged payment is a paid (or refunded) order in SQL: "
@@ -171,6 +172,7 @@ async def _load_checks(engine: Engine, tally: LoadTally) -> list[Check]:
         ),
         Check(
             f"no server error, no unexpected or malformed answer, no task exception: {wrong}"
+            + (f" (shed under overload, a capacity finding: {shed})" if shed else "")
             + (f" (transport errors, a capacity finding: {transport})" if transport else ""),
             wrong == 0,
             tally.of("unexpected", "server_error"),

@@ -48,9 +48,10 @@ HTTP_STATUS = {
     "payload_too_large": 413,
     "rate_limited": 429,
     "unavailable": 503,
+    "overloaded": 503,
 }
 # Codes the HTTP layer adds on top of the engine's exceptions.
-HTTP_ONLY = {"unauthorized", "method_not_allowed", "payload_too_large"}
+HTTP_ONLY = {"unauthorized", "method_not_allowed", "payload_too_large", "overloaded"}
 # Engine codes no request can produce: internal (a 500 is a bug) and configuration_error
 # (refused at start-up), plus the abstract root of the business rejections.
 NOT_HTTP = {"internal", "configuration_error", "rejected"}
@@ -78,6 +79,7 @@ COVERED = {
     "payload_too_large": "test_http_errors",
     "rate_limited": "test_rate_limited_with_retry_after",
     "unavailable": "test_redis_down_is_503_then_recovers",
+    "overloaded": "tests/test_overload.py",
     "already_exists": "test_campaign_create_and_get",
     "not_editable": "test_patch_campaign",
     "not_started": "test_not_started",

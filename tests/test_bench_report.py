@@ -467,6 +467,7 @@ def test_sections_and_charts(report: tuple[str, Path]) -> None:
         "T6 memory",
         "T7 one million users",
         "T8 repair after Redis data loss",
+        "T9 overload",
         "Lua scripts (micro benchmarks)",
         "Sold-out resell",
         "Result files",
@@ -505,3 +506,23 @@ def test_t7_on_3_shards_needs_every_unit_sold_and_none_oversold() -> None:
         bad = Result("t7", "t7", [row | change], day)
         assert judge(shards, {"t7-scale-shards": bad}).verdict == NOT_MET
     assert judge(shards, {}).verdict == UNMEASURED
+
+
+def test_t9_judges_the_overload_row_against_the_peak() -> None:
+    day = dt.datetime(2026, 12, 2)
+    peak = {"phase": "peak", "reserved_per_s": 9_500.0, "reserve_p99_ms": 16.0}
+    over = {"phase": "overload", "reserved_per_s": 8_000.0, "shed_per_s": 20_000.0}
+    over |= {"vs_peak": 8_000 / 9_500, "reserve_p99_ms": 80.0, "shed_p99_ms": 7.5}
+    over |= {"pay_p99_ms": 20.0}
+    results = {"t9-overload": Result("t9", "t9", [peak, over], day)}
+    found = {name: judge(target(name), results) for name in (
+        "T9 goodput under overload", "T9 reserve p99 under overload", "T9 shed answer p99",
+        "T9 pay p99 while shedding",
+    )}  # fmt: skip
+    assert [v.verdict for v in found.values()] == [MET, MET, NOT_MET, MET]
+    assert found["T9 goodput under overload"].measured.startswith("0.84x: 8,000 reserved/s")
+    assert "peak 9,500/s at 64 connections" in found["T9 shed answer p99"].baseline
+    nothing_shed = Result("t9", "t9", [peak, over | {"shed_p99_ms": ""}], day)
+    shed = judge(target("T9 shed answer p99"), {"t9-overload": nothing_shed})
+    assert shed.verdict == UNMEASURED and "nothing was shed" in shed.measured
+    assert judge(target("T9 goodput under overload"), {}).verdict == UNMEASURED

@@ -269,5 +269,6 @@ async def test_the_live_page_shows_the_sale_as_the_stats_endpoint_does(
         assert flash_stats["rejections"].get("sold_out", 0) > 0
         engine = figures(browser, "e:")
         assert float(engine["e:route:POST /v1/campaigns/{campaign_id}/orders:count"][0]) >= 300
+        assert "e:route:POST /v1/campaigns/{campaign_id}/orders:shed_rps" in engine  # 503s
         assert TEST_ADMIN_TOKEN not in browser.current_url
         assert (tmp_path / "live.png").stat().st_size > 10_000 < during.stat().st_size

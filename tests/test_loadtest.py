@@ -99,6 +99,7 @@ def test_answers_are_classified() -> None:
     assert classify(409, "invalid_state") == ("unexpected", "409 invalid_state")
     assert classify(409, "invalid_state", frozenset({"invalid_state"}))[0] == "business"
     assert classify(503, "unavailable") == ("server_error", "503 unavailable")
+    assert classify(503, "overloaded") == ("shed", "overloaded")
     assert classify(400, "validation_error")[0] == "unexpected"
     assert classify(0, "timed out") == ("transport", "timed out")
 

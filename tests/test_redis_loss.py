@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from engine.api.metrics import render
+from engine.api.metrics import dependencies, render
 from engine.core import Engine
 from engine.errors import LimitExceeded, NotFound, Recovering, SoldOut
 from engine.keys import keys_of
@@ -162,14 +162,14 @@ async def test_a_restarted_redis_is_verified_before_it_sells(
             held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
             server.stop()
             server.start()
-            exposed = await render(engine.runtime)
+            exposed = render(await dependencies(engine.runtime, 5))
             assert b"flashteam_campaigns_fenced 0\n" in exposed  # no repair due yet
             assert b"flashteam_campaigns_unverified 1\n" in exposed
             with pytest.raises(Recovering) as refused:
                 await engine.orders.pay(held.order_id, "a", "pa")
             assert refused.value.details == {"reason": "recovering", "why": "restarted"}
             await engine.recovery.wait_idle()
-            exposed = await render(engine.runtime)
+            exposed = render(await dependencies(engine.runtime, 5))
             assert b"flashteam_campaigns_fenced 0\n" in exposed
             assert b"flashteam_campaigns_unverified 0\n" in exposed
             assert b"flashteam_recoveries_total 1\n" in exposed

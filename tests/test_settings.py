@@ -60,6 +60,12 @@ def test_from_env_defaults_are_production_safe() -> None:
     assert settings.echo_route is False
     assert settings.redis_sentinels is None and settings.sentinel_addresses == []
     assert settings.redis_master == "flashteam"
+    # The front door is bounded: a head of 16 KiB, seconds to send it, a cap on connections,
+    # a bounded wait on Redis and SQL (docs/http.md#limits-and-timeouts).
+    assert settings.max_head <= 16_384 and settings.max_headers <= 100
+    assert settings.header_timeout <= 10 and settings.body_timeout <= 10
+    assert settings.write_timeout <= 10 and settings.keep_alive <= 5
+    assert settings.request_timeout <= 2 and settings.max_connections <= 4_096
 
 
 def _changed(value: object) -> object:
@@ -155,6 +161,19 @@ def test_redis_cluster_flag(value: str, expected: bool) -> None:
         ("REAPER_BATCH", "0"),
         ("REAPER_BATCH", "all"),
         ("REDIS_CLUSTER", "maybe"),
+        ("MAX_HEAD", "512"),
+        ("MAX_HEADERS", "0"),
+        ("MAX_URL", "100"),
+        ("MAX_URL", "20000"),  # more than the head it is part of
+        ("HEADER_TIMEOUT", "0"),
+        ("BODY_TIMEOUT", "nan"),
+        ("KEEP_ALIVE", "-1"),
+        ("WRITE_TIMEOUT", "forever"),
+        ("REQUEST_TIMEOUT", "60"),
+        ("MAX_CONNECTIONS", "1"),
+        ("ADMISSION_TARGET", "0"),
+        ("ADMISSION_MIN", "0"),
+        ("ADMISSION_MAX", "8"),  # below the minimum
     ],
 )
 def test_from_env_rejects_a_bad_value_naming_the_variable(variable: str, value: str) -> None:

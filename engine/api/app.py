@@ -2,10 +2,13 @@
 every body in and out, served by flashteam's own HTTP server (engine/api/server.py) or, through
 ``Api.app``, by any ASGI server.
 
-Each handler is wrapped once by ``_route``: it checks the bearer token (constant time), takes
-the body read under the size cap, turns every ``EngineError`` into the JSON error body with
-its HTTP status, counts rejections for the campaign KPIs and records the request's latency
-per route and outcome. A 500 means a bug, and is logged with its traceback.
+Each handler is wrapped once by ``_route``: it admits the request or refuses it at once (503
+``overloaded``, engine/api/admission.py), checks the bearer token (constant time), takes the
+body read under the size cap, waits for the handler at most ``FLASHTEAM_REQUEST_TIMEOUT``
+(then 503 ``unavailable``: the work goes on and a retry with the same key finds its outcome),
+turns every ``EngineError`` into the JSON error body with its HTTP status, counts rejections
+for the campaign KPIs and records the request's latency per route and outcome. A 500 means a
+bug, and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -24,7 +28,16 @@ import msgspec
 from engine import errors
 from engine.api import batch, live, metrics
 from engine.api import schemas as s
-from engine.api.http import AsgiAdapter, Handler, HttpRequest, HttpResponse, NoRoute, Router
+from engine.api.admission import Admission, Priority
+from engine.api.http import (
+    AsgiAdapter,
+    Handler,
+    HttpRequest,
+    HttpResponse,
+    NoRoute,
+    Router,
+    refusal,
+)
 from engine.api.openapi import Operation, openapi_document
 from engine.core import Engine
 from engine.keys import campaign_of_order, campaign_of_team, check_id
@@ -44,11 +57,20 @@ STATUS: dict[str, int] = {
     "payload_too_large": 413,
     "rate_limited": 429,
     "unavailable": 503,
+    "overloaded": 503,
 }
 CONFLICT = 409  # every other business rejection: sold_out, team_full, hold_expired, ...
 
 
 _NO_STORE = ((b"cache-control", b"no-store"),)
+_OVERLOADED = refusal(
+    503,
+    "overloaded",
+    "this worker runs all the requests it can serve in time: retry after Retry-After",
+    retry_after=1,
+)
+PROBE_EVERY = 1.0  # seconds /readyz and /metrics reuse what they last read from Redis and SQL
+PROBE_TIMEOUT = 1.0  # seconds /readyz and /metrics wait for Redis and for SQL
 # The live page and its assets: its own script and styles only, data from this origin only.
 _PAGE_HEADERS = (
     *_NO_STORE,
@@ -147,6 +169,11 @@ class Api:
         self.operations: list[Operation] = []
         self._router = Router(cache_params=frozenset({"campaign_id"}))
         self._unavailable_logged: dict[tuple[str, str], float] = {}
+        self.admission = Admission(
+            settings.admission_target, settings.admission_min, settings.admission_max
+        )
+        self._readiness = metrics.Cached(self._probe_readiness, PROBE_EVERY)
+        self._dependencies = metrics.Cached(self._probe_dependencies, PROBE_EVERY)
         gw, adm, pub = Access.GATEWAY, Access.ADMIN, Access.PUBLIC
         o = s.OrderOut
         routes = [
@@ -217,8 +244,10 @@ class Api:
                 s.SeatOut,
                 201,
             ),
-            self._route("POST", "/v1/orders/{order_id}/pay", self.pay, gw, s.PayIn, o),
-            self._route("POST", "/v1/orders/{order_id}/cancel", self.cancel, gw, s.CancelIn, o),
+            self._route("POST", "/v1/orders/{order_id}/pay", self.pay, gw, s.PayIn, o, money=True),
+            self._route(
+                "POST", "/v1/orders/{order_id}/cancel", self.cancel, gw, s.CancelIn, o, money=True
+            ),
             self._route("POST", "/v1/orders/{order_id}/refund", self.refund, adm, s.RefundIn, o),
             self._route(
                 "GET",
@@ -228,6 +257,7 @@ class Api:
                 None,
                 o,
                 query=(("user_id", False),),
+                money=True,
             ),
             self._route(
                 "GET",
@@ -237,6 +267,7 @@ class Api:
                 None,
                 s.OrdersOut,
                 query=(("limit", False),),
+                money=True,
             ),
             self._route(
                 "POST", "/v1/teams/{team_id}/join", self.join, gw, s.JoinIn, s.SeatOut, 201
@@ -310,13 +341,14 @@ class Api:
                 except errors.EngineError as exc:
                     log.warning("counters not saved yet: %s", exc)
 
-    @staticmethod
-    async def _flush_metrics(stop: asyncio.Event) -> None:
-        """Add the buffered latencies to the shared histograms a few times a second."""
+    async def _flush_metrics(self, stop: asyncio.Event) -> None:
+        """Add the buffered latencies to the shared histograms, and the admission limit and
+        requests in flight to their gauges, a few times a second."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), metrics.FLUSH_EVERY)
             metrics.flush()
+            metrics.observe_admission(self.admission.limit, self.admission.in_flight)
 
     async def handle(self, request: HttpRequest) -> HttpResponse:
         """Answer one request: its route's handler, or 404 / 405."""
@@ -341,9 +373,20 @@ class Api:
         out: type | None,
         status: int = 200,
         query: tuple[tuple[str, bool], ...] = (),
+        money: bool = False,
     ) -> tuple[str, str, Handler]:
-        """One route, recorded as an Operation for /openapi.json: (method, path, endpoint)."""
+        """One route, recorded as an Operation for /openapi.json: (method, path, endpoint).
+        ``money``: a shopper's payment depends on it (admitted first under overload, as the
+        admin's calls are)."""
         name = f"{method} {path}"
+        if access is Access.PUBLIC:
+            priority = Priority.EXEMPT
+        elif money or access is Access.ADMIN:
+            priority = Priority.MONEY
+        else:
+            priority = Priority.NORMAL
+        admission = self.admission
+        timeout = self.settings.request_timeout
         doc = (handler.__doc__ or name).strip()
         self.operations.append(
             Operation(
@@ -359,12 +402,22 @@ class Api:
             )
         )
 
+        def ended(_: object, started: float) -> None:
+            admission.done(time.perf_counter() - started)
+
         async def endpoint(request: HttpRequest) -> HttpResponse:
             started = time.perf_counter()
             outcome = "ok"
             try:
                 self._authorize(request, access)
-                return await handler(request)
+                if priority is Priority.EXEMPT:  # they bound their own waits (PROBE_TIMEOUT)
+                    return await handler(request)
+                if not admission.admit(priority):
+                    outcome = "overloaded"
+                    return _OVERLOADED
+                work = asyncio.ensure_future(handler(request))
+                work.add_done_callback(partial(ended, started=started))
+                return await _within(work, timeout)
             except errors.EngineError as exc:
                 outcome = exc.http_code if isinstance(exc, ApiError) else exc.code
                 self._failed(name, exc, lambda: _campaign_of_request(request))
@@ -618,7 +671,7 @@ class Api:
 
     async def readyz(self, request: HttpRequest) -> HttpResponse:
         """Readiness: Redis and SQL reachable, scripts loaded."""
-        checks = await self.engine.readiness()
+        checks = await self._readiness.get()
         ready = all(v == "ok" for v in checks.values())
         return json_response(
             s.Health("ok" if ready else "unavailable", checks), 200 if ready else 503
@@ -651,14 +704,42 @@ class Api:
 
     async def metrics(self, request: HttpRequest) -> HttpResponse:
         """Prometheus metrics."""
-        body = await metrics.render(self.engine.runtime)
+        body = metrics.render(await self._dependencies.get())
         return HttpResponse(200, body, metrics.CONTENT_TYPE.encode())
+
+    async def _probe_readiness(self) -> dict[str, str]:
+        return await self.engine.readiness(PROBE_TIMEOUT)
+
+    async def _probe_dependencies(self) -> list[str]:
+        return await metrics.dependencies(self.engine.runtime, PROBE_TIMEOUT)
 
     async def openapi(self, request: HttpRequest) -> HttpResponse:
         """This document."""
         if self._openapi is None:
             self._openapi = _encoder.encode(openapi_document(self.operations))
         return HttpResponse(200, self._openapi)
+
+
+async def _within(task: asyncio.Future[HttpResponse], seconds: float) -> HttpResponse:
+    """The answer of ``task``, or Unavailable when it has none within ``seconds`` (Redis or
+    SQL stalled): the task goes on, and whatever it did is found by a retry with the same
+    idempotency key or payment reference."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), seconds)
+    except TimeoutError:
+        task.add_done_callback(_late)
+        raise errors.Unavailable(
+            f"Redis or SQL did not answer within {seconds:g} s: retry with the same "
+            "idempotency key or payment reference"
+        ) from None
+
+
+def _late(task: asyncio.Future[HttpResponse]) -> None:
+    """The end of a request answered 503 for taking too long: a bug it met is logged."""
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if not isinstance(exc, errors.EngineError):
+            log.error("a request answered 503 after the timeout failed", exc_info=exc)
 
 
 async def _echo(request: HttpRequest) -> HttpResponse:

@@ -10,8 +10,10 @@ comparisons, and the handler (engine/api/app.py) does the rest.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
@@ -56,12 +58,26 @@ class HttpRequest:
 
 @dataclass(frozen=True, slots=True)
 class HttpResponse:
-    """One answer: status, body, its media type and any other headers."""
+    """One answer: status, body, its media type and any other headers. A header name or
+    value with CR or LF is refused here (ValueError): nothing a handler puts in a header can
+    split the answer."""
 
     status: int
     body: bytes
     media_type: bytes = b"application/json"
     headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        for part in (self.media_type, *(p for header in self.headers for p in header)):
+            if b"\r" in part or b"\n" in part:
+                raise ValueError(f"a response header may not hold CR or LF: {part!r}")
+
+
+def refusal(status: int, code: str, message: str, retry_after: int = 0) -> HttpResponse:
+    """An error answer built once: the error body, and ``Retry-After`` when given."""
+    body = b'{"error":{"code":"%s","message":"%s"}}' % (code.encode(), message.encode())
+    headers = ((b"retry-after", b"%d" % retry_after),) if retry_after else ()
+    return HttpResponse(status, body, headers=headers)
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -71,6 +87,18 @@ _STATUS_LINES = {
 }
 
 
+_date = (0, b"")  # (the second, its Date header line)
+
+
+def date_line() -> bytes:
+    """The ``date:`` header line of this second (formatted once a second)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, b"date: %s\r\n" % formatdate(now, usegmt=True).encode())
+    return _date[1]
+
+
 def serialize(response: HttpResponse, keep_alive: bool, head: bool = False) -> bytes:
     """The bytes of the response on the wire (no body for HEAD), ready for one write."""
     status = response.status
@@ -78,6 +106,7 @@ def serialize(response: HttpResponse, keep_alive: bool, head: bool = False) -> b
     body = response.body
     parts = [
         line,
+        date_line(),
         b"content-type: ",
         response.media_type,
         b"\r\ncontent-length: %d\r\n" % len(body),

@@ -48,12 +48,13 @@ class LiveCampaign(Struct):
 
 
 class RouteLoad(Struct):
-    """One route's requests so far, every outcome together: the count, and the latency
-    histogram as (upper bound in seconds, requests at or under it) pairs, the last one's
-    bound null (+Inf)."""
+    """One route's requests so far, every outcome together: the count, how many were shed
+    (503 overloaded, docs/http.md#overload), and the latency histogram as (upper bound in
+    seconds, requests at or under it) pairs, the last one's bound null (+Inf)."""
 
     route: str
     count: float
+    shed: float
     buckets: list[tuple[float | None, float]]
 
 
@@ -113,7 +114,7 @@ async def snapshot(engine: Engine) -> LiveOut:
         at=now,
         campaigns=out,
         engine=EngineLoad(
-            routes=[RouteLoad(route, count, buckets) for route, (count, buckets) in routes],
+            routes=[RouteLoad(route, *load) for route, load in routes],
             outcomes=outcomes,
             stream_lag_s=lag.oldest_ms / 1000,
             reaper_lag_s=await metrics.reaper_lag(rt),

@@ -3,18 +3,22 @@
 Request and script latencies are histograms kept by prometheus_client; with several worker
 processes (`flashteam serve --workers N`) they live in ``PROMETHEUS_MULTIPROC_DIR`` and any
 worker's /metrics sums them all. Stream lag and reaper lag are read from Redis at scrape time,
-so they are right whichever worker answers.
+so they are right whichever worker answers; a worker reads them at most once a second
+(``Cached``), however often it is scraped, and waits at most a second for each of Redis and
+SQL: anyone who can reach the port cannot load the sale's Redis through /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import time
 from bisect import bisect_left
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine.archive import ARCHIVE_STATS
@@ -39,6 +43,23 @@ _REQUESTS = Histogram(
 _SCRIPTS = Histogram(
     "flashteam_script_seconds", "Lua script calls and their latency", ["script"], buckets=_BUCKETS
 )
+
+# Admission control (engine/api/admission.py), sampled at each flush: summed over the workers.
+_ADMISSION_LIMIT = Gauge(
+    "flashteam_admission_limit",
+    "Requests the API workers may run at once (their adaptive admission limits, summed)",
+    multiprocess_mode="livesum",
+)
+_ADMISSION_IN_FLIGHT = Gauge(
+    "flashteam_admission_in_flight",
+    "Requests the API workers run right now (sampled a few times a second, summed)",
+    multiprocess_mode="livesum",
+)
+
+
+def observe_admission(limit: float, in_flight: int) -> None:
+    _ADMISSION_LIMIT.set(int(limit))
+    _ADMISSION_IN_FLIGHT.set(in_flight)
 
 
 class _Buffered:
@@ -101,15 +122,17 @@ def _registry() -> CollectorRegistry | None:
 Buckets = list[tuple[float | None, float]]
 
 
-def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, float]]:
+def request_load() -> tuple[list[tuple[str, tuple[float, float, Buckets]]], dict[str, float]]:
     """The HTTP requests so far, of this process or (with several workers) of all of them:
-    per route, the count and the cumulative latency buckets, every outcome summed (routes in
-    order); and the count per outcome, every route summed."""
+    per route, the count, how many of them were shed (503 overloaded) and the cumulative
+    latency buckets, every outcome summed (routes in order); and the count per outcome, every
+    route summed."""
     flush()
     registry = _registry()
     families = (registry or REGISTRY).collect()
     buckets: dict[str, dict[float, float]] = {}
     counts: dict[str, float] = {}
+    shed: dict[str, float] = {}
     outcomes: dict[str, float] = {}
     for family in families:
         if family.name != _REQUESTS_NAME:
@@ -123,7 +146,11 @@ def request_load() -> tuple[list[tuple[str, tuple[float, Buckets]]], dict[str, f
             elif sample.name.endswith("_count"):
                 counts[route] = counts.get(route, 0.0) + sample.value
                 outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
-    routes = [(r, (counts.get(r, 0.0), _bounded(buckets[r]))) for r in sorted(buckets)]
+                if outcome == "overloaded":
+                    shed[route] = shed.get(route, 0.0) + sample.value
+    routes = [
+        (r, (counts.get(r, 0.0), shed.get(r, 0.0), _bounded(buckets[r]))) for r in sorted(buckets)
+    ]
     return routes, outcomes
 
 
@@ -132,20 +159,54 @@ def _bounded(buckets: dict[float, float]) -> Buckets:
     return [(None if math.isinf(le) else le, n) for le, n in sorted(buckets.items())]
 
 
-async def render(rt: Runtime) -> bytes:
-    """The exposition text: this process's (or every worker's) histograms, whether Redis and
-    SQL answer, and what is read from Redis at scrape time (stream and reaper lag, dead
-    letters, fenced campaigns, repair and archival counters). With Redis down the Redis-read
-    gauges are left out and ``flashteam_redis_up`` is 0, so the alert still has its metric."""
+T = TypeVar("T")
+
+
+class Cached(Generic[T]):
+    """What ``compute`` returns, computed at most once per ``every`` seconds: callers in
+    between get the last result, concurrent callers share one computation."""
+
+    def __init__(self, compute: Callable[[], Awaitable[T]], every: float) -> None:
+        self._compute = compute
+        self._every = every
+        self._last: tuple[float, T] | None = None
+        self._running: asyncio.Task[T] | None = None
+
+    async def get(self) -> T:
+        last = self._last
+        if last is not None and time.monotonic() - last[0] < self._every:
+            return last[1]
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> T:
+        try:
+            value = await self._compute()
+            self._last = (time.monotonic(), value)
+            return value
+        finally:
+            self._running = None
+
+
+def render(dependencies: list[str]) -> bytes:
+    """The exposition text: this process's (or every worker's) histograms, then
+    ``dependencies`` (what ``dependencies`` read)."""
     flush()
     registry = _registry()
     text = generate_latest(registry) if registry is not None else generate_latest()
-    sql_up = await _answers(rt.store.get_campaign("metrics-probe"))
-    try:
-        from_redis = await _from_redis(rt)
-    except Unavailable:
-        from_redis = []
-    lines = [
+    return text + ("\n".join(dependencies) + "\n").encode()
+
+
+async def dependencies(rt: Runtime, within: float) -> list[str]:
+    """Whether Redis and SQL answer (within ``within`` seconds each), and what is read from
+    Redis at scrape time (stream and reaper lag, dead letters, fenced campaigns, repair and
+    archival counters). With Redis down or stalled the Redis-read gauges are left out and
+    ``flashteam_redis_up`` is 0, so the alert still has its metric."""
+    sql_up, from_redis = await asyncio.gather(
+        _answers(rt.store.get_campaign("metrics-probe"), within), _redis_lines(rt, within)
+    )
+    return [
         "# HELP flashteam_redis_up 1 when Redis answered this scrape, else 0.",
         "# TYPE flashteam_redis_up gauge",
         f"flashteam_redis_up {int(bool(from_redis))}",
@@ -154,13 +215,19 @@ async def render(rt: Runtime) -> bytes:
         f"flashteam_sql_up {int(sql_up)}",
         *from_redis,
     ]
-    return text + ("\n".join(lines) + "\n").encode()
 
 
-async def _answers(probe: Awaitable[object]) -> bool:
+async def _redis_lines(rt: Runtime, within: float) -> list[str]:
     try:
-        await probe
-    except EngineError:
+        return await asyncio.wait_for(_from_redis(rt), within)
+    except (Unavailable, TimeoutError):
+        return []
+
+
+async def _answers(probe: Awaitable[object], within: float) -> bool:
+    try:
+        await asyncio.wait_for(probe, within)
+    except (EngineError, TimeoutError):
         return False
     return True
 

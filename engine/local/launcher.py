@@ -214,11 +214,16 @@ class LocalEngine(Server):
         return f"; the end of {self.log}:\n{self.log.read_text(errors='replace')[-2000:]}"
 
 
+WIDE_OPEN = 1 << 20  # requests an ApiServer worker runs at once before it sheds any
+
+
 class ApiServer(LocalEngine):
     """The HTTP API alone (no flush worker, no reaper) on a free loopback port, on the given
-    Redis and SQLite under ``data_dir``, with the test tokens and the rate limit off; its
-    output goes to ``<data dir>/serve.log``. ``extra`` sets more settings by field name, as
-    their variables would (``{"rate_limit": "2"}``)."""
+    Redis and SQLite under ``data_dir``, with the test tokens, the rate limit off and
+    admission control wide open (a test's burst of thousands of concurrent calls is run, not
+    shed; tests of shedding narrow it); its output goes to ``<data dir>/serve.log``.
+    ``extra`` sets more settings by field name, as their variables would
+    (``{"rate_limit": "2"}``)."""
 
     def __init__(
         self,
@@ -233,6 +238,8 @@ class ApiServer(LocalEngine):
             "gateway_token": TEST_GATEWAY_TOKEN,
             "admin_token": TEST_ADMIN_TOKEN,
             "rate_limit": "0",
+            "admission_min": str(WIDE_OPEN),
+            "admission_max": str(WIDE_OPEN),
             **(extra or {}),
         }
         settings = Settings.from_env({f"FLASHTEAM_{k.upper()}": v for k, v in values.items()})

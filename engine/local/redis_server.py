@@ -111,6 +111,11 @@ class RedisProcess(Server):
         """Started, and its process has not exited."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The process id while it runs (the fault tests pause it with SIGSTOP)."""
+        return self._process.pid if self.running and self._process is not None else None
+
     def start(self) -> Self:
         """Start the process and wait until it answers PING (loading its AOF first)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)

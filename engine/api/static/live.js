@@ -178,12 +178,14 @@ function engineCard(engine, before, seconds) {
     figure("e:dead_letters", "dead letters", engine.dead_letters, "int") + "</div>";
   html += `<div class="charts"><figure>${sparkline(history.get("engine/rps") || [], "#37474f")}` +
     "<figcaption>requests / s</figcaption></figure></div>";
-  html += "<table><tr><th>route</th><th>requests / s</th><th>p99</th><th>requests</th></tr>";
+  html += "<table><tr><th>route</th><th>requests / s</th><th>shed / s</th><th>p99</th>" +
+    "<th>requests</th></tr>";
   for (const r of engine.routes) {
     const prior = old.get(r.route);
     const p99 = quantile(0.99, r.buckets, prior && prior.buckets);
     html += `<tr><td>${escapeHtml(r.route)}</td>` +
       cell(`e:route:${r.route}:rps`, rate(r.count, prior && prior.count, seconds), "rate") +
+      cell(`e:route:${r.route}:shed_rps`, rate(r.shed, prior && prior.shed, seconds), "rate") +
       cell(`e:route:${r.route}:p99_ms`, p99 === null ? null : p99 * 1000, "ms") +
       cell(`e:route:${r.route}:count`, r.count, "int") + "</tr>";
   }
