@@ -89,7 +89,20 @@ class Settings:
         "seconds an entry may sit unacknowledged with a consumer before another worker claims "
         "it (XAUTOCLAIM)",
     )
-    worker_name: str | None = _setting(None, "this worker's consumer name; unset: <hostname>-<pid>")
+    worker_name: str | None = _setting(
+        None,
+        "this worker's consumer name, stable across its restarts so a restarted worker resumes "
+        "its own pending entries at once (`flashteam run` sets <hostname>-<port>-worker); "
+        "unset: <hostname>-<pid>",
+    )
+    restart_limit: int = _setting(
+        5,
+        "`flashteam run` restarts a process that exits, but one that exits more than this many "
+        "times within FLASHTEAM_RESTART_WINDOW stops the engine (a crash loop)",
+    )
+    restart_window: float = _setting(
+        60.0, "seconds over which `flashteam run` counts each process's exits (the restart limit)"
+    )
     gateway_token: str | None = _setting(
         None,
         "bearer token of the storefront gateway (HTTP API; 16+ characters; `flashteam run` "
@@ -150,6 +163,10 @@ class Settings:
         if self.idempotency_ttl < _MIN_IDEMPOTENCY_TTL:
             raise ConfigurationError(
                 f"FLASHTEAM_IDEMPOTENCY_TTL must be >= {_MIN_IDEMPOTENCY_TTL} (24 h)"
+            )
+        if self.restart_limit < 1 or self.restart_window <= 0:
+            raise ConfigurationError(
+                "FLASHTEAM_RESTART_LIMIT must be >= 1 and FLASHTEAM_RESTART_WINDOW > 0 seconds"
             )
         if self.flush_batch < 1 or self.claim_idle <= 0:
             raise ConfigurationError(
