@@ -153,6 +153,11 @@ class Settings:
         "store (survives the loss of Redis data), 'outbox' once Redis has it (faster; a Redis "
         "failover can lose the last payments, docs/faults.md)",
     )
+    pay_wait: float = _setting(
+        5.0,
+        "seconds a payment waits at most for SQL to confirm it (with 'sql' durability), retrying "
+        "meanwhile; then 503 payment_pending: not declined, retry with the same payment_ref",
+    )
 
     def __post_init__(self) -> None:
         self._check_redis()
@@ -163,10 +168,6 @@ class Settings:
         if self.idempotency_ttl < _MIN_IDEMPOTENCY_TTL:
             raise ConfigurationError(
                 f"FLASHTEAM_IDEMPOTENCY_TTL must be >= {_MIN_IDEMPOTENCY_TTL} (24 h)"
-            )
-        if self.restart_limit < 1 or self.restart_window <= 0:
-            raise ConfigurationError(
-                "FLASHTEAM_RESTART_LIMIT must be >= 1 and FLASHTEAM_RESTART_WINDOW > 0 seconds"
             )
         if self.flush_batch < 1 or self.claim_idle <= 0:
             raise ConfigurationError(
@@ -184,6 +185,16 @@ class Settings:
         if not 1_024 <= self.max_body <= 16_777_216:
             raise ConfigurationError("FLASHTEAM_MAX_BODY must be from 1024 to 16777216 bytes")
         self._check_reaper()
+        self._check_recovery()
+
+    def _check_recovery(self) -> None:
+        """How long a payment waits for SQL; how `flashteam run` restarts its processes."""
+        if not 0.1 <= self.pay_wait <= 60:
+            raise ConfigurationError("FLASHTEAM_PAY_WAIT must be from 0.1 to 60 seconds")
+        if self.restart_limit < 1 or self.restart_window <= 0:
+            raise ConfigurationError(
+                "FLASHTEAM_RESTART_LIMIT must be >= 1 and FLASHTEAM_RESTART_WINDOW > 0 seconds"
+            )
 
     def _check_reaper(self) -> None:
         if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:

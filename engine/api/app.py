@@ -44,6 +44,7 @@ STATUS: dict[str, int] = {
     "payload_too_large": 413,
     "rate_limited": 429,
     "unavailable": 503,
+    "payment_pending": 503,
 }
 CONFLICT = 409  # every other business rejection: sold_out, team_full, hold_expired, ...
 
