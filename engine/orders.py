@@ -191,15 +191,16 @@ class Orders:
         return order
 
     async def cancel(self, order_id: str, user_id: str) -> Order:
-        """The owner cancels a held order; its stock is sellable again at once."""
+        """The owner cancels a held order; its stock is sellable again at once. An order whose
+        hold already ended (cancelled, or expired) is answered as it is: the hold is gone."""
         campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
         try:
             return await self._scripts.cancel(order_id, user_id)
         except Archived:
             order = await self._archived(order_id, user_id)
-            if order.state is OrderState.CANCELLED:
-                return order  # cancelled before
+            if order.state in (OrderState.CANCELLED, OrderState.EXPIRED):
+                return order  # its hold ended before
             raise Refusal(Code.INVALID_STATE, order.state.value).error() from None
 
     async def refund(self, order_id: str, restock: bool) -> Order:
