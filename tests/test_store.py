@@ -188,7 +188,7 @@ async def test_open_creates_the_schema_and_reopen_is_a_no_op(backend: Backend) -
     first = await backend.open()
     await first.insert_campaign(flash())
     await first.close()
-    assert await backend.versions() == [SCHEMA_VERSION] == [5]
+    assert await backend.versions() == [SCHEMA_VERSION] == [6]
     second = await backend.open()
     try:
         assert await backend.versions() == [SCHEMA_VERSION]

@@ -480,6 +480,7 @@ class Api:
             shards=body.shards,
             per_order_limit=body.per_order_limit,
             auto_success_min_paid=body.auto_success_min_paid,
+            min_pay_seconds=body.min_pay_seconds,
         )
         view = await self.engine.campaigns.create(campaign)
         return json_response(s.CampaignOut.of(view), 201)
