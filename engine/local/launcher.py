@@ -215,7 +215,8 @@ class LocalEngine(Server):
 
     def stop(self) -> None:
         """SIGTERM to every process, up to 20 s each to finish (then SIGKILL), then the
-        private redis-server (its AOF flushed). A stopped engine can be started again."""
+        private redis-server (its AOF flushed); the restart counts go. A stopped engine can be
+        started again."""
         processes, self.processes = self.processes, {}
         for process in processes.values():
             if process.poll() is None:
@@ -228,6 +229,8 @@ class LocalEngine(Server):
                 process.wait()
         if self.redis is not None:
             self.redis.stop()
+        # The counts describe this run only: nothing stale for a later `flashteam serve`.
+        (self.settings.data_dir / RESTARTS_FILE).unlink(missing_ok=True)
 
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
