@@ -43,6 +43,7 @@ _COMMANDS: dict[Service, tuple[str, ...]] = {
 _STOP_TIMEOUT = 20.0  # the API drains its requests, the flush worker finishes its batch
 _POLL = 0.05  # seconds between two looks at the processes
 _FIRST_BACKOFF = 0.1  # seconds before a restart, doubled by each earlier exit in the window
+_MAX_BACKOFF = 1.0  # ... up to this: a crash loop is stopped by the restart limit, not waited out
 #: Restarts per process since `flashteam run` started, in the data dir, for /metrics and /live.
 RESTARTS_FILE = "restarts.json"
 # Loopback health checks must not go through an HTTP proxy named in the environment.
@@ -153,7 +154,7 @@ class LocalEngine(Server):
         own; 1 on a crash loop.
 
         A process that exits is logged and started again after 0.1 s, doubled for each of
-        its exits within ``restart_window`` before this one (0.1, 0.2, 0.4 s...); the others
+        its exits within ``restart_window`` before this one, up to 1 s; the others
         keep running meanwhile (the API keeps serving while the flush worker restarts). One
         that exits more than ``restart_limit`` times within the window is in a crash loop:
         this returns 1 with the reason logged, and the caller stops the engine. Each restart
@@ -183,7 +184,7 @@ class LocalEngine(Server):
                         process.returncode,
                     )
                     return 1
-                delay = _FIRST_BACKOFF * 2 ** (len(recent) - 1)
+                delay = min(_FIRST_BACKOFF * 2 ** (len(recent) - 1), _MAX_BACKOFF)
                 logger.error(
                     "the %s exited (%s); restarting it in %.1f s", name, process.returncode, delay
                 )
