@@ -154,8 +154,9 @@ async def test_payments_and_the_flush_never_deadlock_on_postgres(
 class FaultyStore:
     """The real store with faults injected into the payment's path (``apply``, the
     read-back's ``get_order``): ``mode`` None passes every call through; "raise" raises an
-    exception of any kind; "stall" hangs the call far past any payment's wait; "lost" commits
-    and then raises, as a connection that broke before the commit's answer came back."""
+    exception of any kind; "stall" hangs the call for 3 s, far past a payment's wait, then
+    times out as a statement timeout would; "lost" commits and then raises, as a connection
+    that broke before the commit's answer came back."""
 
     _RAISED: tuple[Callable[[], Exception], ...] = (
         lambda: asyncpg.InternalClientError("cannot switch to state 15; another operation"),
@@ -182,7 +183,8 @@ class FaultyStore:
         if mode == "raise":
             raise random.choice(self._RAISED)()
         if mode == "stall":
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3.0)
+            raise TimeoutError("the statement timed out")
         result = await call()
         if mode == "lost" and commits:
             raise ConnectionResetError("connection lost before the commit's answer")
@@ -204,7 +206,8 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
     """Payments while the store raises anything, stalls, or commits and loses the answer:
     each one is answered within its wait (0.5 s here) plus the time to read the answer, 200
     only when SQL has it paid, else 503 payment_pending; every pending payment's retry,
-    once the store behaves, answers 200 and SQL has it paid."""
+    once the store behaves, answers 200 and SQL has it paid. The flush worker, writing
+    through the same faults, keeps running and flushes everything afterwards."""
     wait = 0.5
     settings = make_settings(redis_server.url, tmp_path, database_url=database_url, pay_wait=wait)
     real = await open_store(settings)
@@ -213,14 +216,18 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
         now = await engine.runtime.now()
         await engine.campaigns.create(flash_campaign(now, stock=10_000, limit=1))
         orders = await _reserve(engine, "sale", [f"u{n}" for n in range(600)])
-        stop = asyncio.Event()
+        stop, stop_worker = asyncio.Event(), asyncio.Event()
         faults = asyncio.create_task(_cycle_faults(faulty, stop))
+        worker = asyncio.create_task(FlushWorker(engine.runtime, "w1").run(stop_worker))
         answers: list[Order | PaymentPending] = []
         for start in range(0, len(orders), 50):  # waves of shoppers through the faults
             wave = orders[start : start + 50]
             answers += await asyncio.gather(*(_pay(engine, o, wait + 2.0) for o in wave))
         stop.set()
         await faults
+        assert not worker.done()  # it backed off through every fault
+        stop_worker.set()
+        await worker
         paid = [a.order_id for a in answers if isinstance(a, Order)]
         pending = [a.details["order_id"] for a in answers if isinstance(a, PaymentPending)]
         assert paid and pending, (len(paid), len(pending))  # both outcomes were exercised
@@ -230,6 +237,8 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
         retried = await asyncio.gather(*(_pay(engine, by_id[o], wait + 2.0) for o in pending))
         assert all(isinstance(r, Order) and r.state is OrderState.PAID for r in retried)
         assert not await _not_paid(real, pending)
+        await FlushWorker(engine.runtime, "w1").drain()
+        assert not await _not_paid(real, [o.order_id for o in orders])
 
 
 async def test_postgres_fast_restarts_during_a_team_sale(

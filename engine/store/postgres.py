@@ -58,6 +58,9 @@ _INSERT_ARCHIVE = sql.insert_archive(_D)
 _MIGRATION_LOCK = 0x66_6C_61_73_68_74_6D  # "flashtm"
 _CONNECT_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 10.0
+# No statement waits longer for PostgreSQL (a stalled server, a partition without a reset): it
+# fails as Unavailable and the flush worker retries, instead of hanging forever.
+_COMMAND_TIMEOUT = 30.0
 
 # What "PostgreSQL cannot be reached right now" looks like: sockets (refused, reset, timed out),
 # class 08 connection exceptions, class 57 operator intervention (admin shutdown, cannot connect
@@ -107,9 +110,16 @@ class PostgresStore(DurableReads):
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:
-        """Connect a pool (min 1, max 4 connections) and migrate the schema."""
+        """Connect a pool (min 1, max 4 connections; each statement bounded by
+        ``_COMMAND_TIMEOUT``) and migrate the schema."""
         with _translated("open"):
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=_CONNECT_TIMEOUT)
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=4,
+                timeout=_CONNECT_TIMEOUT,
+                command_timeout=_COMMAND_TIMEOUT,
+            )
         try:
             with _translated("migration"):
                 async with pool.acquire() as conn:
