@@ -26,6 +26,19 @@ async def create_database(server: PostgresServer) -> str:
     return name
 
 
+async def deadlocks(url: str) -> int:
+    """PostgreSQL's count of deadlocks it detected in the database of ``url`` (a backend
+    reports its count within about a second, and when it exits)."""
+    conn: Any = await asyncpg.connect(url)
+    try:
+        found = await conn.fetchval(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return int(found or 0)
+
+
 def make_settings(url: str, tmp_path: Path, **changes: object) -> Settings:
     """Test settings: a private SQLite file, no rate limit and no sold-out fast path (it
     answers sold_out for a moment after a sell-out: exact per-request outcomes are what most

@@ -27,7 +27,7 @@ from engine.store import Batch, Store, open_store
 from engine.store.postgres import _translated
 from engine.store.sqlite import SqliteStore
 from engine.worker import FlushWorker
-from testkit.factories import flash_campaign, make_settings, team_campaign
+from testkit.factories import deadlocks, flash_campaign, make_settings, team_campaign
 
 SKU = "sku-1"
 T = TypeVar("T")
@@ -99,18 +99,6 @@ async def test_a_closed_sqlite_connection_is_unavailable(tmp_path: Path) -> None
 # ------------------------------------------------------------------------ deadlocks
 
 
-async def _deadlocks(url: str) -> int:
-    """PostgreSQL's count of deadlocks detected in the database of ``url``."""
-    conn: Any = await asyncpg.connect(url)
-    try:
-        value = await conn.fetchval(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        )
-    finally:
-        await conn.close()
-    return int(value or 0)
-
-
 async def test_payments_and_the_flush_never_deadlock_on_postgres(
     redis: Any, redis_server: RedisServer, pg_url: str, tmp_path: Path
 ) -> None:
@@ -123,7 +111,7 @@ async def test_payments_and_the_flush_never_deadlock_on_postgres(
         now = await first.runtime.now()
         for campaign_id in ("sale", "other"):
             await first.campaigns.create(flash_campaign(now, campaign_id, stock=100_000, limit=1))
-        before = await _deadlocks(pg_url)
+        before = await deadlocks(pg_url)
         for round_ in range(3):
             # The outbox holds every reservation when the worker starts: its batches write
             # them in the order they were made while the shoppers pay in another order.
@@ -145,7 +133,7 @@ async def test_payments_and_the_flush_never_deadlock_on_postgres(
         await FlushWorker(first.runtime, "w1").drain()
         assert not await _not_paid(first.runtime.store, [o.order_id for o in orders])
     await asyncio.sleep(1.5)  # backends report their statistics within about a second
-    assert await _deadlocks(pg_url) == before
+    assert await deadlocks(pg_url) == before
 
 
 # ------------------------------------------------------------------ faults in the store

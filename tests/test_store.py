@@ -34,6 +34,7 @@ from engine.store import Batch, Store, TeamFill, Totals
 from engine.store.postgres import PostgresStore
 from engine.store.schema import MIGRATIONS, SCHEMA_VERSION
 from engine.store.sqlite import SqliteStore
+from testkit.factories import deadlocks
 
 BASE = from_ms(1_800_000_000_000)
 
@@ -461,25 +462,13 @@ async def test_the_idempotency_record_fills_in_from_an_older_event(store: Store)
     assert stored.idem == "ralice:key-1" and stored.order.state is OrderState.PAID
 
 
-async def _deadlocks(url: str) -> int:
-    """PostgreSQL's count of deadlocks detected in the database of ``url``."""
-    conn: Any = await asyncpg.connect(url)
-    try:
-        found = await conn.fetchval(
-            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
-        )
-    finally:
-        await conn.close()
-    return int(found or 0)
-
-
 async def test_postgres_writers_of_the_same_rows_never_deadlock(pg_url: str) -> None:
     """Two transactions at once writing the same orders of two campaigns (and so both
     campaigns' marks), one batch listing them forwards and the other backwards, as a payment
     commit and a flush batch can: each write locks its rows by table and id, so one waits for
     the other and PostgreSQL never detects a deadlock."""
     stores = [await PostgresStore.open(pg_url) for _ in range(2)]
-    before = await _deadlocks(pg_url)
+    before = await deadlocks(pg_url)
     try:
         for round_ in range(10):
             forward, backward = Batch(), Batch()
@@ -497,4 +486,4 @@ async def test_postgres_writers_of_the_same_rows_never_deadlock(pg_url: str) -> 
         for store in stores:
             await store.close()  # a backend reports its statistics as it exits
     await asyncio.sleep(0.5)
-    assert await _deadlocks(pg_url) == before
+    assert await deadlocks(pg_url) == before
