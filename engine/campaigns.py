@@ -52,6 +52,7 @@ EDITABLE_FIELDS = frozenset(
         "team_ttl_seconds",
         "per_order_limit",
         "auto_success_min_paid",
+        "min_pay_seconds",
     }
 )
 # How long after its end a campaign may still have live state (open teams run past the end).

@@ -62,7 +62,8 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
 
 def _run(settings: Settings, host: str, port: int, workers: int) -> int:
     """Everything locally (see LocalEngine): a private redis-server unless FLASHTEAM_REDIS_URL
-    is set, then the API, the flush worker and the reaper, until Ctrl-C or SIGTERM."""
+    is set, then the API, the flush worker and the reaper, each restarted when it exits, until
+    Ctrl-C or SIGTERM (0) or a process's crash loop (1)."""
     local = LocalEngine(settings, host=host, port=port, workers=workers)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: local.request_stop())

@@ -4,7 +4,8 @@
     ├── ValidationError          bad input: nothing was read or written
     ├── ConfigurationError       settings or the Redis server are unfit to run on
     ├── Unavailable              Redis or SQL cannot be reached (retry later)
-    │   └── Recovering           the campaign's Redis state is being repaired from SQL
+    │   ├── Recovering           the campaign's Redis state is being repaired from SQL
+    │   └── PaymentPending       paid in Redis, not yet confirmed by SQL: retry to learn
     └── Rejected                 a business rule said no; ``code`` names which
         ├── NotFound             ├── SoldOut            ├── HoldExpired
         ├── NotStarted           ├── LimitExceeded      ├── InvalidState
@@ -60,6 +61,14 @@ class Recovering(Unavailable):
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message, reason="recovering", **details)
+
+
+class PaymentPending(Unavailable):
+    """Raised when a payment is recorded in Redis but SQL did not confirm it within the wait
+    (``FLASHTEAM_PAY_WAIT``): its outcome is not known yet, and it is not declined. A retry
+    with the same ``payment_ref`` answers the definitive outcome once SQL answers."""
+
+    code = "payment_pending"
 
 
 class Rejected(EngineError):

@@ -21,6 +21,9 @@ MAX_UNITS = 1_000_000_000
 MAX_AMOUNT = 10**15
 # The most stock buckets (Redis Cluster slots) one flash campaign may spread over.
 MAX_SHARDS = 16
+# Seconds of time to pay a team must have left to be offered by quick-join and the joinable
+# list, unless the campaign says otherwise (Campaign.quick_join_min_ms).
+DEFAULT_MIN_PAY_SECONDS = 30
 
 
 class CampaignKind(StrEnum):
@@ -166,6 +169,10 @@ class Campaign:
     # (2 to team_size - 1) succeeds instead of failing; None: it fails
     # (docs/lifecycle.md#team-deal-options).
     auto_success_min_paid: int | None = None
+    # Team campaigns: quick-join and the joinable list offer only teams with at least this
+    # many seconds left, so a seat leaves time to pay (0: any team with time left); None: the
+    # default, DEFAULT_MIN_PAY_SECONDS (docs/lifecycle.md#team-deal-options).
+    min_pay_seconds: int | None = None
 
     def __post_init__(self) -> None:
         check_id(self.id, "id")
@@ -214,12 +221,29 @@ class Campaign:
                 )
         if self.auto_success_min_paid is not None:
             self._check_auto_success(self.auto_success_min_paid)
+        if self.min_pay_seconds is not None:
+            field = "min_pay_seconds"
+            if self.kind is not CampaignKind.TEAM:
+                raise ValidationError(f"{field} belongs to team campaigns only", field=field)
+            check_int(self.min_pay_seconds, field, 0, self.team_ttl_seconds or 0)
         if self.kind is not CampaignKind.TEAM and any(
             item.leader_price is not None for item in self.items
         ):
             raise ValidationError(
                 "leader_price belongs to team campaigns only", field="leader_price"
             )
+
+    @property
+    def quick_join_min_ms(self) -> int:
+        """The time to pay (ms) a team must have left for quick-join and the joinable list
+        to offer it: ``min_pay_seconds``, or by default 30 s but at most half the team's time
+        to live (a short-lived team is offered for its first half); never more than the hold,
+        which bounds a seat's time to pay anyway."""
+        if self.min_pay_seconds is not None:
+            wanted = self.min_pay_seconds * 1000
+        else:
+            wanted = min(DEFAULT_MIN_PAY_SECONDS * 1000, (self.team_ttl_seconds or 0) * 500)
+        return min(wanted, self.hold_seconds * 1000)
 
     def _check_auto_success(self, min_paid: int) -> None:
         field = "auto_success_min_paid"

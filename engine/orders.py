@@ -20,7 +20,14 @@ import asyncio
 import time
 from dataclasses import replace
 
-from engine.errors import Archived, EngineError, NotFound, Recovering, Unavailable
+from engine.errors import (
+    Archived,
+    EngineError,
+    NotFound,
+    PaymentPending,
+    Recovering,
+    Unavailable,
+)
 from engine.keys import (
     STREAM_SET,
     campaign_of_order,
@@ -39,34 +46,79 @@ class PaymentLedger:
     """Commits paid orders to SQL before their payment is acknowledged: the payments that
     arrive while a commit runs wait for the next one and share it (group commit), so SQL
     sees one transaction per round trip, not one per payment. The flush worker writes the
-    same version again later, a no-op."""
+    same version again later, a no-op.
 
-    def __init__(self, store: Store) -> None:
+    Every waiting payment is answered, whatever the store does: a commit that raises
+    (anything), or does not answer within ``wait`` seconds, fails every payment it carries,
+    and each of them tries again, or reads its order back from SQL, until its own wait is
+    over (``commit``)."""
+
+    def __init__(self, store: Store, wait: float) -> None:
         self._store = store
+        self._wait = wait
         self._pending: list[tuple[Order, asyncio.Future[str | None]]] = []
         self._running = False
         self.commits = 0  # transactions
         self.committed = 0  # paid orders
 
     async def commit(self, order: Order) -> None:
-        """Return once ``order`` is durable; Unavailable when SQL is not, Recovering when
-        SQL holds its id for another shopper (Redis reissued an id it had lost)."""
+        """Return once ``order`` is durable. A failed commit is tried again, and SQL read back
+        (the commit may have landed though its answer was lost, or the flush worker may have
+        written the order), until ``wait`` seconds have passed: then PaymentPending, the
+        outcome not known yet. Recovering when SQL holds its id for another shopper (Redis
+        reissued an id it had lost)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait
+        pause = 0.05
+        while True:
+            failure = await self._submit(order, deadline - loop.time())
+            if failure is None:
+                return
+            if failure == "collision":
+                raise Recovering(
+                    f"order {order.order_id} collides with a durable order: the campaign is "
+                    "being repaired",
+                    why="collision",
+                )
+            if await self._durable(order, deadline - loop.time()):
+                return
+            if deadline - loop.time() <= pause:
+                raise PaymentPending(
+                    f"the payment of order {order.order_id} is recorded but SQL did not confirm "
+                    f"it within {self._wait:g} s ({failure}): it is not declined; retry with "
+                    "the same payment_ref to learn the outcome",
+                    order_id=order.order_id,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    async def _submit(self, order: Order, within: float) -> str | None:
+        """Join the next group commit; its failure (None: committed), or a timeout."""
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._pending.append((order, future))
         if not self._running:
             self._running = True
             asyncio.get_running_loop().create_task(self._run())
-        failure = await future
-        if failure == "collision":
-            raise Recovering(
-                f"order {order.order_id} collides with a durable order: the campaign is being "
-                "repaired",
-                why="collision",
-            )
-        if failure is not None:
-            raise Unavailable(f"the payment could not be made durable: {failure}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(within, 0.0))
+        except TimeoutError:
+            return "no answer from SQL in time"
+
+    async def _durable(self, order: Order, within: float) -> bool:
+        """Whether SQL holds ``order`` at its version or a later one (read back)."""
+        try:
+            stored = await asyncio.wait_for(self._store.get_order(order.order_id), within)
+        except Exception:  # SQL down, stalled, or the wait over: not known
+            return False
+        return (
+            stored is not None
+            and stored.user_id == order.user_id
+            and stored.created_at == order.created_at
+            and stored.version >= order.version
+        )
 
     async def _run(self) -> None:
+        waiting: list[tuple[Order, asyncio.Future[str | None]]] = []
         try:
             while self._pending:
                 waiting, self._pending = self._pending, []
@@ -75,17 +127,31 @@ class PaymentLedger:
                 for order, _ in waiting:
                     batch.add_order(order, at_ms)
                 try:
-                    collisions = set(await self._store.apply(batch))
-                except EngineError as exc:
-                    for _, future in waiting:
-                        future.set_result(exc.message)
+                    collisions = set(await asyncio.wait_for(self._store.apply(batch), self._wait))
+                except Exception as exc:  # anything: every payment must get its answer
+                    _answer(waiting, exc.message if isinstance(exc, EngineError) else repr(exc))
                     continue
                 self.commits += 1
                 self.committed += len(waiting)
-                for order, future in waiting:
-                    future.set_result("collision" if order.order_id in collisions else None)
+                _answer(waiting, None, collisions)
         finally:
             self._running = False
+            # Cancelled (the loop is closing): nobody is left without an answer.
+            left, self._pending = [*waiting, *self._pending], []
+            _answer(left, "the payment ledger stopped")
+
+
+def _answer(
+    waiting: list[tuple[Order, asyncio.Future[str | None]]],
+    failure: str | None,
+    collisions: set[str] | None = None,
+) -> None:
+    """Resolve each payment's future still unresolved with ``failure`` (None: committed), or
+    "collision" for the ids in ``collisions``."""
+    for order, future in waiting:
+        if not future.done():
+            collided = collisions is not None and order.order_id in collisions
+            future.set_result("collision" if collided else failure)
 
 
 class Orders:
@@ -94,11 +160,16 @@ class Orders:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._scripts = rt.scripts
-        self.ledger = PaymentLedger(rt.store) if rt.settings.pay_durability == "sql" else None
+        settings = rt.settings
+        self.ledger = (
+            PaymentLedger(rt.store, settings.pay_wait) if settings.pay_durability == "sql" else None
+        )
 
     async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
         """Mark the held order paid; a retry with the same ``payment_ref`` is a no-op (and is
-        made durable again, so a retry after a 503 is acknowledged only once SQL has it)."""
+        made durable again, so a retry after a 503 is acknowledged only once SQL has it).
+        PaymentPending when SQL did not confirm the payment within ``FLASHTEAM_PAY_WAIT``:
+        it is recorded, not declined, and its retry answers the outcome."""
         campaign_id = campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
         check_key(payment_ref, "payment_ref")
@@ -120,15 +191,16 @@ class Orders:
         return order
 
     async def cancel(self, order_id: str, user_id: str) -> Order:
-        """The owner cancels a held order; its stock is sellable again at once."""
+        """The owner cancels a held order; its stock is sellable again at once. An order whose
+        hold already ended (cancelled, or expired) is answered as it is: the hold is gone."""
         campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
         try:
             return await self._scripts.cancel(order_id, user_id)
         except Archived:
             order = await self._archived(order_id, user_id)
-            if order.state is OrderState.CANCELLED:
-                return order  # cancelled before
+            if order.state in (OrderState.CANCELLED, OrderState.EXPIRED):
+                return order  # its hold ended before
             raise Refusal(Code.INVALID_STATE, order.state.value).error() from None
 
     async def refund(self, order_id: str, restock: bool) -> Order:

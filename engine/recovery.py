@@ -498,6 +498,7 @@ def _meta(campaign: Campaign) -> dict[str, str]:
         "invalid": str(0 if invalidated is None else to_ms(invalidated)),
         "order_limit": str(campaign.per_order_limit or 0),
         "auto": str(campaign.auto_success_min_paid or 0),
+        "min_pay": str(campaign.quick_join_min_ms),
     }
 
 

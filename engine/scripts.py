@@ -532,6 +532,7 @@ class Scripts:
             0 if invalidated is None else to_ms(invalidated),
             campaign.per_order_limit or 0,
             campaign.auto_success_min_paid or 0,
+            campaign.quick_join_min_ms,
         ]
         for item in campaign.items:
             leader = "" if item.leader_price is None else item.leader_price

@@ -89,7 +89,20 @@ class Settings:
         "seconds an entry may sit unacknowledged with a consumer before another worker claims "
         "it (XAUTOCLAIM)",
     )
-    worker_name: str | None = _setting(None, "this worker's consumer name; unset: <hostname>-<pid>")
+    worker_name: str | None = _setting(
+        None,
+        "this worker's consumer name, stable across its restarts so a restarted worker resumes "
+        "its own pending entries at once (`flashteam run` sets <hostname>-<port>-worker); "
+        "unset: <hostname>-<pid>",
+    )
+    restart_limit: int = _setting(
+        5,
+        "`flashteam run` restarts a process that exits, but one that exits more than this many "
+        "times within FLASHTEAM_RESTART_WINDOW stops the engine (a crash loop)",
+    )
+    restart_window: float = _setting(
+        60.0, "seconds over which `flashteam run` counts each process's exits (the restart limit)"
+    )
     gateway_token: str | None = _setting(
         None,
         "bearer token of the storefront gateway (HTTP API; 16+ characters; `flashteam run` "
@@ -196,6 +209,11 @@ class Settings:
         "store (survives the loss of Redis data), 'outbox' once Redis has it (faster; a Redis "
         "failover can lose the last payments, docs/faults.md)",
     )
+    pay_wait: float = _setting(
+        5.0,
+        "seconds a payment waits at most for SQL to confirm it (with 'sql' durability), retrying "
+        "meanwhile; then 503 payment_pending: not declined, retry with the same payment_ref",
+    )
 
     def __post_init__(self) -> None:
         self._check_redis()
@@ -224,6 +242,16 @@ class Settings:
             raise ConfigurationError("FLASHTEAM_MAX_BODY must be from 1024 to 16777216 bytes")
         self._check_reaper()
         self._check_http()
+        self._check_recovery()
+
+    def _check_recovery(self) -> None:
+        """How long a payment waits for SQL; how `flashteam run` restarts its processes."""
+        if not 0.1 <= self.pay_wait <= 60:
+            raise ConfigurationError("FLASHTEAM_PAY_WAIT must be from 0.1 to 60 seconds")
+        if self.restart_limit < 1 or self.restart_window <= 0:
+            raise ConfigurationError(
+                "FLASHTEAM_RESTART_LIMIT must be >= 1 and FLASHTEAM_RESTART_WINDOW > 0 seconds"
+            )
 
     def _check_reaper(self) -> None:
         if not 0 < self.reaper_interval <= 1 or self.reaper_batch < 1:

@@ -113,7 +113,8 @@ class Teams:
     async def quick_join(
         self, campaign_id: str, user_id: str, sku: str, idempotency_key: str
     ) -> TeamSeatResult:
-        """Seat the user in the best open team of the sku, or open a new one (``opened``)."""
+        """Seat the user in the best open team of the sku that leaves the campaign's time to
+        pay (``Campaign.quick_join_min_ms``), or open a new one (``opened``)."""
         keys = keys_of(campaign_id)
         check_id(user_id, "user_id")
         check_id(sku, "sku")
@@ -129,8 +130,9 @@ class Teams:
     async def joinable(
         self, campaign_id: str, sku: str, viewer: str | None = None, limit: int = 20
     ) -> list[Team]:
-        """Open teams of the sku with a free seat, without the viewer's own; fewest remaining
-        seats first, then earliest expiry (read from team records, not orders)."""
+        """Open teams of the sku with a free seat and the campaign's time to pay left
+        (``Campaign.quick_join_min_ms``), without the viewer's own; fewest remaining seats
+        first, then earliest expiry (read from team records, not orders)."""
         keys = keys_of(campaign_id)
         check_id(sku, "sku")
         if viewer is not None:

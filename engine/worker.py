@@ -23,8 +23,9 @@ high-water mark (SQL's ``sequences`` row of its shard id).
 A crash anywhere before 4 leaves the entries pending: this or another worker reads them again
 and the upserts make the second write a no-op, so every change lands exactly once in effect
 (invariant I4, docs/invariants.md). Streams are found through the ``ft:streams`` set (no
-KEYS scans; works on Redis Cluster, one stream per call). SQL outages are waited out with
-backoff, nothing acknowledged.
+KEYS scans; works on Redis Cluster, one stream per call). SQL and Redis outages, and any other
+failure of a step, are waited out with backoff, nothing acknowledged: the worker never exits on
+a fault, only on SIGTERM.
 """
 
 from __future__ import annotations
@@ -87,9 +88,11 @@ class FlushWorker:
             try:
                 moved = await self.step()
                 backoff = 0.1
-            except Unavailable as exc:
-                log.warning("flush worker waiting %.1f s: %s", backoff, exc)
-                moved = 0
+            except Exception as exc:
+                if isinstance(exc, Unavailable):
+                    log.warning("flush worker waiting %.1f s: %s", backoff, exc)
+                else:  # not a fault of Redis or SQL: worth a traceback, not an exit
+                    log.exception("flush worker step failed; retrying in %.1f s", backoff)
                 await _wait(stop, backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue

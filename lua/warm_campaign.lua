@@ -14,10 +14,11 @@
 --                'extend'  move ends to ARGV[2] (ms); only while running and never earlier
 -- A loaded definition records this server's replication id (`node`, lib/common.lua): the state
 -- it describes is the whole truth until the server restarts or is promoted.
--- ARGV[2..11] (define, ensure) kind, starts_ms, ends_ms, per_user_limit, hold_ms, team_size,
+-- ARGV[2..12] (define, ensure) kind, starts_ms, ends_ms, per_user_limit, hold_ms, team_size,
 --            team_ttl_ms, invalidated_at_ms (0 = not invalidated), per_order_limit (0 = no
---            cap), auto_success_min_paid (0 = off)
--- ARGV[12..] (define, ensure) sku, price, stock, leader price ('' = none) quadruples
+--            cap), auto_success_min_paid (0 = off), the time to pay (ms) a team must leave to
+--            be offered by quick-join and the joinable list (Campaign.quick_join_min_ms)
+-- ARGV[13..] (define, ensure) sku, price, stock, leader price ('' = none) quadruples
 -- returns {0, loaded 0|1}   done (loaded = 1 when the definition was written)
 --         {12, reason}      not editable: 'started', 'ended', 'invalidated' or 'earlier'
 --         {18, why}         the campaign awaits a repair (lib/common.lua untrusted)
@@ -47,8 +48,8 @@ end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'kind', ARGV[2], 'starts', ARGV[3], 'ends', ARGV[4], 'limit', ARGV[5],
   'hold', ARGV[6], 'team_size', ARGV[7], 'team_ttl', ARGV[8], 'invalid', ARGV[9],
-  'order_limit', ARGV[10], 'auto', ARGV[11], 'node', node_id())
-for i = 12, #ARGV, 4 do
+  'order_limit', ARGV[10], 'auto', ARGV[11], 'min_pay', ARGV[12], 'node', node_id())
+for i = 13, #ARGV, 4 do
   local sku = ARGV[i]
   redis.call('HSET', KEYS[2], '$:' .. sku, ARGV[i + 1], 'i:' .. sku, ARGV[i + 2],
     'a:' .. sku, ARGV[i + 2], 'h:' .. sku, 0, 'p:' .. sku, 0, 'r:' .. sku, 0)

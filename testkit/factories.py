@@ -26,6 +26,19 @@ async def create_database(server: PostgresServer) -> str:
     return name
 
 
+async def deadlocks(url: str) -> int:
+    """PostgreSQL's count of deadlocks it detected in the database of ``url`` (a backend
+    reports its count within about a second, and when it exits)."""
+    conn: Any = await asyncpg.connect(url)
+    try:
+        found = await conn.fetchval(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return int(found or 0)
+
+
 def make_settings(url: str, tmp_path: Path, **changes: object) -> Settings:
     """Test settings: a private SQLite file, no rate limit and no sold-out fast path (it
     answers sold_out for a moment after a sell-out: exact per-request outcomes are what most
@@ -87,12 +100,14 @@ def team_campaign(
     team_ttl_seconds: int = 600,
     auto_success_min_paid: int | None = None,
     leader_price: int | None = None,
+    min_pay_seconds: int | None = None,
     **shape: Unpack[_Shape],
 ) -> Campaign:
     """A team campaign relative to ``now``: ``flash_campaign``'s window, items, limit, holds
     and per-order cap (the same options and defaults, but a price of 990) plus the team's size
-    and time to live, the paid seats that make an expiring team succeed (off by default) and
-    every item's leader price (none by default); active by default."""
+    and time to live, the paid seats that make an expiring team succeed (off by default),
+    every item's leader price (none by default) and the time to pay a team must leave to be
+    offered by quick-join (the engine's default unless given); active by default."""
     shape.setdefault("price", 990)
     flash = flash_campaign(now, campaign_id, **shape)
     return dataclasses.replace(
@@ -102,6 +117,7 @@ def team_campaign(
         team_size=team_size,
         team_ttl_seconds=team_ttl_seconds,
         auto_success_min_paid=auto_success_min_paid,
+        min_pay_seconds=min_pay_seconds,
         items=tuple(dataclasses.replace(i, leader_price=leader_price) for i in flash.items),
     )
 
@@ -128,7 +144,7 @@ def campaign_json(campaign: Campaign) -> dict[str, Any]:
         body["team_ttl_seconds"] = campaign.team_ttl_seconds
     if campaign.shards > 1:
         body["shards"] = campaign.shards
-    for option in ("per_order_limit", "auto_success_min_paid"):
+    for option in ("per_order_limit", "auto_success_min_paid", "min_pay_seconds"):
         if getattr(campaign, option) is not None:
             body[option] = getattr(campaign, option)
     return body

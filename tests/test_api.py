@@ -28,6 +28,7 @@ from engine.api.metrics import FLUSH_EVERY
 from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
 from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
 from engine.local.launcher import ApiServer
+from engine.local.postgres import PostgresServer
 from engine.local.redis_server import RedisServer
 from engine.models import Campaign
 from testkit.factories import campaign_json, flash_campaign, rfc3339, team_campaign
@@ -49,6 +50,7 @@ HTTP_STATUS = {
     "rate_limited": 429,
     "unavailable": 503,
     "overloaded": 503,
+    "payment_pending": 503,
 }
 # Codes the HTTP layer adds on top of the engine's exceptions.
 HTTP_ONLY = {"unauthorized", "method_not_allowed", "payload_too_large", "overloaded"}
@@ -80,6 +82,7 @@ COVERED = {
     "rate_limited": "test_rate_limited_with_retry_after",
     "unavailable": "test_redis_down_is_503_then_recovers",
     "overloaded": "tests/test_overload.py",
+    "payment_pending": "test_a_payment_sql_does_not_confirm_is_pending_and_its_retry_answers",
     "already_exists": "test_campaign_create_and_get",
     "not_editable": "test_patch_campaign",
     "not_started": "test_not_started",
@@ -1178,11 +1181,13 @@ async def test_team_deal_options(http: httpx.AsyncClient, server_clock: Clock) -
         per_order_limit=1,
         auto_success_min_paid=2,
         leader_price=490,
+        min_pay_seconds=0,  # the 2 s team is offered to quick-join to its end
     )
     campaign_id = campaign.id
     created = await create(http, campaign)
     assert created["items"] == [{"sku": SKU, "price": 990, "stock": 100, "leader_price": 490}]
     assert (created["per_order_limit"], created["auto_success_min_paid"]) == (1, 2)
+    assert created["min_pay_seconds"] == 0
     assert ok(await http.get(f"/v1/campaigns/{campaign_id}", headers=GW)) == created
 
     error = expect_error(await open_team(http, campaign_id, "lead", qty=2), "order_limit_exceeded")
@@ -1215,10 +1220,12 @@ async def test_team_deal_options_edit_by_the_lifecycle(http: httpx.AsyncClient) 
     changes = {
         "per_order_limit": 2,
         "auto_success_min_paid": 3,
+        "min_pay_seconds": 45,
         "items": [{"sku": SKU, "price": 990, "stock": 10, "leader_price": 1}],
     }
     edited = ok(await http.patch(path, json=changes, headers=AD))
     assert (edited["per_order_limit"], edited["auto_success_min_paid"]) == (2, 3)
+    assert edited["min_pay_seconds"] == 45
     assert edited["items"] == changes["items"]
     off = ok(await http.patch(path, json={"per_order_limit": None}, headers=AD))
     assert (off["per_order_limit"], off["auto_success_min_paid"]) == (None, 3)
@@ -1230,6 +1237,10 @@ async def test_team_deal_options_edit_by_the_lifecycle(http: httpx.AsyncClient) 
         await http.patch(path, json={"per_order_limit": 3}, headers=AD), "validation_error"
     )
     assert "per_user_limit" in error["message"]
+    error = expect_error(
+        await http.patch(path, json={"min_pay_seconds": 601}, headers=AD), "validation_error"
+    )
+    assert "min_pay_seconds" in error["message"]
     assert ok(await http.get(path, headers=GW)) == off
 
     active_id = await new_team(http, "deal-active", team_size=4)
@@ -1416,6 +1427,37 @@ async def test_redis_down_is_503_then_recovers(tmp_path: Path) -> None:
             await eventually(repaired, within=10, what="the campaign repaired and selling")
             item = await stock_of(client, campaign_id)
             assert (item["available"], item["held"]) == (98, 2)
+
+
+async def test_a_payment_sql_does_not_confirm_is_pending_and_its_retry_answers(
+    tmp_path: Path, postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """PostgreSQL down for longer than FLASHTEAM_PAY_WAIT: the payment is answered in time,
+    503 payment_pending with Retry-After and the order id (not declined); once PostgreSQL is
+    back, the retry with the same payment_ref answers 200 paid, and SQL has it paid."""
+    with RedisServer(tmp_path / "redis") as redis_server:
+        extra = {"database_url": pg_url, "pay_wait": "0.5"}
+        server = ApiServer(redis_server.url, tmp_path / "api", workers=1, extra=extra)
+        async with (
+            running(server),
+            httpx.AsyncClient(base_url=server.url, timeout=15, trust_env=False) as client,
+        ):
+            campaign_id = await new_flash(client, "pending")
+            order_id = ok(await reserve(client, campaign_id, "u1"), 201)["order_id"]
+            await asyncio.to_thread(postgres_server.stop)
+            try:
+                answer = await pay(client, order_id, "u1", "psp-7")
+                error = expect_error(answer, "payment_pending")
+                assert error["order_id"] == order_id and "not declined" in error["message"]
+                assert answer.headers["Retry-After"] == "1"
+            finally:
+                await asyncio.to_thread(postgres_server.start)
+            paid = ok(await pay(client, order_id, "u1", "psp-7"))
+            assert (paid["state"], paid["payment_ref"]) == ("paid", "psp-7")
+            durable = await client.get("/v1/users/u1/orders", headers=GW)
+            assert [(o["order_id"], o["state"]) for o in ok(durable)["orders"]] == [
+                (order_id, "paid")
+            ]
 
 
 # --------------------------------------------------------------------------- engine bugs

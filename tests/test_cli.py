@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from engine.local.process import free_port
+from testkit.factories import campaign_json, flash_campaign
 
 FLASHTEAM = [sys.executable, "-m", "engine.cli"]
 
@@ -95,30 +101,156 @@ def test_run_starts_everything_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child outlived run"
 
 
-def test_run_stops_everything_when_a_process_dies(tmp_path: Path) -> None:
-    """The launcher supervises: a reaper that dies takes the rest down, and run exits 1."""
+GATEWAY = "gateway-token-for-cli-tests-1"
+ADMIN = "admin-token-for-cli-tests-0001"
+
+
+def _send(url: str, token: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """GET, or POST ``body``; the status and the JSON answer. A refused connection raises."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data)
+    request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _start_run(tmp_path: Path, port: int, **settings: str) -> subprocess.Popen[str]:
+    env = _env(tmp_path) | {"FLASHTEAM_GATEWAY_TOKEN": GATEWAY, "FLASHTEAM_ADMIN_TOKEN": ADMIN}
+    env |= {f"FLASHTEAM_{k.upper()}": v for k, v in settings.items()}
     process = subprocess.Popen(
-        [*FLASHTEAM, "run", "--port", str(free_port()), "--workers", "1"],
-        env=_env(tmp_path),
+        [*FLASHTEAM, "run", "--port", str(port), "--workers", "1"],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "stop with Ctrl-C" in line:
+            break
+    return process
+
+
+def _child(parent: int, command: bytes, other_than: int = 0, within: float = 10.0) -> int:
+    """The pid of ``parent``'s child running ``flashteam <command>``, once there is one
+    other than ``other_than``; fails after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for pid in _children(parent):
+            with contextlib.suppress(OSError):
+                if pid != other_than and _cmdline(pid).split(b"\0")[3:4] == [command]:
+                    return pid
+        time.sleep(0.02)
+    raise AssertionError(f"no new {command!r} process within {within} s")
+
+
+def _metric(text: str, name: str) -> float | None:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return None if found is None else float(found.group(1))
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def test_run_restarts_a_killed_flush_worker_while_the_api_keeps_serving(tmp_path: Path) -> None:
+    """kill -9 of the flush worker, five times during a stream of reservations and payments:
+    every request answered, a new worker within 2 s, the durable lag under 2 s within 5 s of
+    each kill (the new worker resumes its predecessor's entries under the same name), every
+    paid order paid in SQL, and the restarts counted on /metrics and /live."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start_run(tmp_path, port, rate_limit="0")
+    answers: list[int] = []
+    paid: list[str] = []
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def shoppers() -> None:
+        n = 0
+        while not done.is_set():
+            n += 1
+            try:
+                status, order = _send(
+                    f"{url}/v1/campaigns/sale/orders",
+                    GATEWAY,
+                    {"user_id": f"u{n}", "sku": "sku-1", "qty": 1, "idempotency_key": f"k{n}"},
+                )
+                answers.append(status)
+                if status == 201:
+                    oid = order["order_id"]
+                    body = {"user_id": f"u{n}", "payment_ref": f"p{n}"}
+                    status, _ = _send(f"{url}/v1/orders/{oid}/pay", GATEWAY, body)
+                    answers.append(status)
+                    if status == 200:
+                        paid.append(oid)
+            except BaseException as exc:  # a refused connection, a timeout
+                failures.append(exc)
+                return
+
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "stop with Ctrl-C" in line:
-                break
-        children = _children(process.pid)
-        reaper = next(pid for pid in children if b"reaper" in _cmdline(pid))
-        os.kill(reaper, signal.SIGKILL)
+        now = datetime.now(UTC)
+        campaign = campaign_json(flash_campaign(now, stock=1_000_000, limit=1, starts_in=-5))
+        assert _send(f"{url}/v1/campaigns", ADMIN, campaign)[0] == 201
+        thread = threading.Thread(target=shoppers)
+        thread.start()
+        worker = _child(process.pid, b"worker")
+        for _ in range(5):
+            time.sleep(1.0)  # events pile up in the outbox meanwhile
+            os.kill(worker, signal.SIGKILL)
+            killed = time.monotonic()
+            worker = _child(process.pid, b"worker", other_than=worker, within=2.0)
+            while (lag := _metric(_scrape(url), "flashteam_stream_lag_seconds")) is None or (
+                lag >= 2.0
+            ):
+                assert time.monotonic() - killed < 5.0, f"stream lag still {lag} s"
+                time.sleep(0.1)
+        done.set()
+        thread.join(timeout=30)
+        assert not failures, failures
+        assert len(paid) > 50 and set(answers) == {200, 201}, sorted(set(answers))
+        database = tmp_path / "var" / "flashteam.db"
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            states = dict(db.execute("SELECT order_id, state FROM orders").fetchall())
+        assert all(states.get(oid) == "paid" for oid in paid)
+        scraped = _scrape(url)
+        assert _metric(scraped, 'flashteam_process_restarts_total{process="worker"}') == 5
+        assert _metric(scraped, 'flashteam_process_restarts_total{process="serve"}') == 0
+        status, live = _send(f"{url}/v1/live", ADMIN)
+        assert status == 200 and live["engine"]["restarts"]["worker"] == 5
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        done.set()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    assert err.count("the flush worker exited (-9); restarting it in") == 5, err
+
+
+def test_run_stops_everything_on_a_crash_loop(tmp_path: Path) -> None:
+    """A process that keeps exiting (here: more than 2 times within 60 s) stops the engine:
+    run says so and exits 1, and no child outlives it."""
+    process = _start_run(tmp_path, free_port(), restart_limit="2")
+    try:
+        reaper = 0
+        for _ in range(3):
+            reaper = _child(process.pid, b"reaper", other_than=reaper)
+            children = _children(process.pid)
+            os.kill(reaper, signal.SIGKILL)
         out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
     assert process.returncode == 1, err
-    assert "the reaper exited" in err
+    assert "the reaper exited (-9); restarting it in 0.2 s" in err
+    assert "the reaper exited 3 times within 60 s (last: -9): a crash loop" in err
     assert "flashteam stopped" in out
     assert not any(Path(f"/proc/{pid}").exists() for pid in children), "a child outlived run"
 

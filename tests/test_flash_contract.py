@@ -643,16 +643,20 @@ async def test_cancel_of_a_paid_order_is_invalid_state(
     await assert_invariants(engine, CID)
 
 
-async def test_cancel_of_an_expired_order_is_invalid_state(
+async def test_cancel_of_an_expired_order_answers_it_as_it_is(
     engine: Engine, redis: aioredis.Redis
 ) -> None:
+    """The hold ended before the shopper's cancel: the cancel answers the expired order and
+    changes nothing (no event, the units returned once)."""
     await open_sale(engine)
     order = await hold(engine)
     await age_past_deadline(engine, order)
     await engine.reaper.expire_campaign(CID)
-    with pytest.raises(InvalidState) as caught:
-        await engine.orders.cancel(order.order_id, "u1")
-    assert caught.value.details == {"state": "expired"}
+    expired = await engine.orders.get(order.order_id)
+    events = await redis.xlen(keys_of(CID).events)
+    answered = await engine.orders.cancel(order.order_id, "u1")
+    assert answered == expired and answered.state is OrderState.EXPIRED
+    assert await redis.xlen(keys_of(CID).events) == events
     assert (await stock_of(engine)).available == 100
     await assert_invariants(engine, CID)
 

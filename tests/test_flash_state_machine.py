@@ -328,10 +328,13 @@ class FlashSaleMachine(EngineMachine):
         expected: type[Rejected] | None = None
         if user != m.user:
             expected = Forbidden
-        elif m.state not in (OrderState.HELD, OrderState.CANCELLED):
+        elif m.state not in (OrderState.HELD, OrderState.CANCELLED, OrderState.EXPIRED):
             expected = InvalidState
         cancelled = self.call(self.eng.orders.cancel(order, user), expected)
         if cancelled is None:
+            return
+        if m.state is OrderState.EXPIRED:  # the hold ended first: answered as it is
+            assert cancelled.state is OrderState.EXPIRED
             return
         assert cancelled.state is OrderState.CANCELLED
         if m.state is OrderState.HELD:  # else a retry: nothing changes

@@ -14,6 +14,8 @@ reconcile finds Redis and SQL equal. Time is moved with ``age_order`` / ``age_te
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 
 import pytest
 
@@ -25,12 +27,13 @@ from engine import (
     OrderLimitExceeded,
     OrderState,
 )
-from engine.errors import TeamClosed
+from engine.errors import TeamClosed, ValidationError
 from engine.models import Order, Team, TeamState
 from engine.reconcile import reconcile
 from engine.stats import CampaignStats, campaign_stats
 from engine.teams import ShareState
 from engine.worker import FlushWorker
+from testkit.factories import flash_campaign, team_campaign
 from testkit.helpers import age_order, age_team, assert_invariants
 from tests.test_team_contract import (
     CID,
@@ -511,4 +514,90 @@ async def test_every_option_together_with_invalidation(engine: Engine) -> None:
     (item,) = stats.items
     assert item.gmv == LEADER_PRICE + 2 * PRICE  # the filled team only
     assert stats.teams is not None and stats.teams.auto_succeeded == 0
+    await assert_invariants(engine, CID)
+
+
+# --------------------------------------------------------------------------- min_pay_seconds
+
+
+def time_to_pay_ms(order: Order) -> int:
+    return int((order.expires_at - order.created_at).total_seconds() * 1000)
+
+
+async def test_quick_join_and_the_joinable_list_skip_teams_about_to_expire(
+    engine: Engine,
+) -> None:
+    """A team one seat from full but with 1 s left is not offered: quick-join seats the
+    shopper in the team with time to pay, though it has more seats to fill; when no team
+    leaves the time, quick-join opens a new one. An explicit join still may."""
+    await start(engine, min_pay_seconds=20)
+    closing = await open_paid_team(engine, "lead-a")
+    await pay(engine, await join(engine, closing.team_id, "a1"))  # one seat left
+    fresh = await open_paid_team(engine, "lead-b")  # two seats left
+    await age_team(engine, closing.team_id, TTL_MS - 1_000)  # 1 s left
+    assert await joinable_ids(engine) == [fresh.team_id]
+    seat = await engine.teams.quick_join(CID, "q1", SKU, "quick-1")
+    assert (seat.team.team_id, seat.opened) == (fresh.team_id, False)
+    assert time_to_pay_ms(seat.order) == HOLD_MS  # the hold, not cut by the team's expiry
+    await age_team(engine, fresh.team_id, TTL_MS - 19_000)  # 19 s left: under the minimum
+    assert await joinable_ids(engine) == []
+    opened = await engine.teams.quick_join(CID, "q2", SKU, "quick-2")
+    assert opened.opened and opened.team.team_id not in (closing.team_id, fresh.team_id)
+    late = await join(engine, closing.team_id, "late")  # a shared link still works
+    assert 0 < time_to_pay_ms(late) <= 1_000
+    await assert_invariants(engine, CID)
+
+
+async def test_the_default_minimum_time_to_pay(engine: Engine) -> None:
+    """Unset: 30 s (teams of 600 s, holds of 60 s); at most half a short team's life, never
+    more than the hold; 0 offers any team with time left."""
+    campaign = await start(engine)
+    assert campaign.min_pay_seconds is None and campaign.quick_join_min_ms == 30_000
+    team = await open_paid_team(engine, "lead")
+    await age_team(engine, team.team_id, TTL_MS - 31_000)
+    assert await joinable_ids(engine) == [team.team_id]
+    await age_team(engine, team.team_id, 2_000)  # 29 s left
+    assert await joinable_ids(engine) == []
+    now = await engine.runtime.now()
+    assert team_campaign(now, team_ttl_seconds=20).quick_join_min_ms == 10_000
+    assert team_campaign(now, hold_seconds=5).quick_join_min_ms == 5_000
+    assert team_campaign(now, min_pay_seconds=0).quick_join_min_ms == 0
+
+
+@pytest.mark.parametrize("seconds", [601, -1])
+async def test_min_pay_seconds_is_validated(engine: Engine, seconds: int) -> None:
+    now = await engine.runtime.now()
+    with pytest.raises(ValidationError, match="min_pay_seconds must be an integer from 0 to 600"):
+        team_campaign(now, min_pay_seconds=seconds)
+    with pytest.raises(ValidationError, match="belongs to team campaigns only"):
+        dataclasses.replace(flash_campaign(now), min_pay_seconds=30)
+
+
+async def test_no_quick_join_seat_has_less_than_the_minimum_time_to_pay(
+    engine: Engine,
+) -> None:
+    """A team sale whose teams run out of time at every moment: 40 open teams with 0.1 to
+    40 s left and one to two seats free, 120 quick-joins in waves (the reaper ending what
+    expires in between): every seat taken in an existing team leaves at least the minimum
+    (20 s) to pay, and so does every team the joinable list offers."""
+    await start(engine, min_pay_seconds=20, team_size=4, stock=1_000, limit=1)
+    rng = random.Random(29)
+    for n in range(40):
+        team = await open_paid_team(engine, f"lead{n}")
+        if rng.random() < 0.5:
+            await pay(engine, await join(engine, team.team_id, f"mate{n}"))
+        await age_team(engine, team.team_id, TTL_MS - rng.randint(100, 40_000))
+    seats = []
+    for wave in range(6):
+        now = await engine.runtime.now()
+        offered = await engine.teams.joinable(CID, SKU, limit=100)
+        assert all(t.expires_at is not None for t in offered)
+        assert all((t.expires_at - now).total_seconds() >= 20 for t in offered if t.expires_at)
+        seats += await asyncio.gather(
+            *(engine.teams.quick_join(CID, f"w{wave}s{n}", SKU, "q") for n in range(20))
+        )
+        await engine.reaper.expire_campaign(CID)
+    joined = [s for s in seats if not s.opened]
+    assert len(joined) > 20  # existing teams were offered, not only new ones
+    assert all(time_to_pay_ms(s.order) >= 20_000 for s in joined)
     await assert_invariants(engine, CID)

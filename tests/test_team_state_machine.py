@@ -406,8 +406,8 @@ class TeamMachine(EngineMachine):
         team = self.teams[order.team_id]
         if user != order.user:
             return Forbidden
-        if order.state is OrderState.CANCELLED:
-            return None  # a retry: no-op success
+        if order.state in (OrderState.CANCELLED, OrderState.EXPIRED):
+            return None  # the hold already ended: answered as it is
         if order.state is OrderState.PAID and team.state in (TeamState.PENDING, TeamState.OPEN):
             return TeamInProgress
         if order.state is not OrderState.HELD:
@@ -767,6 +767,9 @@ class TeamMachine(EngineMachine):
         expected = self.predict_cancel(model, user)
         cancelled = self.call(self.eng.orders.cancel(order_id, user), expected)
         if cancelled is None:
+            return
+        if model.state is OrderState.EXPIRED:  # the hold ended first: nothing changes
+            assert cancelled.state is OrderState.EXPIRED
             return
         assert cancelled.state is OrderState.CANCELLED
         if model.state is OrderState.HELD:  # else a retry: nothing changes

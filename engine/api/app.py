@@ -58,6 +58,7 @@ STATUS: dict[str, int] = {
     "rate_limited": 429,
     "unavailable": 503,
     "overloaded": 503,
+    "payment_pending": 503,
 }
 CONFLICT = 409  # every other business rejection: sold_out, team_full, hold_expired, ...
 
@@ -387,6 +388,10 @@ class Api:
             priority = Priority.NORMAL
         admission = self.admission
         timeout = self.settings.request_timeout
+        if handler == self.pay:
+            # A payment's own wait for SQL (FLASHTEAM_PAY_WAIT) ends in a definitive answer or
+            # payment_pending: the HTTP bound must not cut it short with a plain unavailable.
+            timeout = max(timeout, self.settings.pay_wait)
         doc = (handler.__doc__ or name).strip()
         self.operations.append(
             Operation(
@@ -417,7 +422,7 @@ class Api:
                     return _OVERLOADED
                 work = asyncio.ensure_future(handler(request))
                 work.add_done_callback(partial(ended, started=started))
-                return await _within(work, timeout)
+                return await _within(work, timeout, pays=handler == self.pay)
             except errors.EngineError as exc:
                 outcome = exc.http_code if isinstance(exc, ApiError) else exc.code
                 self._failed(name, exc, lambda: _campaign_of_request(request))
@@ -532,6 +537,7 @@ class Api:
             shards=body.shards,
             per_order_limit=body.per_order_limit,
             auto_success_min_paid=body.auto_success_min_paid,
+            min_pay_seconds=body.min_pay_seconds,
         )
         view = await self.engine.campaigns.create(campaign)
         return json_response(s.CampaignOut.of(view), 201)
@@ -720,15 +726,19 @@ class Api:
         return HttpResponse(200, self._openapi)
 
 
-async def _within(task: asyncio.Future[HttpResponse], seconds: float) -> HttpResponse:
+async def _within(
+    task: asyncio.Future[HttpResponse], seconds: float, *, pays: bool
+) -> HttpResponse:
     """The answer of ``task``, or Unavailable when it has none within ``seconds`` (Redis or
     SQL stalled): the task goes on, and whatever it did is found by a retry with the same
-    idempotency key or payment reference."""
+    idempotency key or payment reference. For a payment (``pays``) that is PaymentPending:
+    it may be recorded already, so its outcome is not known yet, never declined."""
     try:
         return await asyncio.wait_for(asyncio.shield(task), seconds)
     except TimeoutError:
         task.add_done_callback(_late)
-        raise errors.Unavailable(
+        late = errors.PaymentPending if pays else errors.Unavailable
+        raise late(
             f"Redis or SQL did not answer within {seconds:g} s: retry with the same "
             "idempotency key or payment reference"
         ) from None

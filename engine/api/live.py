@@ -24,6 +24,7 @@ from msgspec import Struct
 from engine.api import metrics
 from engine.core import Engine
 from engine.keys import DEAD_LETTERS, keys_of
+from engine.local.launcher import restarts
 from engine.scripts import guarded
 from engine.stats import CampaignStats, campaign_stats
 from engine.worker import FlushWorker
@@ -67,6 +68,7 @@ class EngineLoad(Struct):
     reaper_lag_s: float
     unflushed: int
     dead_letters: int
+    restarts: dict[str, int]  # per process restarted by `flashteam run` (empty: unsupervised)
 
 
 class LiveOut(Struct):
@@ -120,5 +122,6 @@ async def snapshot(engine: Engine) -> LiveOut:
             reaper_lag_s=await metrics.reaper_lag(rt),
             unflushed=lag.unflushed,
             dead_letters=int(await guarded(rt.redis.xlen(DEAD_LETTERS))),
+            restarts=restarts(rt.settings.data_dir),
         ),
     )

@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from engine.archive import ARCHIVE_STATS
 from engine.errors import EngineError, Unavailable
 from engine.keys import CAMPAIGN_SET, DEAD_LETTERS, keys_of
+from engine.local.launcher import restarts
 from engine.recovery import RECOVERY_STATS, Recovery
 from engine.runtime import Runtime
 from engine.scripts import guarded
@@ -213,7 +214,21 @@ async def dependencies(rt: Runtime, within: float) -> list[str]:
         "# HELP flashteam_sql_up 1 when the durable store answered this scrape, else 0.",
         "# TYPE flashteam_sql_up gauge",
         f"flashteam_sql_up {int(sql_up)}",
+        *_restarts(rt),
         *from_redis,
+    ]
+
+
+def _restarts(rt: Runtime) -> list[str]:
+    """Restarts of each process by `flashteam run` (none under another supervisor)."""
+    counts = restarts(rt.settings.data_dir)
+    if not counts:
+        return []
+    return [
+        "# HELP flashteam_process_restarts_total Processes `flashteam run` restarted after they "
+        "exited, by process (serve: the HTTP API, worker: the flush worker, reaper).",
+        "# TYPE flashteam_process_restarts_total counter",
+        *(f'flashteam_process_restarts_total{{process="{p}"}} {n}' for p, n in counts.items()),
     ]
 
 

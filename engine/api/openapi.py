@@ -26,7 +26,9 @@ _ERRORS = {
     "not_editable, idempotency_mismatch, invalid_state, already_exists",
     "413": "payload_too_large",
     "429": "rate_limited (see the Retry-After header)",
-    "503": "unavailable: Redis or SQL cannot be reached; retry",
+    "503": "unavailable: Redis or SQL cannot be reached; retry with the same idempotency key "
+    "or payment_ref. payment_pending (pay): recorded, not declined, SQL has not confirmed it "
+    "yet; retry with the same payment_ref to learn the outcome",
 }
 
 

@@ -95,6 +95,18 @@ AutoSuccessMinPaid = Annotated[
         "it fails (docs/lifecycle.md#team-deal-options)",
     ),
 ]
+MinPaySeconds = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=7 * 86_400,
+        description="team campaigns: quick-join and the joinable list offer only teams with "
+        "at least this many seconds left, so a seat leaves time to pay (0 to "
+        "team_ttl_seconds; 0: any team with time left); absent or null: 30, at most half "
+        "the team's time to live; never more than hold_seconds "
+        "(docs/lifecycle.md#team-deal-options)",
+    ),
+]
 
 
 class CampaignIn(Request):
@@ -120,6 +132,7 @@ class CampaignIn(Request):
     ] = 1
     per_order_limit: PerOrderLimit | None = None
     auto_success_min_paid: AutoSuccessMinPaid | None = None
+    min_pay_seconds: MinPaySeconds | None = None
 
 
 class CampaignPatch(Request):
@@ -140,6 +153,7 @@ class CampaignPatch(Request):
     # null switches the option off
     per_order_limit: PerOrderLimit | msgspec.UnsetType | None = msgspec.UNSET
     auto_success_min_paid: AutoSuccessMinPaid | msgspec.UnsetType | None = msgspec.UNSET
+    min_pay_seconds: MinPaySeconds | msgspec.UnsetType | None = msgspec.UNSET
 
     def changes(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -378,6 +392,7 @@ class CampaignOut(Struct):
     shards: int
     per_order_limit: int | None
     auto_success_min_paid: int | None
+    min_pay_seconds: int | None
 
     @classmethod
     def of(cls, view: CampaignView) -> CampaignOut:
@@ -399,6 +414,7 @@ class CampaignOut(Struct):
             c.shards,
             c.per_order_limit,
             c.auto_success_min_paid,
+            c.min_pay_seconds,
         )
 
 

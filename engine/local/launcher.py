@@ -1,5 +1,6 @@
 """One local engine: a private redis-server unless a Redis URL is given, the engine's
-environment, and its processes (the HTTP API, the flush worker, the reaper), supervised.
+environment, and its processes (the HTTP API, the flush worker, the reaper), supervised: a
+process that exits is started again, and a crash loop stops the engine.
 
 ``LocalEngine`` is what `flashteam run` runs in the foreground and what `make loadtest`
 starts for a run; ``ApiServer`` is the API alone with fixed tokens, what the HTTP tests and
@@ -11,14 +12,17 @@ the HTTP benchmark talk to over real sockets. Every process is ``python -m engin
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Self
@@ -37,6 +41,11 @@ _COMMANDS: dict[Service, tuple[str, ...]] = {
     "reaper": ("reaper",),
 }
 _STOP_TIMEOUT = 20.0  # the API drains its requests, the flush worker finishes its batch
+_POLL = 0.05  # seconds between two looks at the processes
+_FIRST_BACKOFF = 0.1  # seconds before a restart, doubled by each earlier exit in the window
+_MAX_BACKOFF = 1.0  # ... up to this: a crash loop is stopped by the restart limit, not waited out
+#: Restarts per process since `flashteam run` started, in the data dir, for /metrics and /live.
+RESTARTS_FILE = "restarts.json"
 # Loopback health checks must not go through an HTTP proxy named in the environment.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -50,9 +59,19 @@ class StartFailed(RuntimeError):
     requested first. Whatever had started is stopped again."""
 
 
+def restarts(data_dir: Path) -> dict[str, int]:
+    """Restarts per process (``serve``, ``worker``, ``reaper``) of the `flashteam run` whose
+    data dir this is; empty when none supervises it (`flashteam serve` alone)."""
+    try:
+        counts: dict[str, int] = json.loads((data_dir / RESTARTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return counts
+
+
 class LocalEngine(Server):
     """The engine on this machine: ``start()``, ``supervise()`` until ``request_stop()``
-    (signal-safe) or a process dies, then ``stop()``; or use it as a context manager.
+    (signal-safe) or a crash loop, then ``stop()``; or use it as a context manager.
 
     The settings are resolved once, here: missing tokens are generated (``generated`` names
     them), the data dir is made absolute, and the durable store defaults to SQLite in it.
@@ -98,6 +117,7 @@ class LocalEngine(Server):
         self.start_timeout = start_timeout
         self.redis: RedisServer | None = None
         self.processes: dict[Service, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[Service, int] = dict.fromkeys(services, 0)
         self.stopping = threading.Event()
 
     @property
@@ -130,13 +150,65 @@ class LocalEngine(Server):
         return self
 
     def supervise(self) -> int:
-        """Block until ``request_stop()`` (0) or until a process exits on its own (1)."""
-        while not self.stopping.wait(0.2):
+        """Block until ``request_stop()`` (0), restarting every process that exits on its
+        own; 1 on a crash loop.
+
+        A process that exits is logged and started again after 0.1 s, doubled for each of
+        its exits within ``restart_window`` before this one, up to 1 s; the others
+        keep running meanwhile (the API keeps serving while the flush worker restarts). One
+        that exits more than ``restart_limit`` times within the window is in a crash loop:
+        this returns 1 with the reason logged, and the caller stops the engine. Each restart
+        is logged and counted in ``restarts`` (and in the data dir's restarts.json, which
+        /metrics and /live read)."""
+        limit, window = self.settings.restart_limit, self.settings.restart_window
+        exits: dict[Service, deque[float]] = {name: deque() for name in self.processes}
+        due: dict[Service, float] = {}  # processes waiting for their restart: when
+        env = self.env()
+        self._save_restarts()
+        while not self.stopping.wait(_POLL):
+            now = time.monotonic()
             for name, process in self.processes.items():
-                if process.poll() is not None:
-                    logger.error("the %s exited (%s)", name, process.returncode)
+                if name in due or process.poll() is None:
+                    continue
+                recent = exits[name]
+                recent.append(now)
+                while now - recent[0] > window:
+                    recent.popleft()
+                if len(recent) > limit:
+                    logger.error(
+                        "the %s exited %d times within %g s (last: %s): a crash loop, stopping "
+                        "the engine; its log says why it exits",
+                        name,
+                        len(recent),
+                        window,
+                        process.returncode,
+                    )
                     return 1
+                delay = min(_FIRST_BACKOFF * 2 ** (len(recent) - 1), _MAX_BACKOFF)
+                logger.error(
+                    "the %s exited (%s); restarting it in %.1f s", name, process.returncode, delay
+                )
+                due[name] = now + delay
+            for name, when in list(due.items()):
+                if now >= when:
+                    del due[name]
+                    self.processes[name] = self._spawn(name, env)
+                    self.restarts[name] += 1
+                    self._save_restarts()
+                    logger.warning(
+                        "the %s restarted (pid %d, restart %d)",
+                        name,
+                        self.processes[name].pid,
+                        self.restarts[name],
+                    )
         return 0
+
+    def _save_restarts(self) -> None:
+        counts = {_COMMANDS[name][0]: n for name, n in self.restarts.items()}
+        path = self.settings.data_dir / RESTARTS_FILE
+        staged = path.with_suffix(".tmp")
+        staged.write_text(json.dumps(counts))
+        staged.replace(path)  # readers never see half a file
 
     def request_stop(self) -> None:
         """Make ``start()`` give up and ``supervise()`` return; safe in a signal handler."""
@@ -144,7 +216,8 @@ class LocalEngine(Server):
 
     def stop(self) -> None:
         """SIGTERM to every process, up to 20 s each to finish (then SIGKILL), then the
-        private redis-server (its AOF flushed). A stopped engine can be started again."""
+        private redis-server (its AOF flushed); the restart counts go. A stopped engine can be
+        started again."""
         processes, self.processes = self.processes, {}
         for process in processes.values():
             if process.poll() is None:
@@ -157,6 +230,8 @@ class LocalEngine(Server):
                 process.wait()
         if self.redis is not None:
             self.redis.stop()
+        # The counts describe this run only: nothing stale for a later `flashteam serve`.
+        (self.settings.data_dir / RESTARTS_FILE).unlink(missing_ok=True)
 
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +260,10 @@ class LocalEngine(Server):
         if service == "api":
             command += ["--host", self.host, "--port", str(self.port)]
             command += ["--workers", str(self.workers)]
+        if service == "flush worker" and self.settings.worker_name is None:
+            # One name for this slot, so a restarted worker reads its predecessor's pending
+            # entries at once instead of waiting FLASHTEAM_CLAIM_IDLE to claim them.
+            env = env | {"FLASHTEAM_WORKER_NAME": f"{socket.gethostname()}-{self.port}-worker"}
         if self.log is None:
             return subprocess.Popen(command, env=env)
         # A file, not a pipe: a pipe nobody reads blocks the process once it is full.

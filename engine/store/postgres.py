@@ -1,8 +1,9 @@
 """PostgreSQL store (``FLASHTEAM_DATABASE_URL=postgresql://...``): an asyncpg pool, the shared
 schema migrated on open under an advisory lock.
 
-Every asyncpg, socket and PostgreSQL failure is translated into ``Unavailable`` at one place
-(``_translated``), so the flush worker backs off and retries through an outage. The pool
+Every asyncpg, socket and PostgreSQL failure, and any other exception of a call, is translated
+into ``Unavailable`` at one place (``_translated``), so the flush worker backs off and retries
+through an outage. The pool
 replaces broken connections on its own: after PostgreSQL restarts, the next call reconnects.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import asyncpg
 
-from engine.errors import AlreadyExists, Unavailable
+from engine.errors import AlreadyExists, EngineError, Unavailable
 from engine.models import Campaign
 from engine.store import Archive, Batch
 from engine.store import schema as sql
@@ -56,11 +58,15 @@ _INSERT_ARCHIVE = sql.insert_archive(_D)
 _MIGRATION_LOCK = 0x66_6C_61_73_68_74_6D  # "flashtm"
 _CONNECT_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 10.0
+# No statement waits longer for PostgreSQL (a stalled server, a partition without a reset): it
+# fails as Unavailable and the flush worker retries, instead of hanging forever.
+_COMMAND_TIMEOUT = 30.0
 
 # What "PostgreSQL cannot be reached right now" looks like: sockets (refused, reset, timed out),
 # class 08 connection exceptions, class 57 operator intervention (admin shutdown, cannot connect
 # now: starting up or shutting down), class 53 insufficient resources, class 40 serialization
-# failures and deadlocks, and asyncpg's own "connection is closed" / "pool is closing".
+# failures and deadlocks, asyncpg's own "connection is closed" / "pool is closing", and its
+# internal state errors after a connection broke mid-call ("cannot switch to state ...").
 _OUTAGES: tuple[type[BaseException], ...] = (
     OSError,  # ConnectionError, TimeoutError (asyncio's too) are OSErrors
     asyncpg.PostgresConnectionError,
@@ -68,22 +74,32 @@ _OUTAGES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.TransactionRollbackError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
+# A write that lost a serialization conflict or a deadlock is rolled back by PostgreSQL and run
+# again here, up to this many times in all, before it is reported unavailable.
+_WRITE_ATTEMPTS = 5
 
 
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
-    """Turn a PostgreSQL failure into ``Unavailable`` (chained), the only place that does.
+    """Turn any PostgreSQL or asyncpg failure into ``Unavailable`` (chained), the only place
+    that does: callers never see asyncpg's exceptions, as with SqliteStore.
 
-    Outages and any other server-reported error alike: callers never see asyncpg's exceptions,
-    as with SqliteStore, which reports every sqlite3.Error as Unavailable.
-    """
+    Outages, any other server-reported error and, last, any other exception a call raises
+    (asyncpg's internal errors are not all documented): the flush worker and the payment
+    ledger back off and retry on Unavailable, they never die of a store fault. The engine's
+    own errors (AlreadyExists) pass through."""
     try:
         yield
+    except EngineError:
+        raise
     except _OUTAGES as exc:
         raise Unavailable(f"PostgreSQL unavailable ({what}): {exc}") from exc
     except asyncpg.PostgresError as exc:
         raise Unavailable(f"PostgreSQL {what} failed [{exc.sqlstate}]: {exc}") from exc
+    except Exception as exc:
+        raise Unavailable(f"PostgreSQL {what} failed ({type(exc).__name__}): {exc}") from exc
 
 
 class PostgresStore(DurableReads):
@@ -94,9 +110,16 @@ class PostgresStore(DurableReads):
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:
-        """Connect a pool (min 1, max 4 connections) and migrate the schema."""
+        """Connect a pool (min 1, max 4 connections; each statement bounded by
+        ``_COMMAND_TIMEOUT``) and migrate the schema."""
         with _translated("open"):
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=_CONNECT_TIMEOUT)
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=1,
+                max_size=4,
+                timeout=_CONNECT_TIMEOUT,
+                command_timeout=_COMMAND_TIMEOUT,
+            )
         try:
             with _translated("migration"):
                 async with pool.acquire() as conn:
@@ -134,25 +157,49 @@ class PostgresStore(DurableReads):
         return sql.dollar(n)
 
     async def apply(self, batch: Batch) -> list[str]:
+        """Every row is written in one order, by table (orders, teams, campaigns, marks) and
+        by id within each: the payment ledger's commits and the flush worker's batches lock
+        the rows they share in the same order, so they wait for each other but never
+        deadlock. A deadlock or serialization failure that still happens (another writer) is
+        run again, up to ``_WRITE_ATTEMPTS`` times."""
         idem, restocked = batch.idem, batch.restocked
         orders = [
-            order_row(o, at, idem.get(i), restocked.get(i)) for i, (o, at) in batch.orders.items()
+            order_row(o, at, idem.get(i), restocked.get(i))
+            for i, (o, at) in sorted(batch.orders.items())
         ]
-        teams = [team_row(t, at) for t, at in batch.teams.values()]
-        invalidations = [(at, cid) for cid, at in batch.invalidations.items()]
-        marks = [(c, o, t) for c, (o, t) in batch.marks().items()]
-        written = 0
+        teams = [team_row(t, at) for _, (t, at) in sorted(batch.teams.items())]
+        invalidations = [(at, cid) for cid, at in sorted(batch.invalidations.items())]
+        marks = [(c, o, t) for c, (o, t) in sorted(batch.marks().items())]
         with _translated("write"):
-            async with self._pool.acquire() as conn, conn.transaction():
-                if orders:
-                    written += _rows(await conn.execute(_UPSERT_ORDER, *zip(*orders, strict=True)))
-                if teams:
-                    written += _rows(await conn.execute(_UPSERT_TEAM, *zip(*teams, strict=True)))
-                if invalidations:
-                    await conn.executemany(_INVALIDATE, invalidations)
-                if marks:
-                    await conn.executemany(_RAISE_MARKS, marks)
+            for attempt in range(1, _WRITE_ATTEMPTS + 1):
+                try:
+                    written = await self._write(orders, teams, invalidations, marks)
+                    break
+                except asyncpg.exceptions.TransactionRollbackError:
+                    if attempt == _WRITE_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(random.uniform(0, 0.005 * attempt))
         return await self._collisions(batch, written)
+
+    async def _write(
+        self,
+        orders: list[tuple[Any, ...]],
+        teams: list[tuple[Any, ...]],
+        invalidations: list[tuple[int, str]],
+        marks: list[tuple[str, int, int]],
+    ) -> int:
+        """One transaction; returns the order and team rows written."""
+        written = 0
+        async with self._pool.acquire() as conn, conn.transaction():
+            if orders:
+                written += _rows(await conn.execute(_UPSERT_ORDER, *zip(*orders, strict=True)))
+            if teams:
+                written += _rows(await conn.execute(_UPSERT_TEAM, *zip(*teams, strict=True)))
+            if invalidations:
+                await conn.executemany(_INVALIDATE, invalidations)
+            if marks:
+                await conn.executemany(_RAISE_MARKS, marks)
+        return written
 
     async def _fetch(self, template: str, *args: Any) -> list[Row]:
         return await self._fetch_raw(sql.query(template, _D), args)

@@ -55,6 +55,7 @@ def campaign_row(campaign: Campaign) -> tuple[Any, ...]:
         ",".join(str(b) for b in campaign.buckets) if campaign.shards > 1 else None,
         campaign.per_order_limit,
         campaign.auto_success_min_paid,
+        campaign.min_pay_seconds,
     )
 
 
@@ -73,6 +74,7 @@ def campaign_from(row: Row) -> Campaign:
         invalidated_at=None if row["invalidated_at"] is None else from_ms(row["invalidated_at"]),
         per_order_limit=row["per_order_limit"],
         auto_success_min_paid=row["auto_success_min_paid"],
+        min_pay_seconds=row["min_pay_seconds"],
         **_shards(row["shards"]),
     )
 

@@ -100,6 +100,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE campaigns ADD COLUMN per_order_limit INTEGER",
         "ALTER TABLE campaigns ADD COLUMN auto_success_min_paid INTEGER",
     ),
+    (
+        # Team campaigns: the time to pay a team must leave to be offered by quick-join and
+        # the joinable list (docs/lifecycle.md#team-deal-options); NULL: the default.
+        "ALTER TABLE campaigns ADD COLUMN min_pay_seconds INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -119,6 +124,7 @@ CAMPAIGN_COLUMNS = (
     "shards",  # the stock buckets' numbers, "0,3,7"; NULL for one bucket
     "per_order_limit",  # units per order at most; NULL: only the per-user limit
     "auto_success_min_paid",  # team campaigns: paid seats an expiring team succeeds with
+    "min_pay_seconds",  # team campaigns: time to pay a team must leave to be offered
 )
 ORDER_COLUMNS = (
     "order_id",

@@ -1,8 +1,14 @@
-"""SQLite store (the embedded default): WAL mode, one connection, schema migrated on open."""
+"""SQLite store (the embedded default): WAL mode, one connection, schema migrated on open.
+
+Every failure of a call (sqlite3's errors, aiosqlite's on a closed connection, anything else)
+is reported as ``Unavailable``, as PostgresStore does: the flush worker and the payment ledger
+back off and retry, they never die of a store fault. Only a taken campaign id is
+``AlreadyExists``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -83,8 +89,8 @@ class SqliteStore(DurableReads):
                 await self._db.execute(statement, row)
             except sqlite3.IntegrityError:
                 raise
-            except sqlite3.Error as exc:
-                raise Unavailable(f"SQLite write failed: {exc}") from exc
+            except Exception as exc:
+                raise Unavailable(f"SQLite write failed: {_reason(exc)}") from exc
 
     def _mark(self, n: int) -> str:
         return sql.qmark(n)
@@ -135,12 +141,13 @@ class SqliteStore(DurableReads):
             )
             await db.executemany(_RAISE_MARKS, [(c, o, t) for c, (o, t) in batch.marks().items()])
             await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
+        except Exception as exc:
+            with contextlib.suppress(Exception):  # the connection may be what failed
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise _Locked from exc
-            raise Unavailable(f"SQLite write failed: {exc}") from exc
+            raise Unavailable(f"SQLite write failed: {_reason(exc)}") from exc
         return max(orders.rowcount, 0) + max(teams.rowcount, 0)
 
     async def _fetch(self, template: str, *args: Any) -> list[sqlite3.Row]:
@@ -150,8 +157,13 @@ class SqliteStore(DurableReads):
         try:
             async with self._db.execute(statement, args) as cursor:
                 return list(await cursor.fetchall())
-        except sqlite3.Error as exc:
-            raise Unavailable(f"SQLite read failed: {exc}") from exc
+        except Exception as exc:
+            raise Unavailable(f"SQLite read failed: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """sqlite3's message, or the type and message of anything unexpected."""
+    return str(exc) if isinstance(exc, sqlite3.Error) else f"({type(exc).__name__}) {exc}"
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:

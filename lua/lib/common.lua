@@ -45,17 +45,19 @@ local function split(s)
 end
 
 local META_FIELDS = {'kind', 'starts', 'ends', 'limit', 'hold', 'invalid', 'team_size', 'team_ttl',
-  'order_limit', 'auto'}
+  'order_limit', 'auto', 'min_pay'}
 
 -- The campaign's definition as the scripts check it (times in ms), nil when it is not warmed.
 -- order_limit: units per order at most (0: no cap); auto: the paid seats an open team needs
--- to succeed when its time runs out (0: it fails). Both 0 when absent.
+-- to succeed when its time runs out (0: it fails); min_pay: the time to pay a team must leave
+-- to be offered by quick-join and the joinable list. Each 0 when absent.
 local function load_meta(meta_key)
   local v = redis.call('HMGET', meta_key, unpack(META_FIELDS))
   if not v[1] then return nil end
   return {kind = v[1], starts = tonumber(v[2]), ends = tonumber(v[3]), limit = tonumber(v[4]),
     hold = tonumber(v[5]), invalid = tonumber(v[6]), team_size = tonumber(v[7]),
-    team_ttl = tonumber(v[8]), order_limit = tonumber(v[9]) or 0, auto = tonumber(v[10]) or 0}
+    team_ttl = tonumber(v[8]), order_limit = tonumber(v[9]) or 0, auto = tonumber(v[10]) or 0,
+    min_pay = tonumber(v[11]) or 0}
 end
 
 -- This server's replication id: it changes whenever the server restarts or is promoted (a

@@ -71,6 +71,12 @@ local function op_join(ctx, user, team_id, key)
   return reply
 end
 
+-- Whether open team t leaves a seat taken now the campaign's time to pay (m.min_pay): quick-join
+-- and the joinable list offer no team about to expire.
+local function leaves_time_to_pay(ctx, m, t)
+  return t.expires - ctx.now >= m.min_pay
+end
+
 -- Joinable index entries quick-join reads per ZRANGEBYLEX after the first (which usually fits,
 -- so it is read alone: each entry read costs).
 local QUICK_PAGE = 16
@@ -83,8 +89,9 @@ local function quick_seat(ctx, m, t, user, field, first)
   return reply
 end
 
--- The best open team of the sku that user may take a seat in (team_seat_blocked), among the
--- first ctx.scan entries of the index; returns it and whether it was the range's first entry.
+-- The best open team of the sku that user may take a seat in (team_seat_blocked) and that leaves
+-- time to pay, among the first ctx.scan entries of the index (fewest remaining seats, then
+-- earliest expiry); returns it and whether it was the range's first entry.
 local function best_team(ctx, m, user, sku)
   flush_index(ctx)
   local offset, page = 0, 1
@@ -94,7 +101,7 @@ local function best_team(ctx, m, user, sku)
       '[' .. sku .. '|~', 'LIMIT', offset, page)
     for i, entry in ipairs(entries) do
       local t = ctx_team(ctx, string.match(entry, '[^|]+$'))
-      if t and not team_seat_blocked(ctx, m, t, user) then
+      if t and leaves_time_to_pay(ctx, m, t) and not team_seat_blocked(ctx, m, t, user) then
         return t, offset == 0 and i == 1
       end
     end
@@ -104,8 +111,8 @@ local function best_team(ctx, m, user, sku)
   return nil
 end
 
--- Seat the user in the best open team of the sku they can afford, else open a new one-unit
--- team (quick_join.lua).
+-- Seat the user in the best open team of the sku they can afford that leaves time to pay, else
+-- open a new one-unit team (quick_join.lua).
 local function op_quick(ctx, user, sku, key)
   local field = user .. ':' .. key
   local m, early = admit(ctx, user, field, 'q', sku, 'team', false)
@@ -115,7 +122,8 @@ local function op_quick(ctx, user, sku, key)
   -- remaining seat fewer sorts earlier) while it has a free seat, unless another team of the
   -- sku took a seat since (take_seat forgets it then): no need to read the index again.
   local first = ctx.first[sku]
-  if first and not team_seat_blocked(ctx, m, first, user) then
+  if first and leaves_time_to_pay(ctx, m, first) and not team_seat_blocked(ctx, m, first, user)
+  then
     return quick_seat(ctx, m, first, user, field, true)
   end
   local t, is_first = best_team(ctx, m, user, sku)

@@ -175,7 +175,9 @@ function engineCard(engine, before, seconds) {
     figure("e:stream_lag_s", "stream lag", engine.stream_lag_s, "secs") +
     figure("e:reaper_lag_s", "reaper lag", engine.reaper_lag_s, "secs") +
     figure("e:unflushed", "events not in SQL", engine.unflushed, "int") +
-    figure("e:dead_letters", "dead letters", engine.dead_letters, "int") + "</div>";
+    figure("e:dead_letters", "dead letters", engine.dead_letters, "int") +
+    figure("e:restarts", "process restarts",
+      Object.values(engine.restarts).reduce((s, n) => s + n, 0), "int") + "</div>";
   html += `<div class="charts"><figure>${sparkline(history.get("engine/rps") || [], "#37474f")}` +
     "<figcaption>requests / s</figcaption></figure></div>";
   html += "<table><tr><th>route</th><th>requests / s</th><th>shed / s</th><th>p99</th>" +
