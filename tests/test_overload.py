@@ -138,9 +138,14 @@ async def test_a_stalled_sql_answers_a_payment_503_within_the_request_timeout(
     api_redis: RedisServer, tmp_path: Path
 ) -> None:
     """Another process holds the SQLite file locked: a payment (acknowledged once SQL has it)
-    answers 503 unavailable after 1 s instead of waiting; once the lock goes, the retry with
-    the same payment reference is paid."""
-    server = ApiServer(api_redis.url, tmp_path / "api", workers=1, extra={"request_timeout": "1"})
+    answers 503 payment_pending (recorded, not declined) after 1 s instead of waiting; once
+    the lock goes, the retry with the same payment reference is paid."""
+    server = ApiServer(
+        api_redis.url,
+        tmp_path / "api",
+        workers=1,
+        extra={"request_timeout": "1", "pay_wait": "1"},
+    )
     async with (
         running(server),
         httpx.AsyncClient(base_url=server.url, timeout=30, trust_env=False) as client,
@@ -153,7 +158,7 @@ async def test_a_stalled_sql_answers_a_payment_503_within_the_request_timeout(
         try:
             lock.execute("BEGIN EXCLUSIVE")
             stalled = await client.post(pay, json=body, headers=GW)
-            assert "within 1 s" in expect_error(stalled, "unavailable")["message"]
+            assert "within 1 s" in expect_error(stalled, "payment_pending")["message"]
             assert stalled.headers["retry-after"] == "1"
         finally:
             lock.execute("ROLLBACK")
