@@ -8,6 +8,7 @@ async with await Engine.open(settings) as engine:
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 
 from engine.archive import Archiver
@@ -26,6 +27,8 @@ from engine.shards import Rebalancer
 from engine.store import Store, open_store
 from engine.teams import Teams
 
+log = logging.getLogger(__name__)
+
 
 class Engine:
     """Campaigns, flash sale, teams, orders and the reaper over one Redis and one durable
@@ -35,7 +38,7 @@ class Engine:
         self.runtime = rt
         self.recovery = Recovery(rt)
         rt.scripts.untrusted = self.recovery.on_untrusted
-        self.archiver = Archiver(rt, repair=self.recovery.repair)
+        self.archiver = Archiver(rt, repair=lambda cid: self.recovery.repair(cid, "archival"))
         self.reaper = Reaper(rt, archive=self.archiver.run_once)
         self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
         self.coalescer = Coalescer(rt)
@@ -61,7 +64,8 @@ class Engine:
         return engine
 
     async def readiness(self) -> dict[str, str]:
-        """Each dependency's state, "ok" or what is wrong: Redis, the scripts, the store."""
+        """Each dependency's state, "ok" or "unavailable" (what is wrong is logged): Redis,
+        the scripts, the store."""
         rt = self.runtime
         checks: dict[str, str] = {}
         for name, probe in (
@@ -73,7 +77,8 @@ class Engine:
                 await probe
                 checks[name] = "ok"
             except EngineError as exc:
-                checks[name] = exc.message
+                checks[name] = "unavailable"
+                log.warning("readiness: %s is unavailable: %s", name, exc.message)
         return checks
 
     async def close(self) -> None:

@@ -95,6 +95,14 @@ def campaign_of_order(order_id: str) -> str:
     return _order_match(order_id).group(1)
 
 
+def parse_order(order_id: str) -> tuple[str, int, int]:
+    """(campaign id, bucket number, order number) of an order id; ValidationError if it is
+    not one. Whether the campaign has that bucket and issued that number is the caller's
+    question (engine/orders.py)."""
+    match = _order_match(order_id)
+    return match.group(1), int(match.group(2) or 0), int(match.group(3))
+
+
 def shard_of_order(order_id: str) -> str:
     """The shard id (``<campaign>`` or ``<campaign>.b<k>``) of the bucket holding the order."""
     _order_match(order_id)

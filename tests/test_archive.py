@@ -321,7 +321,8 @@ async def test_writes_after_archival_answer_as_for_an_ended_campaign(engine: Eng
     assert codes == {
         "ended",
         "team_closed",
-        "not_found",
+        "not_found",  # the unknown team
+        "order_not_found",
         "invalidated",
         "forbidden",
         "hold_expired",
@@ -484,7 +485,7 @@ async def test_a_live_campaign_held_orders_open_teams_and_an_unflushed_outbox_st
     over = team_campaign(now, "over", stock=10, limit=1, team_size=2, lasts=2)
     await engine.campaigns.create(over)
     seat = await engine.teams.open("over", "t1", "sku-1", 1, "k")
-    await engine.orders.pay(seat.order.order_id, "t1", "p")
+    await engine.orders.pay(seat.order.order_id, "t1", f"p-{seat.order.order_id}")
     short = flash_campaign(now, "short", stock=10, lasts=2)
     await engine.campaigns.create(short)
     hold = await engine.flash.reserve("short", "u1", "sku-1", 1, "k")

@@ -65,6 +65,7 @@ ALERTS = {
     "FlashteamDeadLetters",
     "FlashteamCampaignFenced",
     "FlashteamRecoveryFailures",
+    "FlashteamCampaignRepaired",
     "FlashteamArchiveRefused",
 }
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
