@@ -139,7 +139,7 @@ async def check_eviction_policy(client: RedisClient) -> None:
         await guarded(client.initialize())
         primaries = client.get_primaries()
         if not primaries:
-            raise Unavailable("the Redis Cluster reports no primaries")
+            raise Unavailable("the Redis Cluster reports no primaries", service="redis")
         replies: list[Any] = [
             await guarded(client.info("memory", target_nodes=node)) for node in primaries
         ]

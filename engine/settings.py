@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from engine.errors import ConfigurationError
 
@@ -32,6 +33,7 @@ _FLAGS = {"1": True, "true": True, "yes": True, "on": True} | {
     "no": False,
     "off": False,
 }
+MIN_TOKEN_LENGTH = 32
 _MIN_IDEMPOTENCY_TTL = 86_400  # a client retrying within a day is answered, not re-run
 
 _T = TypeVar("_T")
@@ -92,13 +94,14 @@ class Settings:
     worker_name: str | None = _setting(None, "this worker's consumer name; unset: <hostname>-<pid>")
     gateway_token: str | None = _setting(
         None,
-        "bearer token of the storefront gateway (HTTP API; 16+ characters; `flashteam run` "
-        "generates one when unset)",
+        "bearer token of the storefront gateway (HTTP API), or several separated by commas "
+        "(the current and the next one, during a rotation); each 32+ characters, not one "
+        "character repeated; `flashteam run` generates one when unset",
     )
     admin_token: str | None = _setting(
         None,
-        "bearer token for campaign management and refunds (16+ characters; `flashteam run` "
-        "generates one when unset)",
+        "bearer token for campaign management and refunds, or several separated by commas "
+        "(as FLASHTEAM_GATEWAY_TOKEN); `flashteam run` generates one when unset",
     )
     max_body: int = _setting(65_536, "largest HTTP request body accepted, bytes; 1024 to 16777216")
     echo_route: bool = _setting(
@@ -204,13 +207,14 @@ class Settings:
 
     @property
     def redis_name(self) -> str:
-        """Where the engine finds Redis, for logs and `flashteam run`'s banner: the URL, or
-        the Sentinels and the master name; "(unset)" before `flashteam run` starts its own."""
+        """Where the engine finds Redis, for logs and `flashteam run`'s banner: the URL (its
+        password masked), or the Sentinels and the master name; "(unset)" before `flashteam
+        run` starts its own."""
         if self.redis_sentinels is not None:
             return f"Sentinel master {self.redis_master!r} via {self.redis_sentinels}"
         if self.redis_url is None:
             return "(unset)"
-        return self.redis_url + (" (Redis Cluster)" if self.redis_cluster else "")
+        return redact(self.redis_url) + (" (Redis Cluster)" if self.redis_cluster else "")
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
@@ -228,22 +232,30 @@ class Settings:
             raise ConfigurationError(f"not a SQLite URL: {url.split('://')[0]}://...")
         return Path(url.removeprefix("sqlite:///"))
 
-    def require_tokens(self) -> tuple[str, str]:
-        """The gateway and admin tokens; ConfigurationError when either is missing or weak."""
-        tokens = []
+    def require_tokens(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The gateway tokens and the admin tokens (each role may have several: the current
+        and the next during a rotation); ConfigurationError when a role has none, when one
+        is weak (under MIN_TOKEN_LENGTH characters, or one character repeated), or when both
+        roles share one. The message never quotes a token."""
+        roles = []
         for name, value in (
             ("GATEWAY_TOKEN", self.gateway_token),
             ("ADMIN_TOKEN", self.admin_token),
         ):
-            if value is None or len(value) < 16:
+            tokens = tuple(t.strip() for t in (value or "").split(","))
+            if not value or any(
+                len(token) < MIN_TOKEN_LENGTH or len(set(token)) == 1 for token in tokens
+            ):
                 raise ConfigurationError(
-                    f"{_PREFIX}{name} must be set to a secret of 16 or more characters "
-                    "(`flashteam run` generates both when unset)"
+                    f"{_PREFIX}{name} must be set to one or more secrets (separated by "
+                    f"commas) of {MIN_TOKEN_LENGTH} or more characters, not one character "
+                    "repeated: `python -c 'import secrets; print(secrets.token_urlsafe(32))'` "
+                    "makes one (`flashteam run` generates both when unset)"
                 )
-            tokens.append(value)
-        if tokens[0] == tokens[1]:
+            roles.append(tokens)
+        if set(roles[0]) & set(roles[1]):
             raise ConfigurationError("the gateway and admin tokens must differ")
-        return tokens[0], tokens[1]
+        return roles[0], roles[1]
 
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests, CLI flags)."""
@@ -283,6 +295,16 @@ class Settings:
             )
             for each in fields(cls)
         ]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: how every URL is logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _variable(each: Field[Any]) -> str:

@@ -113,9 +113,9 @@ async def _sale(engine: Engine) -> tuple[str, str, str]:
         await engine.flash.reserve(flash.campaign.id, f"u{i}", "sku-1", 1, f"k{i}")
         for i in range(3)
     ]
-    await engine.orders.pay(holds[0].order.order_id, "u0", "pay-0")
+    await engine.orders.pay(holds[0].order.order_id, "u0", f"pay-0-{holds[0].order.order_id}")
     seat = await engine.teams.open(team.campaign.id, "leader", "sku-1", 1, "k")
-    await engine.orders.pay(seat.order.order_id, "leader", "pay-l")
+    await engine.orders.pay(seat.order.order_id, "leader", f"pay-l-{seat.order.order_id}")
     await engine.teams.join(seat.team.team_id, "joiner", "k")
     await FlushWorker(engine.runtime).drain()
     return flash.campaign.id, team.campaign.id, seat.team.team_id

@@ -230,3 +230,38 @@ async def test_open_refuses_a_cluster_with_one_evicting_primary(
     finally:
         await node.config_set("maxmemory-policy", "noeviction")
         await node.aclose()
+
+
+STRONG = "k" * 16 + "0123456789abcdef"  # 32 characters
+WEAK = [
+    "short-token-0123456789",  # 22 characters
+    "a" * 40,  # one character repeated
+    f"{STRONG},",  # an empty second token
+]
+
+
+@pytest.mark.parametrize("weak", WEAK)
+def test_a_weak_token_is_refused_at_start(weak: str) -> None:
+    """Each role's tokens are 32+ characters, not one repeated; the message never quotes
+    the token."""
+    for role in ("gateway_token", "admin_token"):
+        other = "admin_token" if role == "gateway_token" else "gateway_token"
+        settings = DEFAULTS.with_(**{role: weak, other: STRONG[::-1]})
+        with pytest.raises(ConfigurationError) as refused:
+            settings.require_tokens()
+        assert f"FLASHTEAM_{role.upper()}" in refused.value.message
+        assert weak.split(",")[0] not in refused.value.message
+
+
+def test_each_role_takes_a_list_of_tokens() -> None:
+    """The current and the next token of each role (a rolling rotation); a token given to
+    both roles is refused."""
+    gateway = f"{STRONG}, {STRONG[::-1]}"
+    admin = "admin-" + STRONG
+    assert DEFAULTS.with_(gateway_token=gateway, admin_token=admin).require_tokens() == (
+        (STRONG, STRONG[::-1]),
+        (admin,),
+    )
+    shared = DEFAULTS.with_(gateway_token=gateway, admin_token=f"{admin},{STRONG}")
+    with pytest.raises(ConfigurationError, match="must differ"):
+        shared.require_tokens()

@@ -5,18 +5,23 @@ structs, so the documented schema and the checked one cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Self, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
 
-from engine.errors import ValidationError
+from engine.errors import TooDeep, ValidationError
 from engine.keys import ID_PATTERN, KEY_PATTERN
 from engine.models import (
+    MAX_AMOUNT,
     MAX_ITEMS,
     MAX_SHARDS,
     MAX_UNITS,
+    TEXT_PATTERN,
     CampaignView,
     Item,
     ItemStock,
@@ -29,11 +34,56 @@ from engine.teams import TeamView, mask_user
 T = TypeVar("T")
 
 
+# The deepest nesting of arrays and objects a body may have; every request needs 3 at most
+# (a batch: the envelope, its list, an item).
+MAX_DEPTH = 8
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+def check_depth(raw: bytes) -> None:
+    """TooDeep when ``raw`` nests arrays and objects more than MAX_DEPTH levels: each pass
+    drops the innermost pairs of the brackets left once strings are gone (C-speed, at most
+    MAX_DEPTH + 1 passes); a body with that few brackets is not even looked at. Mismatched
+    brackets stop the passes early and are left to the JSON decoder to report."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):
+        inner = _PAIR.sub(b"", brackets)  # one level: a scan does not look at what it left
+        if inner == brackets:
+            return
+        brackets = inner
+    if _PAIR.search(brackets):
+        raise TooDeep(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValidationError(f"the body names the key {key!r} twice", field=key)
+        seen.add(key)
+
+
+def check_shape(raw: bytes) -> None:
+    """ValidationError unless ``raw`` has one reading: TooDeep past MAX_DEPTH, and an object
+    that names a key twice (which JSON parsers read as the first or the last) is refused."""
+    check_depth(raw)
+    # Not JSON at all (ValueError): the decoder names what is wrong.
+    with contextlib.suppress(ValueError):
+        json.loads(raw, object_pairs_hook=_unique_keys)
+
+
 def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes, hint: str = "") -> T:
-    """A request body decoded by ``decoder`` (an empty body as ``{}``); ValidationError
-    naming what is wrong (``hint`` added to a shape error) when it does not fit."""
+    """A request body decoded by ``decoder`` (an empty body as ``{}``) once it has one
+    reading (``check_shape``); ValidationError naming what is wrong (``hint`` added to a
+    shape error) when it does not fit."""
+    raw = raw or b"{}"
+    check_shape(raw)
     try:
-        return decoder.decode(raw or b"{}")
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise ValidationError(f"{exc}{hint}") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -46,6 +96,15 @@ Units = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 Money = Annotated[int, Meta(ge=0, le=MAX_UNITS * 100, description="minor units (cents)")]
 Moment = Annotated[datetime, Meta(tz=True, description="RFC 3339 with a UTC offset")]
 Kind = Annotated[str, Meta(pattern="^(flash|team)$")]
+Title = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=200,
+        pattern=TEXT_PATTERN,
+        description="free text, without NUL, control or bidirectional-override characters",
+    ),
+]
 
 
 class Request(Struct, forbid_unknown_fields=True):
@@ -100,7 +159,7 @@ AutoSuccessMinPaid = Annotated[
 class CampaignIn(Request):
     id: Id
     kind: Kind
-    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    title: Title
     starts_at: Moment
     ends_at: Moment
     items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)]
@@ -127,7 +186,7 @@ class CampaignPatch(Request):
     (docs/lifecycle.md#campaign)."""
 
     kind: Kind | msgspec.UnsetType = msgspec.UNSET
-    title: Annotated[str, Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    title: Title | msgspec.UnsetType = msgspec.UNSET
     starts_at: Moment | msgspec.UnsetType = msgspec.UNSET
     ends_at: Moment | msgspec.UnsetType = msgspec.UNSET
     items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)] | msgspec.UnsetType = (
@@ -158,9 +217,29 @@ class ReserveIn(Request):
     idempotency_key: Key
 
 
+PaidAmount = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=MAX_AMOUNT,
+        description="what the shopper paid, in minor units, when the gateway knows it: it must "
+        "be the order's amount (quantity x unit price, the leader price for a team's leader), "
+        "else 409 amount_mismatch",
+    ),
+]
+
+
 class PayIn(Request):
     user_id: Id
-    payment_ref: Key
+    payment_ref: Annotated[
+        str,
+        Meta(
+            pattern=f"^{KEY_PATTERN}$",
+            description="the payment provider's reference: it pays this one order (the same "
+            "reference on another order is 409 payment_ref_used)",
+        ),
+    ]
+    amount: PaidAmount | None = None
 
 
 class CancelIn(Request):

@@ -81,9 +81,11 @@ def _translated(what: str) -> Iterator[None]:
     try:
         yield
     except _OUTAGES as exc:
-        raise Unavailable(f"PostgreSQL unavailable ({what}): {exc}") from exc
+        raise Unavailable(f"PostgreSQL unavailable ({what}): {exc}", service="sql") from exc
     except asyncpg.PostgresError as exc:
-        raise Unavailable(f"PostgreSQL {what} failed [{exc.sqlstate}]: {exc}") from exc
+        raise Unavailable(
+            f"PostgreSQL {what} failed [{exc.sqlstate}]: {exc}", service="sql"
+        ) from exc
 
 
 class PostgresStore(DurableReads):

@@ -84,7 +84,7 @@ class SqliteStore(DurableReads):
             except sqlite3.IntegrityError:
                 raise
             except sqlite3.Error as exc:
-                raise Unavailable(f"SQLite write failed: {exc}") from exc
+                raise Unavailable(f"SQLite write failed: {exc}", service="sql") from exc
 
     def _mark(self, n: int) -> str:
         return sql.qmark(n)
@@ -108,7 +108,8 @@ class SqliteStore(DurableReads):
                 waited = time.monotonic() - started  # the busy timeout's waits included
                 if waited >= _LOCKED_FOR:
                     raise Unavailable(
-                        f"SQLite write failed: the database stayed locked for {waited:.1f} s"
+                        f"SQLite write failed: the database stayed locked for {waited:.1f} s",
+                        service="sql",
                     ) from None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.1)
@@ -140,7 +141,7 @@ class SqliteStore(DurableReads):
                 await db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise _Locked from exc
-            raise Unavailable(f"SQLite write failed: {exc}") from exc
+            raise Unavailable(f"SQLite write failed: {exc}", service="sql") from exc
         return max(orders.rowcount, 0) + max(teams.rowcount, 0)
 
     async def _fetch(self, template: str, *args: Any) -> list[sqlite3.Row]:
@@ -151,14 +152,14 @@ class SqliteStore(DurableReads):
             async with self._db.execute(statement, args) as cursor:
                 return list(await cursor.fetchall())
         except sqlite3.Error as exc:
-            raise Unavailable(f"SQLite read failed: {exc}") from exc
+            raise Unavailable(f"SQLite read failed: {exc}", service="sql") from exc
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
     try:
         db = await aiosqlite.connect(path, isolation_level=None, timeout=10)
     except sqlite3.Error as exc:
-        raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+        raise Unavailable(f"cannot open SQLite database {path}: {exc}", service="sql") from exc
     try:
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA busy_timeout=10000")
@@ -167,7 +168,7 @@ async def _connect(path: Path) -> aiosqlite.Connection:
         await _migrate(db)
     except sqlite3.Error as exc:
         await db.close()
-        raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+        raise Unavailable(f"cannot open SQLite database {path}: {exc}", service="sql") from exc
     return db
 
 
