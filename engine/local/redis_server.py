@@ -12,6 +12,7 @@ its parent (``die_with_parent``).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 import redis
 
@@ -47,16 +49,26 @@ def redis_server_binary() -> str:
     return path
 
 
-def _ping(port: int) -> bytes:
+def _ping(port: int, password: str | None = None) -> bool:
+    """Whether the server on ``port`` answers PING (after AUTH with ``password``)."""
     with socket.create_connection((_LOOPBACK, port), timeout=1.0) as sock:
-        sock.sendall(b"PING\r\n")
-        return sock.recv(64)
+        auth = b"" if password is None else b"AUTH " + password.encode() + b"\r\n"
+        sock.sendall(auth + b"PING\r\n")
+        reply = b""
+        while b"\r\n" not in reply or (password is not None and reply.count(b"\r\n") < 2):
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+        return reply.endswith(b"+PONG\r\n")
 
 
 @contextmanager
-def _admin(port: int) -> Iterator[redis.Redis]:
+def _admin(port: int, password: str | None = None) -> Iterator[redis.Redis]:
     """A short-lived synchronous client of a local server, for set-up and status queries."""
-    client = redis.Redis(_LOOPBACK, port, decode_responses=True, socket_timeout=5.0)
+    client = redis.Redis(
+        _LOOPBACK, port, password=password, decode_responses=True, socket_timeout=5.0
+    )
     try:
         yield client
     finally:
@@ -91,6 +103,7 @@ class RedisProcess(Server):
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.password: str | None = None  # what a client sends with AUTH, when required
         self._process: subprocess.Popen[bytes] | None = None
 
     def arguments(self) -> list[str]:
@@ -104,11 +117,12 @@ class RedisProcess(Server):
 
     def start(self) -> Self:
         """Start the process and wait until it answers PING (loading its AOF first)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._process = subprocess.Popen(
             [redis_server_binary(), *self.arguments()],
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            umask=0o077,  # its AOF and log: for this user only
         )
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
@@ -118,7 +132,7 @@ class RedisProcess(Server):
                     f"see the log in {self.data_dir}"
                 )
             try:
-                if _ping(self.port).startswith(b"+PONG"):
+                if _ping(self.port, self.password):
                     return self
             except OSError:
                 pass
@@ -139,7 +153,10 @@ class RedisProcess(Server):
 
 
 class RedisServer(RedisProcess):
-    """One redis-server bound to 127.0.0.1: AOF on, ``maxmemory-policy noeviction``."""
+    """One redis-server bound to 127.0.0.1: AOF on, ``maxmemory-policy noeviction``. With a
+    ``password`` it refuses clients that do not send it (``requirepass``; its replicas
+    authenticate with it too); the password goes to the server in a file of the data dir
+    readable by this user only, never on its command line (which every local user sees)."""
 
     def __init__(
         self,
@@ -148,17 +165,29 @@ class RedisServer(RedisProcess):
         port: int | None = None,
         appendfsync: str = DEFAULTS.appendfsync,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
         super().__init__(data_dir, port)
         self.appendfsync = appendfsync
         self.extra_args = extra_args
+        self.password = password
 
     @property
     def url(self) -> str:
-        return f"redis://{_LOOPBACK}:{self.port}/0"
+        auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
+        return f"redis://{auth}{_LOOPBACK}:{self.port}/0"
 
     def arguments(self) -> list[str]:
+        first: list[str] = []
+        if self.password is not None:
+            config = self.data_dir / "auth.conf"
+            config.unlink(missing_ok=True)
+            fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"requirepass {self.password}\nmasterauth {self.password}\n")
+            first = [str(config.resolve())]
         return [
+            *first,
             "--bind", _LOOPBACK,
             "--port", str(self.port),
             "--dir", str(self.data_dir.resolve()),
@@ -178,16 +207,17 @@ class RedisServer(RedisProcess):
             data_dir,
             appendfsync=self.appendfsync,
             extra_args=(*self.extra_args, "--replicaof", _LOOPBACK, str(self.port)),
+            password=self.password,
         )
 
     def role(self) -> str:
         """``master`` or ``slave``, as the server says now (INFO replication)."""
-        with _admin(self.port) as client:
+        with _admin(self.port, self.password) as client:
             return str(client.info("replication")["role"])
 
     def replicating(self) -> bool:
         """A replica whose link to its primary is up (it has synced and keeps up)."""
-        with _admin(self.port) as client:
+        with _admin(self.port, self.password) as client:
             info = client.info("replication")
         return bool(info["role"] == "slave" and info.get("master_link_status") == "up")
 
