@@ -65,6 +65,19 @@ class Settings:
     redis_master: str = _setting(
         "flashteam", "the master name the Sentinels monitor (with FLASHTEAM_REDIS_SENTINELS)"
     )
+    redis_username: str | None = _setting(
+        None,
+        "with FLASHTEAM_REDIS_SENTINELS: the ACL user the engine logs in as on the primary "
+        "(docs/operations.md#redis-acl); with a URL, put it in the URL",
+    )
+    redis_password: str | None = _setting(
+        None,
+        "with FLASHTEAM_REDIS_SENTINELS: the password of the primary and its replicas (their "
+        "requirepass, or the ACL user's); with a URL, put it in the URL",
+    )
+    redis_sentinel_password: str | None = _setting(
+        None, "with FLASHTEAM_REDIS_SENTINELS: the Sentinels' own password (their requirepass)"
+    )
     database_url: str | None = _setting(
         None,
         "the durable store: sqlite:///path or postgresql://user:password@host:port/database; "
@@ -185,9 +198,16 @@ class Settings:
     def _check_redis(self) -> None:
         """How the engine finds Redis: one URL, or the Sentinels (never both, never Sentinel
         with Cluster)."""
-        if self.redis_sentinels is None:
-            return
         sentinels = f"{_PREFIX}REDIS_SENTINELS"
+        if self.redis_sentinels is None:
+            if self.redis_username or self.redis_password or self.redis_sentinel_password:
+                raise ConfigurationError(
+                    f"{_PREFIX}REDIS_USERNAME, {_PREFIX}REDIS_PASSWORD and "
+                    f"{_PREFIX}REDIS_SENTINEL_PASSWORD go with {sentinels}; with "
+                    f"{_PREFIX}REDIS_URL, put the user and password in the URL "
+                    "(redis://user:password@host:port/0)"
+                )
+            return
         if self.redis_url is not None:
             raise ConfigurationError(
                 f"{_PREFIX}REDIS_URL and {sentinels} are both set: with Sentinel the engine "

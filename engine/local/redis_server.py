@@ -75,10 +75,10 @@ def _admin(port: int, password: str | None = None) -> Iterator[redis.Redis]:
         client.close()
 
 
-def _query(port: int, command: str, *args: str) -> Any:
+def _query(port: int, command: str, *args: str, password: str | None = None) -> Any:
     """One command (``"CLUSTER INFO"``, with its arguments) to a local server; its reply as
     redis-py parses it."""
-    with _admin(port) as client:
+    with _admin(port, password) as client:
         return client.execute_command(command, *args)
 
 
@@ -236,6 +236,8 @@ class RedisSentinel(RedisProcess):
         quorum: int,
         down_after_ms: int,
         failover_timeout_ms: int,
+        password: str | None = None,
+        primary_password: str | None = None,
     ) -> None:
         super().__init__(data_dir)
         self.master = master
@@ -243,6 +245,8 @@ class RedisSentinel(RedisProcess):
         self.quorum = quorum
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.password = password  # its own requirepass (the other Sentinels use it too)
+        self.primary_password = primary_password  # what it sends the primary and replicas
 
     @property
     def config(self) -> Path:
@@ -262,17 +266,27 @@ class RedisSentinel(RedisProcess):
                 f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n"
             )
+            with self.config.open("a") as out:
+                if self.primary_password is not None:
+                    out.write(f"sentinel auth-pass {self.master} {self.primary_password}\n")
+                if self.password is not None:
+                    out.write(
+                        f"requirepass {self.password}\nsentinel sentinel-pass {self.password}\n"
+                    )
+            self.config.chmod(0o600)
         return [str(self.config.resolve()), "--sentinel"]
 
     def primary(self) -> int:
         """The port of the primary this Sentinel names now."""
-        _, port = _query(self.port, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master)
+        _, port = _query(
+            self.port, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master, password=self.password
+        )
         return int(port)
 
     def sees(self, primary_port: int, replicas: int, sentinels: int) -> bool:
         """It names the primary on ``primary_port``, healthy, and knows ``replicas`` replicas
         and ``sentinels`` other Sentinels."""
-        state = _query(self.port, "SENTINEL MASTER", self.master)
+        state = _query(self.port, "SENTINEL MASTER", self.master, password=self.password)
         return bool(
             state["port"] == primary_port
             and state["is_master"]
@@ -289,7 +303,9 @@ class RedisSentinelGroup(Server):
     silence; its replica is then promoted within a few seconds.
 
     ``addresses`` is the value of FLASHTEAM_REDIS_SENTINELS and ``master`` the one of
-    FLASHTEAM_REDIS_MASTER; ``kill_primary()`` and ``wait_promoted()`` drive a failover."""
+    FLASHTEAM_REDIS_MASTER; ``kill_primary()`` and ``wait_promoted()`` drive a failover. With
+    ``password`` the primary and its replica require it (FLASHTEAM_REDIS_PASSWORD), with
+    ``sentinel_password`` the Sentinels require theirs (FLASHTEAM_REDIS_SENTINEL_PASSWORD)."""
 
     def __init__(
         self,
@@ -300,9 +316,13 @@ class RedisSentinelGroup(Server):
         quorum: int = 2,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 2000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
-        first = RedisServer(data_dir / "primary", extra_args=_SYNC_AT_ONCE)
+        first = RedisServer(data_dir / "primary", extra_args=_SYNC_AT_ONCE, password=password)
         self.servers = [first, first.replica(data_dir / "replica")]
+        self.password = password
+        self.sentinel_password = sentinel_password
         self.master = master
         self.primary_port = first.port
         self.sentinels = [
@@ -313,6 +333,8 @@ class RedisSentinelGroup(Server):
                 quorum=quorum,
                 down_after_ms=down_after_ms,
                 failover_timeout_ms=failover_timeout_ms,
+                password=sentinel_password,
+                primary_password=password,
             )
             for i in range(sentinels)
         ]
