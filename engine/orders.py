@@ -33,6 +33,7 @@ from engine.keys import (
     check_key,
     keys_of,
     parse_order,
+    shard_id,
     shard_of_order,
 )
 from engine.models import MAX_AMOUNT, Order, OrderState, TeamState, check_int, to_ms
@@ -107,7 +108,7 @@ class Orders:
         module's docstring); ValidationError for a malformed id, OrderNotFound for the rest."""
         campaign_id, bucket, number = parse_order(order_id)
         layout = await self._rt.known_layout(campaign_id)
-        if layout is None or bucket >= len(layout.shards) or number == 0:
+        if layout is None or shard_id(campaign_id, bucket) not in layout.shards or number == 0:
             raise OrderNotFound(order_id)
         return campaign_id
 

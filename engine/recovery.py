@@ -426,7 +426,7 @@ def rebuild(
         if s.idem:
             idem[s.idem[1:]] = f"{s.idem[0]}{sequence(s.order.order_id)}"
         if s.order.payment_ref is not None:  # the order its reference paid (pay_order.lua)
-            idem[f":{s.order.payment_ref}"] = s.order.order_id
+            idem[f":{s.order.payment_ref}"] = f"p{sequence(s.order.order_id)}"
     top_order = max((sequence(i) for i in orders), default=0)
     top_team = max((sequence(i) for i in known), default=0)
     meta = _meta(campaign)

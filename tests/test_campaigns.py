@@ -462,7 +462,7 @@ async def test_invalidation_keeps_paid_orders_and_stops_new_orders(
 
     assert (await engine.orders.get(held_id)).state is OrderState.CANCELLED
     paid = await engine.orders.get(paid_id)
-    assert (paid.state, paid.payment_ref) == (OrderState.PAID, "pay-1")
+    assert (paid.state, paid.payment_ref) == (OrderState.PAID, f"pay-1-{paid_id}")
     with pytest.raises(InvalidState):
         await engine.orders.pay(held_id, "u1", f"pay-2-{held_id}")
     assert stock(await engine.campaigns.get(CID)) == (100, 97, 0, 3, 0)

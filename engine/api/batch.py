@@ -75,9 +75,21 @@ Item = ReserveItem | OpenTeamItem | JoinItem | QuickJoinItem | PayItem
 
 
 class BatchIn(s.Request):
-    """Up to ``MAX_ITEMS`` storefront calls."""
+    """Up to ``MAX_ITEMS`` storefront calls (the documented body: an item is checked on its
+    own, and one that is not valid fails alone, in its result, so the batch takes any)."""
 
-    requests: Annotated[list[Item], Meta(min_length=1, max_length=MAX_ITEMS)]
+    requests: Annotated[
+        list[Any],
+        Meta(
+            min_length=1,
+            max_length=MAX_ITEMS,
+            description="each item one call, named by op: reserve (campaign_id, user_id, sku, "
+            "qty, idempotency_key), open_team (campaign_id, user_id, sku, qty, "
+            "idempotency_key), join (team_id, user_id, idempotency_key), quick_join "
+            "(campaign_id, user_id, sku, idempotency_key) or pay (order_id, user_id, "
+            "payment_ref, amount); an item that is not one has its own 400 result",
+        ),
+    ]
 
 
 class BatchResult(Struct):

@@ -59,6 +59,12 @@ def check_depth(raw: bytes) -> None:
         raise TooDeep(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep")
 
 
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an int when it is integral."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> None:
     seen: set[str] = set()
     for key, _ in pairs:
@@ -85,6 +91,11 @@ def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes, hint: str = "") ->
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:
+        # JSON has one number type: 3.0 is the integer 3 (as JSON Schema reads it), which
+        # msgspec refuses where an int is due. Such a body is read again with its integral
+        # numbers written as integers; any other error stands.
+        with contextlib.suppress(msgspec.DecodeError, ValueError):
+            return decoder.decode(json.dumps(json.loads(raw, parse_float=_number)).encode())
         raise ValidationError(f"{exc}{hint}") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
@@ -94,7 +105,10 @@ Id = Annotated[str, Meta(pattern=f"^{ID_PATTERN}$", description="[A-Za-z0-9_-]{1
 Key = Annotated[str, Meta(pattern=f"^{KEY_PATTERN}$", description="[A-Za-z0-9_.:-]{1,128}")]
 Units = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 Money = Annotated[int, Meta(ge=0, le=MAX_UNITS * 100, description="minor units (cents)")]
-Moment = Annotated[datetime, Meta(tz=True, description="RFC 3339 with a UTC offset")]
+Moment = Annotated[
+    datetime,
+    Meta(tz=True, description="RFC 3339 with a UTC offset, from the year 2000 to 9000"),
+]
 Kind = Annotated[str, Meta(pattern="^(flash|team)$")]
 Title = Annotated[
     str,
@@ -157,6 +171,10 @@ AutoSuccessMinPaid = Annotated[
 
 
 class CampaignIn(Request):
+    """A new campaign. ends_at must be after starts_at and in the future; a team campaign
+    needs team_size and team_ttl_seconds, a flash one neither; per_order_limit is at most
+    per_user_limit; an item's leader_price is at most its price."""
+
     id: Id
     kind: Kind
     title: Title
