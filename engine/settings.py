@@ -39,9 +39,11 @@ _MIN_IDEMPOTENCY_TTL = 86_400  # a client retrying within a day is answered, not
 _T = TypeVar("_T")
 
 
-def _setting(default: _T, meaning: str) -> _T:
-    """A field with its default and the one-line meaning ``describe`` prints."""
-    made: _T = field(default=default, metadata={"meaning": meaning})
+def _setting(default: _T, meaning: str, *, secret: bool = False) -> _T:
+    """A field with its default and the one-line meaning ``describe`` prints; a ``secret``
+    one (a token, a password, a URL that may carry one) is left out of the settings' repr,
+    so no log line or traceback that shows them shows it."""
+    made: _T = field(default=default, metadata={"meaning": meaning}, repr=not secret)
     return made
 
 
@@ -53,6 +55,7 @@ class Settings:
         None,
         "Redis to use; unset (and no FLASHTEAM_REDIS_SENTINELS): `flashteam run` starts a "
         "private redis-server under the data dir",
+        secret=True,
     )
     redis_cluster: bool = _setting(False, "1: the Redis URL names a node of a Redis Cluster")
     redis_sentinels: str | None = _setting(
@@ -74,14 +77,18 @@ class Settings:
         None,
         "with FLASHTEAM_REDIS_SENTINELS: the password of the primary and its replicas (their "
         "requirepass, or the ACL user's); with a URL, put it in the URL",
+        secret=True,
     )
     redis_sentinel_password: str | None = _setting(
-        None, "with FLASHTEAM_REDIS_SENTINELS: the Sentinels' own password (their requirepass)"
+        None,
+        "with FLASHTEAM_REDIS_SENTINELS: the Sentinels' own password (their requirepass)",
+        secret=True,
     )
     database_url: str | None = _setting(
         None,
         "the durable store: sqlite:///path or postgresql://user:password@host:port/database; "
         "unset: SQLite, flashteam.db in the data dir",
+        secret=True,
     )
     data_dir: Path = _setting(  # noqa: RUF009 (a Path is immutable, safe to share)
         Path("var"), "where local data lives: the private Redis's AOF, SQLite"
@@ -110,11 +117,13 @@ class Settings:
         "bearer token of the storefront gateway (HTTP API), or several separated by commas "
         "(the current and the next one, during a rotation); each 32+ characters, not one "
         "character repeated; `flashteam run` generates one when unset",
+        secret=True,
     )
     admin_token: str | None = _setting(
         None,
         "bearer token for campaign management and refunds, or several separated by commas "
         "(as FLASHTEAM_GATEWAY_TOKEN); `flashteam run` generates one when unset",
+        secret=True,
     )
     max_body: int = _setting(65_536, "largest HTTP request body accepted, bytes; 1024 to 16777216")
     echo_route: bool = _setting(
