@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -186,8 +187,8 @@ class Recovery:
         task = self._tasks.get(campaign_id)
         if task is not None and not task.done():
             return
-        wait = max(0.0, self._last.get(campaign_id, -REPAIR_COOLDOWN) + REPAIR_COOLDOWN)
-        wait -= time.monotonic()
+        last = self._last.get(campaign_id, -math.inf)
+        wait = last + REPAIR_COOLDOWN - time.monotonic()
         log.warning(
             "campaign %s: Redis state untrusted (%s): repairing from SQL%s",
             campaign_id,

@@ -547,7 +547,7 @@ def _invalid_definitions() -> list[tuple[str, Callable[[Json], None]]]:
         ("limit 0", put(per_user_limit=0)),
         ("limit as string", put(per_user_limit="2")),
         ("limit as bool", put(per_user_limit=True)),
-        ("limit float", put(per_user_limit=2.0)),
+        ("limit with a fraction", put(per_user_limit=2.5)),  # 2.0 is the integer 2
         ("hold 0", put(hold_seconds=0)),
         ("hold over a day", put(hold_seconds=86_401)),
         ("missing title", drop("title")),

@@ -30,6 +30,7 @@ ROUTES = [
     ("POST", "/v1/campaigns"),
     ("GET", "/v1/campaigns/{campaign}"),
     ("PATCH", "/v1/campaigns/{campaign}"),
+    ("POST", "/v1/campaigns/{campaign}/invalidate"),
     ("POST", "/v1/campaigns/{campaign}/orders"),
     ("GET", "/v1/campaigns/{campaign}/stats"),
     ("POST", "/v1/campaigns/{campaign}/teams"),
@@ -45,8 +46,14 @@ ROUTES = [
     ("GET", "/v1/teams/{team}/orders"),
     ("POST", "/v1/batch"),
     ("GET", "/v1/live"),
+    ("GET", "/live/{user}"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/openapi.json"),
 ]
 
+# The fuzzed campaigns (and ids naming none); invalidating one of them is fine: every answer
+# must still be a 4xx or a success.
 campaigns = st.sampled_from([FLASH, TEAM, "nope", "0", "a" * 64]) | st.text(min_size=1)
 numbers = st.sampled_from(["0", "1", "2", "00001", "99999999", "9" * 18, "9" * 19, "-1", ""])
 buckets = st.sampled_from(["", ".b1", ".b7", ".b9999", ".b0", ".b01"])
