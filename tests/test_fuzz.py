@@ -79,6 +79,7 @@ bodies = (
         st.lists(st.fixed_dictionaries({"op": st.sampled_from(["pay", "reserve"])}), max_size=3),
     )
     | st.integers(min_value=1, max_value=40).map(lambda d: b"[" * d + b"]" * d)
+    | st.integers(min_value=1, max_value=3000).map(lambda d: b"[" * d + b"}")
     | st.just(b'{"user_id": "alice", "user_id": "bob"}')
     | st.binary(max_size=64)
 )

@@ -42,11 +42,16 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _PAIR = re.compile(rb"\[\]|\{\}")
 
 
+def _too_deep() -> TooDeep:
+    return TooDeep(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep")
+
+
 def check_depth(raw: bytes) -> None:
     """TooDeep when ``raw`` nests arrays and objects more than MAX_DEPTH levels: each pass
     drops the innermost pairs of the brackets left once strings are gone (C-speed, at most
-    MAX_DEPTH + 1 passes); a body with that few brackets is not even looked at. Mismatched
-    brackets stop the passes early and are left to the JSON decoder to report."""
+    MAX_DEPTH + 1 passes); a body with that few brackets is not even looked at. Brackets
+    that do not pair up stop the passes early; the parser then reads the body (check_shape)
+    and a nesting too deep for it is TooDeep as well."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return
     brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
@@ -56,7 +61,7 @@ def check_depth(raw: bytes) -> None:
             return
         brackets = inner
     if _PAIR.search(brackets):
-        raise TooDeep(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep")
+        raise _too_deep()
 
 
 def _number(text: str) -> int | float:
@@ -77,9 +82,12 @@ def check_shape(raw: bytes) -> None:
     """ValidationError unless ``raw`` has one reading: TooDeep past MAX_DEPTH, and an object
     that names a key twice (which JSON parsers read as the first or the last) is refused."""
     check_depth(raw)
-    # Not JSON at all (ValueError): the decoder names what is wrong.
-    with contextlib.suppress(ValueError):
+    try:
         json.loads(raw, object_pairs_hook=_unique_keys)
+    except RecursionError:  # brackets that do not pair up, nested past the parser's stack
+        raise _too_deep() from None
+    except ValueError:  # not JSON at all: the decoder names what is wrong
+        pass
 
 
 def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes, hint: str = "") -> T:
