@@ -105,7 +105,7 @@ def test_no_input_reaches_a_5xx_or_a_repair(client: httpx.Client) -> None:
     before = repair_counts(client)
 
     @settings(
-        max_examples=150,
+        max_examples=100,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
         database=None,
