@@ -102,7 +102,7 @@ async def _flash(engine: Engine, cid: str, orders: int = ORDERS) -> None:
     expiring = order[orders * 17 // 20 :]
 
     async def pay(order_id: str) -> None:
-        await engine.orders.pay(order_id, owners[order_id], "p")
+        await engine.orders.pay(order_id, owners[order_id], f"p-{order_id}")
 
     await _each(CALLERS, paying, pay)
     await _each(CALLERS, cancelling, lambda o: engine.orders.cancel(o, owners[o]))
@@ -129,7 +129,7 @@ async def _team(engine: Engine, cid: str) -> None:
 
     await _each(CALLERS, list(range(leaders)), open_team)
     paying = opened[: leaders * 9 // 10]
-    await _each(CALLERS, paying, lambda o: engine.orders.pay(o[0], o[1], "p"))
+    await _each(CALLERS, paying, lambda o: engine.orders.pay(o[0], o[1], f"p-{o[0]}"))
     for order_id, _ in opened[len(paying) :]:
         await age_order(engine, order_id, HOUR_MS)
     await engine.reaper.run_once()
@@ -141,7 +141,7 @@ async def _team(engine: Engine, cid: str) -> None:
 
     await _each(CALLERS, list(range(ORDERS - leaders)), quick)
     members = joined[: len(joined) * 8 // 10]
-    await _each(CALLERS, members, lambda o: engine.orders.pay(o[0], o[1], "p"))
+    await _each(CALLERS, members, lambda o: engine.orders.pay(o[0], o[1], f"p-{o[0]}"))
     await engine.campaigns.invalidate(cid)
 
 

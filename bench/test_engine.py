@@ -327,7 +327,7 @@ async def _open_teams(engine: Engine, campaign_id: str, teams: int) -> list[str]
 
     async def pay(n: int, order_id: str) -> str:
         async with sem:
-            order = await engine.orders.pay(order_id, f"lead{n}", "p")
+            order = await engine.orders.pay(order_id, f"lead{n}", f"p-{order_id}")
             assert order.team_id is not None
             return order.team_id
 

@@ -49,7 +49,7 @@ async def _produce(engine: Engine) -> int:
     async def shopper(n: int) -> None:
         async with sem:
             held = await engine.flash.reserve("bench", f"u{n}", "sku-1", 1, "k")
-            await engine.orders.pay(held.order.order_id, f"u{n}", "p")
+            await engine.orders.pay(held.order.order_id, f"u{n}", f"p-{held.order.order_id}")
 
     await asyncio.gather(*(shopper(n) for n in range(ORDERS)))
     return int(await engine.runtime.redis.xlen(keys_of("bench").events))

@@ -275,7 +275,9 @@ async def _team_sale(engine: Engine, sale: Sale) -> None:
 
     await _each(members, join, CALLERS)
     paying = [(t, k) for t, k in members if k < plan[t][1]]
-    await _each(paying, lambda tk: engine.orders.pay(seats[tk], f"m{tk[0]}-{tk[1]}", "pm"))
+    await _each(
+        paying, lambda tk: engine.orders.pay(seats[tk], f"m{tk[0]}-{tk[1]}", f"pm-{seats[tk]}")
+    )
     ending = {state: [t for t in range(TEAMS) if plan[t][2] is state] for state in TeamState}
     failing = [team_ids[t] for t in ending[TeamState.FAILED]]
     assert await _expire_teams(engine, TEAM, failing) == len(failing)
@@ -335,7 +337,7 @@ async def _repair_one(
     rt = engine.runtime
     baseline, stored = await _read_durable(engine, campaign_id)
     started = time.perf_counter()
-    repair: Repair = await engine.recovery.repair(campaign_id)
+    repair: Repair = await engine.recovery.repair(campaign_id, "manual")
     seconds = time.perf_counter() - started
 
     owners = sale.owners[campaign_id]

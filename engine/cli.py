@@ -84,9 +84,13 @@ def _print_running(local: LocalEngine) -> None:
     print(f"  Redis:          {ready.redis_name}")
     print(f"  durable store:  {_store_name(ready)}")
     print("  flush worker and reaper running")
-    for name, token in zip(("gateway", "admin"), ready.require_tokens(), strict=True):
-        origin = "generated" if name in local.generated else "from env"
-        print(f"  {name} token:  {token}  ({origin})")
+    # Tokens this run generated are printed for whoever started it; tokens from the
+    # environment are that environment's secrets, never echoed.
+    for name, tokens in zip(("gateway", "admin"), ready.require_tokens(), strict=True):
+        if name in local.generated:
+            print(f"  {name} token:  {tokens[0]}  (generated)")
+        else:
+            print(f"  {name} token:  {len(tokens)} from FLASHTEAM_{name.upper()}_TOKEN")
     print(f"  try: curl {local.url}/readyz", flush=True)
     print("  stop with Ctrl-C", flush=True)
 
@@ -157,7 +161,7 @@ async def _recover(settings: Settings, campaign_id: str) -> int:
     async with _engine(settings) as engine:
         await engine.recovery.wait_idle()  # a repair the start-up began, if any
         try:
-            done = await engine.recovery.repair(campaign_id)
+            done = await engine.recovery.repair(campaign_id, "manual")
         except Archived:
             print(f"recover {campaign_id}: archived: SQL holds it alone, nothing to repair")
             return 0

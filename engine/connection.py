@@ -99,8 +99,9 @@ class _PrimaryConnection(SentinelManagedConnection):
 
 def _sentinel_client(settings: Settings) -> SentinelPrimary:
     """The primary of ``settings.redis_master``, found through ``settings.redis_sentinels``
-    when each connection opens; a missing or unreachable set of Sentinels surfaces on the
-    first call (Unavailable), as a down Redis does."""
+    (with ``redis_sentinel_password``, theirs) when each connection opens, logged in with
+    ``redis_username`` and ``redis_password`` when set; a missing or unreachable set of
+    Sentinels surfaces on the first call (Unavailable), as a down Redis does."""
     sentinel = Sentinel(
         settings.sentinel_addresses,
         # One try per Sentinel and call: the next Sentinel of the list is the retry (redis-py's
@@ -109,12 +110,15 @@ def _sentinel_client(settings: Settings) -> SentinelPrimary:
             "socket_timeout": _SENTINEL_TIMEOUT,
             "socket_connect_timeout": _SENTINEL_TIMEOUT,
             "retry": Retry(NoBackoff(), 0),
+            "password": settings.redis_sentinel_password,
         },
     )
     client: SentinelPrimary = sentinel.master_for(
         settings.redis_master,
         redis_class=SentinelPrimary,
         connection_class=_PrimaryConnection,
+        username=settings.redis_username,
+        password=settings.redis_password,
         decode_responses=True,
         max_connections=MAX_IN_FLIGHT * 2,
         retry=_retry(),
@@ -139,7 +143,7 @@ async def check_eviction_policy(client: RedisClient) -> None:
         await guarded(client.initialize())
         primaries = client.get_primaries()
         if not primaries:
-            raise Unavailable("the Redis Cluster reports no primaries")
+            raise Unavailable("the Redis Cluster reports no primaries", service="redis")
         replies: list[Any] = [
             await guarded(client.info("memory", target_nodes=node)) for node in primaries
         ]

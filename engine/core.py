@@ -9,6 +9,7 @@ async with await Engine.open(settings) as engine:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from types import TracebackType
 
@@ -28,6 +29,8 @@ from engine.shards import Rebalancer
 from engine.store import Store, open_store
 from engine.teams import Teams
 
+log = logging.getLogger(__name__)
+
 
 class Engine:
     """Campaigns, flash sale, teams, orders and the reaper over one Redis and one durable
@@ -37,7 +40,7 @@ class Engine:
         self.runtime = rt
         self.recovery = Recovery(rt)
         rt.scripts.untrusted = self.recovery.on_untrusted
-        self.archiver = Archiver(rt, repair=self.recovery.repair)
+        self.archiver = Archiver(rt, repair=lambda cid: self.recovery.repair(cid, "archival"))
         self.reaper = Reaper(rt, archive=self.archiver.run_once)
         self.campaigns = Campaigns(rt, cascade=self.reaper.expire_campaign)
         self.coalescer = Coalescer(rt)
@@ -63,24 +66,28 @@ class Engine:
         return engine
 
     async def readiness(self, within: float) -> dict[str, str]:
-        """Each dependency's state, "ok" or what is wrong: Redis (its clock read within
-        ``within`` seconds), the scripts (loaded at start; a restarted Redis gets them again
-        at their first call), the store (one read by key within ``within``)."""
+        """Each dependency's state, "ok" or "unavailable" (what is wrong is logged, not told
+        to a caller without a token): Redis (its clock read within ``within`` seconds), the
+        scripts (loaded at start; a restarted Redis gets them again at their first call), the
+        store (one read by key within ``within``)."""
         rt = self.runtime
 
-        async def check(probe: Awaitable[object]) -> str:
+        async def check(name: str, probe: Awaitable[object]) -> str:
             try:
                 await asyncio.wait_for(probe, within)
             except EngineError as exc:
-                return exc.message
+                log.warning("readiness: %s is unavailable: %s", name, exc.message)
+                return "unavailable"
             except TimeoutError:
-                return f"no answer within {within:g} s"
+                log.warning("readiness: %s did not answer within %g s", name, within)
+                return "unavailable"
             return "ok"
 
         redis, sql = await asyncio.gather(
-            check(rt.now()), check(rt.store.get_campaign("readyz-probe"))
+            check("redis", rt.now()), check("sql", rt.store.get_campaign("readyz-probe"))
         )
-        return {"redis": redis, "scripts": "ok" if rt.scripts.loaded else "not loaded", "sql": sql}
+        scripts = "ok" if rt.scripts.loaded else "unavailable"
+        return {"redis": redis, "scripts": scripts, "sql": sql}
 
     async def close(self) -> None:
         """Stop the background repairs, close the store and the Redis connections."""

@@ -2,12 +2,14 @@
 
     EngineError
     ├── ValidationError          bad input: nothing was read or written
+    │   └── TooDeep              a JSON body nested deeper than the API reads
     ├── ConfigurationError       settings or the Redis server are unfit to run on
     ├── Unavailable              Redis or SQL cannot be reached (retry later)
     │   ├── Recovering           the campaign's Redis state is being repaired from SQL
     │   └── PaymentPending       paid in Redis, not yet confirmed by SQL: retry to learn
     └── Rejected                 a business rule said no; ``code`` names which
         ├── NotFound             ├── SoldOut            ├── HoldExpired
+        │   └── OrderNotFound    ├── PaymentRefUsed     ├── AmountMismatch
         ├── NotStarted           ├── LimitExceeded      ├── InvalidState
         ├── Ended                ├── RateLimited        ├── NotEditable
         │   └── Archived
@@ -43,6 +45,12 @@ class ValidationError(EngineError):
     code = "validation_error"
 
 
+class TooDeep(ValidationError):
+    """Raised when a JSON body nests arrays and objects deeper than the API reads."""
+
+    code = "json_too_deep"
+
+
 class ConfigurationError(EngineError):
     """Raised when settings or the Redis server make it unsafe to start."""
 
@@ -50,9 +58,27 @@ class ConfigurationError(EngineError):
 
 
 class Unavailable(EngineError):
-    """Raised when Redis or the SQL store cannot be reached."""
+    """Raised when Redis or the SQL store cannot be reached. ``service`` names which ("redis"
+    or "sql"); then ``message`` carries the driver's words for the logs, and ``public``, what
+    an HTTP answer says, names only the service (no address, no driver text)."""
 
     code = "unavailable"
+
+    def __init__(self, message: str, *, service: str | None = None, **details: Any) -> None:
+        if service is not None:
+            details["service"] = service
+        super().__init__(message, **details)
+        self.service = service
+
+    @property
+    def public(self) -> str:
+        """The message for an answer without a token: the service, not where nor why."""
+        if self.service is None:
+            return self.message
+        return f"{_SERVICES.get(self.service, self.service)} is unavailable: retry shortly"
+
+
+_SERVICES = {"redis": "Redis", "sql": "the SQL store"}
 
 
 class Recovering(Unavailable):
@@ -81,6 +107,30 @@ class NotFound(Rejected):
     """Raised when the campaign, sku, order or team does not exist."""
 
     code = "not_found"
+
+
+class OrderNotFound(NotFound):
+    """Raised when an order id names no order: a campaign that does not exist, a stock
+    bucket it does not have, a number it never issued, or an order it does not hold."""
+
+    code = "order_not_found"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"no order {order_id}", id=order_id)
+
+
+class PaymentRefUsed(Rejected):
+    """Raised when a payment reference already paid another order (one reference pays one
+    order; details: ``order_id``, the order it paid)."""
+
+    code = "payment_ref_used"
+
+
+class AmountMismatch(Rejected):
+    """Raised when the amount the gateway says was paid is not what the order costs
+    (details: ``amount``, the order's)."""
+
+    code = "amount_mismatch"
 
 
 class NotStarted(Rejected):

@@ -16,8 +16,10 @@ one Redis Cluster slot. Scripts never build key names: the caller passes them al
                                      seats then expiry (lexicographic members, scores 0)
     ft:{c:<cid>}:team_deadlines zset open team id -> expires_at (ms); the reaper's team index
     ft:{c:<cid>}:idem        hash    idempotency records: ``<user>:<key>`` -> ``<op><order seq>``
-                                     (lua/lib/ops.lua); the hash expires 24 h after its
-                                     last write, so every record lives at least 24 h
+                                     (lua/lib/ops.lua), and ``:<payment ref>`` -> ``p<order
+                                     seq>``, the order a reference paid (lua/pay_order.lua);
+                                     the hash expires 24 h after its last write, so every
+                                     record lives at least 24 h
     ft:{c:<cid>}:rl:0, :rl:1 hash    the rate limit's windows, even and odd seconds: user id ->
                                      attempts that second, ':s' -> the second (lib/ops.lua)
     ft:{c:<cid>}:repair      string  the repair lock: the token of the process repairing
@@ -93,6 +95,14 @@ def _order_match(order_id: str) -> re.Match[str]:
 def campaign_of_order(order_id: str) -> str:
     """The campaign id embedded in an order id; ValidationError if it is not an order id."""
     return _order_match(order_id).group(1)
+
+
+def parse_order(order_id: str) -> tuple[str, int, int]:
+    """(campaign id, bucket number, order number) of an order id; ValidationError if it is
+    not one. Whether the campaign has that bucket and issued that number is the caller's
+    question (engine/orders.py)."""
+    match = _order_match(order_id)
+    return match.group(1), int(match.group(2) or 0), int(match.group(3))
 
 
 def shard_of_order(order_id: str) -> str:

@@ -6,10 +6,12 @@ minor units (cents), never floats.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
+from typing import Final
 
 from engine.errors import ValidationError
 from engine.keys import MAX_BUCKET, campaign_of_order, campaign_of_team, check_id, shard_id
@@ -91,6 +93,13 @@ def to_ms(moment: datetime) -> int:
 def from_ms(ms: int) -> datetime:
     """The UTC datetime of a millisecond timestamp."""
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+# Free text (a campaign's title): printable characters only. NUL (which PostgreSQL refuses
+# and SQLite stores), the C0 and C1 controls, and the bidirectional overrides and isolates
+# (which make a title display as something other than what it is) are refused.
+TEXT_PATTERN: Final = "^[^\\x00-\\x1f\\x7f-\\x9f\\u200e\\u200f\\u202a-\\u202e\\u2066-\\u2069]*$"
+_TEXT = re.compile(TEXT_PATTERN)
 
 
 def check_int(value: object, field: str, low: int, high: int) -> int:
@@ -182,6 +191,11 @@ class Campaign:
             raise ValidationError("kind must be 'flash' or 'team'", field="kind") from exc
         if not isinstance(self.title, str) or not 1 <= len(self.title) <= 200:
             raise ValidationError("title must be 1 to 200 characters", field="title")
+        if not _TEXT.fullmatch(self.title):
+            raise ValidationError(
+                "title must not contain NUL, control or bidirectional-override characters",
+                field="title",
+            )
         starts, ends = aware_utc(self.starts_at, "starts_at"), aware_utc(self.ends_at, "ends_at")
         if ends <= starts:
             raise ValidationError("ends_at must be after starts_at", field="ends_at")

@@ -9,6 +9,11 @@ A payment is acknowledged only once the paid order is committed to SQL
 SQL keeps them (docs/faults.md). Concurrent payments share one transaction (``PaymentLedger``).
 With ``outbox`` the payment rides the outbox like every other change.
 
+Every order id is checked against its campaign before any script runs (``locate``): an id
+whose campaign SQL does not hold, whose stock bucket the campaign does not have, or whose
+number is 0 names no order (OrderNotFound), and no script, so no repair, is asked about it.
+A script answers for the rest: an order its campaign does not hold is OrderNotFound too.
+
 Orders of an archived campaign (engine/archive.py) live in SQL alone: pay and cancel answer
 from there what their scripts would answer for an ended campaign, and an after-sale refund
 is written there directly, once (``_refund_archived``).
@@ -17,13 +22,14 @@ is written there directly, once (``_refund_archived``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import replace
 
 from engine.errors import (
     Archived,
     EngineError,
-    NotFound,
+    OrderNotFound,
     PaymentPending,
     Recovering,
     Unavailable,
@@ -34,12 +40,16 @@ from engine.keys import (
     check_id,
     check_key,
     keys_of,
+    parse_order,
+    shard_id,
     shard_of_order,
 )
-from engine.models import Order, OrderState, TeamState, to_ms
+from engine.models import MAX_AMOUNT, Order, OrderState, TeamState, check_int, to_ms
 from engine.runtime import Runtime
 from engine.scripts import Code, Refusal, guarded
 from engine.store import Batch, Store
+
+log = logging.getLogger(__name__)
 
 
 class PaymentLedger:
@@ -83,10 +93,12 @@ class PaymentLedger:
             if await self._durable(order, deadline - loop.time()):
                 return
             if deadline - loop.time() <= pause:
+                # What SQL said goes to the log, not to the answer (docs/security.md).
+                log.warning("payment of %s not confirmed by SQL: %s", order.order_id, failure)
                 raise PaymentPending(
                     f"the payment of order {order.order_id} is recorded but SQL did not confirm "
-                    f"it within {self._wait:g} s ({failure}): it is not declined; retry with "
-                    "the same payment_ref to learn the outcome",
+                    f"it within {self._wait:g} s: it is not declined; retry with the same "
+                    "payment_ref to learn the outcome",
                     order_id=order.order_id,
                 )
             await asyncio.sleep(pause)
@@ -165,16 +177,32 @@ class Orders:
             PaymentLedger(rt.store, settings.pay_wait) if settings.pay_durability == "sql" else None
         )
 
-    async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
+    async def locate(self, order_id: str) -> str:
+        """The order id's campaign, once it is one the campaign could have issued (see the
+        module's docstring); ValidationError for a malformed id, OrderNotFound for the rest."""
+        campaign_id, bucket, number = parse_order(order_id)
+        layout = await self._rt.known_layout(campaign_id)
+        if layout is None or shard_id(campaign_id, bucket) not in layout.shards or number == 0:
+            raise OrderNotFound(order_id)
+        return campaign_id
+
+    async def pay(
+        self, order_id: str, user_id: str, payment_ref: str, amount: int | None = None
+    ) -> Order:
         """Mark the held order paid; a retry with the same ``payment_ref`` is a no-op (and is
         made durable again, so a retry after a 503 is acknowledged only once SQL has it).
         PaymentPending when SQL did not confirm the payment within ``FLASHTEAM_PAY_WAIT``:
-        it is recorded, not declined, and its retry answers the outcome."""
-        campaign_id = campaign_of_order(order_id)  # validated before the other fields
+        it is recorded, not declined, and its retry answers the outcome. A payment reference
+        pays one order (PaymentRefUsed on any other); ``amount``, the amount paid when the
+        gateway says, must be the order's (AmountMismatch)."""
+        campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
         check_key(payment_ref, "payment_ref")
+        if amount is not None:
+            check_int(amount, "amount", 0, MAX_AMOUNT)
+        campaign_id = await self.locate(order_id)
         try:
-            order = await self._scripts.pay(order_id, user_id, payment_ref)
+            order = await self._scripts.pay(order_id, user_id, payment_ref, amount)
         except Archived:
             order = await self._archived(order_id, user_id)
             if order.state is OrderState.PAID and order.payment_ref == payment_ref:
@@ -195,6 +223,7 @@ class Orders:
         hold already ended (cancelled, or expired) is answered as it is: the hold is gone."""
         campaign_of_order(order_id)  # validated before the other fields
         check_id(user_id, "user_id")
+        await self.locate(order_id)
         try:
             return await self._scripts.cancel(order_id, user_id)
         except Archived:
@@ -205,7 +234,7 @@ class Orders:
 
     async def refund(self, order_id: str, restock: bool) -> Order:
         """After-sale refund of a paid order; its units go back on sale only if ``restock``."""
-        campaign_id = campaign_of_order(order_id)
+        campaign_id = await self.locate(order_id)
         try:
             order = await self._scripts.refund(order_id, bool(restock))
         except Archived:
@@ -220,7 +249,7 @@ class Orders:
         ``user_id``'s, as the scripts answer."""
         order = await self._rt.store.get_order(order_id)
         if order is None:
-            raise Refusal(Code.NOT_FOUND, None).error()
+            raise OrderNotFound(order_id)
         if user_id is not None and order.user_id != user_id:
             raise Refusal(Code.FORBIDDEN, None).error()
         return order
@@ -255,13 +284,14 @@ class Orders:
     async def get(self, order_id: str) -> Order:
         """The order's current state: Redis while it is there (in its stock bucket, for a
         sharded campaign), else the durable store."""
+        await self.locate(order_id)
         keys = keys_of(shard_of_order(order_id))
         record = await guarded(self._rt.redis.hget(keys.orders, order_id))
         if record is not None:
             return Order.from_record(order_id, record)
         stored = await self._rt.store.get_order(order_id)
         if stored is None:
-            raise NotFound(f"no order {order_id}", id=order_id)
+            raise OrderNotFound(order_id)
         return stored
 
     async def of_user(self, user_id: str, limit: int) -> list[Order]:

@@ -23,13 +23,22 @@ The repair, one process at a time per campaign (a lock in Redis; the others wait
    version of each order and team; an id SQL holds for another shopper keeps SQL's);
 3. rebuild every Redis key of the campaign from SQL (``rebuild``): stock buckets, per-user
    units, orders with their original deadlines, teams with their seats, the joinable and
-   deadline indexes, idempotency records, and sequences past every durable id plus a gap
+   deadline indexes, idempotency records and the order each payment reference paid, and
+   sequences past every durable id plus a gap
    (``ID_GAP``) so no id a lost Redis handed out is handed out again;
 4. write to SQL what the rebuild had to settle (a team whose end was lost: see ``rebuild``);
 5. lift the fence, recording the server's replication id as the verified one.
 
 Every step can run twice: a repair that dies half way leaves the fence up and the lock
 expires, and the next attempt starts again from step 1.
+
+A process repairs a campaign at most once per ``REPAIR_COOLDOWN``: a refusal that asks for
+another repair sooner gets one when the cooldown ends (the campaign answers 503 recovering
+meanwhile), so no caller can make repairs follow each other. Callers cannot ask for one at
+will anyway: an order id is checked against its campaign before any script runs
+(engine/orders.py), so only a campaign whose Redis state is missing, fenced or unverified
+(what every caller of it would meet) is repaired. Each repair is counted per reason on
+/metrics (``flashteam_repairs_total{why}``) and logged with its reason.
 
 A sharded flash campaign (engine/shards.py) is repaired whole, every stock bucket together,
 whichever bucket lost writes: all are fenced, every bucket's outbox is flushed, and each
@@ -48,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -87,6 +97,12 @@ ID_GAP = 1_000_000
 LOCK_MS = 15_000
 _CHUNK = 1_000  # hash fields or sorted-set members per command
 _WAIT = 0.05
+# Seconds between two repairs of one campaign by one process.
+REPAIR_COOLDOWN = 10.0
+# Why a campaign is repaired (flashteam_repairs_total{why}): what lib/common.lua untrusted
+# answered, what the flush worker and the payment ledger found, the archival of a campaign
+# Redis lost, `flashteam recover`.
+REPAIR_REASONS = ("missing", "fenced", "restarted", "behind", "collision", "archival", "manual")
 # Global counters of every process's repairs, read by /metrics (engine/api/metrics.py).
 RECOVERY_STATS = "ft:recovery"
 
@@ -126,6 +142,7 @@ class Recovery:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._tasks: dict[str, asyncio.Task[Repair | None]] = {}
+        self._last: dict[str, float] = {}  # campaign -> time.monotonic() of its last repair
         self._archived: set[str] = set()  # campaigns found archived (their scripts refuse)
         self.repairs = 0  # completed by this process
 
@@ -165,16 +182,26 @@ class Recovery:
                     self.request(campaign.id, "behind")
 
     def request(self, campaign_id: str, why: str) -> None:
-        """Repair the campaign in the background (once at a time in this process)."""
+        """Repair the campaign in the background (once at a time in this process, and not
+        sooner than REPAIR_COOLDOWN after its last repair here)."""
         task = self._tasks.get(campaign_id)
         if task is not None and not task.done():
             return
-        log.warning("campaign %s: Redis state untrusted (%s): repairing from SQL", campaign_id, why)
-        self._tasks[campaign_id] = asyncio.create_task(self._background(campaign_id))
+        last = self._last.get(campaign_id, -math.inf)
+        wait = last + REPAIR_COOLDOWN - time.monotonic()
+        log.warning(
+            "campaign %s: Redis state untrusted (%s): repairing from SQL%s",
+            campaign_id,
+            why,
+            f" in {wait:.1f} s (repaired moments ago)" if wait > 0 else "",
+        )
+        self._tasks[campaign_id] = asyncio.create_task(self._background(campaign_id, why, wait))
 
-    async def _background(self, campaign_id: str) -> Repair | None:
+    async def _background(self, campaign_id: str, why: str, wait: float) -> Repair | None:
         try:
-            return await self.repair(campaign_id)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            return await self.repair(campaign_id, why)
         except EngineError as exc:  # Redis or SQL away: the next refused call asks again
             log.error("campaign %s: repair failed: %s", campaign_id, exc.message)
             await _count(self._rt, "failures")
@@ -191,15 +218,17 @@ class Recovery:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
-    async def repair(self, campaign_id: str) -> Repair:
-        """Repair one campaign now (``flashteam recover``); when another process is already
-        repairing it, wait for that repair instead."""
+    async def repair(self, campaign_id: str, why: str) -> Repair:
+        """Repair one campaign now (``flashteam recover``; ``why``: the reason counted and
+        logged); when another process is already repairing it, wait for that repair
+        instead."""
         rt = self._rt
         campaign = await rt.store.get_campaign(campaign_id)
         if campaign is None:
             raise NotFound(f"no campaign {campaign_id}", id=campaign_id)
         if await rt.store.archive_of(campaign_id) is not None:
             raise Archived(campaign_id)  # SQL holds it alone: nothing in Redis to repair
+        self._last[campaign_id] = time.monotonic()
         started = time.perf_counter()
         token = uuid.uuid4().hex
         waited = False
@@ -215,10 +244,12 @@ class Recovery:
             raise
         self.repairs += 1
         await _count(rt, "repairs")
+        await _count(rt, f"why:{why}")
         log.warning(
-            "campaign %s repaired from SQL in %.2f s: %d orders, %d teams, %d settled, "
+            "campaign %s repaired from SQL (%s) in %.2f s: %d orders, %d teams, %d settled, "
             "%d outbox entries flushed first%s",
             campaign_id,
+            why,
             repair.seconds,
             repair.orders,
             repair.teams,
@@ -395,6 +426,8 @@ def rebuild(
     for s in stored:
         if s.idem:
             idem[s.idem[1:]] = f"{s.idem[0]}{sequence(s.order.order_id)}"
+        if s.order.payment_ref is not None:  # the order its reference paid (pay_order.lua)
+            idem[f":{s.order.payment_ref}"] = f"p{sequence(s.order.order_id)}"
     top_order = max((sequence(i) for i in orders), default=0)
     top_team = max((sequence(i) for i in known), default=0)
     meta = _meta(campaign)

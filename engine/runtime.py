@@ -26,12 +26,17 @@ class Runtime:
     async def layout(self, campaign_id: str) -> Layout:
         """The campaign's stock buckets (one for an unsharded campaign, or one SQL does not
         know: its scripts answer for it)."""
+        known = await self.known_layout(campaign_id)
+        return Layout(campaign_id, (campaign_id,)) if known is None else known
+
+    async def known_layout(self, campaign_id: str) -> Layout | None:
+        """The stock buckets of a campaign SQL holds; None when it holds no such campaign."""
         known = self.layouts.get(campaign_id)
         if known is not None:
             return known
         campaign = await self.store.get_campaign(campaign_id)
         if campaign is None:
-            return Layout(campaign_id, (campaign_id,))
+            return None
         layout = self.layouts[campaign_id] = Layout.of(campaign)
         return layout
 

@@ -59,6 +59,8 @@ class Code(IntEnum):
     WRONG_KIND = 17
     RECOVERING = 18
     ORDER_LIMIT_EXCEEDED = 19
+    PAYMENT_REF_USED = 20
+    AMOUNT_MISMATCH = 21
 
 
 _REJECTIONS: dict[Code, type[errors.EngineError]] = {
@@ -81,6 +83,8 @@ _REJECTIONS: dict[Code, type[errors.EngineError]] = {
     Code.WRONG_KIND: errors.InvalidState,
     Code.RECOVERING: errors.Recovering,
     Code.ORDER_LIMIT_EXCEEDED: errors.OrderLimitExceeded,
+    Code.PAYMENT_REF_USED: errors.PaymentRefUsed,
+    Code.AMOUNT_MISMATCH: errors.AmountMismatch,
 }
 
 
@@ -104,6 +108,8 @@ _MESSAGES = {
     Code.WRONG_KIND: "the campaign is of the other kind (flash or team)",
     Code.RECOVERING: "the campaign is being repaired after Redis lost writes: retry shortly",
     Code.ORDER_LIMIT_EXCEEDED: "more units than the campaign allows in one order",
+    Code.PAYMENT_REF_USED: "this payment reference already paid another order",
+    Code.AMOUNT_MISMATCH: "the amount paid is not what the order costs",
 }
 _ORDER_STATES = {"H": "held", "P": "paid", "C": "cancelled", "E": "expired", "R": "refunded"}
 _TEAM_STATES = {"W": "pending", "O": "open", "S": "succeeded", "F": "failed", "D": "dissolved"}
@@ -126,6 +132,7 @@ _DETAILS: dict[Code, Callable[[Any], dict[str, Any]]] = {
     Code.NOT_FOUND: lambda extra: {"sku": extra},
     Code.RECOVERING: lambda extra: {"why": extra},
     Code.ORDER_LIMIT_EXCEEDED: lambda extra: {"per_order_limit": int(extra)},
+    Code.AMOUNT_MISMATCH: lambda extra: {"amount": int(extra)},
 }
 
 
@@ -165,7 +172,11 @@ def is_ok(reply: list[Any]) -> bool:
     return bool(reply[0] == Code.OK)
 
 
-def _order(reply: list[Any], campaign_id: str | None) -> Order:
+def _order(order_id: str, reply: list[Any], campaign_id: str) -> Order:
+    """The order a pay, cancel or refund script answered; its refusal raised (NOT_FOUND: the
+    campaign does not hold that order)."""
+    if reply[0] == Code.NOT_FOUND:
+        raise errors.OrderNotFound(order_id)
     if reply[0] != Code.OK:
         raise Refusal.of(reply).error()
     return Order.from_record(reply[1], reply[2], campaign_id)
@@ -470,13 +481,21 @@ class Scripts:
 
     # Orders of every kind.
 
-    async def pay(self, order_id: str, user_id: str, payment_ref: str) -> Order:
-        """pay_order.lua: the held order paid (its team opened or succeeded)."""
+    async def pay(
+        self, order_id: str, user_id: str, payment_ref: str, amount: int | None = None
+    ) -> Order:
+        """pay_order.lua: the held order paid (its team opened or succeeded); ``amount``, when
+        given, must be the order's."""
         keys = keys_of(shard_of_order(order_id))
-        reply = await self._call(
-            "pay_order", keys.order_keys, (order_id, user_id, payment_ref), keys.campaign_id
+        args = (
+            order_id,
+            user_id,
+            payment_ref,
+            "" if amount is None else amount,
+            self._args.idempotency_ttl,
         )
-        return _order(reply, keys.campaign_id)
+        reply = await self._call("pay_order", keys.order_keys, args, keys.campaign_id)
+        return _order(order_id, reply, keys.campaign_id)
 
     async def cancel(self, order_id: str, user_id: str) -> Order:
         """cancel_order.lua: the held order cancelled by its owner, its seat freed."""
@@ -484,7 +503,7 @@ class Scripts:
         reply = await self._call(
             "cancel_order", keys.order_keys, (order_id, user_id), keys.campaign_id
         )
-        return _order(reply, keys.campaign_id)
+        return _order(order_id, reply, keys.campaign_id)
 
     async def refund(self, order_id: str, restock: bool) -> Order:
         """refund_order.lua: the paid order refunded; units back on sale if ``restock``."""
@@ -492,7 +511,7 @@ class Scripts:
         reply = await self._call(
             "refund_order", keys.order_keys, (order_id, int(restock)), keys.campaign_id
         )
-        return _order(reply, keys.campaign_id)
+        return _order(order_id, reply, keys.campaign_id)
 
     # The reaper.
 
@@ -712,8 +731,10 @@ async def guarded(awaitable: Any) -> Any:
         redis_errors.SlotNotCoveredError,  # a Cluster slot with no live owner, mid-failover
         OSError,
     ) as exc:
-        raise errors.Unavailable(f"Redis is unavailable: {exc}") from exc
+        raise errors.Unavailable(f"Redis is unavailable: {exc}", service="redis") from exc
     except redis_errors.ResponseError as exc:
         if str(exc).startswith("OOM"):
-            raise errors.Unavailable("Redis is out of memory (maxmemory reached)") from exc
+            raise errors.Unavailable(
+                "Redis is out of memory (maxmemory reached)", service="redis"
+            ) from exc
         raise errors.EngineError(f"Redis rejected a command: {exc}") from exc

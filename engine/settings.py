@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from engine.errors import ConfigurationError
 
@@ -32,14 +33,17 @@ _FLAGS = {"1": True, "true": True, "yes": True, "on": True} | {
     "no": False,
     "off": False,
 }
+MIN_TOKEN_LENGTH = 32
 _MIN_IDEMPOTENCY_TTL = 86_400  # a client retrying within a day is answered, not re-run
 
 _T = TypeVar("_T")
 
 
-def _setting(default: _T, meaning: str) -> _T:
-    """A field with its default and the one-line meaning ``describe`` prints."""
-    made: _T = field(default=default, metadata={"meaning": meaning})
+def _setting(default: _T, meaning: str, *, secret: bool = False) -> _T:
+    """A field with its default and the one-line meaning ``describe`` prints; a ``secret``
+    one (a token, a password, a URL that may carry one) is left out of the settings' repr,
+    so no log line or traceback that shows them shows it."""
+    made: _T = field(default=default, metadata={"meaning": meaning}, repr=not secret)
     return made
 
 
@@ -51,6 +55,7 @@ class Settings:
         None,
         "Redis to use; unset (and no FLASHTEAM_REDIS_SENTINELS): `flashteam run` starts a "
         "private redis-server under the data dir",
+        secret=True,
     )
     redis_cluster: bool = _setting(False, "1: the Redis URL names a node of a Redis Cluster")
     redis_sentinels: str | None = _setting(
@@ -63,10 +68,27 @@ class Settings:
     redis_master: str = _setting(
         "flashteam", "the master name the Sentinels monitor (with FLASHTEAM_REDIS_SENTINELS)"
     )
+    redis_username: str | None = _setting(
+        None,
+        "with FLASHTEAM_REDIS_SENTINELS: the ACL user the engine logs in as on the primary "
+        "(docs/operations.md#redis-acl); with a URL, put it in the URL",
+    )
+    redis_password: str | None = _setting(
+        None,
+        "with FLASHTEAM_REDIS_SENTINELS: the password of the primary and its replicas (their "
+        "requirepass, or the ACL user's); with a URL, put it in the URL",
+        secret=True,
+    )
+    redis_sentinel_password: str | None = _setting(
+        None,
+        "with FLASHTEAM_REDIS_SENTINELS: the Sentinels' own password (their requirepass)",
+        secret=True,
+    )
     database_url: str | None = _setting(
         None,
         "the durable store: sqlite:///path or postgresql://user:password@host:port/database; "
         "unset: SQLite, flashteam.db in the data dir",
+        secret=True,
     )
     data_dir: Path = _setting(  # noqa: RUF009 (a Path is immutable, safe to share)
         Path("var"), "where local data lives: the private Redis's AOF, SQLite"
@@ -105,13 +127,16 @@ class Settings:
     )
     gateway_token: str | None = _setting(
         None,
-        "bearer token of the storefront gateway (HTTP API; 16+ characters; `flashteam run` "
-        "generates one when unset)",
+        "bearer token of the storefront gateway (HTTP API), or several separated by commas "
+        "(the current and the next one, during a rotation); each 32+ characters, not one "
+        "character repeated; `flashteam run` generates one when unset",
+        secret=True,
     )
     admin_token: str | None = _setting(
         None,
-        "bearer token for campaign management and refunds (16+ characters; `flashteam run` "
-        "generates one when unset)",
+        "bearer token for campaign management and refunds, or several separated by commas "
+        "(as FLASHTEAM_GATEWAY_TOKEN); `flashteam run` generates one when unset",
+        secret=True,
     )
     max_body: int = _setting(65_536, "largest HTTP request body accepted, bytes; 1024 to 16777216")
     max_head: int = _setting(
@@ -295,9 +320,16 @@ class Settings:
     def _check_redis(self) -> None:
         """How the engine finds Redis: one URL, or the Sentinels (never both, never Sentinel
         with Cluster)."""
-        if self.redis_sentinels is None:
-            return
         sentinels = f"{_PREFIX}REDIS_SENTINELS"
+        if self.redis_sentinels is None:
+            if self.redis_username or self.redis_password or self.redis_sentinel_password:
+                raise ConfigurationError(
+                    f"{_PREFIX}REDIS_USERNAME, {_PREFIX}REDIS_PASSWORD and "
+                    f"{_PREFIX}REDIS_SENTINEL_PASSWORD go with {sentinels}; with "
+                    f"{_PREFIX}REDIS_URL, put the user and password in the URL "
+                    "(redis://user:password@host:port/0)"
+                )
+            return
         if self.redis_url is not None:
             raise ConfigurationError(
                 f"{_PREFIX}REDIS_URL and {sentinels} are both set: with Sentinel the engine "
@@ -317,13 +349,14 @@ class Settings:
 
     @property
     def redis_name(self) -> str:
-        """Where the engine finds Redis, for logs and `flashteam run`'s banner: the URL, or
-        the Sentinels and the master name; "(unset)" before `flashteam run` starts its own."""
+        """Where the engine finds Redis, for logs and `flashteam run`'s banner: the URL (its
+        password masked), or the Sentinels and the master name; "(unset)" before `flashteam
+        run` starts its own."""
         if self.redis_sentinels is not None:
             return f"Sentinel master {self.redis_master!r} via {self.redis_sentinels}"
         if self.redis_url is None:
             return "(unset)"
-        return self.redis_url + (" (Redis Cluster)" if self.redis_cluster else "")
+        return redact(self.redis_url) + (" (Redis Cluster)" if self.redis_cluster else "")
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
@@ -341,22 +374,30 @@ class Settings:
             raise ConfigurationError(f"not a SQLite URL: {url.split('://')[0]}://...")
         return Path(url.removeprefix("sqlite:///"))
 
-    def require_tokens(self) -> tuple[str, str]:
-        """The gateway and admin tokens; ConfigurationError when either is missing or weak."""
-        tokens = []
+    def require_tokens(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The gateway tokens and the admin tokens (each role may have several: the current
+        and the next during a rotation); ConfigurationError when a role has none, when one
+        is weak (under MIN_TOKEN_LENGTH characters, or one character repeated), or when both
+        roles share one. The message never quotes a token."""
+        roles = []
         for name, value in (
             ("GATEWAY_TOKEN", self.gateway_token),
             ("ADMIN_TOKEN", self.admin_token),
         ):
-            if value is None or len(value) < 16:
+            tokens = tuple(t.strip() for t in (value or "").split(","))
+            if not value or any(
+                len(token) < MIN_TOKEN_LENGTH or len(set(token)) == 1 for token in tokens
+            ):
                 raise ConfigurationError(
-                    f"{_PREFIX}{name} must be set to a secret of 16 or more characters "
-                    "(`flashteam run` generates both when unset)"
+                    f"{_PREFIX}{name} must be set to one or more secrets (separated by "
+                    f"commas) of {MIN_TOKEN_LENGTH} or more characters, not one character "
+                    "repeated: `python -c 'import secrets; print(secrets.token_urlsafe(32))'` "
+                    "makes one (`flashteam run` generates both when unset)"
                 )
-            tokens.append(value)
-        if tokens[0] == tokens[1]:
+            roles.append(tokens)
+        if set(roles[0]) & set(roles[1]):
             raise ConfigurationError("the gateway and admin tokens must differ")
-        return tokens[0], tokens[1]
+        return roles[0], roles[1]
 
     def with_(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests, CLI flags)."""
@@ -396,6 +437,16 @@ class Settings:
             )
             for each in fields(cls)
         ]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: how every URL is logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _variable(each: Field[Any]) -> str:

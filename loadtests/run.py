@@ -311,7 +311,7 @@ def local_engine(data_dir: Path, workers: int, log: Path) -> Iterator[Target]:
         with LocalEngine(settings, port=free_port(), workers=workers, log=log) as local:
             gateway, admin = local.settings.require_tokens()
             database_url = f"sqlite:///{local.settings.sqlite_path}"
-            yield Target(local.url, gateway, admin, redis.url, database_url, local)
+            yield Target(local.url, gateway[0], admin[0], redis.url, database_url, local)
 
 
 def _http(target: Target, method: str, path: str, body: Any, token: str) -> tuple[int, Any]:

@@ -46,11 +46,14 @@ def sentinel_redis(tmp_path: Path) -> Iterator[RedisSentinelGroup]:
 
 def sentinel_settings(group: RedisSentinelGroup, tmp_path: Path, **changes: object) -> Settings:
     """``make_settings`` for an engine that finds its Redis through the group's Sentinels
-    (FLASHTEAM_REDIS_SENTINELS and FLASHTEAM_REDIS_MASTER, no FLASHTEAM_REDIS_URL)."""
+    (FLASHTEAM_REDIS_SENTINELS and FLASHTEAM_REDIS_MASTER, no FLASHTEAM_REDIS_URL), with the
+    group's passwords."""
     sentinels = {
         "redis_url": None,
         "redis_sentinels": group.addresses,
         "redis_master": group.master,
+        "redis_password": group.password,
+        "redis_sentinel_password": group.sentinel_password,
     }
     return make_settings("", tmp_path).with_(**(sentinels | changes))
 

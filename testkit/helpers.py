@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -160,8 +161,21 @@ async def redis_clock(url: str) -> AsyncIterator[Clock]:
         await client.aclose()
 
 
+async def reap(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """SIGKILL ``process`` if it still runs, then read its pipes to their end, which closes
+    them: a subprocess left with open pipes is a ResourceWarning (an error in this suite) in
+    whichever later test the garbage collector meets it. What it had printed, (stdout,
+    stderr), each empty when not piped."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    out, err = await process.communicate()
+    return out or b"", err or b""
+
+
 async def run_cli(*args: str, env: dict[str, str], limit: float = 120.0) -> tuple[int, str, str]:
-    """Run ``python -m engine.cli ARGS`` without blocking the loop: (exit code, stdout, stderr)."""
+    """Run ``python -m engine.cli ARGS`` without blocking the loop: (exit code, stdout, stderr);
+    killed (and its pipes closed) when it has not exited within ``limit`` seconds."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -171,6 +185,9 @@ async def run_cli(*args: str, env: dict[str, str], limit: float = 120.0) -> tupl
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), limit)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), limit)
+    finally:
+        await reap(process)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()

@@ -42,9 +42,11 @@ SKU = "sku-1"
 # The HTTP contract: these codes have their own status, every other one is a 409.
 HTTP_STATUS = {
     "validation_error": 400,
+    "json_too_deep": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
+    "order_not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,
     "rate_limited": 429,
@@ -77,6 +79,11 @@ COVERED = {
     "unauthorized": "test_tokens",
     "forbidden": "test_tokens, test_pay_and_cancel, test_get_order_access",
     "not_found": "test_campaign_create_and_get, test_http_errors",
+    "order_not_found": "test_pay_and_cancel, test_refund, test_get_order_access, "
+    "test_security.test_ids_that_name_no_order_are_404_and_repair_nothing",
+    "json_too_deep": "test_security.test_deep_json_is_a_400",
+    "payment_ref_used": "test_security.test_one_payment_reference_pays_one_order",
+    "amount_mismatch": "test_security.test_one_payment_reference_pays_one_order",
     "method_not_allowed": "test_http_errors",
     "payload_too_large": "test_http_errors",
     "rate_limited": "test_rate_limited_with_retry_after",
@@ -189,9 +196,11 @@ async def reserve(
 
 
 async def pay(
-    client: httpx.AsyncClient, order_id: str, user: str, ref: str = "pay-1"
+    client: httpx.AsyncClient, order_id: str, user: str, ref: str | None = None
 ) -> httpx.Response:
-    body = {"user_id": user, "payment_ref": ref}
+    """Pay the order; its own payment reference unless ``ref`` (one reference pays one
+    order)."""
+    body = {"user_id": user, "payment_ref": ref or f"pay-{order_id}"}
     return await client.post(f"/v1/orders/{order_id}/pay", json=body, headers=GW)
 
 
@@ -543,7 +552,7 @@ def _invalid_definitions() -> list[tuple[str, Callable[[Json], None]]]:
         ("limit 0", put(per_user_limit=0)),
         ("limit as string", put(per_user_limit="2")),
         ("limit as bool", put(per_user_limit=True)),
-        ("limit float", put(per_user_limit=2.0)),
+        ("limit with a fraction", put(per_user_limit=2.5)),  # 2.0 is the integer 2
         ("hold 0", put(hold_seconds=0)),
         ("hold over a day", put(hold_seconds=86_401)),
         ("missing title", drop("title")),
@@ -854,8 +863,8 @@ async def test_pay_and_cancel(http: httpx.AsyncClient) -> None:
     item = await stock_of(http, campaign_id)
     assert (item["available"], item["held"], item["paid"]) == (8, 0, 2)
 
-    expect_error(await pay(http, f"{campaign_id}.o999", "bob"), "not_found")
-    expect_error(await cancel(http, f"{campaign_id}.o999", "bob"), "not_found")
+    expect_error(await pay(http, f"{campaign_id}.o999", "bob"), "order_not_found")
+    expect_error(await cancel(http, f"{campaign_id}.o999", "bob"), "order_not_found")
     expect_error(await pay(http, "not-an-order", "bob"), "validation_error")
     expect_error(await pay(http, order_id, "alice", "bad ref"), "validation_error")
     bad = await http.post(f"/v1/orders/{order_id}/pay", json={"user_id": "alice"}, headers=GW)
@@ -879,7 +888,7 @@ async def test_refund(http: httpx.AsyncClient) -> None:
     expect_error(await refund(first["order_id"], True, GW), "forbidden")
     error = expect_error(await refund(held["order_id"], True), "invalid_state")
     assert error["state"] == "held"
-    expect_error(await refund(f"{campaign_id}.o77", True), "not_found")
+    expect_error(await refund(f"{campaign_id}.o77", True), "order_not_found")
     bad = await http.post(
         f"/v1/orders/{first['order_id']}/refund", json={"restock": "yes"}, headers=AD
     )
@@ -919,8 +928,8 @@ async def test_get_order_access(http: httpx.AsyncClient) -> None:
     expect_error(await http.get(path, params={"user_id": "someone"}, headers=AD), "forbidden")
     expect_error(await http.get("/v1/orders/nope", headers=AD), "validation_error")
     expect_error(await http.get(f"/v1/orders/{campaign_id}.t1", headers=AD), "validation_error")
-    expect_error(await http.get(f"/v1/orders/{campaign_id}.o404", headers=AD), "not_found")
-    expect_error(await http.get(f"/v1/orders/{unique('none')}.o1", headers=AD), "not_found")
+    expect_error(await http.get(f"/v1/orders/{campaign_id}.o404", headers=AD), "order_not_found")
+    expect_error(await http.get(f"/v1/orders/{unique('none')}.o1", headers=AD), "order_not_found")
     expect_error(await http.get(path), "unauthorized")
 
 
@@ -955,7 +964,7 @@ async def test_user_orders_from_the_durable_store(api: ApiServer, http: httpx.As
     by_id = {o["order_id"]: o for o in listed}
     assert by_id[flash["order_id"]] | {"version": 0} == {
         k: v for k, v in flash.items() if k != "replayed"
-    } | {"state": "paid", "payment_ref": "pay-1", "version": 0}
+    } | {"state": "paid", "payment_ref": f"pay-{flash['order_id']}", "version": 0}
     team_order = by_id[seat["order_id"]]
     assert (team_order["type"], team_order["team_id"], team_order["state"]) == (
         "team",
@@ -1391,8 +1400,12 @@ async def test_redis_down_is_503_then_recovers(tmp_path: Path) -> None:
             ok(await reserve(client, campaign_id, "u1"), 201)
 
             await asyncio.to_thread(redis_server.stop)
-            error = expect_error(await reserve(client, campaign_id, "u2"), "unavailable")
-            assert "redis" in error["message"].lower()
+            # Answers say what is unavailable, not where nor the driver's words (the log has
+            # them).
+            refusal = await reserve(client, campaign_id, "u2")
+            error = expect_error(refusal, "unavailable")
+            assert error == {"code": "unavailable", "message": error["message"], "service": "redis"}
+            assert error["message"] == "Redis is unavailable: retry shortly"
             expect_error(
                 await client.get(f"/v1/campaigns/{campaign_id}", headers=GW), "unavailable"
             )
@@ -1400,7 +1413,11 @@ async def test_redis_down_is_503_then_recovers(tmp_path: Path) -> None:
             assert response.status_code == 503
             ready = response.json()
             assert ready["status"] == "unavailable"
-            assert ready["checks"]["redis"] != "ok" and ready["checks"]["sql"] == "ok"
+            down = {"redis": "unavailable", "scripts": "unavailable", "sql": "ok"}
+            assert ready["checks"] == down
+            assert str(redis_server.port) not in refusal.text + response.text
+            assert server.log is not None
+            assert f"{redis_server.port}" in server.log.read_text()  # the details: in the log
             assert (await client.get("/healthz")).status_code == 200
             # /metrics still answers, so the alert on Redis being down has its metric.
             scraped = await client.get("/metrics")

@@ -12,8 +12,10 @@ any step is finished by the next. On SQLite, PostgreSQL and the 3-master Redis C
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -33,10 +36,11 @@ from engine.local.launcher import TEST_ADMIN_TOKEN, TEST_GATEWAY_TOKEN
 from engine.local.postgres import PostgresServer
 from engine.local.redis_server import RedisClusterServers, RedisServer
 from engine.models import Campaign, OrderState
+from engine.settings import Settings
 from engine.stats import CampaignStats, RejectionCounter, campaign_stats
 from engine.worker import FlushWorker
 from testkit.factories import create_database, flash_campaign, make_settings, team_campaign
-from testkit.helpers import age_order, age_team, eventually, until
+from testkit.helpers import age_order, age_team, eventually, reap, until
 
 Json = Any
 GW = {"Authorization": f"Bearer {TEST_GATEWAY_TOKEN}"}
@@ -321,7 +325,8 @@ async def test_writes_after_archival_answer_as_for_an_ended_campaign(engine: Eng
     assert codes == {
         "ended",
         "team_closed",
-        "not_found",
+        "not_found",  # the unknown team
+        "order_not_found",
         "invalidated",
         "forbidden",
         "hold_expired",
@@ -484,7 +489,7 @@ async def test_a_live_campaign_held_orders_open_teams_and_an_unflushed_outbox_st
     over = team_campaign(now, "over", stock=10, limit=1, team_size=2, lasts=2)
     await engine.campaigns.create(over)
     seat = await engine.teams.open("over", "t1", "sku-1", 1, "k")
-    await engine.orders.pay(seat.order.order_id, "t1", "p")
+    await engine.orders.pay(seat.order.order_id, "t1", f"p-{seat.order.order_id}")
     short = flash_campaign(now, "short", stock=10, lasts=2)
     await engine.campaigns.create(short)
     hold = await engine.flash.reserve("short", "u1", "sku-1", 1, "k")
@@ -548,8 +553,42 @@ async def kill_archival_after(
     engine: Engine, campaign_id: str, marker: str, servers: list[aioredis.Redis]
 ) -> None:
     """Run `flashteam -v archive <campaign>` and SIGKILL it once its log shows ``marker``:
-    its Redis writes are paused the moment the line is read, so it dies before the next."""
+    its Redis writes are paused the moment the line is read, so it dies before the next.
+    Before the SQL commit ("recorded as archived in SQL") no archive record can be written
+    from the start (``sql_writes_held``), so however late the line is read, the kill lands
+    before the commit."""
     env = {**os.environ, **engine.runtime.settings.to_env()}
+    before_commit = KILL_AFTER.index(marker) < KILL_AFTER.index("recorded as archived in SQL")
+    async with sql_writes_held(engine.runtime.settings, before_commit):
+        await _kill_after(campaign_id, marker, env, servers)
+
+
+@asynccontextmanager
+async def sql_writes_held(settings: Settings, held: bool) -> AsyncIterator[None]:
+    """While the block runs (when ``held``), nobody else writes an archive record: SQLite's
+    write lock, or PostgreSQL's EXCLUSIVE lock on the archives table, is held; reads go on."""
+    if not held:
+        yield
+    elif settings.database_url is not None and settings.database_url.startswith("postgres"):
+        conn: Any = await asyncpg.connect(settings.database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE archives IN EXCLUSIVE MODE")
+                yield
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(settings.sqlite_path, isolation_level=None)) as db:
+            db.execute("BEGIN EXCLUSIVE")
+            try:
+                yield
+            finally:
+                db.execute("ROLLBACK")
+
+
+async def _kill_after(
+    campaign_id: str, marker: str, env: dict[str, str], servers: list[aioredis.Redis]
+) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.cli", "-v", "archive", campaign_id,
         env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
@@ -569,6 +608,7 @@ async def kill_archival_after(
                 raise AssertionError(f"{marker!r} never logged:\n{''.join(seen)}")
         assert await process.wait() == -signal.SIGKILL
     finally:
+        await reap(process)
         for server in servers:
             await server.client_unpause()
 

@@ -288,7 +288,7 @@ async def test_active_campaign_ends_at_moves_later_keeping_live_stock(
     assert stock(view) == (100, 98, 2, 0, 0)  # the extension reset nothing
     assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
     assert (await engine.campaigns.get(CID)).campaign.ends_at == later
-    await engine.orders.pay(order.order_id, "u1", "pay-1")
+    await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     await assert_invariants(engine, CID)
 
 
@@ -432,7 +432,7 @@ async def _sale_with_held_and_paid_orders(engine: Engine) -> tuple[str, str]:
     await engine.campaigns.create(flash_campaign(await engine.runtime.now(), CID, limit=5))
     held = (await engine.flash.reserve(CID, "u1", SKU, 2, "k1")).order
     paid = (await engine.flash.reserve(CID, "u2", SKU, 3, "k1")).order
-    await engine.orders.pay(paid.order_id, "u2", "pay-1")
+    await engine.orders.pay(paid.order_id, "u2", f"pay-1-{paid.order_id}")
     return held.order_id, paid.order_id
 
 
@@ -462,9 +462,9 @@ async def test_invalidation_keeps_paid_orders_and_stops_new_orders(
 
     assert (await engine.orders.get(held_id)).state is OrderState.CANCELLED
     paid = await engine.orders.get(paid_id)
-    assert (paid.state, paid.payment_ref) == (OrderState.PAID, "pay-1")
+    assert (paid.state, paid.payment_ref) == (OrderState.PAID, f"pay-1-{paid_id}")
     with pytest.raises(InvalidState):
-        await engine.orders.pay(held_id, "u1", "pay-2")
+        await engine.orders.pay(held_id, "u1", f"pay-2-{held_id}")
     assert stock(await engine.campaigns.get(CID)) == (100, 97, 0, 3, 0)
     # Refunds of paid orders still work after an invalidation.
     await engine.orders.refund(paid_id, True)
@@ -553,7 +553,7 @@ async def test_warm_all_leaves_a_running_campaign_untouched(
 ) -> None:
     await engine.campaigns.create(flash_campaign(await engine.runtime.now(), CID, limit=5))
     order = (await engine.flash.reserve(CID, "u1", SKU, 3, "k1")).order
-    await engine.orders.pay(order.order_id, "u1", "pay-1")
+    await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     await engine.flash.reserve(CID, "u2", SKU, 1, "k1")
     assert [c.id for c in await engine.campaigns.warm_all()] == [CID]
     assert stock(await engine.campaigns.get(CID)) == (100, 96, 1, 3, 0)
@@ -611,8 +611,8 @@ async def test_ids_with_braces_are_rejected_before_touching_redis(
         lambda: engine.flash.reserve(CID, bad, SKU, 1, "k2"),
         lambda: engine.flash.reserve(CID, "u1", bad, 1, "k2"),
         lambda: engine.flash.reserve(CID, "u1", SKU, 1, "k}{2"),
-        lambda: engine.orders.pay(f"{bad}.o1", "u1", "pay-1"),
-        lambda: engine.orders.pay(order.order_id, bad, "pay-1"),
+        lambda: engine.orders.pay(f"{bad}.o1", "u1", f"pay-1-{f'{bad}.o1'}"),
+        lambda: engine.orders.pay(order.order_id, bad, f"pay-1-{order.order_id}"),
         lambda: engine.orders.pay(order.order_id, "u1", "p{1}"),
         lambda: engine.orders.cancel(f"{bad}.o1", "u1"),
         lambda: engine.orders.cancel(order.order_id, bad),

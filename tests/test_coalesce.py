@@ -164,7 +164,7 @@ async def test_coalesced_joins_equal_one_by_one(
         team_ids[label] = []
         for leader in ("lead0", "lead1"):  # two open teams, the same on both sides
             opened = await engine.teams.open(cid, leader, "sku-1", 1, "open")
-            await engine.orders.pay(opened.order.order_id, leader, "pay")
+            await engine.orders.pay(opened.order.order_id, leader, f"pay-{leader}")
             team_ids[label].append(opened.team.team_id)
         team_ids[label].append(f"{cid}.t99")
 

@@ -20,10 +20,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from engine import ConfigurationError, Engine, Settings
+from engine.api.metrics import dependencies
 from engine.connection import SentinelPrimary, check_eviction_policy, connect_redis
 from engine.errors import Unavailable
 from engine.local.process import free_port
-from engine.local.redis_server import RedisClusterServers, RedisSentinelGroup
+from engine.local.redis_server import RedisClusterServers, RedisSentinelGroup, RedisServer
+from engine.worker import FlushWorker
 from testkit.factories import flash_campaign, make_settings
 from testkit.fixtures import sentinel_settings
 
@@ -253,3 +255,82 @@ async def test_an_unknown_master_name_makes_the_engine_unavailable(
         await Engine.open(settings)
 
     assert "orders" in str(caught.value)
+
+
+async def test_a_sale_then_a_failover_through_sentinels_with_passwords(tmp_path: Path) -> None:
+    """Sentinels and servers that require passwords (requirepass on both): a client without
+    them is refused; the engine, given them, sells, keeps selling through a failover (503
+    recovering until the promoted replica is repaired from SQL) and keeps what was paid."""
+    with RedisSentinelGroup(
+        tmp_path / "group", password="primary-" + "p" * 24, sentinel_password="sentinel-" + "s" * 24
+    ) as group:
+        for port in (group.primary_port, group.sentinels[0].port):
+            anonymous = aioredis.Redis(port=port)
+            try:
+                with pytest.raises(redis_errors.AuthenticationError):
+                    await anonymous.ping()
+            finally:
+                await anonymous.aclose()
+        async with await Engine.open(sentinel_settings(group, tmp_path)) as engine:
+            await engine.campaigns.create(flash_campaign(await engine.runtime.now(), stock=10))
+            held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
+            await engine.orders.pay(held.order.order_id, "u1", "psp-1")  # committed to SQL
+            old = group.primary_port
+            group.kill_primary()
+            assert await asyncio.to_thread(group.wait_promoted) != old
+
+            started, refusals = time.monotonic(), 0
+            while True:  # 503s (no primary yet, then recovering) until the repair is done
+                try:
+                    await engine.flash.reserve("sale", "u2", "sku-1", 1, "k2")
+                    break
+                except Unavailable:
+                    refusals += 1
+                    assert time.monotonic() - started < FAILOVER_BOUND
+                    await asyncio.sleep(0.1)
+            assert refusals > 0
+            assert (await engine.orders.get(held.order.order_id)).payment_ref == "psp-1"
+            assert engine.recovery.repairs >= 1, "the promoted replica was repaired from SQL"
+
+
+# The engine's Redis user, as docs/operations.md#redis-acl gives it (the password aside).
+ACL_RULES = (
+    "on resetkeys ~ft:* resetchannels -@all +@read +@write +@scripting +@connection "
+    "+@fast -@dangerous +info"
+)
+
+
+async def test_a_sale_runs_as_the_documented_acl_user(tmp_path: Path) -> None:
+    """Every part of the engine (reservations, payments, cancels, refunds, the reaper, the
+    flush worker, a repair from SQL, /metrics' reads) works as a Redis user with exactly the
+    rules of docs/operations.md; that user cannot FLUSHALL nor touch keys outside ft:."""
+    docs = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    assert f"ACL SETUSER flashteam {ACL_RULES} >" in docs
+    with RedisServer(tmp_path / "redis") as server:
+        admin = aioredis.Redis(port=server.port)
+        try:
+            await admin.execute_command(
+                "ACL", "SETUSER", "flashteam", *ACL_RULES.split(), ">pw-" + "a1" * 16
+            )
+        finally:
+            await admin.aclose()
+        url = f"redis://flashteam:pw-{'a1' * 16}@127.0.0.1:{server.port}/0"
+        async with await Engine.open(make_settings(url, tmp_path)) as engine:
+            now = await engine.runtime.now()
+            await engine.campaigns.create(flash_campaign(now, stock=10, hold_seconds=1))
+            paid = (await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")).order
+            await engine.orders.pay(paid.order_id, "u1", "psp-1")
+            cancelled = (await engine.flash.reserve("sale", "u2", "sku-1", 1, "k2")).order
+            await engine.orders.cancel(cancelled.order_id, "u2")
+            await engine.orders.refund(paid.order_id, True)
+            await engine.flash.reserve("sale", "u3", "sku-1", 1, "k3")
+            await asyncio.sleep(1.1)
+            assert await engine.reaper.run_once() >= 1  # the hold expired
+            assert await FlushWorker(engine.runtime).drain() > 0
+            await engine.recovery.repair("sale", "manual")
+            assert "flashteam_redis_up 1" in await dependencies(engine.runtime, 5.0)
+            user = engine.runtime.redis
+            with pytest.raises(redis_errors.NoPermissionError):
+                await user.flushall()
+            with pytest.raises(redis_errors.NoPermissionError):
+                await user.set("other:key", "x")

@@ -198,7 +198,7 @@ async def test_limit_counts_held_and_paid_units_and_cancelling_frees_them(
 ) -> None:
     await open_sale(engine, limit=3)
     paid = await hold(engine, "u1", 1, key="k-paid")
-    await engine.orders.pay(paid.order_id, "u1", "pay-1")
+    await engine.orders.pay(paid.order_id, "u1", f"pay-1-{paid.order_id}")
     held = await hold(engine, "u1", 1, key="k-held")
 
     with pytest.raises(LimitExceeded) as caught:
@@ -409,10 +409,10 @@ async def test_idempotency_key_reused_with_other_parameters_is_rejected(
 async def test_pay_moves_held_units_to_paid(engine: Engine, redis: aioredis.Redis) -> None:
     await open_sale(engine)
     order = await hold(engine, "u1", 2)
-    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
 
     assert paid.state is OrderState.PAID
-    assert paid.payment_ref == "pay-1"
+    assert paid.payment_ref == f"pay-1-{order.order_id}"
     assert paid.version == order.version + 1
     assert (paid.amount, paid.qty, paid.created_at) == (order.amount, 2, order.created_at)
     assert await engine.orders.get(order.order_id) == paid
@@ -428,9 +428,9 @@ async def test_pay_retry_with_the_same_ref_is_a_no_op(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     count = len(await events(redis))
-    again = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    again = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     assert again == paid
     assert again.version == paid.version
     assert len(await events(redis)) == count
@@ -443,9 +443,9 @@ async def test_pay_with_another_ref_on_a_paid_order_is_invalid_state(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     with pytest.raises(InvalidState) as caught:
-        await engine.orders.pay(order.order_id, "u1", "pay-2")
+        await engine.orders.pay(order.order_id, "u1", f"pay-2-{order.order_id}")
     assert caught.value.details == {"state": "paid"}
     assert await engine.orders.get(order.order_id) == paid
     assert (await stock_of(engine)).paid == 1
@@ -456,7 +456,7 @@ async def test_pay_by_another_user_is_forbidden(engine: Engine, redis: aioredis.
     await open_sale(engine)
     order = await hold(engine, "u1")
     with pytest.raises(Forbidden):
-        await engine.orders.pay(order.order_id, "u2", "pay-1")
+        await engine.orders.pay(order.order_id, "u2", f"pay-1-{order.order_id}")
     assert await engine.orders.get(order.order_id) == order
     assert (await stock_of(engine)).held == 1
     assert len(await events(redis)) == 1
@@ -470,7 +470,7 @@ async def test_pay_unknown_order_is_not_found(
     await open_sale(engine)
     await hold(engine)
     with pytest.raises(NotFound):
-        await engine.orders.pay(order_id, "u1", "pay-1")
+        await engine.orders.pay(order_id, "u1", f"pay-1-{order_id}")
     with pytest.raises(NotFound):
         await engine.orders.get(order_id)
     assert (await stock_of(engine)).held == 1
@@ -487,7 +487,7 @@ async def test_pay_malformed_order_id_is_a_validation_error(
     await hold(engine)
     size = await redis.dbsize()
     with pytest.raises(ValidationError) as caught:
-        await engine.orders.pay(order_id, "u1", "pay-1")
+        await engine.orders.pay(order_id, "u1", f"pay-1-{order_id}")
     assert caught.value.details == {"field": "order_id"}
     assert await redis.dbsize() == size
 
@@ -508,7 +508,7 @@ async def test_pay_at_the_deadline_is_hold_expired(engine: Engine, redis: aiored
     order = await hold(engine)
     await age_order(engine, order.order_id, HOLD_MS)  # deadline == created_at <= now
     with pytest.raises(HoldExpired) as caught:
-        await engine.orders.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     assert caught.value.code == "hold_expired"
     # Pay does not end the hold itself: the order stays held until the reaper runs.
     assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
@@ -525,7 +525,7 @@ async def test_pay_after_the_reaper_expired_the_order_is_hold_expired(
     await age_past_deadline(engine, order)
     assert await engine.reaper.run_once() == 1
     with pytest.raises(HoldExpired):
-        await engine.orders.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     assert (await engine.orders.get(order.order_id)).state is OrderState.EXPIRED
     stock = await stock_of(engine)
     assert (stock.available, stock.held, stock.paid) == (100, 0, 0)
@@ -539,7 +539,7 @@ async def test_pay_of_a_cancelled_order_is_invalid_state(
     order = await hold(engine)
     await engine.orders.cancel(order.order_id, "u1")
     with pytest.raises(InvalidState) as caught:
-        await engine.orders.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     assert caught.value.details == {"state": "cancelled"}
     assert (await stock_of(engine)).available == 100
     await assert_invariants(engine, CID)
@@ -553,7 +553,7 @@ async def test_pay_script_rejects_a_held_order_of_an_invalidated_campaign(
     order = await hold(engine)
     await engine.runtime.scripts.invalidate(CID)
     with pytest.raises(Invalidated):
-        await engine.orders.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     assert (await engine.orders.get(order.order_id)).state is OrderState.HELD
     assert (await stock_of(engine)).paid == 0
     await assert_invariants(engine, CID)
@@ -566,7 +566,7 @@ async def test_pay_after_invalidation_is_rejected_and_the_cascade_cancels_the_ho
     order = await hold(engine)
     await engine.campaigns.invalidate(CID)
     with pytest.raises((Invalidated, InvalidState)) as caught:
-        await engine.orders.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     if isinstance(caught.value, InvalidState):
         assert caught.value.details == {"state": "cancelled"}
 
@@ -574,7 +574,7 @@ async def test_pay_after_invalidation_is_rejected_and_the_cascade_cancels_the_ho
     cancelled = await engine.orders.get(order.order_id)
     assert cancelled.state is OrderState.CANCELLED
     with pytest.raises(InvalidState):
-        await engine.orders.pay(order.order_id, "u1", "pay-1")
+        await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     assert [e["reason"] for e in await events_of(redis, order.order_id)] == [
         "user",
         "invalidated",
@@ -634,7 +634,7 @@ async def test_cancel_of_a_paid_order_is_invalid_state(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     with pytest.raises(InvalidState) as caught:
         await engine.orders.cancel(order.order_id, "u1")
     assert caught.value.details == {"state": "paid"}
@@ -682,12 +682,12 @@ async def test_refund_returns_units_to_sale_only_on_restock(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine, "u1", 2)
-    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     refunded = await engine.orders.refund(order.order_id, restock)
 
     assert refunded.state is OrderState.REFUNDED
     assert refunded.version == paid.version + 1
-    assert refunded.payment_ref == "pay-1"
+    assert refunded.payment_ref == f"pay-1-{order.order_id}"
     stock = await stock_of(engine)
     assert (stock.available, stock.held, stock.paid, stock.gone) == (available, 0, 0, gone)
     assert stock.available + stock.held + stock.paid + stock.gone == stock.initial
@@ -700,7 +700,7 @@ async def test_refund_returns_units_to_sale_only_on_restock(
 async def test_refund_retry_is_a_no_op(engine: Engine, redis: aioredis.Redis) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    await engine.orders.pay(order.order_id, "u1", "pay-1")
+    await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     refunded = await engine.orders.refund(order.order_id, True)
     count = len(await events(redis))
     for restock in (True, False):
@@ -798,7 +798,7 @@ async def test_an_order_paid_before_its_deadline_is_never_expired(
 ) -> None:
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     await age_past_deadline(engine, order)
     assert await engine.reaper.run_once() == 0
     assert await engine.reaper.expire_campaign(CID) == (0, False)
@@ -819,7 +819,7 @@ async def test_reaper_drops_an_index_entry_of_an_order_that_is_not_held(
     """expire_orders.lua only ends held orders: a stale deadline entry is removed, not acted on."""
     await open_sale(engine)
     order = await hold(engine)
-    paid = await engine.orders.pay(order.order_id, "u1", "pay-1")
+    paid = await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     await redis.zadd(KEYS.deadlines, {order.order_id: 0})  # planted: no script leaves this
     await engine.reaper.run_once()
     assert await engine.orders.get(order.order_id) == paid
@@ -878,7 +878,7 @@ async def test_every_state_change_appends_exactly_one_event(
 ) -> None:
     await open_sale(engine, limit=5)
     refunded = await hold(engine, "u1")
-    await engine.orders.pay(refunded.order_id, "u1", "pay-1")
+    await engine.orders.pay(refunded.order_id, "u1", f"pay-1-{refunded.order_id}")
     await engine.orders.refund(refunded.order_id, False)
     cancelled = await hold(engine, "u2")
     await engine.orders.cancel(cancelled.order_id, "u2")
@@ -909,17 +909,17 @@ async def test_rejections_and_retries_append_no_event(
 ) -> None:
     await open_sale(engine, stock=2, limit=2)
     order = await hold(engine, "u1", 2, key="k1")
-    await engine.orders.pay(order.order_id, "u1", "pay-1")
+    await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")
     count = len(await events(redis))
 
     await engine.flash.reserve(CID, "u1", SKU, 2, "k1")  # idempotent replay
-    await engine.orders.pay(order.order_id, "u1", "pay-1")  # payment retry
+    await engine.orders.pay(order.order_id, "u1", f"pay-1-{order.order_id}")  # payment retry
     rejected: list[tuple[type[Exception], Callable[[], Awaitable[object]]]] = [
         (SoldOut, lambda: engine.flash.reserve(CID, "u2", SKU, 1, "k2")),
         (LimitExceeded, lambda: engine.flash.reserve(CID, "u1", SKU, 1, "k3")),
         (IdempotencyMismatch, lambda: engine.flash.reserve(CID, "u1", SKU, 1, "k1")),
-        (Forbidden, lambda: engine.orders.pay(order.order_id, "u2", "pay-1")),
-        (InvalidState, lambda: engine.orders.pay(order.order_id, "u1", "pay-2")),
+        (Forbidden, lambda: engine.orders.pay(order.order_id, "u2", f"pay-1-{order.order_id}")),
+        (InvalidState, lambda: engine.orders.pay(order.order_id, "u1", f"pay-2-{order.order_id}")),
         (InvalidState, lambda: engine.orders.cancel(order.order_id, "u1")),
         (NotFound, lambda: engine.flash.reserve(CID, "u1", "sku-x", 1, "k4")),
     ]
@@ -976,7 +976,7 @@ async def test_per_order_cap_refuses_a_bigger_order_writing_nothing(
     # The same key with an allowed qty is a new request (nothing was remembered).
     first = await hold(engine, "u1", 1, key="k-two")
     assert first.amount == PRICE
-    await engine.orders.pay(first.order_id, "u1", "pay-1")
+    await engine.orders.pay(first.order_id, "u1", f"pay-1-{first.order_id}")
     await hold(engine, "u1", 1, key="k-second")
     with pytest.raises(SoldOut):
         await engine.flash.reserve(CID, "u1", SKU, 1, "k-third")

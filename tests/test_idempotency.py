@@ -124,7 +124,7 @@ async def test_idempotency_key_lives_at_least_24_hours(engine: Engine) -> None:
 async def test_retry_after_payment_returns_the_paid_order(engine: Engine) -> None:
     await _sale(engine, stock=3, limit=3)
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-    await engine.orders.pay(held.order.order_id, "u1", "pay-1")
+    await engine.orders.pay(held.order.order_id, "u1", f"pay-1-{held.order.order_id}")
     before = await _snapshot(engine, "sale")
 
     retry = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
@@ -132,7 +132,7 @@ async def test_retry_after_payment_returns_the_paid_order(engine: Engine) -> Non
     assert retry.replayed
     assert retry.order.order_id == held.order.order_id
     assert retry.order.state is OrderState.PAID
-    assert retry.order.payment_ref == "pay-1"
+    assert retry.order.payment_ref == f"pay-1-{held.order.order_id}"
     assert await _snapshot(engine, "sale") == before
     await assert_invariants(engine, "sale")
 

@@ -33,7 +33,7 @@ from loadtests.plan import (
 from loadtests.timeline import CHARTS, Timeline
 from loadtests.verdict import LoadTally, Verdict, judge
 from testkit.factories import flash_campaign, team_campaign
-from testkit.helpers import sqlite_file
+from testkit.helpers import reap, sqlite_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,9 +114,9 @@ async def _sale(engine: Engine) -> tuple[str, str, str]:
         await engine.flash.reserve(flash.campaign.id, f"u{i}", "sku-1", 1, f"k{i}")
         for i in range(3)
     ]
-    await engine.orders.pay(holds[0].order.order_id, "u0", "pay-0")
+    await engine.orders.pay(holds[0].order.order_id, "u0", f"pay-0-{holds[0].order.order_id}")
     seat = await engine.teams.open(team.campaign.id, "leader", "sku-1", 1, "k")
-    await engine.orders.pay(seat.order.order_id, "leader", "pay-l")
+    await engine.orders.pay(seat.order.order_id, "leader", f"pay-l-{seat.order.order_id}")
     await engine.teams.join(seat.team.team_id, "joiner", "k")
     await FlushWorker(engine.runtime).drain()
     return flash.campaign.id, team.campaign.id, seat.team.team_id
@@ -250,7 +250,10 @@ async def passing_run(tmp_path: Path, name: str, *options: str) -> str:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(process.communicate(), 100)
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), 100)
+    finally:
+        await reap(process)
     text = out.decode()
     assert process.returncode == 0, text
     assert "verdict: PASS" in text

@@ -66,6 +66,7 @@ ALERTS = {
     "FlashteamDeadLetters",
     "FlashteamCampaignFenced",
     "FlashteamRecoveryFailures",
+    "FlashteamCampaignRepaired",
     "FlashteamArchiveRefused",
 }
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

@@ -34,7 +34,9 @@ async def test_script_flush_needs_no_manual_step(engine: Engine) -> None:
     await _flush_scripts(engine)
     paid = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
     await _flush_scripts(engine)
-    assert (await engine.orders.pay(paid.order.order_id, "u1", "p1")).state is OrderState.PAID
+    assert (
+        await engine.orders.pay(paid.order.order_id, "u1", f"p1-{paid.order.order_id}")
+    ).state is OrderState.PAID
 
     cancelled = await engine.flash.reserve("sale", "u2", "sku-1", 1, "k2")
     await _flush_scripts(engine)
@@ -82,7 +84,9 @@ async def test_script_flush_on_every_cluster_node(
             await node.aclose()
 
     held = await engine.flash.reserve("sale", "u1", "sku-1", 1, "k1")
-    assert (await engine.orders.pay(held.order.order_id, "u1", "p1")).state is OrderState.PAID
+    assert (
+        await engine.orders.pay(held.order.order_id, "u1", f"p1-{held.order.order_id}")
+    ).state is OrderState.PAID
     other = await engine.flash.reserve("sale", "u2", "sku-1", 1, "k2")
     assert (await engine.orders.cancel(other.order.order_id, "u2")).state is OrderState.CANCELLED
     await assert_invariants(engine, "sale")
@@ -102,8 +106,8 @@ async def test_same_engine_survives_a_redis_restart(tmp_path: Path) -> None:
                 (await engine.flash.reserve("sale", f"u{n}", "sku-1", 2, f"k{n}")).order
                 for n in range(6)
             ]
-            await engine.orders.pay(orders[0].order_id, "u0", "p0")
-            await engine.orders.pay(orders[1].order_id, "u1", "p1")
+            await engine.orders.pay(orders[0].order_id, "u0", f"p0-{orders[0].order_id}")
+            await engine.orders.pay(orders[1].order_id, "u1", f"p1-{orders[1].order_id}")
             await engine.orders.cancel(orders[2].order_id, "u2")
             states = await _states(engine, orders)
             stock = (await engine.campaigns.get("sale")).stock
@@ -124,7 +128,7 @@ async def test_same_engine_survives_a_redis_restart(tmp_path: Path) -> None:
             fresh = await engine.flash.reserve("sale", "u9", "sku-1", 1, "k9")
             assert not fresh.replayed
             assert fresh.order.order_id not in {o.order_id for o in orders}
-            paid = await engine.orders.pay(orders[3].order_id, "u3", "p3")
+            paid = await engine.orders.pay(orders[3].order_id, "u3", f"p3-{orders[3].order_id}")
             assert paid.state is OrderState.PAID
             await age_order(engine, orders[4].order_id, 61_000)
             assert await engine.reaper.run_once() == 1
@@ -168,7 +172,7 @@ async def _calls_while_down(engine: Engine, held: Order) -> list[object]:
     return list(
         await asyncio.gather(
             engine.flash.reserve("sale", "late", "sku-1", 1, "late-key"),
-            engine.orders.pay(held.order_id, held.user_id, "p-late"),
+            engine.orders.pay(held.order_id, held.user_id, f"p-late-{held.order_id}"),
             engine.orders.cancel(held.order_id, held.user_id),
             engine.orders.get(held.order_id),
             engine.campaigns.get("sale"),

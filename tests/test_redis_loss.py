@@ -124,9 +124,9 @@ async def test_redis_emptied_before_a_restart(
         await first.campaigns.create(flash_campaign(now, CID, stock=5, limit=1))
         await first.campaigns.create(team_campaign(now, "team", stock=9, team_size=3, limit=1))
         held = (await first.flash.reserve(CID, "a", SKU, 1, "ka")).order
-        await first.orders.pay(held.order_id, "a", "pa")
+        await first.orders.pay(held.order_id, "a", f"pa-{held.order_id}")
         seat = await first.teams.open("team", "leader", SKU, 1, "kl")
-        await first.orders.pay(seat.order.order_id, "leader", "pl")
+        await first.orders.pay(seat.order.order_id, "leader", f"pl-{seat.order.order_id}")
         joined = await first.teams.join(seat.team.team_id, "member", "km")
         await FlushWorker(first.runtime).drain()
     await redis.flushall()
@@ -138,9 +138,9 @@ async def test_redis_emptied_before_a_restart(
         assert (view.stock[0].available, view.stock[0].paid) == (4, 1)
         team = await second.teams.get(seat.team.team_id)
         assert (team.held, team.paid) == (1, 1)
-        await second.orders.pay(joined.order.order_id, "member", "pm")
+        await second.orders.pay(joined.order.order_id, "member", f"pm-{joined.order.order_id}")
         with pytest.raises(NotFound):
-            await second.orders.pay("nobody.o1", "x", "p")
+            await second.orders.pay("nobody.o1", "x", f"p-{'nobody.o1'}")
         await FlushWorker(second.runtime).drain()
         await assert_redis_matches_sql(second, CID)
         await assert_redis_matches_sql(second, "team")
@@ -166,14 +166,16 @@ async def test_a_restarted_redis_is_verified_before_it_sells(
             assert b"flashteam_campaigns_fenced 0\n" in exposed  # no repair due yet
             assert b"flashteam_campaigns_unverified 1\n" in exposed
             with pytest.raises(Recovering) as refused:
-                await engine.orders.pay(held.order_id, "a", "pa")
+                await engine.orders.pay(held.order_id, "a", f"pa-{held.order_id}")
             assert refused.value.details == {"reason": "recovering", "why": "restarted"}
             await engine.recovery.wait_idle()
             exposed = render(await dependencies(engine.runtime, 5))
             assert b"flashteam_campaigns_fenced 0\n" in exposed
             assert b"flashteam_campaigns_unverified 0\n" in exposed
             assert b"flashteam_recoveries_total 1\n" in exposed
-            paid = await engine.orders.pay(held.order_id, "a", "pa")  # the retry goes through
+            paid = await engine.orders.pay(
+                held.order_id, "a", f"pa-{held.order_id}"
+            )  # the retry goes through
             assert paid.state is OrderState.PAID
             await FlushWorker(engine.runtime).drain()
             await assert_redis_matches_sql(engine, CID)
@@ -188,7 +190,7 @@ async def test_flashteam_recover_repairs_by_hand_and_twice(engine: Engine) -> No
     for n in range(4):
         held = (await engine.flash.reserve(CID, f"u{n}", SKU, 1, "k")).order
         if n % 2:
-            await engine.orders.pay(held.order_id, held.user_id, "p")
+            await engine.orders.pay(held.order_id, held.user_id, f"p-{held.order_id}")
     settings = engine.runtime.settings
     assert settings.redis_url is not None
     env = {

@@ -118,7 +118,7 @@ async def test_rollback_then_repair_is_whole(engine: Engine, run: list[Step], cu
     assert dumps is not None
     await roll_back(redis, dumps)
     for cid in (flash, team):
-        await engine.recovery.repair(cid)
+        await engine.recovery.repair(cid, "manual")
         await worker.drain()
         assert (await reconcile(engine.runtime, cid)).ok
         await assert_redis_matches_sql(engine, cid)

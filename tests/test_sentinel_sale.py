@@ -121,7 +121,7 @@ async def shop(client: httpx.AsyncClient, user: str, book: Ledger) -> None:
             if len(book.paid) >= KILL_AT:
                 book.enough_paid.set()
             return
-        expected = ((404, "not_found"), (409, "hold_expired"))
+        expected = ((404, "order_not_found"), (409, "hold_expired"))
         assert (paid.status_code, error_code(paid)) in expected, book.explain(paid)
         book.reheld += 1
     raise AssertionError(f"{user} never kept a hold")

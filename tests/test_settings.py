@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from engine import ConfigurationError, Engine, Settings
 from engine.local.redis_server import RedisClusterServers, RedisServer
 from engine.settings import DEFAULTS
+from engine.store import unchecked_tls
 from testkit.factories import flash_campaign, make_settings
 
 EVERY_VARIABLE = {
@@ -79,6 +80,14 @@ def _changed(value: object) -> object:
     return {"everysec": "always", "sql": "outbox"}.get(str(value), "changed-value-0123456789")
 
 
+SENTINEL_ONLY = {
+    "redis_sentinels",
+    "redis_username",
+    "redis_password",
+    "redis_sentinel_password",
+}
+
+
 def test_every_field_is_one_variable_read_and_written() -> None:
     """Each field comes from FLASHTEAM_<NAME>, and to_env gives it back: the launcher hands
     its settings to its processes this way. Sentinel excludes a Redis URL and Cluster, so it
@@ -87,11 +96,15 @@ def test_every_field_is_one_variable_read_and_written() -> None:
         **{
             each.name: _changed(each.default)  # type: ignore[arg-type]
             for each in fields(Settings)
-            if each.name != "redis_sentinels"
+            if each.name not in SENTINEL_ONLY
         },
-    ).with_(database_url="sqlite:////srv/flashteam/orders.db", admin_token="admin-" + "x" * 16)
+    ).with_(database_url="sqlite:////srv/flashteam/orders.db", admin_token="admin-" + "x" * 32)
     via_sentinels = DEFAULTS.with_(
-        redis_sentinels="10.0.0.7:26379,10.0.0.8:26379", redis_master="orders"
+        redis_sentinels="10.0.0.7:26379,10.0.0.8:26379",
+        redis_master="orders",
+        redis_username="engine",
+        redis_password="primary-secret",
+        redis_sentinel_password="sentinel-secret",
     )
     assert all(
         getattr(changed, each.name) != each.default
@@ -249,3 +262,55 @@ async def test_open_refuses_a_cluster_with_one_evicting_primary(
     finally:
         await node.config_set("maxmemory-policy", "noeviction")
         await node.aclose()
+
+
+STRONG = "k" * 16 + "0123456789abcdef"  # 32 characters
+WEAK = [
+    "short-token-0123456789",  # 22 characters
+    "a" * 40,  # one character repeated
+    f"{STRONG},",  # an empty second token
+]
+
+
+@pytest.mark.parametrize("weak", WEAK)
+def test_a_weak_token_is_refused_at_start(weak: str) -> None:
+    """Each role's tokens are 32+ characters, not one repeated; the message never quotes
+    the token."""
+    for role in ("gateway_token", "admin_token"):
+        other = "admin_token" if role == "gateway_token" else "gateway_token"
+        settings = DEFAULTS.with_(**{role: weak, other: STRONG[::-1]})
+        with pytest.raises(ConfigurationError) as refused:
+            settings.require_tokens()
+        assert f"FLASHTEAM_{role.upper()}" in refused.value.message
+        assert weak.split(",")[0] not in refused.value.message
+
+
+def test_each_role_takes_a_list_of_tokens() -> None:
+    """The current and the next token of each role (a rolling rotation); a token given to
+    both roles is refused."""
+    gateway = f"{STRONG}, {STRONG[::-1]}"
+    admin = "admin-" + STRONG
+    assert DEFAULTS.with_(gateway_token=gateway, admin_token=admin).require_tokens() == (
+        (STRONG, STRONG[::-1]),
+        (admin,),
+    )
+    shared = DEFAULTS.with_(gateway_token=gateway, admin_token=f"{admin},{STRONG}")
+    with pytest.raises(ConfigurationError, match="must differ"):
+        shared.require_tokens()
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("postgresql://u:pw@db.example.com:5432/shop", True),
+        ("postgresql://u:pw@10.0.0.5/shop?application_name=x", True),
+        ("postgresql://u:pw@db.example.com/shop?sslmode=verify-full", False),
+        ("postgresql://u:pw@db.example.com/shop?sslmode=disable", False),
+        ("postgresql://u@127.0.0.1:5432/shop", False),
+        ("postgresql://u@localhost/shop", False),
+        ("postgresql://u@[::1]/shop", False),
+    ],
+)
+def test_a_remote_postgresql_url_without_sslmode_is_flagged(url: str, warned: bool) -> None:
+    """The start-up warning's condition: TLS that checks no certificate, off loopback."""
+    assert unchecked_tls(url) is warned

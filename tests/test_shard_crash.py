@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import os
 import random
-import signal
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from engine import Engine
 from engine.keys import keys_of
 from engine.shards import finish_pending, in_transit
 from testkit.factories import flash_campaign, make_settings
-from testkit.helpers import assert_invariants
+from testkit.helpers import assert_invariants, reap
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +48,7 @@ async def _run_until_killed(env: dict[str, str], rng: random.Random) -> int:
             steps += 1
         await asyncio.sleep(rng.uniform(0.0, 0.3))
     finally:
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
+        await reap(process)
     return steps
 
 

@@ -336,7 +336,7 @@ async def test_a_transfer_debited_before_a_repair_is_void(engine: Engine) -> Non
     stale = await engine.runtime.scripts.debit(layout.shards[0], SKU, 3, 1, layout.shards[2])
     assert isinstance(stale, Transfer)
     await FlushWorker(engine.runtime).drain()
-    await engine.recovery.repair("void")
+    await engine.recovery.repair("void", "manual")
     assert await engine.recovery.trusted("void")
     assert not await finish(engine.runtime.scripts, stale), "a void transfer was credited"
     assert await in_transit(engine.runtime, layout) == {}
@@ -378,7 +378,7 @@ async def test_flush_reconcile_repair_and_archive_cover_every_bucket(engine: Eng
     held = [r.order for r in results if isinstance(r, Reservation)]
     assert len(held) == 40
     for order in held[::2]:
-        await engine.orders.pay(order.order_id, order.user_id, "p")
+        await engine.orders.pay(order.order_id, order.user_id, f"p-{order.order_id}")
     for order in held[1::4]:
         await engine.orders.cancel(order.order_id, order.user_id)
     worker = FlushWorker(engine.runtime)
@@ -387,7 +387,7 @@ async def test_flush_reconcile_repair_and_archive_cover_every_bucket(engine: Eng
     assert found.ok and found.orders == 40, found.differences
 
     await engine.runtime.redis.flushall()  # Redis lost everything: the repair rebuilds it
-    await engine.recovery.repair("whole")
+    await engine.recovery.repair("whole", "manual")
     audit = await audit_campaign(engine.runtime, "whole")
     assert audit.ok, audit.violations
     assert audit.units == {OrderState.PAID: 20, OrderState.HELD: 10, OrderState.CANCELLED: 10}

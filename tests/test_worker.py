@@ -143,7 +143,7 @@ async def test_replayed_and_out_of_order_entries_never_roll_back(durable: Engine
     redis = engine.runtime.redis
     entries: Any = await redis.xrange(stream)
     reserved = entries[-1][1]
-    await engine.orders.pay(held.order_id, "u1", "p")
+    await engine.orders.pay(held.order_id, "u1", f"p-{held.order_id}")
     await FlushWorker(engine.runtime).drain()
     await redis.xadd(stream, reserved)  # the old 'reserved' entry delivered late
     await FlushWorker(engine.runtime).drain()
@@ -359,7 +359,10 @@ async def test_sql_outage_waits_acknowledges_nothing_and_catches_up(
         end_outage = server.start
     # Payments are not acknowledged while SQL cannot commit them (FLASHTEAM_PAY_DURABILITY
     # sql): Redis has them, the shopper's retry after the outage is acknowledged.
-    paying = [engine.orders.pay(h.order.order_id, h.order.user_id, "p") for h in first[:100]]
+    paying = [
+        engine.orders.pay(h.order.order_id, h.order.user_id, f"p-{h.order.order_id}")
+        for h in first[:100]
+    ]
     refusals = await asyncio.gather(*paying, return_exceptions=True)
     assert all(isinstance(r, Unavailable) for r in refusals)
     await asyncio.gather(
@@ -377,7 +380,7 @@ async def test_sql_outage_waits_acknowledges_nothing_and_catches_up(
     # (its parent-death signal follows the thread that forked it).
     end_outage()
     for held in first[:100]:
-        await engine.orders.pay(held.order.order_id, held.order.user_id, "p")
+        await engine.orders.pay(held.order.order_id, held.order.user_id, f"p-{held.order.order_id}")
     await eventually(lambda: flushed(worker))
     stop.set()
     await running

@@ -70,7 +70,7 @@ async def _flash(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Sema
     fate = {o.order_id: rng.random() for o in held}
     paid = await asyncio.gather(
         *(
-            _bounded(sem, orders.pay(o.order_id, o.user_id, "pay"))
+            _bounded(sem, orders.pay(o.order_id, o.user_id, f"pay-{o.order_id}"))
             for o in held
             if fate[o.order_id] < 0.55
         )
@@ -102,7 +102,7 @@ async def _teams(engine: Engine, mix: Mix, rng: random.Random, sem: asyncio.Sema
             if seat.opened and roll < 0.1:
                 payments.append(age_order(engine, order.order_id, AGED_MS))  # leader walks off
             elif roll < 0.85:
-                payments.append(orders.pay(order.order_id, order.user_id, "pay"))
+                payments.append(orders.pay(order.order_id, order.user_id, f"pay-{order.order_id}"))
             elif roll < 0.92:
                 payments.append(orders.cancel(order.order_id, order.user_id))
         await asyncio.gather(*(_bounded(sem, p) for p in payments))

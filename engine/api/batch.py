@@ -68,15 +68,28 @@ class PayItem(s.Request, tag_field="op", tag="pay"):
     order_id: Annotated[str, Meta(description="<campaign>.o<number>")]
     user_id: s.Id
     payment_ref: s.Key
+    amount: s.PaidAmount | None = None
 
 
 Item = ReserveItem | OpenTeamItem | JoinItem | QuickJoinItem | PayItem
 
 
 class BatchIn(s.Request):
-    """Up to ``MAX_ITEMS`` storefront calls."""
+    """Up to ``MAX_ITEMS`` storefront calls (the documented body: an item is checked on its
+    own, and one that is not valid fails alone, in its result, so the batch takes any)."""
 
-    requests: Annotated[list[Item], Meta(min_length=1, max_length=MAX_ITEMS)]
+    requests: Annotated[
+        list[Any],
+        Meta(
+            min_length=1,
+            max_length=MAX_ITEMS,
+            description="each item one call, named by op: reserve (campaign_id, user_id, sku, "
+            "qty, idempotency_key), open_team (campaign_id, user_id, sku, qty, "
+            "idempotency_key), join (team_id, user_id, idempotency_key), quick_join "
+            "(campaign_id, user_id, sku, idempotency_key) or pay (order_id, user_id, "
+            "payment_ref, amount); an item that is not one has its own 400 result",
+        ),
+    ]
 
 
 class BatchResult(Struct):
@@ -140,7 +153,8 @@ async def _one(
         failed("batch", exc, lambda: _campaign_of(item))
         return BatchResult(*error_body(exc))
     except Exception:
-        log.exception("batch item failed: %r", item)
+        # The item's kind only: its fields carry payment references and user ids.
+        log.exception("batch item failed: %s", type(item).__name__)
         return BatchResult(*error_body(errors.EngineError("internal error")))
 
 
@@ -151,7 +165,7 @@ async def _call(engine: Engine, item: Item) -> tuple[int, Any]:
         )
         return 201, s.ReservationOut.of(held.order, replayed=held.replayed)
     if isinstance(item, PayItem):
-        order = await engine.orders.pay(item.order_id, item.user_id, item.payment_ref)
+        order = await engine.orders.pay(item.order_id, item.user_id, item.payment_ref, item.amount)
         return 200, s.OrderOut.of(order)
     if isinstance(item, JoinItem):
         seat = await engine.teams.join(item.team_id, item.user_id, item.idempotency_key)

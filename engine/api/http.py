@@ -18,6 +18,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
+from engine.errors import ValidationError
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -47,12 +49,17 @@ class HttpRequest:
         return find_header(self.headers, name)
 
     def query_param(self, name: str) -> str | None:
-        """The first ``name=`` of the query string, decoded; None when absent."""
+        """The ``name=`` of the query string, decoded; None when absent. A name given twice
+        is a ValidationError: one reading of every input, whichever one a gateway in front
+        would have taken."""
         if self._query is None:
             pairs = parse_qsl(self.query.decode("latin-1"), keep_blank_values=True)
-            self._query = {}
+            query: dict[str, str] = {}
             for key, value in pairs:
-                self._query.setdefault(key, value)
+                if key in query:
+                    raise ValidationError(f"the query names {key!r} twice", field=key)
+                query[key] = value
+            self._query = query
         return self._query.get(name)
 
 

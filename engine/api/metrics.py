@@ -25,7 +25,7 @@ from engine.archive import ARCHIVE_STATS
 from engine.errors import EngineError, Unavailable
 from engine.keys import CAMPAIGN_SET, DEAD_LETTERS, keys_of
 from engine.local.launcher import restarts
-from engine.recovery import RECOVERY_STATS, Recovery
+from engine.recovery import RECOVERY_STATS, REPAIR_REASONS, Recovery
 from engine.runtime import Runtime
 from engine.scripts import guarded
 from engine.shards import REBALANCE_STATS
@@ -283,6 +283,14 @@ async def _from_redis(rt: Runtime) -> list[str]:
         "# HELP flashteam_recovery_failures_total Repairs that failed (retried on next use).",
         "# TYPE flashteam_recovery_failures_total counter",
         f"flashteam_recovery_failures_total {int(stats.get('failures', 0))}",
+        "# HELP flashteam_repairs_total Repairs from SQL by reason: missing (Redis lost the "
+        "campaign), restarted (a restarted or promoted server), behind (Redis's ids behind "
+        "SQL's), collision (an id SQL holds for another order), fenced, archival, manual.",
+        "# TYPE flashteam_repairs_total counter",
+        *(
+            f'flashteam_repairs_total{{why="{why}"}} {int(stats.get(f"why:{why}", 0))}'
+            for why in REPAIR_REASONS
+        ),
         *await _archival(rt),
         *await _rebalancing(rt),
     ]

@@ -17,19 +17,54 @@ _QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
     "limit": {"type": "integer", "minimum": 1, "maximum": 100},
 }
 _ERRORS = {
-    "400": "validation_error: a field breaks its type, range or pattern",
+    "400": "validation_error: a field breaks its type, range or pattern, or a query parameter "
+    "or JSON key is given twice; json_too_deep: arrays and objects nested past 8 levels",
     "401": "unauthorized: missing or unknown bearer token",
     "403": "forbidden: the admin token is needed, or the order is another user's",
-    "404": "not_found",
-    "409": "a business rule said no: sold_out, limit_exceeded, not_started, ended, "
-    "invalidated, hold_expired, team_full, team_closed, already_in_team, team_in_progress, "
-    "not_editable, idempotency_mismatch, invalid_state, already_exists",
+    "404": "not_found; order_not_found: the order id names no order",
+    "409": "a business rule said no: sold_out, limit_exceeded, order_limit_exceeded, "
+    "not_started, ended, invalidated, hold_expired, team_full, team_closed, already_in_team, "
+    "team_in_progress, not_editable, idempotency_mismatch, invalid_state, already_exists, "
+    "payment_ref_used, amount_mismatch",
     "413": "payload_too_large",
     "429": "rate_limited (see the Retry-After header)",
     "503": "unavailable: Redis or SQL cannot be reached; retry with the same idempotency key "
     "or payment_ref. payment_pending (pay): recorded, not declined, SQL has not confirmed it "
     "yet; retry with the same payment_ref to learn the outcome",
 }
+
+
+# The calls a client chains (OpenAPI links): what an answer's ids lead to. Keyed by the
+# operationId whose success answer carries the id; each link names the operationId it leads to
+# and the parameter it fills.
+_LINKS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "post_v1_campaigns": {
+        "GetCampaign": ("get_v1_campaigns_by_campaign_id", "campaign_id", "$response.body#/id"),
+        "Reserve": ("post_v1_campaigns_by_campaign_id_orders", "campaign_id", "$response.body#/id"),
+        "OpenTeam": ("post_v1_campaigns_by_campaign_id_teams", "campaign_id", "$response.body#/id"),
+        "QuickJoin": (
+            "post_v1_campaigns_by_campaign_id_teams_quick-join",
+            "campaign_id",
+            "$response.body#/id",
+        ),
+    },
+    "post_v1_campaigns_by_campaign_id_orders": {
+        "Pay": ("post_v1_orders_by_order_id_pay", "order_id", "$response.body#/order_id"),
+        "Cancel": ("post_v1_orders_by_order_id_cancel", "order_id", "$response.body#/order_id"),
+        "GetOrder": ("get_v1_orders_by_order_id", "order_id", "$response.body#/order_id"),
+    },
+}
+_SEAT_LINKS = {
+    "Join": ("post_v1_teams_by_team_id_join", "team_id", "$response.body#/team_id"),
+    "GetTeam": ("get_v1_teams_by_team_id", "team_id", "$response.body#/team_id"),
+    "Pay": ("post_v1_orders_by_order_id_pay", "order_id", "$response.body#/order_id"),
+}
+for _seat in (
+    "post_v1_campaigns_by_campaign_id_teams",
+    "post_v1_campaigns_by_campaign_id_teams_quick-join",
+    "post_v1_teams_by_team_id_join",
+):
+    _LINKS[_seat] = _SEAT_LINKS
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +135,16 @@ def _operation(
     for status, description in _ERRORS.items():
         if op.auth or status in ("404",):
             responses[status] = {"description": description, "content": error}
+    operation_id = op.method.lower() + _PARAM.sub(r"by_\1", op.path).replace("/", "_")
+    links = _LINKS.get(operation_id)
+    if links:
+        responses[str(op.status)]["links"] = {
+            name: {"operationId": target, "parameters": {param: value}}
+            for name, (target, param, value) in links.items()
+        }
     out: dict[str, Any] = {
         "summary": op.summary.splitlines()[0],
-        "operationId": op.method.lower() + _PARAM.sub(r"by_\1", op.path).replace("/", "_"),
+        "operationId": operation_id,
         "parameters": params,
         "responses": responses,
     }

@@ -5,18 +5,23 @@ structs, so the documented schema and the checked one cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Self, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
 
-from engine.errors import ValidationError
+from engine.errors import TooDeep, ValidationError
 from engine.keys import ID_PATTERN, KEY_PATTERN
 from engine.models import (
+    MAX_AMOUNT,
     MAX_ITEMS,
     MAX_SHARDS,
     MAX_UNITS,
+    TEXT_PATTERN,
     CampaignView,
     Item,
     ItemStock,
@@ -29,12 +34,76 @@ from engine.teams import TeamView, mask_user
 T = TypeVar("T")
 
 
-def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes, hint: str = "") -> T:
-    """A request body decoded by ``decoder`` (an empty body as ``{}``); ValidationError
-    naming what is wrong (``hint`` added to a shape error) when it does not fit."""
+# The deepest nesting of arrays and objects a body may have; every request needs 3 at most
+# (a batch: the envelope, its list, an item).
+MAX_DEPTH = 8
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+def _too_deep() -> TooDeep:
+    return TooDeep(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep")
+
+
+def check_depth(raw: bytes) -> None:
+    """TooDeep when ``raw`` nests arrays and objects more than MAX_DEPTH levels: each pass
+    drops the innermost pairs of the brackets left once strings are gone (C-speed, at most
+    MAX_DEPTH + 1 passes); a body with that few brackets is not even looked at. Brackets
+    that do not pair up stop the passes early; the parser then reads the body (check_shape)
+    and a nesting too deep for it is TooDeep as well."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):
+        inner = _PAIR.sub(b"", brackets)  # one level: a scan does not look at what it left
+        if inner == brackets:
+            return
+        brackets = inner
+    if _PAIR.search(brackets):
+        raise _too_deep()
+
+
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an int when it is integral."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> None:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValidationError(f"the body names the key {key!r} twice", field=key)
+        seen.add(key)
+
+
+def check_shape(raw: bytes) -> None:
+    """ValidationError unless ``raw`` has one reading: TooDeep past MAX_DEPTH, and an object
+    that names a key twice (which JSON parsers read as the first or the last) is refused."""
+    check_depth(raw)
     try:
-        return decoder.decode(raw or b"{}")
+        json.loads(raw, object_pairs_hook=_unique_keys)
+    except RecursionError:  # brackets that do not pair up, nested past the parser's stack
+        raise _too_deep() from None
+    except ValueError:  # not JSON at all: the decoder names what is wrong
+        pass
+
+
+def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes, hint: str = "") -> T:
+    """A request body decoded by ``decoder`` (an empty body as ``{}``) once it has one
+    reading (``check_shape``); ValidationError naming what is wrong (``hint`` added to a
+    shape error) when it does not fit."""
+    raw = raw or b"{}"
+    check_shape(raw)
+    try:
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
+        # JSON has one number type: 3.0 is the integer 3 (as JSON Schema reads it), which
+        # msgspec refuses where an int is due. Such a body is read again with its integral
+        # numbers written as integers; any other error stands.
+        with contextlib.suppress(msgspec.DecodeError, ValueError):
+            return decoder.decode(json.dumps(json.loads(raw, parse_float=_number)).encode())
         raise ValidationError(f"{exc}{hint}") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ValidationError(f"the body is not valid UTF-8 JSON: {exc}") from exc
@@ -44,8 +113,20 @@ Id = Annotated[str, Meta(pattern=f"^{ID_PATTERN}$", description="[A-Za-z0-9_-]{1
 Key = Annotated[str, Meta(pattern=f"^{KEY_PATTERN}$", description="[A-Za-z0-9_.:-]{1,128}")]
 Units = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 Money = Annotated[int, Meta(ge=0, le=MAX_UNITS * 100, description="minor units (cents)")]
-Moment = Annotated[datetime, Meta(tz=True, description="RFC 3339 with a UTC offset")]
+Moment = Annotated[
+    datetime,
+    Meta(tz=True, description="RFC 3339 with a UTC offset, from the year 2000 to 9000"),
+]
 Kind = Annotated[str, Meta(pattern="^(flash|team)$")]
+Title = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=200,
+        pattern=TEXT_PATTERN,
+        description="free text, without NUL, control or bidirectional-override characters",
+    ),
+]
 
 
 class Request(Struct, forbid_unknown_fields=True):
@@ -110,9 +191,13 @@ MinPaySeconds = Annotated[
 
 
 class CampaignIn(Request):
+    """A new campaign. ends_at must be after starts_at and in the future; a team campaign
+    needs team_size and team_ttl_seconds, a flash one neither; per_order_limit is at most
+    per_user_limit; an item's leader_price is at most its price."""
+
     id: Id
     kind: Kind
-    title: Annotated[str, Meta(min_length=1, max_length=200)]
+    title: Title
     starts_at: Moment
     ends_at: Moment
     items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)]
@@ -140,7 +225,7 @@ class CampaignPatch(Request):
     (docs/lifecycle.md#campaign)."""
 
     kind: Kind | msgspec.UnsetType = msgspec.UNSET
-    title: Annotated[str, Meta(min_length=1, max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    title: Title | msgspec.UnsetType = msgspec.UNSET
     starts_at: Moment | msgspec.UnsetType = msgspec.UNSET
     ends_at: Moment | msgspec.UnsetType = msgspec.UNSET
     items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)] | msgspec.UnsetType = (
@@ -172,9 +257,29 @@ class ReserveIn(Request):
     idempotency_key: Key
 
 
+PaidAmount = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=MAX_AMOUNT,
+        description="what the shopper paid, in minor units, when the gateway knows it: it must "
+        "be the order's amount (quantity x unit price, the leader price for a team's leader), "
+        "else 409 amount_mismatch",
+    ),
+]
+
+
 class PayIn(Request):
     user_id: Id
-    payment_ref: Key
+    payment_ref: Annotated[
+        str,
+        Meta(
+            pattern=f"^{KEY_PATTERN}$",
+            description="the payment provider's reference: it pays this one order (the same "
+            "reference on another order is 409 payment_ref_used)",
+        ),
+    ]
+    amount: PaidAmount | None = None
 
 
 class CancelIn(Request):

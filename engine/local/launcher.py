@@ -29,7 +29,7 @@ from typing import Literal, Self
 
 from engine.local.process import Server, free_port
 from engine.local.redis_server import RedisServer
-from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings
+from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings, redact
 
 logger = logging.getLogger("flashteam")
 
@@ -50,8 +50,8 @@ RESTARTS_FILE = "restarts.json"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 #: The fixed tokens of an ``ApiServer``: a throw-away test server on loopback.
-TEST_GATEWAY_TOKEN = "gateway-token-for-tests-0001"
-TEST_ADMIN_TOKEN = "admin-token-for-tests-00000001"
+TEST_GATEWAY_TOKEN = "gateway-token-for-the-tests-0001"
+TEST_ADMIN_TOKEN = "admin-token-for-the-tests-0000001"
 
 
 class StartFailed(RuntimeError):
@@ -234,20 +234,26 @@ class LocalEngine(Server):
         (self.settings.data_dir / RESTARTS_FILE).unlink(missing_ok=True)
 
     def _start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # also a data dir made by an older version, or by hand
         if (
             self.redis is None
             and self.settings.redis_url is None
             and not self.settings.redis_sentinels
         ):
             self.redis = RedisServer(
-                self.settings.data_dir / "redis", appendfsync=self.settings.appendfsync
+                data_dir / "redis",
+                appendfsync=self.settings.appendfsync,
+                password=_private_password(data_dir / "redis"),
             )
             self.settings = self.settings.with_(redis_url=self.redis.url)
         if self.redis is not None:
             self.redis.start()  # again on a restart: the same port, its AOF reloaded
             logger.info(
-                "private redis-server on %s (data in %s)", self.redis.url, self.redis.data_dir
+                "private redis-server on %s (data in %s)",
+                redact(self.redis.url),
+                self.redis.data_dir,
             )
         env = self.env()
         for service in self.services:
@@ -264,12 +270,15 @@ class LocalEngine(Server):
             # One name for this slot, so a restarted worker reads its predecessor's pending
             # entries at once instead of waiting FLASHTEAM_CLAIM_IDLE to claim them.
             env = env | {"FLASHTEAM_WORKER_NAME": f"{socket.gethostname()}-{self.port}-worker"}
+        # umask: the files it creates (the SQLite database) are for this user only.
         if self.log is None:
-            return subprocess.Popen(command, env=env)
+            return subprocess.Popen(command, env=env, umask=0o077)
         # A file, not a pipe: a pipe nobody reads blocks the process once it is full.
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
-            return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, umask=0o077
+            )
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -294,6 +303,20 @@ class LocalEngine(Server):
 
 
 WIDE_OPEN = 1 << 20  # requests an ApiServer worker runs at once before it sheds any
+
+
+def _private_password(redis_dir: Path) -> str:
+    """The private redis-server's password: kept in ``<redis_dir>/password`` (0600), made
+    at the first start (so a restart keeps its clients' URL), never printed."""
+    redis_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = redis_dir / "password"
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(password + "\n")
+    return password
 
 
 class ApiServer(LocalEngine):

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 import redis
 
@@ -56,26 +57,36 @@ def redis_server_binary() -> str:
     return path
 
 
-def _ping(port: int) -> bytes:
+def _ping(port: int, password: str | None = None) -> bool:
+    """Whether the server on ``port`` answers PING (after AUTH with ``password``)."""
     with socket.create_connection((_LOOPBACK, port), timeout=1.0) as sock:
-        sock.sendall(b"PING\r\n")
-        return sock.recv(64)
+        auth = b"" if password is None else b"AUTH " + password.encode() + b"\r\n"
+        sock.sendall(auth + b"PING\r\n")
+        reply = b""
+        while b"\r\n" not in reply or (password is not None and reply.count(b"\r\n") < 2):
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+        return reply.endswith(b"+PONG\r\n")
 
 
 @contextmanager
-def _admin(port: int) -> Iterator[redis.Redis]:
+def _admin(port: int, password: str | None = None) -> Iterator[redis.Redis]:
     """A short-lived synchronous client of a local server, for set-up and status queries."""
-    client = redis.Redis(_LOOPBACK, port, decode_responses=True, socket_timeout=5.0)
+    client = redis.Redis(
+        _LOOPBACK, port, password=password, decode_responses=True, socket_timeout=5.0
+    )
     try:
         yield client
     finally:
         client.close()
 
 
-def _query(port: int, command: str, *args: str) -> Any:
+def _query(port: int, command: str, *args: str, password: str | None = None) -> Any:
     """One command (``"CLUSTER INFO"``, with its arguments) to a local server; its reply as
     redis-py parses it."""
-    with _admin(port) as client:
+    with _admin(port, password) as client:
         return client.execute_command(command, *args)
 
 
@@ -100,6 +111,7 @@ class RedisProcess(Server):
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.password: str | None = None  # what a client sends with AUTH, when required
         self._process: subprocess.Popen[bytes] | None = None
 
     def arguments(self) -> list[str]:
@@ -118,11 +130,12 @@ class RedisProcess(Server):
 
     def start(self) -> Self:
         """Start the process and wait until it answers PING (loading its AOF first)."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._process = subprocess.Popen(
             [redis_server_binary(), *self.arguments()],
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            umask=0o077,  # its AOF and log: for this user only
         )
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
@@ -132,7 +145,7 @@ class RedisProcess(Server):
                     f"see the log in {self.data_dir}"
                 )
             try:
-                if _ping(self.port).startswith(b"+PONG"):
+                if _ping(self.port, self.password):
                     return self
             except OSError:
                 pass
@@ -155,7 +168,10 @@ class RedisProcess(Server):
 
 
 class RedisServer(RedisProcess):
-    """One redis-server bound to 127.0.0.1: AOF on, ``maxmemory-policy noeviction``."""
+    """One redis-server bound to 127.0.0.1: AOF on, ``maxmemory-policy noeviction``. With a
+    ``password`` it refuses clients that do not send it (``requirepass``; its replicas
+    authenticate with it too); the password goes to the server in a file of the data dir
+    readable by this user only, never on its command line (which every local user sees)."""
 
     def __init__(
         self,
@@ -164,17 +180,29 @@ class RedisServer(RedisProcess):
         port: int | None = None,
         appendfsync: str = DEFAULTS.appendfsync,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
         super().__init__(data_dir, port)
         self.appendfsync = appendfsync
         self.extra_args = extra_args
+        self.password = password
 
     @property
     def url(self) -> str:
-        return f"redis://{_LOOPBACK}:{self.port}/0"
+        auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
+        return f"redis://{auth}{_LOOPBACK}:{self.port}/0"
 
     def arguments(self) -> list[str]:
+        first: list[str] = []
+        if self.password is not None:
+            config = self.data_dir / "auth.conf"
+            config.unlink(missing_ok=True)
+            fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"requirepass {self.password}\nmasterauth {self.password}\n")
+            first = [str(config.resolve())]
         return [
+            *first,
             "--bind", _LOOPBACK,
             "--port", str(self.port),
             "--dir", str(self.data_dir.resolve()),
@@ -194,16 +222,17 @@ class RedisServer(RedisProcess):
             data_dir,
             appendfsync=self.appendfsync,
             extra_args=(*self.extra_args, "--replicaof", _LOOPBACK, str(self.port)),
+            password=self.password,
         )
 
     def role(self) -> str:
         """``master`` or ``slave``, as the server says now (INFO replication)."""
-        with _admin(self.port) as client:
+        with _admin(self.port, self.password) as client:
             return str(client.info("replication")["role"])
 
     def replicating(self) -> bool:
         """A replica whose link to its primary is up (it has synced and keeps up)."""
-        with _admin(self.port) as client:
+        with _admin(self.port, self.password) as client:
             info = client.info("replication")
         return bool(info["role"] == "slave" and info.get("master_link_status") == "up")
 
@@ -222,6 +251,8 @@ class RedisSentinel(RedisProcess):
         quorum: int,
         down_after_ms: int,
         failover_timeout_ms: int,
+        password: str | None = None,
+        primary_password: str | None = None,
     ) -> None:
         super().__init__(data_dir)
         self.master = master
@@ -229,6 +260,8 @@ class RedisSentinel(RedisProcess):
         self.quorum = quorum
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.password = password  # its own requirepass (the other Sentinels use it too)
+        self.primary_password = primary_password  # what it sends the primary and replicas
 
     @property
     def config(self) -> Path:
@@ -248,17 +281,27 @@ class RedisSentinel(RedisProcess):
                 f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n"
             )
+            with self.config.open("a") as out:
+                if self.primary_password is not None:
+                    out.write(f"sentinel auth-pass {self.master} {self.primary_password}\n")
+                if self.password is not None:
+                    out.write(
+                        f"requirepass {self.password}\nsentinel sentinel-pass {self.password}\n"
+                    )
+            self.config.chmod(0o600)
         return [str(self.config.resolve()), "--sentinel"]
 
     def primary(self) -> int:
         """The port of the primary this Sentinel names now."""
-        _, port = _query(self.port, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master)
+        _, port = _query(
+            self.port, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master, password=self.password
+        )
         return int(port)
 
     def sees(self, primary_port: int, replicas: int, sentinels: int) -> bool:
         """It names the primary on ``primary_port``, healthy, and knows ``replicas`` replicas
         and ``sentinels`` other Sentinels."""
-        state = _query(self.port, "SENTINEL MASTER", self.master)
+        state = _query(self.port, "SENTINEL MASTER", self.master, password=self.password)
         return bool(
             state["port"] == primary_port
             and state["is_master"]
@@ -275,7 +318,9 @@ class RedisSentinelGroup(Server):
     silence; its replica is then promoted within a few seconds.
 
     ``addresses`` is the value of FLASHTEAM_REDIS_SENTINELS and ``master`` the one of
-    FLASHTEAM_REDIS_MASTER; ``kill_primary()`` and ``wait_promoted()`` drive a failover."""
+    FLASHTEAM_REDIS_MASTER; ``kill_primary()`` and ``wait_promoted()`` drive a failover. With
+    ``password`` the primary and its replica require it (FLASHTEAM_REDIS_PASSWORD), with
+    ``sentinel_password`` the Sentinels require theirs (FLASHTEAM_REDIS_SENTINEL_PASSWORD)."""
 
     def __init__(
         self,
@@ -286,9 +331,13 @@ class RedisSentinelGroup(Server):
         quorum: int = 2,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 2000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
-        first = RedisServer(data_dir / "primary", extra_args=_SYNC_AT_ONCE)
+        first = RedisServer(data_dir / "primary", extra_args=_SYNC_AT_ONCE, password=password)
         self.servers = [first, first.replica(data_dir / "replica")]
+        self.password = password
+        self.sentinel_password = sentinel_password
         self.master = master
         self.primary_port = first.port
         self.sentinels = [
@@ -299,6 +348,8 @@ class RedisSentinelGroup(Server):
                 quorum=quorum,
                 down_after_ms=down_after_ms,
                 failover_timeout_ms=failover_timeout_ms,
+                password=sentinel_password,
+                primary_password=password,
             )
             for i in range(sentinels)
         ]

@@ -7,13 +7,17 @@ PostgreSQL. Both share one schema (``engine.store.schema``), created or migrated
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
 
 from engine.keys import shard_of_order
 from engine.models import Campaign, Order, Team
-from engine.settings import Settings
+from engine.settings import Settings, redact
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -181,12 +185,28 @@ class Store(Protocol):
         that succeeded automatically at expiry with the seats they lacked."""
 
 
+def unchecked_tls(url: str) -> bool:
+    """Whether a PostgreSQL URL names a host other than loopback (or a Unix socket) without
+    an ``sslmode``: the driver then accepts any server certificate."""
+    parts = urlsplit(url)
+    if "sslmode" in parse_qs(parts.query):
+        return False
+    host = parts.hostname or ""
+    return host not in ("", "localhost", "::1") and not host.startswith(("127.", "/"))
+
+
 async def open_store(settings: Settings) -> Store:
     """Open (and create or migrate) the store named by the settings."""
     url = settings.database_url
     if url is not None and url.startswith(("postgresql://", "postgres://")):
         from engine.store.postgres import PostgresStore
 
+        if unchecked_tls(url):
+            log.warning(
+                "the PostgreSQL URL %s sets no sslmode: its TLS, if any, accepts any "
+                "certificate; add sslmode=verify-full (docs/operations.md#network)",
+                redact(url),
+            )
         return await PostgresStore.open(url)
     from engine.store.sqlite import SqliteStore
 

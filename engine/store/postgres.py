@@ -95,11 +95,15 @@ def _translated(what: str) -> Iterator[None]:
     except EngineError:
         raise
     except _OUTAGES as exc:
-        raise Unavailable(f"PostgreSQL unavailable ({what}): {exc}") from exc
+        raise Unavailable(f"PostgreSQL unavailable ({what}): {exc}", service="sql") from exc
     except asyncpg.PostgresError as exc:
-        raise Unavailable(f"PostgreSQL {what} failed [{exc.sqlstate}]: {exc}") from exc
+        raise Unavailable(
+            f"PostgreSQL {what} failed [{exc.sqlstate}]: {exc}", service="sql"
+        ) from exc
     except Exception as exc:
-        raise Unavailable(f"PostgreSQL {what} failed ({type(exc).__name__}): {exc}") from exc
+        raise Unavailable(
+            f"PostgreSQL {what} failed ({type(exc).__name__}): {exc}", service="sql"
+        ) from exc
 
 
 class PostgresStore(DurableReads):

@@ -90,7 +90,7 @@ class SqliteStore(DurableReads):
             except sqlite3.IntegrityError:
                 raise
             except Exception as exc:
-                raise Unavailable(f"SQLite write failed: {_reason(exc)}") from exc
+                raise Unavailable(f"SQLite write failed: {_reason(exc)}", service="sql") from exc
 
     def _mark(self, n: int) -> str:
         return sql.qmark(n)
@@ -114,7 +114,8 @@ class SqliteStore(DurableReads):
                 waited = time.monotonic() - started  # the busy timeout's waits included
                 if waited >= _LOCKED_FOR:
                     raise Unavailable(
-                        f"SQLite write failed: the database stayed locked for {waited:.1f} s"
+                        f"SQLite write failed: the database stayed locked for {waited:.1f} s",
+                        service="sql",
                     ) from None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.1)
@@ -147,7 +148,7 @@ class SqliteStore(DurableReads):
                     await db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise _Locked from exc
-            raise Unavailable(f"SQLite write failed: {_reason(exc)}") from exc
+            raise Unavailable(f"SQLite write failed: {_reason(exc)}", service="sql") from exc
         return max(orders.rowcount, 0) + max(teams.rowcount, 0)
 
     async def _fetch(self, template: str, *args: Any) -> list[sqlite3.Row]:
@@ -158,7 +159,7 @@ class SqliteStore(DurableReads):
             async with self._db.execute(statement, args) as cursor:
                 return list(await cursor.fetchall())
         except Exception as exc:
-            raise Unavailable(f"SQLite read failed: {_reason(exc)}") from exc
+            raise Unavailable(f"SQLite read failed: {_reason(exc)}", service="sql") from exc
 
 
 def _reason(exc: Exception) -> str:
@@ -170,7 +171,7 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     try:
         db = await aiosqlite.connect(path, isolation_level=None, timeout=10)
     except sqlite3.Error as exc:
-        raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+        raise Unavailable(f"cannot open SQLite database {path}: {exc}", service="sql") from exc
     try:
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA busy_timeout=10000")
@@ -180,18 +181,20 @@ async def _connect(path: Path) -> aiosqlite.Connection:
     except BaseException as exc:
         await db.close()  # on any failure, cancellation included: never leak the connection
         if isinstance(exc, sqlite3.Error):
-            raise Unavailable(f"cannot open SQLite database {path}: {exc}") from exc
+            raise Unavailable(f"cannot open SQLite database {path}: {exc}", service="sql") from exc
         raise
     return db
 
 
 async def _migrate(db: aiosqlite.Connection) -> None:
-    """Bring the schema up to date under the write lock, so concurrent openers migrate once."""
+    """Bring the schema up to date under the write lock, so concurrent openers migrate once.
+    Opening a database already at the current schema takes no write lock: a process starts
+    while another holds it (a long write, a backup)."""
+    if await _version(db) >= sql.SCHEMA_VERSION:
+        return
     await db.execute("BEGIN IMMEDIATE")
     await db.execute(sql.VERSION_TABLE)
-    async with db.execute("SELECT version FROM schema_version") as cursor:
-        row = await cursor.fetchone()
-    current = 0 if row is None else int(row[0])
+    current = await _version(db)
     if current >= sql.SCHEMA_VERSION:
         await db.execute("COMMIT")
         return
@@ -201,3 +204,14 @@ async def _migrate(db: aiosqlite.Connection) -> None:
     await db.execute("DELETE FROM schema_version")
     await db.execute("INSERT INTO schema_version (version) VALUES (?)", (sql.SCHEMA_VERSION,))
     await db.execute("COMMIT")
+
+
+async def _version(db: aiosqlite.Connection) -> int:
+    """The schema version the database is at; 0 for a new one (or one that cannot be read
+    without the write lock, which then reads it again under the lock)."""
+    try:
+        async with db.execute("SELECT version FROM schema_version") as cursor:
+            row = await cursor.fetchone()
+    except sqlite3.OperationalError:  # no such table yet
+        return 0
+    return 0 if row is None else int(row[0])

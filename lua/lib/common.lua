@@ -9,13 +9,15 @@
 --   7 rate_limited, 8 idempotency_mismatch, 9 forbidden, 10 hold_expired, 11 invalid_state,
 --   12 not_editable, 13 team_full, 14 team_closed, 15 already_in_team, 16 team_in_progress,
 --   17 wrong_kind, 18 recovering (the campaign's Redis state awaits a repair from SQL),
---   19 order_limit_exceeded (more units in one order than the campaign's per-order cap)
+--   19 order_limit_exceeded (more units in one order than the campaign's per-order cap),
+--   20 payment_ref_used (the payment reference paid another order), 21 amount_mismatch (the
+--   amount paid is not what the order costs)
 
 local OK, NOT_FOUND, NOT_STARTED, ENDED, INVALIDATED = 0, 1, 2, 3, 4
 local SOLD_OUT, LIMIT_EXCEEDED, RATE_LIMITED, IDEMPOTENCY_MISMATCH = 5, 6, 7, 8
 local FORBIDDEN, HOLD_EXPIRED, INVALID_STATE, NOT_EDITABLE = 9, 10, 11, 12
 local TEAM_FULL, TEAM_CLOSED, ALREADY_IN_TEAM, TEAM_IN_PROGRESS, WRONG_KIND = 13, 14, 15, 16, 17
-local RECOVERING, ORDER_LIMIT_EXCEEDED = 18, 19
+local RECOVERING, ORDER_LIMIT_EXCEEDED, PAYMENT_REF_USED, AMOUNT_MISMATCH = 18, 19, 20, 21
 
 -- KEYS[1..10] of every order and team script, in this order (engine/keys.py order_keys).
 local function order_keys()
