@@ -57,6 +57,7 @@ PROVISIONING = GRAFANA / "provisioning"
 ALERTS = {
     "FlashteamDown",
     "FlashteamRedisDown",
+    "FlashteamRedisLostWrites",
     "FlashteamSQLDown",
     "FlashteamStreamLagHigh",
     "FlashteamReaperLagHigh",

@@ -151,8 +151,9 @@ async def test_redis_emptied_before_a_restart(
 async def test_a_restarted_redis_is_verified_before_it_sells(
     redis: aioredis.Redis, tmp_path: Path
 ) -> None:
-    """A server that restarted (from its AOF: nothing lost here, but it cannot know) has a
-    new replication id: the campaign answers recovering until it is verified and repaired."""
+    """A server that restarted (from its AOF: nothing lost here) is a server the campaign
+    was not verified on: its first call has what the server holds checked against SQL, and
+    goes through: nothing fenced, nothing repaired."""
     server = RedisServer(tmp_path / "redis").start()
     try:
         settings = make_settings(server.url, tmp_path)
@@ -160,26 +161,52 @@ async def test_a_restarted_redis_is_verified_before_it_sells(
             now = await engine.runtime.now()
             await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
             held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
+            await FlushWorker(engine.runtime).drain()
             server.stop()
             server.start()
             exposed = await render(engine.runtime)
-            assert b"flashteam_campaigns_fenced 0\n" in exposed  # no repair due yet
-            assert b"flashteam_campaigns_unverified 1\n" in exposed
-            with pytest.raises(Recovering) as refused:
-                await engine.orders.pay(held.order_id, "a", "pa")
-            assert refused.value.details == {"reason": "recovering", "why": "restarted"}
-            await engine.recovery.wait_idle()
-            exposed = await render(engine.runtime)
             assert b"flashteam_campaigns_fenced 0\n" in exposed
-            assert b"flashteam_campaigns_unverified 0\n" in exposed
-            assert b"flashteam_recoveries_total 1\n" in exposed
-            paid = await engine.orders.pay(held.order_id, "a", "pa")  # the retry goes through
+            assert b"flashteam_campaigns_unverified 1\n" in exposed
+            paid = await engine.orders.pay(held.order_id, "a", "pa")
             assert paid.state is OrderState.PAID
+            exposed = await render(engine.runtime)
+            assert b"flashteam_campaigns_unverified 0\n" in exposed
+            assert b"flashteam_recoveries_total 0\n" in exposed
+            assert b"flashteam_recovery_verifications_total 1\n" in exposed
             await FlushWorker(engine.runtime).drain()
             await assert_redis_matches_sql(engine, CID)
             await assert_invariants(engine, CID)
     finally:
         server.stop()
+
+
+async def test_a_new_server_that_lost_a_payment_sql_holds_is_repaired(engine: Engine) -> None:
+    """The server the campaign is on now (another replication id) holds a paid order at its
+    held version, as a replica promoted before the payment reached it would: the
+    verification finds the loss against SQL, the campaign is fenced and repaired from SQL,
+    and the order is paid again in Redis."""
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
+    held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
+    keys = keys_of(CID)
+    redis = engine.runtime.redis
+    before = await redis.hget(keys.orders, held.order_id)
+    await engine.orders.pay(held.order_id, "a", "pa")
+    await FlushWorker(engine.runtime).drain()
+    await redis.hset(keys.orders, held.order_id, before)  # the payment lost with the server
+    await redis.hset(keys.meta, "node", "another-server")
+    with pytest.raises(Recovering) as refused:
+        await engine.flash.reserve(CID, "b", SKU, 1, "kb")
+    assert refused.value.details["why"] == "restarted"
+    await engine.recovery.wait_idle()
+    assert engine.recovery.repairs == 1 and await engine.recovery.trusted(CID)
+    record = await redis.hget(keys.orders, held.order_id)
+    assert isinstance(record, str)
+    assert Order.from_record(held.order_id, record).state is OrderState.PAID
+    await engine.flash.reserve(CID, "b", SKU, 1, "kb")
+    await FlushWorker(engine.runtime).drain()
+    await assert_redis_matches_sql(engine, CID)
+    await assert_invariants(engine, CID)
 
 
 async def test_flashteam_recover_repairs_by_hand_and_twice(engine: Engine) -> None:
