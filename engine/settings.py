@@ -52,7 +52,12 @@ class Settings:
         "Redis to use; unset (and no FLASHTEAM_REDIS_SENTINELS): `flashteam run` starts a "
         "private redis-server under the data dir",
     )
-    redis_cluster: bool = _setting(False, "1: the Redis URL names a node of a Redis Cluster")
+    redis_cluster: bool = _setting(
+        False,
+        "1: the Redis URL names a node of a Redis Cluster, or several (seeds: a comma-separated "
+        "list of URLs, tried in turn until one answers; the first URL's password and options "
+        "apply to all)",
+    )
     redis_sentinels: str | None = _setting(
         None,
         "Redis Sentinel addresses, host:port,host:port,...: the engine asks them where the "
@@ -182,6 +187,11 @@ class Settings:
     def _check_redis(self) -> None:
         """How the engine finds Redis: one URL, or the Sentinels (never both, never Sentinel
         with Cluster)."""
+        if self.redis_url is not None and "," in self.redis_url and not self.redis_cluster:
+            raise ConfigurationError(
+                f"{_PREFIX}REDIS_URL lists several URLs, which only a Redis Cluster takes (its "
+                f"seeds): set {_PREFIX}REDIS_CLUSTER=1, or name one server"
+            )
         if self.redis_sentinels is None:
             return
         sentinels = f"{_PREFIX}REDIS_SENTINELS"
