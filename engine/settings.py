@@ -128,8 +128,8 @@ class Settings:
     )
     sold_out_ttl: float = _setting(
         0.5,
-        "seconds a sold-out item is answered without running a reservation; 0 = off; at most 1 "
-        "(returned units sell within 1 s)",
+        "seconds a process sends reservations of a sold-out item as probes (a replay, sold_out "
+        "while no unit is left, the reservation once one is back); 0 = off; at most 1",
     )
     archive_after: float = _setting(
         3600.0,
