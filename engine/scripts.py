@@ -368,6 +368,7 @@ class Scripts:
         "expire_teams",
         "list_teams",
         "ack_events",
+        "forget_consumers",
         "batch",
         "recover_campaign",
         "archive_campaign",
@@ -710,6 +711,14 @@ class Scripts:
     async def ack_events(self, stream: str, group: str, entry_ids: Sequence[str]) -> int:
         """ack_events.lua: acknowledge and delete flushed outbox entries; how many were."""
         reply = await self._call("ack_events", (stream,), (group, *entry_ids))
+        return int(reply[0])
+
+    async def forget_consumers(
+        self, stream: str, group: str, idle_ms: int, names: Sequence[str] = ()
+    ) -> int:
+        """forget_consumers.lua: remove the group's consumers with nothing pending that are
+        idle longer than ``idle_ms`` or named in ``names``; how many were."""
+        reply = await self._call("forget_consumers", (stream,), (group, idle_ms, *names))
         return int(reply[0])
 
 
