@@ -1,6 +1,6 @@
-"""The settings every process must share (engine/fingerprint.py, docs/operations.md#what-must-
-match): a process started with another value of one of them warns, naming it; tokens are
-compared as digests only, and only between processes that have them."""
+"""The settings every process must share (docs/operations.md#what-must-match): a process
+started with another value of one of them warns, naming it; tokens are compared as digests
+only, and only between processes that have them."""
 
 from __future__ import annotations
 
