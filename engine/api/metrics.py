@@ -201,8 +201,8 @@ async def _from_redis(rt: Runtime) -> list[str]:
         "# HELP flashteam_recovery_failures_total Repairs that failed (retried on next use).",
         "# TYPE flashteam_recovery_failures_total counter",
         f"flashteam_recovery_failures_total {int(stats.get('failures', 0))}",
-        "# HELP flashteam_recovery_verifications_total Campaigns found whole on a new Redis "
-        "server (checked against SQL: nothing lost, nothing repaired).",
+        "# HELP flashteam_recovery_verifications_total Campaigns (each stock bucket of a sharded "
+        "one) found whole on a new Redis server: checked against SQL, nothing repaired.",
         "# TYPE flashteam_recovery_verifications_total counter",
         f"flashteam_recovery_verifications_total {int(stats.get('verified', 0))}",
         *await _archival(rt),
