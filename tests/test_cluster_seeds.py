@@ -1,6 +1,6 @@
 """Several Redis Cluster seeds in FLASHTEAM_REDIS_URL (docs/operations.md): with the first
-seed's master dead and its replica promoted, a new engine and the `reconcile` and
-`worker --drain` commands start on the next seed of the list."""
+seed's master dead and its replica promoted, a new engine, `flashteam serve` and the
+`reconcile` and `worker --drain` commands start on the next seed of the list."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import asyncio
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 
 from engine.core import Engine
 from engine.errors import ConfigurationError
+from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisClusterServers
 from engine.settings import Settings
 from testkit.factories import flash_campaign, make_settings
@@ -43,6 +45,10 @@ async def test_new_processes_start_on_the_next_seed_when_the_first_is_dead(
         code, out, err = await run_cli(*command, env=env)
         assert code == 0, (command, out, err)
         assert "RedisClusterUnreachable" not in err
+    extra = {"redis_cluster": "1"}
+    with ApiServer(seeds, tmp_path / "api", workers=1, extra=extra) as api:
+        async with httpx.AsyncClient(base_url=api.url, trust_env=False) as client:
+            assert (await client.get("/readyz")).status_code == 200
 
 
 def test_several_urls_need_a_cluster() -> None:
