@@ -180,11 +180,19 @@ async def test_a_restarted_redis_is_verified_before_it_sells(
         server.stop()
 
 
-async def test_a_new_server_that_lost_a_payment_sql_holds_is_repaired(engine: Engine) -> None:
+async def test_a_new_server_that_lost_a_payment_sql_holds_is_repaired(
+    redis: aioredis.Redis, redis_server: RedisServer, database_url: str, tmp_path: Path
+) -> None:
     """The server the campaign is on now (another replication id) holds a paid order at its
     held version, as a replica promoted before the payment reached it would: the
     verification finds the loss against SQL, the campaign is fenced and repaired from SQL,
-    and the order is paid again in Redis."""
+    and the order is paid again in Redis (on each SQL backend)."""
+    settings = make_settings(redis_server.url, tmp_path, database_url=database_url)
+    async with await Engine.open(settings) as engine:
+        await _lost_payment_repaired(engine)
+
+
+async def _lost_payment_repaired(engine: Engine) -> None:
     now = await engine.runtime.now()
     await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
     held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
