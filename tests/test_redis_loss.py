@@ -255,3 +255,20 @@ async def test_a_reaper_step_ending_18_holds_is_no_refusal(engine: Engine) -> No
     assert engine.recovery.repairs == 0 and await engine.recovery.trusted(CID)
     await engine.recovery.wait_idle()
     assert engine.recovery.repairs == 0
+
+
+async def test_a_repair_asked_for_once_another_process_repaired_does_nothing(
+    engine: Engine,
+) -> None:
+    """Two processes saw the campaign refused; the first repairs it; the second's repair,
+    asked for a moment later, finds it trusted under the lock and rebuilds nothing."""
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
+    await engine.flash.reserve(CID, "a", SKU, 1, "ka")
+    await engine.runtime.scripts.fence(CID, "behind")
+    async with await Engine.open(engine.runtime.settings) as other:
+        done = await engine.recovery.repair(CID)
+        assert not done.waited and engine.recovery.repairs == 1
+        again = await other.recovery.repair(CID, unless_trusted=True)
+        assert again.waited and other.recovery.repairs == 0
+        assert await other.recovery.trusted(CID)
