@@ -1,10 +1,11 @@
 """Sold-out resale: how long a unit cancelled after a sell-out takes to sell again.
 
-After a sell-out an engine answers further reservations of that item with ``sold_out`` from a
-flag of its own for ``sold_out_ttl`` seconds, without running the reservation script (the
-sold-out fast path, docs/lifecycle.md#order); a unit that comes back meanwhile (a cancel, an
-expiry) sells again once the flag lapses. The docs promise that time stays under 1 s; the test
-suite checks only that the unit does sell again (tests/test_sold_out.py), this measures when.
+After a sell-out an engine sends further reservations of that item as probes for
+``sold_out_ttl`` seconds, without running the reservation script (the sold-out fast path,
+docs/lifecycle.md#order); a probe reads the item's units, so a unit that comes back meanwhile
+(a cancel, an expiry) is reserved by the next attempt. The docs promise that time stays under
+1 s; the test suite checks only that the unit does sell again (tests/test_sold_out.py), this
+measures when.
 
 Each round, on its own item of one unit (the production ``sold_out_ttl``): a shopper holds the
 unit, a late one finds it sold out and raises the flag, the hold is cancelled at once (the

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -46,18 +45,25 @@ async def _engine(settings: Settings) -> AsyncIterator[Engine]:
         await engine.close()
 
 
-def _serve(settings: Settings, host: str, port: int, workers: int) -> int:
+def _serve(settings: Settings, host: str, port: int, workers: int, share_port: bool) -> int:
     """The HTTP API on flashteam's own server (engine/api/server.py), ``workers`` processes
-    on one port."""
+    on one port; refused when another process already listens there, unless ``share_port``
+    (the port's workers share it through SO_REUSEPORT, so another instance would start
+    beside a stale one without a word)."""
     settings.require_tokens()  # refuse before any worker starts
-    if workers > 1:
-        # prometheus_client keeps every worker's histograms here; /metrics sums them.
-        metrics_dir = settings.data_dir / "prometheus"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    if not share_port and server.port_in_use(host, port):
+        raise ConfigurationError(
+            f"{host}:{port} is already served by another process (another `flashteam serve`?): "
+            "stop it, choose another --port, or pass --share-port to serve beside it"
+        )
     log.info("API on http://%s:%d with %d worker(s)", host, port, workers)
-    return server.run(settings, host, port, workers)
+    if workers == 1:
+        return server.run(settings, host, port, workers)
+    # prometheus_client keeps every worker's histograms in a directory of this instance's
+    # own, removed when it stops: no other instance, whatever its data dir, touches it.
+    with tempfile.TemporaryDirectory(prefix="flashteam-metrics-") as metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        return server.run(settings, host, port, workers)
 
 
 def _run(settings: Settings, host: str, port: int, workers: int) -> int:
@@ -257,6 +263,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--workers", type=int, default=API_WORKERS, help="API worker processes; %(default)s"
         )
+    serve.add_argument(
+        "--share-port",
+        action="store_true",
+        help="start even when another process already serves --port (both then take "
+        "connections: a rolling restart)",
+    )
     sub.add_parser("reaper", help="run only the reaper against FLASHTEAM_REDIS_URL")
     worker = sub.add_parser(
         "worker", help="run the flush worker (outbox streams -> SQL) against FLASHTEAM_REDIS_URL"
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise ConfigurationError("--workers must be 1 or more")
         if args.command == "serve":
-            return _serve(settings, args.host, args.port, args.workers)
+            return _serve(settings, args.host, args.port, args.workers, args.share_port)
         return _run(settings, args.host, args.port, args.workers)
     except (ConfigurationError, EngineError) as exc:
         print(f"flashteam: {exc}", file=sys.stderr)

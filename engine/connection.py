@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -39,7 +40,8 @@ _RETRY_ON = [redis_errors.ConnectionError, redis_errors.TimeoutError, redis_erro
 
 
 def connect_redis(settings: Settings) -> RedisClient:
-    """A client for ``settings.redis_url``: a cluster client when ``redis_cluster``; with
+    """A client for ``settings.redis_url``: a cluster client when ``redis_cluster`` (the URL
+    may then be a comma-separated list of seeds); with
     ``redis_sentinels``, a client of the primary the Sentinels name for ``redis_master``."""
     if settings.redis_sentinels is not None:
         return _sentinel_client(settings)
@@ -53,8 +55,13 @@ def connect_redis(settings: Settings) -> RedisClient:
         # Per node; scripts are capped at MAX_IN_FLIGHT by Scripts, other calls share the rest.
         # The retry counts whole attempts, each after reloading the slot map when the last
         # one failed on a connection (a dead primary) or met CLUSTERDOWN (mid-failover).
+        # Every seed of the list is tried at start-up until one answers; the first URL's
+        # credentials and options apply to all.
+        first, *more = settings.redis_url.split(",")
+        seeds = [ClusterNode(*_host_port(url)) for url in more]
         return RedisCluster.from_url(
-            settings.redis_url,
+            first.strip(),
+            startup_nodes=seeds or None,
             decode_responses=True,
             max_connections=MAX_IN_FLIGHT * 4,
             retry=_retry(),
@@ -66,6 +73,11 @@ def connect_redis(settings: Settings) -> RedisClient:
         retry=_retry(),
         retry_on_error=_RETRY_ON,
     )
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parsed = urlsplit(url.strip())
+    return parsed.hostname or "localhost", parsed.port or 6379
 
 
 class SentinelPrimary(aioredis.Redis):

@@ -18,6 +18,7 @@ from engine.campaigns import Campaigns
 from engine.coalesce import Coalescer
 from engine.connection import MAX_IN_FLIGHT, check_eviction_policy, connect_redis
 from engine.errors import EngineError
+from engine.fingerprint import check_fingerprint
 from engine.flash import FlashSale
 from engine.orders import Orders
 from engine.reaper import Reaper
@@ -62,6 +63,7 @@ class Engine:
             await client.aclose()
             raise
         engine = cls(Runtime(settings, client, scripts, store))
+        await check_fingerprint(engine.runtime)
         await engine.recovery.check(await engine.campaigns.warm_all())
         return engine
 

@@ -5,11 +5,13 @@ here as a ``Reservation`` or a ``Rejected`` subclass (decoded by ``engine.script
 cancelling and refunding the order is ``engine.orders``'s (for every kind of order).
 
 The sold-out fast path: once a reservation finds an item with no units left, this process
-answers further reservations of that item with ``sold_out`` for ``settings.sold_out_ttl``
-seconds without running the reservation: they ride in a coalesced batch as a replay probe
-(one HGET of their idempotency record), so a retry of a reservation that did succeed still
-gets its order back. Units returned by an expiry or a cancel are sellable again within that
-time (0.5 s by default; never more than 1 s).
+sends further reservations of that item as probes for ``settings.sold_out_ttl`` seconds (0.5
+s by default; never more than 1 s): they ride in a coalesced batch, and each costs one HGET of
+its idempotency record and one read of the item's units (shared by the batch). A retry of a
+reservation that did succeed gets its order back, the others ``sold_out`` while no unit is
+left; a unit returned by an expiry or a cancel is reserved at once. So every process, flag or
+no flag, gives a request the same answer: a retry sent to another node never reads
+``sold_out`` beside an order.
 
 A sharded campaign (engine/shards.py) sends each shopper's reservation to the shopper's stock
 bucket; when that bucket cannot serve it, the rebalancer moves units there from the other
@@ -61,6 +63,8 @@ class FlashSale:
         except Archived:
             raise await archived_refusal(self._rt, keys.campaign_id, "reserve") from None
         if isinstance(outcome, Reservation):
+            if sold_out:  # a unit came back: the item is on sale again here
+                self._sold_out.pop(flag, None)
             return outcome
         ttl = self._rt.settings.sold_out_ttl
         if ttl and not sold_out and outcome.code is Code.SOLD_OUT and int(outcome.detail) == 0:

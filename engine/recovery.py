@@ -7,9 +7,13 @@ before it sells:
 
 - every script that changes a campaign first checks its ``meta`` (lib/common.lua
   ``untrusted``): no definition ('missing'), a fence ('fenced'), or a server whose
-  replication id is not the one the state was verified on ('restarted': the server restarted
-  or was promoted since). It then answers code 18, and the caller gets ``Recovering``
-  (HTTP 503 ``unavailable``, reason ``recovering``) while this module repairs the campaign;
+  replication id is not the one the state was verified on ('restarted': the server
+  restarted, was promoted, or created its replication backlog for a replica since). It then
+  answers code 18. On 'restarted' this module checks what the server holds against SQL
+  (``verify``) and, when nothing SQL holds is missing, records the state as verified and the
+  call is made again: attaching a replica interrupts nothing. Otherwise the caller gets
+  ``Recovering`` (HTTP 503 ``unavailable``, reason ``recovering``) while this module repairs
+  the campaign;
 - the flush worker fences a campaign whose order or team sequence in Redis is behind SQL's
   high-water marks, or one of whose events collides with a different durable order;
 - ``warm_campaign.lua`` never loads a started campaign that is missing with its initial
@@ -95,6 +99,12 @@ _T = TypeVar("_T")
 ID_GAP = 1_000_000
 # The repair lock's lifetime; a live repair extends it between write chunks.
 LOCK_MS = 15_000
+# How far back a verification of a new server compares orders and teams with SQL: far more
+# than asynchronous replication or an fsync policy loses.
+VERIFY_WINDOW_MS = 600_000
+# How long a call refused on a new server waits for the verification before it answers
+# recovering (the verification carries on).
+VERIFY_WAIT = 2.0
 _CHUNK = 1_000  # hash fields or sorted-set members per command
 _WAIT = 0.05
 # Seconds between two repairs of one campaign by one process.
@@ -143,13 +153,17 @@ class Recovery:
         self._rt = rt
         self._tasks: dict[str, asyncio.Task[Repair | None]] = {}
         self._last: dict[str, float] = {}  # campaign -> time.monotonic() of its last repair
+        self._verifying: dict[str, asyncio.Task[bool]] = {}
         self._archived: set[str] = set()  # campaigns found archived (their scripts refuse)
         self.repairs = 0  # completed by this process
 
-    async def on_untrusted(self, campaign_id: str, why: str) -> None:
-        """A script refused ``campaign_id`` (Scripts.untrusted): start its repair in the
-        background, unless SQL has no such campaign either (NotFound), or it is archived or
-        being archived (Archived: SQL holds it, engine/archive.py)."""
+    async def on_untrusted(self, campaign_id: str, why: str) -> bool:
+        """A script refused ``campaign_id`` (Scripts.untrusted). On a new server
+        ('restarted'): verify what it holds (``verify``, at most ``VERIFY_WAIT``) and answer
+        True when it holds everything SQL knows, so the script is called again. Otherwise
+        start its repair in the background, unless SQL has no such campaign either
+        (NotFound), or it is archived or being archived (Archived: SQL holds it,
+        engine/archive.py)."""
         if why == "archiving" or campaign_id in self._archived:
             raise Archived(campaign_id)
         if why == "missing":
@@ -158,7 +172,102 @@ class Recovery:
             if await self._rt.store.archive_of(campaign_id) is not None:
                 self._archived.add(campaign_id)  # for good: archival is never undone
                 raise Archived(campaign_id)
+        if why == "restarted":
+            task = self._verifying.get(campaign_id)
+            if task is None or task.done():
+                task = asyncio.create_task(self._verify_or_repair(campaign_id))
+                self._verifying[campaign_id] = task
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(task), VERIFY_WAIT)
+            return False
         self.request(campaign_id, why)
+        return False
+
+    async def _verify_or_repair(self, campaign_id: str) -> bool:
+        try:
+            if await self.verify(campaign_id):
+                return True
+        except EngineError as exc:  # Redis or SQL away: the next refused call asks again
+            log.error("campaign %s: verification failed: %s", campaign_id, exc.message)
+            return False
+        self.request(campaign_id, "lost")
+        return False
+
+    async def verify(self, campaign_id: str) -> bool:
+        """Judge the campaign's state on a server it was not verified on (a replica attached
+        or re-attached, a backlog re-created, a restart, a promotion) by what the server
+        holds, one process at a time (the repair lock; the others wait for it): its order
+        and team sequences are not behind SQL's high-water marks, and every order and team
+        SQL changed in the last ``VERIFY_WINDOW_MS`` is there at SQL's version or later.
+        Then the state is recorded as verified on this server, its sequences moved on by
+        ``ID_GAP`` (ids a lost write may have handed out are never reused), and True: nothing
+        is fenced, nothing rebuilt. False when Redis lost something SQL has: the campaign is
+        fenced for a repair (or one is due already)."""
+        rt = self._rt
+        shards = (await rt.layout(campaign_id)).shards
+        token = uuid.uuid4().hex
+        while (await rt.scripts.take_repair(campaign_id, token, LOCK_MS)) is not None:
+            await asyncio.sleep(_WAIT)
+            if await self.trusted(campaign_id):
+                return True
+        lifted: list[str] = []
+        try:
+            since = from_ms(to_ms(await rt.now()) - VERIFY_WINDOW_MS)
+            recent = await rt.store.recent_versions(campaign_id, since)
+            for shard in (*shards[1:], campaign_id):  # the campaign's own bucket (lock) last
+                meta = keys_of(shard).meta
+                kind, fence, node = await guarded(rt.redis.hmget(meta, "kind", "fence", "node"))
+                if kind is None or fence is not None:
+                    return False  # missing or fenced: its scripts ask for the repair
+                if node == await self.node_id(shard):
+                    continue
+                lost = await self._lost(shard, recent)
+                if lost:
+                    log.error(
+                        "campaign %s: the Redis server lost writes SQL holds (%s): fencing it "
+                        "for a repair",
+                        shard,
+                        lost,
+                    )
+                    await rt.scripts.fence(shard, "lost")
+                    return False
+                if shard != campaign_id:  # a bucket of a sharded campaign: its own lock too
+                    await self._hold(shard, token)
+                    lifted.append(shard)
+                if not await rt.scripts.lift(shard, token, ID_GAP):
+                    raise EngineError(f"campaign {shard}: the lock expired mid-verification")
+                log.warning(
+                    "campaign %s: verified on a new Redis server against SQL: nothing lost",
+                    shard,
+                )
+                await _count(rt, "verified")
+        finally:
+            for shard in (*lifted, campaign_id):
+                await rt.scripts.free(shard, token)  # what a lift did not free already
+        return True
+
+    async def _lost(self, shard: str, recent: dict[str, int]) -> str | None:
+        """What the server lost of the campaign's (or stock bucket's) writes SQL holds, None
+        when nothing: its sequences behind SQL's high-water marks, or an order or team of
+        ``recent`` (id: SQL's version) missing or at an older version."""
+        rt = self._rt
+        keys = keys_of(shard)
+        oseq, tseq = await guarded(rt.redis.hmget(keys.meta, "oseq", "tseq"))
+        marks = await rt.store.marks(shard)
+        if int(oseq or 0) < marks[0] or int(tseq or 0) < marks[1]:
+            return f"order/team sequence {oseq}/{tseq} behind SQL's {marks[0]}/{marks[1]}"
+        mine = [i for i in recent if i[: i.rindex(".")] == shard]
+        for kind, key, decode in (
+            ("o", keys.orders, Order.from_record),
+            ("t", keys.teams, Team.from_record),
+        ):
+            ids = [i for i in mine if i[i.rindex(".") + 1] == kind]
+            for chunk in _chunks(ids):
+                records = await guarded(rt.redis.hmget(key, chunk))
+                for item, record in zip(chunk, records, strict=True):
+                    if record is None or decode(item, record).version < recent[item]:
+                        return f"{item} at version {recent[item]} in SQL"
+        return None
 
     async def check(self, campaigns: Iterable[Campaign]) -> None:
         """At start-up: fence and repair every campaign whose order or team sequence in
@@ -201,7 +310,7 @@ class Recovery:
         try:
             if wait > 0:
                 await asyncio.sleep(wait)
-            return await self.repair(campaign_id, why)
+            return await self.repair(campaign_id, why, unless_trusted=True)
         except EngineError as exc:  # Redis or SQL away: the next refused call asks again
             log.error("campaign %s: repair failed: %s", campaign_id, exc.message)
             await _count(self._rt, "failures")
@@ -209,19 +318,25 @@ class Recovery:
 
     async def wait_idle(self) -> None:
         """Wait for this process's background repairs (tests, shutdown)."""
-        while tasks := [t for t in self._tasks.values() if not t.done()]:
+        while tasks := [t for t in self._background_tasks() if not t.done()]:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel the background repairs (the lock expires; another process redoes them)."""
-        for task in self._tasks.values():
+        tasks = self._background_tasks()
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def repair(self, campaign_id: str, why: str) -> Repair:
+    def _background_tasks(self) -> list[asyncio.Task[Any]]:
+        return [*self._tasks.values(), *self._verifying.values()]
+
+    async def repair(self, campaign_id: str, why: str, *, unless_trusted: bool = False) -> Repair:
         """Repair one campaign now (``flashteam recover``; ``why``: the reason counted and
-        logged); when another process is already repairing it, wait for that repair
-        instead."""
+        logged); when another process is already repairing it, wait for that repair instead.
+        ``unless_trusted``: nothing done (as if it waited) when the campaign is trusted by
+        the time the lock is taken (another process repaired or verified it since this one
+        was asked)."""
         rt = self._rt
         campaign = await rt.store.get_campaign(campaign_id)
         if campaign is None:
@@ -237,6 +352,9 @@ class Recovery:
             await asyncio.sleep(_WAIT)
             if await self.trusted(campaign_id):
                 return Repair(campaign_id, 0, 0, 0, 0, time.perf_counter() - started, True)
+        if unless_trusted and await self.trusted(campaign_id):
+            await rt.scripts.free(campaign_id, token)
+            return Repair(campaign_id, 0, 0, 0, 0, time.perf_counter() - started, True)
         try:
             repair = await self._repair(campaign, token, started)
         except BaseException:

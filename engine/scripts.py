@@ -379,6 +379,7 @@ class Scripts:
         "expire_teams",
         "list_teams",
         "ack_events",
+        "forget_consumers",
         "batch",
         "recover_campaign",
         "archive_campaign",
@@ -400,8 +401,9 @@ class Scripts:
         # Awaited with (campaign id, why) when a script finds the campaign's Redis state
         # untrusted (lib/common.lua untrusted), before the caller gets Recovering: the
         # engine's recovery (engine/recovery.py) schedules the repair, or raises NotFound
-        # for a campaign SQL does not have either.
-        self.untrusted: Callable[[str, str], Awaitable[None]] | None = None
+        # for a campaign SQL does not have either. True when the state is trusted again
+        # (verified on a new server): the script is called once more.
+        self.untrusted: Callable[[str, str], Awaitable[bool]] | None = None
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in self._sources.items()
         }
@@ -428,7 +430,20 @@ class Scripts:
         """Call one script of ``campaign_id``; Redis failures become engine errors, the reply
         a list. A reply saying the campaign awaits a repair (first field ``refused``: 18, or
         -1 from the reaper's scripts, whose replies start with a count) is reported to
-        ``untrusted`` first."""
+        ``untrusted`` first; when that finds the state trusted again, the script is called
+        once more."""
+        reply = await self._once(name, keys, args)
+        untrusted = bool(reply) and reply[0] == refused
+        if (
+            untrusted
+            and campaign_id is not None
+            and self.untrusted is not None
+            and await self.untrusted(campaign_id, str(reply[1]))
+        ):
+            return await self._once(name, keys, args)
+        return reply
+
+    async def _once(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> list[Any]:
         script = self._scripts[name]
         async with self._limit:
             if self.observe is None:
@@ -441,9 +456,6 @@ class Scripts:
                     self.observe(name, time.perf_counter() - started)
         if not isinstance(reply, list):
             raise errors.EngineError(f"script returned {type(reply).__name__}, not a list")
-        untrusted = bool(reply) and reply[0] == refused
-        if untrusted and campaign_id is not None and self.untrusted is not None:
-            await self.untrusted(campaign_id, str(reply[1]))
         return reply
 
     # The order-creating scripts (lib/ops.lua).
@@ -651,12 +663,19 @@ class Scripts:
             ("unseal",),
         )
 
-    async def lift(self, shard: str, token: str) -> bool:
-        """recover_campaign.lua 'lift': the repaired state is trusted on this server; False
-        when the lock is no longer this token's (the repair took too long: redo it)."""
+    async def lift(self, shard: str, token: str, gap: int = 0) -> bool:
+        """recover_campaign.lua 'lift': the repaired (or verified) state is trusted on this
+        server, its sequences moved on by ``gap``; False when the lock is no longer this
+        token's (the repair took too long: redo it)."""
         keys = keys_of(shard)
-        reply = await self._call("recover_campaign", (keys.meta, keys.repair), ("lift", token))
+        args = ("lift", token, gap)
+        reply = await self._call("recover_campaign", (keys.meta, keys.repair), args)
         return bool(reply[0] == Code.OK)
+
+    async def free(self, shard: str, token: str) -> None:
+        """recover_campaign.lua 'free': give the repair lock up, changing nothing else."""
+        keys = keys_of(shard)
+        await self._call("recover_campaign", (keys.meta, keys.repair), ("free", token))
 
     # Stock transfers between the buckets of a sharded campaign (engine/shards.py).
 
@@ -714,6 +733,14 @@ class Scripts:
     async def ack_events(self, stream: str, group: str, entry_ids: Sequence[str]) -> int:
         """ack_events.lua: acknowledge and delete flushed outbox entries; how many were."""
         reply = await self._call("ack_events", (stream,), (group, *entry_ids))
+        return int(reply[0])
+
+    async def forget_consumers(
+        self, stream: str, group: str, idle_ms: int, names: Sequence[str] = ()
+    ) -> int:
+        """forget_consumers.lua: remove the group's consumers with nothing pending that are
+        idle longer than ``idle_ms`` or named in ``names``; how many were."""
+        reply = await self._call("forget_consumers", (stream,), (group, idle_ms, *names))
         return int(reply[0])
 
 

@@ -57,7 +57,12 @@ class Settings:
         "private redis-server under the data dir",
         secret=True,
     )
-    redis_cluster: bool = _setting(False, "1: the Redis URL names a node of a Redis Cluster")
+    redis_cluster: bool = _setting(
+        False,
+        "1: the Redis URL names a node of a Redis Cluster, or several (seeds: a comma-separated "
+        "list of URLs, tried in turn until one answers; the first URL's password and options "
+        "apply to all)",
+    )
     redis_sentinels: str | None = _setting(
         None,
         "Redis Sentinel addresses, host:port,host:port,...: the engine asks them where the "
@@ -217,8 +222,8 @@ class Settings:
     )
     sold_out_ttl: float = _setting(
         0.5,
-        "seconds a sold-out item is answered without running a reservation; 0 = off; at most 1 "
-        "(returned units sell within 1 s)",
+        "seconds a process sends reservations of a sold-out item as probes (a replay, sold_out "
+        "while no unit is left, the reservation once one is back); 0 = off; at most 1",
     )
     archive_after: float = _setting(
         3600.0,
@@ -320,6 +325,11 @@ class Settings:
     def _check_redis(self) -> None:
         """How the engine finds Redis: one URL, or the Sentinels (never both, never Sentinel
         with Cluster)."""
+        if self.redis_url is not None and "," in self.redis_url and not self.redis_cluster:
+            raise ConfigurationError(
+                f"{_PREFIX}REDIS_URL lists several URLs, which only a Redis Cluster takes (its "
+                f"seeds): set {_PREFIX}REDIS_CLUSTER=1, or name one server"
+            )
         sentinels = f"{_PREFIX}REDIS_SENTINELS"
         if self.redis_sentinels is None:
             if self.redis_username or self.redis_password or self.redis_sentinel_password:

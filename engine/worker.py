@@ -3,9 +3,12 @@
 Each campaign's stream ``ft:{c:<id>}:events`` is read through one consumer group
 (``flashteam-flush``) by any number of workers. A step, per stream:
 
-1. read this consumer's own unacknowledged entries first (a batch whose SQL write failed),
-   else claim entries idle longer than ``claim_idle`` from dead consumers (XAUTOCLAIM),
-   else read new entries (XREADGROUP ``>``);
+1. skip a stream with no entry at all (XLEN: flushed entries are deleted, so an idle
+   stream is empty); else read this consumer's own unacknowledged entries first (a batch
+   whose SQL write failed), else claim entries idle longer than ``claim_idle`` from dead
+   consumers (XAUTOCLAIM, at most every ``claim_idle`` / 2 per stream; consumers left with
+   nothing pending and idle that long are then removed from the group), else read new
+   entries (XREADGROUP ``>``);
 2. decode them into one ``Batch`` (newest version per order and team); an entry that cannot
    be decoded goes to the dead-letter stream ``ft:dead`` with the reason;
 3. write the batch in one SQL transaction (version-gated upserts: replays are harmless);
@@ -15,6 +18,11 @@ Each campaign's stream ``ft:{c:<id>}:events`` is read through one consumer group
    behind SQL's high-water marks, means Redis lost writes: the campaign is fenced and its
    repair requested (engine/recovery.py, docs/faults.md). Idle campaigns are checked about
    once a second too.
+
+A worker that finds nothing waits longer between passes (from 50 ms doubling up to
+``_IDLE_MAX``), back to 50 ms as soon as it moves something: an idle deployment costs a few
+commands a second per stream and worker, and the first entry after a quiet spell waits at
+most ``_IDLE_MAX``. A worker that stops (or ``drain`` ends) leaves the group.
 
 A sharded campaign (engine/shards.py) has one stream per stock bucket (``ft:{c:<id>:<k>}:
 events``), each flushed as above, and each bucket's order sequence is checked against its own
@@ -52,6 +60,9 @@ log = logging.getLogger(__name__)
 
 GROUP = "flashteam-flush"
 _IDLE_WAIT = 0.05
+_IDLE_MAX = 0.5
+_NEVER = 2**62  # an idle time no consumer reaches: only the named ones go
+_FORGET_EVERY = 5.0  # seconds between looks for an over campaign's streams to forget
 _MAX_BACKOFF = 5.0
 
 Entry = tuple[str, dict[str, str] | None]
@@ -80,10 +91,14 @@ class FlushWorker:
         # it last compared them with Redis (event-loop seconds).
         self._durable: dict[str, tuple[int, int]] = {}
         self._checked: dict[str, float] = {}
+        # Per stream (or campaign): when this worker last claimed (forgot) there.
+        self._claimed: dict[str, float] = {}
+        self._forgotten: dict[str, float] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until ``stop`` is set; the batch in flight finishes first (graceful)."""
         backoff = 0.1
+        idle = _IDLE_WAIT
         while not stop.is_set():
             try:
                 moved = await self.step()
@@ -96,8 +111,21 @@ class FlushWorker:
                 await _wait(stop, backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
-            if not moved:
-                await _wait(stop, _IDLE_WAIT)
+            if moved:
+                idle = _IDLE_WAIT
+            else:
+                await _wait(stop, idle)
+                idle = min(idle * 2, _IDLE_MAX)
+        with contextlib.suppress(EngineError):
+            await self.leave()
+
+    async def leave(self) -> None:
+        """Remove this consumer from the group of every stream where it holds nothing (a
+        stopping worker, the end of ``drain``): no dead consumer left behind."""
+        for shard in await self._shards():
+            stream = keys_of(shard).events
+            with contextlib.suppress(EngineError):  # no group there (yet): nothing to leave
+                await self._rt.scripts.forget_consumers(stream, GROUP, _NEVER, [self.name])
 
     async def drain(self) -> int:
         """Flush until every stream is empty (nothing unread, nothing pending); for tests and
@@ -108,6 +136,7 @@ class FlushWorker:
             moved = await self.step()
             total += moved
             if not moved and (await self.lag()).unflushed == 0:
+                await self.leave()
                 return total
             if not moved:
                 await asyncio.sleep(_IDLE_WAIT)
@@ -127,6 +156,8 @@ class FlushWorker:
                     break
                 if not moved:
                     await asyncio.sleep(_IDLE_WAIT)
+            with contextlib.suppress(EngineError):  # no group there: nothing to leave
+                await self._rt.scripts.forget_consumers(stream, GROUP, _NEVER, [self.name])
         return total
 
     async def wait_flushed(self, within: float) -> float | None:
@@ -180,7 +211,10 @@ class FlushWorker:
             return 0
         if not entries:
             await self._check_marks(shard, None)
-            if shard == campaign_id:  # once per campaign: it looks at every bucket's stream
+            loop_now = asyncio.get_running_loop().time()
+            due = loop_now - self._forgotten.get(campaign_id, 0.0) >= _FORGET_EVERY
+            if shard == campaign_id and due:  # once per campaign: it looks at every bucket
+                self._forgotten[campaign_id] = loop_now
                 await self._maybe_forget(campaign_id)
             return 0
         batch, dead = Batch(), 0
@@ -272,6 +306,8 @@ class FlushWorker:
 
     async def _read(self, stream: str, claim_idle_ms: int | None) -> list[Entry]:
         redis = self._rt.redis
+        if not int(await guarded(redis.xlen(stream))):
+            return []  # nothing unflushed: nothing of its own, to claim, or new
         count = self._rt.settings.flush_batch
         mine = await guarded(redis.xreadgroup(GROUP, self.name, {stream: "0"}, count=count))
         if mine and mine[0][1]:
@@ -279,9 +315,15 @@ class FlushWorker:
         idle_ms = claim_idle_ms
         if idle_ms is None:
             idle_ms = int(self._rt.settings.claim_idle * 1000)
-        claimed = await guarded(redis.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count))
-        if claimed and claimed[1]:
-            return list(claimed[1])
+        loop_now = asyncio.get_running_loop().time()
+        if claim_idle_ms is not None or loop_now - self._claimed.get(stream, 0.0) >= idle_ms / 2000:
+            self._claimed[stream] = loop_now
+            claimed = await guarded(
+                redis.xautoclaim(stream, GROUP, self.name, idle_ms, "0-0", count)
+            )
+            await self._rt.scripts.forget_consumers(stream, GROUP, idle_ms)  # claimed from
+            if claimed and claimed[1]:
+                return list(claimed[1])
         fresh = await guarded(redis.xreadgroup(GROUP, self.name, {stream: ">"}, count=count))
         return list(fresh[0][1]) if fresh else []
 

@@ -8,10 +8,14 @@
 --                         when the campaign has no definition here
 --                'take'   ARGV[2] token, ARGV[3] ms: take the lock for that long, or extend it
 --                         when this token holds it
---                'lift'   ARGV[2] token: the repair is done: record this server's replication
---                         id as the one the state was verified on, lift the fence, free the lock
+--                'lift'   ARGV[2] token, ARGV[3] gap (0 when absent): the repair or the
+--                         verification is done: record this server's replication id as the one
+--                         the state was verified on, move the order and team sequences on by
+--                         the gap (ids a lost write may have handed out are never reused), lift
+--                         the fence, free the lock
+--                'free'   ARGV[2] token: free the lock, changing nothing else
 -- returns {0}        done
---         {12, who}  'take' or 'lift': another token holds the lock (who)
+--         {12, who}  'take', 'lift' or 'free': another token holds the lock (who)
 local mode, meta, lock = ARGV[1], KEYS[1], KEYS[2]
 if mode == 'fence' then
   -- A campaign with no definition here answers 'missing' already; fencing it would leave a
@@ -26,6 +30,15 @@ if mode == 'take' then
   return {OK}
 end
 if not holder then return {NOT_EDITABLE, ''} end
+if mode == 'free' then
+  redis.call('DEL', lock)
+  return {OK}
+end
+local gap = tonumber(ARGV[3] or '0')
+if gap > 0 then
+  redis.call('HINCRBY', meta, 'oseq', gap)
+  redis.call('HINCRBY', meta, 'tseq', gap)
+end
 redis.call('HSET', meta, 'node', node_id())
 redis.call('HDEL', meta, 'fence')
 redis.call('DEL', lock)

@@ -151,8 +151,9 @@ async def test_redis_emptied_before_a_restart(
 async def test_a_restarted_redis_is_verified_before_it_sells(
     redis: aioredis.Redis, tmp_path: Path
 ) -> None:
-    """A server that restarted (from its AOF: nothing lost here, but it cannot know) has a
-    new replication id: the campaign answers recovering until it is verified and repaired."""
+    """A server that restarted (from its AOF: nothing lost here) is a server the campaign
+    was not verified on: its first call has what the server holds checked against SQL, and
+    goes through: nothing fenced, nothing repaired."""
     server = RedisServer(tmp_path / "redis").start()
     try:
         settings = make_settings(server.url, tmp_path)
@@ -160,28 +161,60 @@ async def test_a_restarted_redis_is_verified_before_it_sells(
             now = await engine.runtime.now()
             await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
             held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
+            await FlushWorker(engine.runtime).drain()
             server.stop()
             server.start()
             exposed = render(await dependencies(engine.runtime, 5))
-            assert b"flashteam_campaigns_fenced 0\n" in exposed  # no repair due yet
-            assert b"flashteam_campaigns_unverified 1\n" in exposed
-            with pytest.raises(Recovering) as refused:
-                await engine.orders.pay(held.order_id, "a", f"pa-{held.order_id}")
-            assert refused.value.details == {"reason": "recovering", "why": "restarted"}
-            await engine.recovery.wait_idle()
-            exposed = render(await dependencies(engine.runtime, 5))
             assert b"flashteam_campaigns_fenced 0\n" in exposed
-            assert b"flashteam_campaigns_unverified 0\n" in exposed
-            assert b"flashteam_recoveries_total 1\n" in exposed
-            paid = await engine.orders.pay(
-                held.order_id, "a", f"pa-{held.order_id}"
-            )  # the retry goes through
+            assert b"flashteam_campaigns_unverified 1\n" in exposed
+            paid = await engine.orders.pay(held.order_id, "a", f"pa-{held.order_id}")
             assert paid.state is OrderState.PAID
+            exposed = render(await dependencies(engine.runtime, 5))
+            assert b"flashteam_campaigns_unverified 0\n" in exposed
+            assert b"flashteam_recoveries_total 0\n" in exposed
+            assert b"flashteam_recovery_verifications_total 1\n" in exposed
             await FlushWorker(engine.runtime).drain()
             await assert_redis_matches_sql(engine, CID)
             await assert_invariants(engine, CID)
     finally:
         server.stop()
+
+
+async def test_a_new_server_that_lost_a_payment_sql_holds_is_repaired(
+    redis: aioredis.Redis, redis_server: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """The server the campaign is on now (another replication id) holds a paid order at its
+    held version, as a replica promoted before the payment reached it would: the
+    verification finds the loss against SQL, the campaign is fenced and repaired from SQL,
+    and the order is paid again in Redis (on each SQL backend)."""
+    settings = make_settings(redis_server.url, tmp_path, database_url=database_url)
+    async with await Engine.open(settings) as engine:
+        await _lost_payment_repaired(engine)
+
+
+async def _lost_payment_repaired(engine: Engine) -> None:
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
+    held = (await engine.flash.reserve(CID, "a", SKU, 1, "ka")).order
+    keys = keys_of(CID)
+    redis = engine.runtime.redis
+    before = await redis.hget(keys.orders, held.order_id)
+    await engine.orders.pay(held.order_id, "a", "pa")
+    await FlushWorker(engine.runtime).drain()
+    await redis.hset(keys.orders, held.order_id, before)  # the payment lost with the server
+    await redis.hset(keys.meta, "node", "another-server")
+    with pytest.raises(Recovering) as refused:
+        await engine.flash.reserve(CID, "b", SKU, 1, "kb")
+    assert refused.value.details["why"] == "restarted"
+    await engine.recovery.wait_idle()
+    assert engine.recovery.repairs == 1 and await engine.recovery.trusted(CID)
+    record = await redis.hget(keys.orders, held.order_id)
+    assert isinstance(record, str)
+    assert Order.from_record(held.order_id, record).state is OrderState.PAID
+    await engine.flash.reserve(CID, "b", SKU, 1, "kb")
+    await FlushWorker(engine.runtime).drain()
+    await assert_redis_matches_sql(engine, CID)
+    await assert_invariants(engine, CID)
 
 
 async def test_flashteam_recover_repairs_by_hand_and_twice(engine: Engine) -> None:
@@ -222,3 +255,20 @@ async def test_a_reaper_step_ending_18_holds_is_no_refusal(engine: Engine) -> No
     assert engine.recovery.repairs == 0 and await engine.recovery.trusted(CID)
     await engine.recovery.wait_idle()
     assert engine.recovery.repairs == 0
+
+
+async def test_a_repair_asked_for_once_another_process_repaired_does_nothing(
+    engine: Engine,
+) -> None:
+    """Two processes saw the campaign refused; the first repairs it; the second's repair,
+    asked for a moment later, finds it trusted under the lock and rebuilds nothing."""
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, CID, stock=10, limit=1))
+    await engine.flash.reserve(CID, "a", SKU, 1, "ka")
+    await engine.runtime.scripts.fence(CID, "behind")
+    async with await Engine.open(engine.runtime.settings) as other:
+        done = await engine.recovery.repair(CID, "manual")
+        assert not done.waited and engine.recovery.repairs == 1
+        again = await other.recovery.repair(CID, "manual", unless_trusted=True)
+        assert again.waited and other.recovery.repairs == 0
+        assert await other.recovery.trusted(CID)

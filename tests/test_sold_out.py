@@ -75,3 +75,30 @@ async def test_cancelled_stock_sells_again(fast: Engine) -> None:
     bought = await eventually(resold, within=10, what="the returned unit sold again")
     assert bought.order.state is OrderState.HELD
     await assert_invariants(fast, "sale")
+
+
+async def test_a_reservation_sent_to_two_nodes_at_once_gets_one_answer(fast: Engine) -> None:
+    """Two nodes (engines with their own fast-path flags) on one Redis and one SQL store; in
+    each of 40 rounds the first node has just answered sold_out (its flag is up), a unit
+    comes back (a cancel), and one reservation (the same shopper and idempotency key, as a
+    gateway retrying on the other node) goes to both at once: both answers name the same
+    order, since a probe that finds a unit reserves it."""
+    async with await Engine.open(fast.runtime.settings) as other:
+        held = await _sell_out(fast)
+        holder, order_id = "u0", held[0]
+        for round_ in range(40):
+            with pytest.raises(SoldOut):
+                await fast.flash.reserve("sale", f"late{round_}", "hot", 1, "k")
+            await fast.orders.cancel(order_id, holder)
+            holder, key = f"r{round_}", f"k{round_}"
+            answers = await asyncio.gather(
+                fast.flash.reserve("sale", holder, "hot", 1, key),
+                other.flash.reserve("sale", holder, "hot", 1, key),
+                return_exceptions=True,
+            )
+            assert all(isinstance(a, Reservation) for a in answers), (round_, answers)
+            first, second = answers
+            assert isinstance(first, Reservation) and isinstance(second, Reservation)
+            assert first.order.order_id == second.order.order_id, round_
+            order_id = first.order.order_id
+    await assert_invariants(fast, "sale")

@@ -273,8 +273,8 @@ async def _from_redis(rt: Runtime) -> list[str]:
         "running; they answer 'recovering'.",
         "# TYPE flashteam_campaigns_fenced gauge",
         f"flashteam_campaigns_fenced {fenced}",
-        "# HELP flashteam_campaigns_unverified Campaigns not yet verified on a restarted or "
-        "promoted server: their next call repairs them.",
+        "# HELP flashteam_campaigns_unverified Campaigns not yet verified on a new server (a "
+        "replica attached, a restart, a promotion): their next call verifies them against SQL.",
         "# TYPE flashteam_campaigns_unverified gauge",
         f"flashteam_campaigns_unverified {unverified}",
         "# HELP flashteam_recoveries_total Campaigns repaired from SQL after Redis lost writes.",
@@ -291,6 +291,10 @@ async def _from_redis(rt: Runtime) -> list[str]:
             f'flashteam_repairs_total{{why="{why}"}} {int(stats.get(f"why:{why}", 0))}'
             for why in REPAIR_REASONS
         ),
+        "# HELP flashteam_recovery_verifications_total Campaigns (each stock bucket of a sharded "
+        "one) found whole on a new Redis server: checked against SQL, nothing repaired.",
+        "# TYPE flashteam_recovery_verifications_total counter",
+        f"flashteam_recovery_verifications_total {int(stats.get('verified', 0))}",
         *await _archival(rt),
         *await _rebalancing(rt),
     ]
@@ -338,9 +342,9 @@ async def _rebalancing(rt: Runtime) -> list[str]:
 
 async def untrusted_campaigns(rt: Runtime) -> tuple[int, int]:
     """Campaigns of ``ft:campaigns`` whose operations answer recovering right now: (fenced: a
-    repair is due or running, unverified: no fence, but the server restarted or was promoted
-    since they were verified; the first call of each repairs it, so an idle campaign can
-    stay so harmlessly)."""
+    repair is due or running, unverified: no fence, but on a server they were not verified
+    on (a replica attached, a restart, a promotion); the first call of each verifies it
+    against SQL, so an idle campaign can stay so harmlessly)."""
     campaigns: set[str] = await guarded(rt.redis.smembers(CAMPAIGN_SET))
     recovery = Recovery(rt)
     fenced = unverified = 0

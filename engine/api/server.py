@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -536,6 +537,21 @@ def connection_cap(wanted: int) -> int:
             wanted,
         )
     return cap
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a socket already listens on (host, port): ``_listen`` would share the port
+    with it (SO_REUSEPORT) instead of failing."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
 
 
 async def serve_worker(settings: Settings, host: str, port: int) -> None:

@@ -492,6 +492,23 @@ class RedisClusterServers(Server):
             for each in self.servers
         )
 
+    def add_replica(self, index: int, data_dir: Path) -> RedisServer:
+        """Start one more node and attach it as a replica of master ``index`` (CLUSTER MEET,
+        then CLUSTER REPLICATE); returns it once in sync (it stops with the others)."""
+        master = self.servers[index]
+        node = RedisServer(
+            data_dir,
+            port=free_port(below=65536 - _CLUSTER_BUS_OFFSET, bus_offset=_CLUSTER_BUS_OFFSET),
+            extra_args=master.extra_args,
+        )
+        self.servers.append(node.start())
+        _query(node.port, "CLUSTER MEET", _LOOPBACK, str(self.servers[0].port))
+        _wait("the new node did not meet the cluster", self._all_met)
+        _query(master.port, "CONFIG SET", "repl-diskless-sync-delay", "0")  # sync at once
+        _query(node.port, "CLUSTER REPLICATE", _query(master.port, "CLUSTER MYID"))
+        _wait(f"the replica on port {node.port} did not sync", node.replicating)
+        return node
+
     def primaries(self) -> list[RedisServer]:
         """The running nodes that are masters now (after a failover: the promoted replica)."""
         return [each for each in self.servers if each.running and each.role() == "master"]

@@ -160,6 +160,10 @@ class Store(Protocol):
         """The highest order and team sequence numbers committed for the campaign (or for
         one stock bucket of a sharded one: its shard id)."""
 
+    async def recent_versions(self, campaign_id: str, since: datetime) -> dict[str, int]:
+        """The version of every order and team of the campaign changed at or after
+        ``since``, by id."""
+
     async def campaign_orders(self, campaign_id: str) -> list[StoredOrder]:
         """Every order of the campaign, by id."""
 

@@ -92,6 +92,11 @@ class DurableReads:
         rows = await self._fetch(sql.MARKS, campaign_id)
         return (int(rows[0]["order_seq"]), int(rows[0]["team_seq"])) if rows else (0, 0)
 
+    async def recent_versions(self, campaign_id: str, since: datetime) -> dict[str, int]:
+        at = to_ms(since)
+        rows = await self._fetch(sql.RECENT_VERSIONS, campaign_id, at, campaign_id, at)
+        return {r["id"]: int(r["version"]) for r in rows}
+
     async def campaign_orders(self, campaign_id: str) -> list[StoredOrder]:
         rows = await self._fetch(sql.CAMPAIGN_ORDERS, campaign_id)
         return [

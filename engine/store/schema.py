@@ -294,6 +294,13 @@ def insert_archive(mark: Placeholder) -> str:
 
 
 MARKS = "SELECT order_seq, team_seq FROM sequences WHERE campaign_id = {0}"
+# The versions of the campaign's orders and teams changed at or after {1} (and {3}): what a
+# verification of a new Redis server compares with what the server holds (engine.recovery).
+RECENT_VERSIONS = (
+    "SELECT order_id AS id, version FROM orders WHERE campaign_id = {0} AND updated_at >= {1}"
+    " UNION ALL"
+    " SELECT team_id AS id, version FROM teams WHERE campaign_id = {2} AND updated_at >= {3}"
+)
 GET_CAMPAIGN = f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE id = {{0}}"
 CAMPAIGNS_ENDING_AFTER = (
     f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE ends_at > {{0}}"

@@ -63,7 +63,9 @@ local function load_meta(meta_key)
 end
 
 -- This server's replication id: it changes whenever the server restarts or is promoted (a
--- replica taking over), the moments Redis can lose acknowledged writes.
+-- replica taking over), the moments Redis can lose acknowledged writes, and also when it
+-- creates its replication backlog (a replica attached), which loses nothing: a state on
+-- another id is checked against SQL (engine/recovery.py verify) before it changes.
 local function node_id()
   return string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
 end
@@ -75,7 +77,8 @@ end
 --   'archiving'  sealed for its archival to SQL (archive_campaign.lua): it never changes in
 --                Redis again, unless the archival is called off
 --   'fenced'     a repair is due or running (`fence` names why)
---   'restarted'  this server restarted or was promoted since the state was last verified
+--   'restarted'  the state was last verified on another server (or before a restart, a
+--                promotion, a backlog re-created): engine/recovery.py checks it against SQL
 -- Every script that changes a campaign calls it before anything else.
 local function untrusted(meta_key)
   local v = redis.call('HMGET', meta_key, 'kind', 'sealed', 'fence', 'node')

@@ -140,12 +140,15 @@ local function op_reserve(ctx, user, sku, qty_arg, key)
   return {OK, o.id, emit_order(ctx, o, 'user'), 0}
 end
 
--- The sold-out fast path (engine/flash.py): the item was sold out a moment ago, so only an
--- idempotent replay can still succeed. Returns the replay (or the key mismatch), else
--- {5, 0} sold out, without touching stock, limits or the rate counter.
+-- The sold-out fast path (engine/flash.py): the item was sold out a moment ago. Returns the
+-- replay of an earlier attempt (or the key mismatch); else, while the item has no unit left,
+-- {5, 0} sold out without touching stock, limits or the rate counter; once a unit is back (an
+-- expiry, a cancel), the reservation itself: a process that still counts the item sold out
+-- answers what any other would, so a retry sent to another node gets the same answer.
 local function op_probe(ctx, user, sku, qty_arg, key)
   local prior = replay(ctx, user .. ':' .. key, 'r',
     sku .. ':' .. string.format('%d', tonumber(qty_arg)))
   if prior then return prior end
+  if units_available(ctx, sku) > 0 then return op_reserve(ctx, user, sku, qty_arg, key) end
   return {SOLD_OUT, 0}
 end
