@@ -50,6 +50,11 @@ async def _reserve(engine: Engine, campaign_id: str, users: list[str]) -> list[O
     return [r.order for r in held]
 
 
+# Added to a payment's own wait for its answer to arrive: a ceiling for a loaded machine (the
+# suite runs beside other work on 2 cores), not a measurement; a payment that hangs never ends.
+ANSWER_SLACK = 10.0
+
+
 async def _pay(engine: Engine, order: Order, within: float) -> Order | PaymentPending:
     """Pay; the answer must come within ``within`` seconds (else the test fails: a hang)."""
     try:
@@ -192,7 +197,7 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
     redis: Any, redis_server: RedisServer, database_url: str, tmp_path: Path
 ) -> None:
     """Payments while the store raises anything, stalls, or commits and loses the answer:
-    each one is answered within its wait (0.5 s here) plus the time to read the answer, 200
+    each one is answered within its wait (0.5 s here) plus ANSWER_SLACK at the most, 200
     only when SQL has it paid, else 503 payment_pending; every pending payment's retry,
     once the store behaves, answers 200 and SQL has it paid. The flush worker, writing
     through the same faults, keeps running and flushes everything afterwards."""
@@ -210,7 +215,7 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
         answers: list[Order | PaymentPending] = []
         for start in range(0, len(orders), 50):  # waves of shoppers through the faults
             wave = orders[start : start + 50]
-            answers += await asyncio.gather(*(_pay(engine, o, wait + 2.0) for o in wave))
+            answers += await asyncio.gather(*(_pay(engine, o, wait + ANSWER_SLACK) for o in wave))
         stop.set()
         await faults
         assert not worker.done()  # it backed off through every fault
@@ -222,7 +227,7 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
         assert len(paid) + len(pending) == len(orders)
         assert not await _not_paid(real, paid)
         by_id = {o.order_id: o for o in orders}
-        retried = await asyncio.gather(*(_pay(engine, by_id[o], wait + 2.0) for o in pending))
+        retried = await asyncio.gather(*(_pay(engine, by_id[o], wait + ANSWER_SLACK) for o in pending))
         assert all(isinstance(r, Order) and r.state is OrderState.PAID for r in retried)
         assert not await _not_paid(real, pending)
         await FlushWorker(engine.runtime, "w1").drain()
@@ -250,7 +255,7 @@ async def test_postgres_fast_restarts_during_a_team_sale(
         answers: list[tuple[Order, Order | PaymentPending]] = []
 
         async def pay(order: Order) -> None:
-            answers.append((order, await _pay(engine, order, wait + 2.0)))
+            answers.append((order, await _pay(engine, order, wait + ANSWER_SLACK)))
 
         async def shoppers(n: int) -> None:
             while not stop.is_set():
@@ -270,7 +275,7 @@ async def test_postgres_fast_restarts_during_a_team_sale(
         stop.set()
         await asyncio.gather(*crowd)
         pending = [order for order, answer in answers if isinstance(answer, PaymentPending)]
-        retried = await asyncio.gather(*(_pay(engine, o, wait + 2.0) for o in pending))
+        retried = await asyncio.gather(*(_pay(engine, o, wait + ANSWER_SLACK) for o in pending))
         assert all(isinstance(r, Order) and r.state is OrderState.PAID for r in retried)
         assert not worker.done()
         stop_worker.set()
