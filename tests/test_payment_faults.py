@@ -227,7 +227,9 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
         assert len(paid) + len(pending) == len(orders)
         assert not await _not_paid(real, paid)
         by_id = {o.order_id: o for o in orders}
-        retried = await asyncio.gather(*(_pay(engine, by_id[o], wait + ANSWER_SLACK) for o in pending))
+        retried = await asyncio.gather(
+            *(_pay(engine, by_id[o], wait + ANSWER_SLACK) for o in pending)
+        )
         assert all(isinstance(r, Order) and r.state is OrderState.PAID for r in retried)
         assert not await _not_paid(real, pending)
         await FlushWorker(engine.runtime, "w1").drain()
