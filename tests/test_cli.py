@@ -55,12 +55,16 @@ def test_demo_sells_out_without_oversell_and_fills_teams_exactly(tmp_path: Path)
     assert automatic and int(automatic.group(1)) > 0, done.stdout  # the option was exercised
 
 
-def _get(url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url)
+def _send(
+    url: str, token: str | None = None, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """GET, or POST ``body``; the status and the JSON answer. A refused connection raises."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as reply:
+        with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -89,7 +93,7 @@ def test_run_starts_everything_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert (var / "redis" / "appendonlydir").is_dir()
         assert (var / "flashteam.db").is_file()
         url = f"http://127.0.0.1:{port}"
-        assert _get(f"{url}/readyz")[0] == 200
+        assert _send(f"{url}/readyz")[0] == 200
         # The private Redis: a password of its own, kept in var/ for this user alone, never
         # printed nor on a command line; a client without it is refused.
         password = (var / "redis" / "password").read_text().strip()
@@ -105,8 +109,8 @@ def test_run_starts_everything_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert var.stat().st_mode & 0o777 == 0o700
         for path in (var / "flashteam.db", var / "redis" / "password"):
             assert path.stat().st_mode & 0o777 == 0o600, path
-        assert _get(f"{url}/v1/campaigns/nope", tokens["gateway"])[0] == 404
-        assert _get(f"{url}/v1/campaigns/nope", "wrong-token")[0] == 401
+        assert _send(f"{url}/v1/campaigns/nope", tokens["gateway"])[0] == 404
+        assert _send(f"{url}/v1/campaigns/nope", "wrong-token")[0] == 401
         children = _children(process.pid)
         assert len(children) >= 3, children  # the API, the flush worker, the reaper
         process.send_signal(signal.SIGTERM)
@@ -145,18 +149,6 @@ def _every_command_line() -> bytes:
 
 GATEWAY = "gateway-token-for-the-cli-tests-000001"
 ADMIN = "admin-token-for-the-cli-tests-0000001"
-
-
-def _send(url: str, token: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """GET, or POST ``body``; the status and the JSON answer. A refused connection raises."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data)
-    request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _start_run(tmp_path: Path, port: int, **settings: str) -> subprocess.Popen[str]:
@@ -361,7 +353,7 @@ def test_no_secret_in_any_log_line_of_any_process(
             reused = pay | {"user_id": "u2"}
             assert _post(f"{url}/v1/orders/{other['order_id']}/pay", gateway, reused)[0] == 409
             redis_server.stop()
-            assert _get(f"{url}/readyz")[0] == 503
+            assert _send(f"{url}/readyz")[0] == 503
             assert _post(orders, gateway, body | {"idempotency_key": "k2"})[0] == 503
             redis_server.start()
             drained = subprocess.run(  # a one-shot command, logging at DEBUG level
