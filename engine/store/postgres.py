@@ -1,8 +1,8 @@
 """PostgreSQL store (``FLASHTEAM_DATABASE_URL=postgresql://...``): an asyncpg pool, the shared
-schema migrated on open under an advisory lock. A flush batch is COPied into per-connection
-temporary staging tables and upserted from them, one statement per table (``_Staged``): the
-connections must be PostgreSQL sessions of their own (a pooler in transaction mode, which
-would hand the staging tables to another session, is not supported).
+schema migrated on open under an advisory lock. A large flush batch is COPied into
+per-connection temporary staging tables and upserted from them (``_Upsert``): the connections
+must be PostgreSQL sessions of their own (a pooler in transaction mode, which would hand the
+staging tables to another session, is not supported).
 
 Every asyncpg, socket and PostgreSQL failure, and any other exception of a call, is translated
 into ``Unavailable`` at one place (``_translated``), so the flush worker backs off and retries
@@ -35,20 +35,23 @@ from engine.store.rows import (
 )
 
 _D = sql.dollar
-# Column types of the staging tables; every other column is text.
+# Column types of unnest's arrays and of the staging tables; every other column is text.
 _TYPES = dict.fromkeys(
     ("qty", "size", "held", "paid", "version", "restocked"), "int"
 ) | dict.fromkeys(("amount", "created_at", "opened_at", "expires_at", "updated_at"), "bigint")
+# From this many rows of a table on, a batch goes through COPY: below it, COPY's extra round
+# trips cost more than it saves (a payment's commit is a few rows; docs/performance.md#t4).
+_COPY_FROM = 200
 
 
 @dataclass(frozen=True, slots=True)
-class _Staged:
-    """A table's batch path: its rows are COPied (binary) into ``stage``, a temporary table
-    of the connection emptied at every commit, then upserted from it in one statement: one
-    plan and one executor start-up per batch, and COPY's bulk input instead of bound
-    parameters. The rows come out in their id's byte order (the order ``apply`` sorts them
-    in, so the order the rows are locked in); their keys are unique within a batch (a Batch
-    keeps the newest version of each id), as ON CONFLICT needs."""
+class _Upsert:
+    """A table's version-gated upsert of a whole batch in one statement: one plan and one
+    executor start-up per batch instead of per row. The rows come as one array per column
+    (unnest) or, for a large batch, COPied (binary) into ``stage``, a temporary table of the
+    connection emptied at every commit, and read back in their id's byte order: either way
+    in the order ``apply`` sorts them, the order the rows are locked in. Their keys are unique
+    within a batch (a Batch keeps the newest version of each id), as ON CONFLICT needs."""
 
     table: str
     columns: tuple[str, ...]
@@ -58,12 +61,20 @@ class _Staged:
         return f"flush_{self.table}"
 
     @property
-    def create(self) -> str:
+    def create_stage(self) -> str:
         columns = ", ".join(f"{c} {_TYPES.get(c, 'text')}" for c in self.columns)
         return f"CREATE TEMP TABLE {self.stage} ({columns}) ON COMMIT DELETE ROWS"
 
     @property
-    def upsert(self) -> str:
+    def from_arrays(self) -> str:
+        types = (_TYPES.get(column, "text") for column in self.columns)
+        arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
+        return sql.upsert_newer(
+            self.table, self.columns, _D, rows=f"SELECT * FROM unnest({arrays})"
+        )
+
+    @property
+    def from_stage(self) -> str:
         rows = (
             f"SELECT {', '.join(self.columns)} FROM {self.stage}"
             f' ORDER BY {self.columns[0]} COLLATE "C"'
@@ -72,12 +83,14 @@ class _Staged:
 
     async def write(self, conn: Any, rows: list[tuple[Any, ...]]) -> int:
         """Upsert ``rows`` inside the caller's transaction; returns the rows written."""
+        if len(rows) < _COPY_FROM:
+            return _rows(await conn.execute(self.from_arrays, *zip(*rows, strict=True)))
         await conn.copy_records_to_table(self.stage, records=rows, columns=self.columns)
-        return _rows(await conn.execute(self.upsert))
+        return _rows(await conn.execute(self.from_stage))
 
 
-_ORDERS = _Staged("orders", sql.ORDER_COLUMNS)
-_TEAMS = _Staged("teams", sql.TEAM_COLUMNS)
+_ORDERS = _Upsert("orders", sql.ORDER_COLUMNS)
+_TEAMS = _Upsert("teams", sql.TEAM_COLUMNS)
 _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _D)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_D)
 _INVALIDATE = sql.query(sql.INVALIDATE, _D)
@@ -252,8 +265,8 @@ def _rows(status: str) -> int:
 
 async def _create_stages(conn: Any) -> None:
     """Every new connection of the pool gets its own (temporary) staging tables."""
-    for staged in (_ORDERS, _TEAMS):
-        await conn.execute(staged.create)
+    for upsert in (_ORDERS, _TEAMS):
+        await conn.execute(upsert.create_stage)
 
 
 async def _migrate(conn: Any) -> None:
