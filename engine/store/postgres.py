@@ -40,7 +40,8 @@ _TYPES = dict.fromkeys(
     ("qty", "size", "held", "paid", "version", "restocked"), "int"
 ) | dict.fromkeys(("amount", "created_at", "opened_at", "expires_at", "updated_at"), "bigint")
 # From this many rows of a table on, a batch goes through COPY: below it, COPY's extra round
-# trips cost more than it saves (a payment's commit is a few rows; docs/performance.md#t4).
+# trips cost more than it saves (a payment's commit is a few rows;
+# docs/performance.md#t4-flush-worker).
 _COPY_FROM = 200
 
 
