@@ -454,8 +454,9 @@ async def test_an_id_held_for_another_shopper_is_never_overwritten(store: Store)
 
 async def test_a_large_batch_keeps_the_version_gate_and_reports_collisions(store: Store) -> None:
     """A batch as large as a flush of a backlog (PostgreSQL COPies it through its staging
-    tables, twice on one connection): new rows land, older versions are skipped, an id held
-    for another shopper is left alone and reported, the same as a small batch."""
+    tables; the second time, into tables its first commit emptied): new rows land, older
+    versions are skipped, an id held for another shopper is left alone and reported, the same
+    as a small batch."""
     size = 2 * _COPY_FROM
     paid = order(2, state=OrderState.PAID, version=3, payment_ref="pay-2")
     held_teams = tuple(team(n) for n in range(1, size + 1))
