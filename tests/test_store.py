@@ -30,7 +30,7 @@ from engine.models import (
     from_ms,
 )
 from engine.store import Batch, Store, TeamFill, Totals
-from engine.store.postgres import PostgresStore
+from engine.store.postgres import _COPY_FROM, PostgresStore
 from engine.store.schema import MIGRATIONS, SCHEMA_VERSION
 from engine.store.sqlite import SqliteStore
 from testkit.factories import deadlocks
@@ -450,6 +450,32 @@ async def test_an_id_held_for_another_shopper_is_never_overwritten(store: Store)
     assert await store.marks("sale") == (3, 0)
     assert await store.apply(batch(teams=(team(7),))) == []
     assert await store.marks("group") == (0, 7)
+
+
+async def test_a_large_batch_keeps_the_version_gate_and_reports_collisions(store: Store) -> None:
+    """A batch as large as a flush of a backlog (PostgreSQL COPies it through its staging
+    tables; the second time, into tables its first commit emptied): new rows land, older
+    versions are skipped, an id held for another shopper is left alone and reported, the same
+    as a small batch."""
+    size = 2 * _COPY_FROM
+    paid = order(2, state=OrderState.PAID, version=3, payment_ref="pay-2")
+    held_teams = tuple(team(n) for n in range(1, size + 1))
+    assert await store.apply(batch(order(1), paid, teams=held_teams[:1])) == []
+    for _ in range(2):
+        large = batch(
+            order(1, user_id="bob", version=2),  # sale.o1 is alice's
+            order(2, version=2),  # older than the stored version 3
+            *(order(n, user_id="carol") for n in range(3, size + 1)),
+            teams=tuple(dataclasses.replace(t, paid=2, version=2) for t in held_teams),
+        )
+        assert await store.apply(large) == ["sale.o1"]
+    assert await store.get_order("sale.o1") == order(1)
+    assert await store.get_order("sale.o2") == paid
+    assert await store.get_order(f"sale.o{size}") == order(size, user_id="carol")
+    assert await store.get_team(f"group.t{size}") == dataclasses.replace(
+        held_teams[-1], paid=2, version=2
+    )
+    assert await store.marks("sale") == (size, 0)
 
 
 async def test_the_idempotency_record_fills_in_from_an_older_event(store: Store) -> None:

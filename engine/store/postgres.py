@@ -1,5 +1,8 @@
 """PostgreSQL store (``FLASHTEAM_DATABASE_URL=postgresql://...``): an asyncpg pool, the shared
-schema migrated on open under an advisory lock.
+schema migrated on open under an advisory lock. A large flush batch is COPied into
+per-connection temporary staging tables and upserted from them (``_Upsert``): the connections
+must be PostgreSQL sessions of their own (a pooler in transaction mode, which would hand the
+staging tables to another session, is not supported).
 
 Every asyncpg, socket and PostgreSQL failure, and any other exception of a call, is translated
 into ``Unavailable`` at one place (``_translated``), so the flush worker backs off and retries
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -31,23 +35,63 @@ from engine.store.rows import (
 )
 
 _D = sql.dollar
-# Column types for unnest's arrays; every other column is text.
+# Column types of unnest's arrays and of the staging tables; every other column is text.
 _TYPES = dict.fromkeys(
     ("qty", "size", "held", "paid", "version", "restocked"), "int"
 ) | dict.fromkeys(("amount", "created_at", "opened_at", "expires_at", "updated_at"), "bigint")
+# From this many rows of a table on, a batch goes through COPY: below it, COPY's extra round
+# trips cost more than it saves (a payment's commit is a few rows;
+# docs/performance.md#t4-flush-worker).
+_COPY_FROM = 200
 
 
-def _upsert_unnest(table: str, columns: tuple[str, ...]) -> str:
-    """A batch's rows as one array per column, upserted in one statement: one plan and one
-    executor start-up per batch instead of per row (executemany). The keys are unique within
-    a batch (a Batch keeps the newest version of each id), as ON CONFLICT needs."""
-    types = (_TYPES.get(column, "text") for column in columns)
-    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
-    return sql.upsert_newer(table, columns, _D, rows=f"SELECT * FROM unnest({arrays})")
+@dataclass(frozen=True, slots=True)
+class _Upsert:
+    """A table's version-gated upsert of a whole batch in one statement: one plan and one
+    executor start-up per batch instead of per row. The rows come as one array per column
+    (unnest) or, for a large batch, COPied (binary) into ``stage``, a temporary table of the
+    connection emptied at every commit, and read back in their id's byte order: either way
+    in the order ``apply`` sorts them, the order the rows are locked in. Their keys are unique
+    within a batch (a Batch keeps the newest version of each id), as ON CONFLICT needs."""
+
+    table: str
+    columns: tuple[str, ...]
+
+    @property
+    def stage(self) -> str:
+        return f"flush_{self.table}"
+
+    @property
+    def create_stage(self) -> str:
+        columns = ", ".join(f"{c} {_TYPES.get(c, 'text')}" for c in self.columns)
+        return f"CREATE TEMP TABLE {self.stage} ({columns}) ON COMMIT DELETE ROWS"
+
+    @property
+    def from_arrays(self) -> str:
+        types = (_TYPES.get(column, "text") for column in self.columns)
+        arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start=1))
+        return sql.upsert_newer(
+            self.table, self.columns, _D, rows=f"SELECT * FROM unnest({arrays})"
+        )
+
+    @property
+    def from_stage(self) -> str:
+        rows = (
+            f"SELECT {', '.join(self.columns)} FROM {self.stage}"
+            f' ORDER BY {self.columns[0]} COLLATE "C"'
+        )
+        return sql.upsert_newer(self.table, self.columns, _D, rows=rows)
+
+    async def write(self, conn: Any, rows: list[tuple[Any, ...]]) -> int:
+        """Upsert ``rows`` inside the caller's transaction; returns the rows written."""
+        if len(rows) < _COPY_FROM:
+            return _rows(await conn.execute(self.from_arrays, *zip(*rows, strict=True)))
+        await conn.copy_records_to_table(self.stage, records=rows, columns=self.columns)
+        return _rows(await conn.execute(self.from_stage))
 
 
-_UPSERT_ORDER = _upsert_unnest("orders", sql.ORDER_COLUMNS)
-_UPSERT_TEAM = _upsert_unnest("teams", sql.TEAM_COLUMNS)
+_ORDERS = _Upsert("orders", sql.ORDER_COLUMNS)
+_TEAMS = _Upsert("teams", sql.TEAM_COLUMNS)
 _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _D)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_D)
 _INVALIDATE = sql.query(sql.INVALIDATE, _D)
@@ -121,6 +165,7 @@ class PostgresStore(DurableReads):
                 url,
                 min_size=1,
                 max_size=4,
+                init=_create_stages,
                 timeout=_CONNECT_TIMEOUT,
                 command_timeout=_COMMAND_TIMEOUT,
             )
@@ -196,9 +241,9 @@ class PostgresStore(DurableReads):
         written = 0
         async with self._pool.acquire() as conn, conn.transaction():
             if orders:
-                written += _rows(await conn.execute(_UPSERT_ORDER, *zip(*orders, strict=True)))
+                written += await _ORDERS.write(conn, orders)
             if teams:
-                written += _rows(await conn.execute(_UPSERT_TEAM, *zip(*teams, strict=True)))
+                written += await _TEAMS.write(conn, teams)
             if invalidations:
                 await conn.executemany(_INVALIDATE, invalidations)
             if marks:
@@ -217,6 +262,12 @@ class PostgresStore(DurableReads):
 def _rows(status: str) -> int:
     """The row count of a command status such as ``INSERT 0 12``."""
     return int(status.rsplit(" ", 1)[-1])
+
+
+async def _create_stages(conn: Any) -> None:
+    """Every new connection of the pool gets its own (temporary) staging tables."""
+    for upsert in (_ORDERS, _TEAMS):
+        await conn.execute(upsert.create_stage)
 
 
 async def _migrate(conn: Any) -> None:
