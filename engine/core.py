@@ -88,7 +88,7 @@ class Engine:
         redis, sql = await asyncio.gather(
             check("redis", rt.now()), check("sql", rt.store.get_campaign("readyz-probe"))
         )
-        scripts = "ok" if rt.scripts.loaded else "unavailable"
+        scripts = "ok" if rt.scripts.loaded and redis == "ok" else "unavailable"
         return {"redis": redis, "scripts": scripts, "sql": sql}
 
     async def close(self) -> None:

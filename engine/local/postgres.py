@@ -20,14 +20,13 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigurationError
-from engine.local.process import Server, die_with_parent, free_port
+from engine.local.process import Server, die_with_parent, free_port, with_parent
 
 USER = "flashteam"
 DATABASE = "flashteam"
@@ -112,7 +111,7 @@ class PostgresServer(Server):
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_fast_shutdown_with_parent if sys.platform == "linux" else None,
+                preexec_fn=with_parent(_fast_shutdown_with_parent),
                 **self._as_owner(),
             )
         try:

@@ -7,6 +7,9 @@ import contextlib
 import ctypes
 import signal
 import socket
+import sys
+import threading
+from collections.abc import Callable
 from typing import Self
 
 _PR_SET_PDEATHSIG = 1
@@ -35,6 +38,16 @@ def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> None:
     """In the child before exec: ask Linux to send ``sig`` when its parent dies (no orphans)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def with_parent(preexec: Callable[[], None]) -> Callable[[], None] | None:
+    """``preexec`` (a ``die_with_parent``) for a child started now, or None. Linux signals the
+    child when the *thread* that started it ends, not its process: a server started from a
+    worker thread (``asyncio.to_thread``, whose threads end with their event loop) would be
+    stopped under its users. So only the main thread's children ask for it, on Linux."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    return preexec
 
 
 class Server:

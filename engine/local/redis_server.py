@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from urllib.parse import quote
 import redis
 
 from engine.errors import ConfigurationError
-from engine.local.process import Server, die_with_parent, free_port
+from engine.local.process import Server, die_with_parent, free_port, with_parent
 from engine.settings import DEFAULTS
 
 # A ceiling, not an expectation: every wait polls for its condition and returns as soon as it
@@ -134,7 +133,7 @@ class RedisProcess(Server):
         self._process = subprocess.Popen(
             [redis_server_binary(), *self.arguments()],
             stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=with_parent(die_with_parent),
             umask=0o077,  # its AOF and log: for this user only
         )
         deadline = time.monotonic() + _START_TIMEOUT
