@@ -39,7 +39,7 @@ T = TypeVar("T")
 MAX_DEPTH = 8
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_PAIR = re.compile(rb"\[\]|\{\}")
+_OPEN = frozenset(b"[{")
 
 
 def _too_deep() -> TooDeep:
@@ -47,21 +47,17 @@ def _too_deep() -> TooDeep:
 
 
 def check_depth(raw: bytes) -> None:
-    """TooDeep when ``raw`` nests arrays and objects more than MAX_DEPTH levels: each pass
-    drops the innermost pairs of the brackets left once strings are gone (C-speed, at most
-    MAX_DEPTH + 1 passes); a body with that few brackets is not even looked at. Brackets
-    that do not pair up stop the passes early; the parser then reads the body (check_shape)
-    and a nesting too deep for it is TooDeep as well."""
+    """TooDeep when ``raw`` nests arrays and objects more than MAX_DEPTH levels, counted over
+    its brackets once strings are gone (brackets that do not pair up count as they open, so
+    no parser ever recurses past MAX_DEPTH, whatever its own limit); a body with that few
+    brackets is not even looked at."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return
-    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    for _ in range(MAX_DEPTH):
-        inner = _PAIR.sub(b"", brackets)  # one level: a scan does not look at what it left
-        if inner == brackets:
-            return
-        brackets = inner
-    if _PAIR.search(brackets):
-        raise _too_deep()
+    depth = 0
+    for byte in _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in _OPEN else -1
+        if depth > MAX_DEPTH:
+            raise _too_deep()
 
 
 def _number(text: str) -> int | float:
@@ -82,12 +78,8 @@ def check_shape(raw: bytes) -> None:
     """ValidationError unless ``raw`` has one reading: TooDeep past MAX_DEPTH, and an object
     that names a key twice (which JSON parsers read as the first or the last) is refused."""
     check_depth(raw)
-    try:
+    with contextlib.suppress(ValueError):  # not JSON at all: the decoder names what is wrong
         json.loads(raw, object_pairs_hook=_unique_keys)
-    except RecursionError:  # brackets that do not pair up, nested past the parser's stack
-        raise _too_deep() from None
-    except ValueError:  # not JSON at all: the decoder names what is wrong
-        pass
 
 
 def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes, hint: str = "") -> T:
