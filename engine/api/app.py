@@ -402,7 +402,8 @@ class Api:
             priority = Priority.NORMAL
         admission = self.admission
         timeout = self.settings.request_timeout
-        if handler == self.pay:
+        pays = handler == self.pay
+        if pays:
             # A payment's own wait for SQL (FLASHTEAM_PAY_WAIT) ends in a definitive answer or
             # payment_pending: the HTTP bound must not cut it short with a plain unavailable.
             timeout = max(timeout, self.settings.pay_wait)
@@ -436,7 +437,7 @@ class Api:
                     return _OVERLOADED
                 work = asyncio.ensure_future(handler(request))
                 work.add_done_callback(partial(ended, started=started))
-                return await _within(work, timeout, pays=handler == self.pay)
+                return await _within(work, timeout, pays=pays)
             except errors.EngineError as exc:
                 outcome = exc.http_code if isinstance(exc, ApiError) else exc.code
                 self._failed(name, exc, lambda: _campaign_of_request(request))
