@@ -1,4 +1,5 @@
-"""SQLite store (the embedded default): WAL mode, one connection, schema migrated on open.
+"""SQLite store (the embedded default): WAL mode, schema migrated on open; batches written by a
+thread of their own (``SqliteStore``).
 
 Every failure of a call (sqlite3's errors, aiosqlite's on a closed connection, anything else)
 is reported as ``Unavailable``, as PostgresStore does: the flush worker and the payment ledger
@@ -14,10 +15,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import msgspec
 
 from engine.errors import AlreadyExists, Unavailable
 from engine.models import Campaign
@@ -27,29 +30,48 @@ from engine.store.reads import DurableReads
 from engine.store.rows import archive_row, campaign_row, order_row, team_row
 
 _Q = sql.qmark
-_UPSERT_ORDER = sql.upsert_newer("orders", sql.ORDER_COLUMNS, _Q)
-_UPSERT_TEAM = sql.upsert_newer("teams", sql.TEAM_COLUMNS, _Q)
+
+
+def _upsert_all(table: str, columns: tuple[str, ...]) -> str:
+    """The version-gated upsert of every row of a batch in one statement: the rows come as
+    one JSON array of arrays (``json_each``), so a batch is one step of SQLite, during which
+    the thread does not need Python's interpreter lock, not one step per row, each taking it
+    back from a busy event loop."""
+    picks = ", ".join(f"value ->> {n}" for n in range(len(columns)))
+    return sql.upsert_newer(table, columns, _Q, rows=f"SELECT {picks} FROM json_each(?) WHERE true")
+
+
+_UPSERT_ORDERS = _upsert_all("orders", sql.ORDER_COLUMNS)
+_UPSERT_TEAMS = _upsert_all("teams", sql.TEAM_COLUMNS)
 _INSERT_CAMPAIGN = sql.insert("campaigns", sql.CAMPAIGN_COLUMNS, _Q)
 _REPLACE_CAMPAIGN = sql.replace_campaign(_Q)
 _RAISE_MARKS = sql.raise_marks(_Q, "MAX")
 _INSERT_ARCHIVE = sql.insert_archive(_Q)
 
 
-# How long a write waits for a database another process holds locked before failing.
+# How long a batch waits for a database another process holds locked before failing.
 _LOCKED_FOR = 5.0
-
-
-class _Locked(Exception):
-    """Raised by ``SqliteStore._apply`` when another connection holds the database locked."""
+# Its pauses between two tries: short, so that a payment takes the file in the moment between
+# two of the flush worker's batches (SQLite's own busy handler sleeps up to 100 ms at a time).
+_FIRST_PAUSE = 0.0002
+_LONGEST_PAUSE = 0.002
 
 
 class SqliteStore(DurableReads):
-    """Campaigns, orders and teams in one SQLite file."""
+    """Campaigns, orders and teams in one SQLite file.
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    Reads and single statements go through ``db`` (aiosqlite). Batches (the flush worker's,
+    the payment ledger's group commits) are written whole, ``BEGIN IMMEDIATE`` to ``COMMIT``,
+    by one call into a thread of their own on a connection of their own (``writer``): one
+    hand-over between the event loop and the thread per batch, not one per statement, so a
+    busy event loop does not stretch the time the file is locked for everyone else; and a
+    batch whose caller stopped waiting (a timeout) still ends in COMMIT or ROLLBACK."""
+
+    def __init__(self, db: aiosqlite.Connection, writer: sqlite3.Connection) -> None:
         self._db = db
-        # One connection: transactions from concurrent tasks (two in-process flush workers,
-        # the API writing a campaign) must take turns or they would nest.
+        self._writer = writer
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-batches")
+        # Concurrent tasks (two in-process flush workers, the ledger) take turns.
         self._writing = asyncio.Lock()
 
     @classmethod
@@ -63,12 +85,28 @@ class SqliteStore(DurableReads):
         lock = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
         try:
             await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
-            return cls(await _connect(path))
+            db = await _connect(path)
         finally:
             os.close(lock)  # releases the lock
+        try:
+            writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+        except sqlite3.Error as exc:
+            await db.close()
+            raise Unavailable(f"cannot open SQLite database {path}: {exc}", service="sql") from exc
+        try:
+            writer.execute("PRAGMA synchronous=NORMAL")  # per connection; WAL is the file's
+        except BaseException:
+            writer.close()
+            await db.close()
+            raise
+        return cls(db, writer)
 
     async def close(self) -> None:
-        await self._db.close()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._writer.close)
+        finally:
+            self._thread.shutdown(wait=False)
+            await self._db.close()
 
     async def insert_campaign(self, campaign: Campaign) -> None:
         try:
@@ -97,59 +135,48 @@ class SqliteStore(DurableReads):
 
     async def apply(self, batch: Batch) -> list[str]:
         async with self._writing:
-            written = await self._apply_retrying(batch)
+            try:
+                done = asyncio.get_running_loop().run_in_executor(self._thread, self._apply, batch)
+            except RuntimeError as exc:  # the thread was shut down: the store is closed
+                raise Unavailable(
+                    "SQLite write failed: the store is closed", service="sql"
+                ) from exc
+            written = await done
             return await self._collisions(batch, written)
 
-    async def _apply_retrying(self, batch: Batch) -> int:
-        """``_apply``, again while the file is locked by another process (the API workers
-        committing payments, the flush worker): SQLite answers "database is locked" at once
-        in some of those races instead of waiting its busy timeout, so wait here, up to
-        ``_LOCKED_FOR`` seconds, before reporting the store unavailable."""
-        started = time.monotonic()
-        pause = 0.005
-        while True:
-            try:
-                return await self._apply(batch)
-            except _Locked:
-                waited = time.monotonic() - started  # the busy timeout's waits included
-                if waited >= _LOCKED_FOR:
-                    raise Unavailable(
-                        f"SQLite write failed: the database stayed locked for {waited:.1f} s",
-                        service="sql",
-                    ) from None
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.1)
-
-    async def _apply(self, batch: Batch) -> int:
-        """Write the batch in one transaction; returns the order and team rows written."""
-        db = self._db
+    def _apply(self, batch: Batch) -> int:
+        """Write the batch in one transaction (in the batch thread); returns the order and
+        team rows written."""
+        db = self._writer
         idem, restocked = batch.idem, batch.restocked
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            orders = await db.executemany(
-                _UPSERT_ORDER,
-                [
-                    order_row(o, at, idem.get(i), restocked.get(i))
-                    for i, (o, at) in batch.orders.items()
-                ],
-            )
-            teams = await db.executemany(
-                _UPSERT_TEAM, [team_row(t, at) for t, at in batch.teams.values()]
-            )
-            await db.executemany(
+            _begin(db)
+            orders = db.execute(
+                _UPSERT_ORDERS,
+                _json(
+                    [
+                        order_row(o, at, idem.get(i), restocked.get(i))
+                        for i, (o, at) in batch.orders.items()
+                    ]
+                ),
+            ).rowcount
+            teams = db.execute(
+                _UPSERT_TEAMS, _json([team_row(t, at) for t, at in batch.teams.values()])
+            ).rowcount
+            db.executemany(
                 sql.query(sql.INVALIDATE, _Q),
                 [(at, cid) for cid, at in batch.invalidations.items()],
             )
-            await db.executemany(_RAISE_MARKS, [(c, o, t) for c, (o, t) in batch.marks().items()])
-            await db.execute("COMMIT")
+            db.executemany(_RAISE_MARKS, [(c, o, t) for c, (o, t) in batch.marks().items()])
+            db.execute("COMMIT")
         except Exception as exc:
             with contextlib.suppress(Exception):  # the connection may be what failed
                 if db.in_transaction:
-                    await db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-                raise _Locked from exc
+                    db.execute("ROLLBACK")
+            if isinstance(exc, Unavailable):
+                raise
             raise Unavailable(f"SQLite write failed: {_reason(exc)}", service="sql") from exc
-        return max(orders.rowcount, 0) + max(teams.rowcount, 0)
+        return max(orders, 0) + max(teams, 0)
 
     async def _fetch(self, template: str, *args: Any) -> list[sqlite3.Row]:
         return await self._fetch_raw(sql.query(template, _Q), args)
@@ -165,6 +192,34 @@ class SqliteStore(DurableReads):
 def _reason(exc: Exception) -> str:
     """sqlite3's message, or the type and message of anything unexpected."""
     return str(exc) if isinstance(exc, sqlite3.Error) else f"({type(exc).__name__}) {exc}"
+
+
+def _json(rows: list[tuple[Any, ...]]) -> tuple[str]:
+    """The parameter of ``_upsert_all``: the rows as one JSON text."""
+    return (msgspec.json.encode(rows).decode(),)
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, tried again while another connection (the API workers' payments, the
+    flush worker) holds the file, with pauses of a millisecond or two, for up to
+    ``_LOCKED_FOR`` seconds: then Unavailable."""
+    started = time.monotonic()
+    pause = _FIRST_PAUSE
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        waited = time.monotonic() - started
+        if waited >= _LOCKED_FOR:
+            raise Unavailable(
+                f"SQLite write failed: the database stayed locked for {waited:.1f} s",
+                service="sql",
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, _LONGEST_PAUSE)
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
