@@ -102,7 +102,7 @@ lint: install ## ruff and mypy --strict over the package and the tests
 	$(BIN)/ruff format --check engine testkit tests bench loadtests
 	$(BIN)/mypy
 
-test: lint postgres promtool browser ## lint, then the whole suite on Python 3.11, 3.12 (on Valkey) and 3.13 (RUNS="3.12:redis" for one)
+test: lint postgres promtool browser ## lint, then the suite on Python 3.11 (on Valkey), 3.12 (a subset) and 3.13 (RUNS="3.12:redis" for one)
 	$(if $(RUNS),RUNS="$(RUNS)") PYTHON=$(PYTHON) scripts/test-matrix
 
 bench: install postgres ## benchmarks (excluded from `make test`) with progress lines, then the report under bench/reports/
