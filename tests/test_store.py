@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,11 +31,12 @@ from engine.models import (
     from_ms,
 )
 from engine.store import Batch, Store, TeamFill, Totals
+from engine.store import sqlite as sqlite_store
 from engine.store.postgres import _COPY_FROM, PostgresStore
 from engine.store.schema import MIGRATIONS, SCHEMA_VERSION
 from engine.store.sqlite import SqliteStore
 from testkit.factories import deadlocks
-from testkit.helpers import sqlite_file
+from testkit.helpers import eventually, sqlite_file
 
 BASE = from_ms(1_800_000_000_000)
 
@@ -513,3 +515,43 @@ async def test_postgres_writers_of_the_same_rows_never_deadlock(pg_url: str) -> 
             await store.close()  # a backend reports its statistics as it exits
     await asyncio.sleep(0.5)
     assert await deadlocks(pg_url) == before
+
+
+async def test_a_sqlite_batch_outlives_a_caller_that_stopped_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection holds the file: a batch waits for it (tried again every millisecond
+    or two), and when its caller gives up meanwhile (a payment's bounded wait) the batch is
+    still written whole once the file is free, never left open holding the file; the next
+    batch goes through, and a file held past the batch's own bound is Unavailable."""
+    path = tmp_path / "held.db"
+    store = await SqliteStore.open(path)
+    try:
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(store.apply(batch(order(1))), 0.2)
+            assert await store.get_order("sale.o1") is None
+            holder.execute("COMMIT")
+        finally:
+            holder.close()
+        await eventually(lambda: _has(store, "sale.o1"))
+        await store.apply(batch(order(2)))
+        assert await store.get_order("sale.o2") == order(2)
+        with sqlite_file(path) as plain:
+            assert plain.execute("SELECT COUNT(*) FROM orders").fetchone() == (2,)
+        monkeypatch.setattr(sqlite_store, "_LOCKED_FOR", 0.3)
+        with sqlite_file(path) as plain:
+            plain.execute("BEGIN IMMEDIATE")  # the file's write lock, until the block ends
+            with pytest.raises(Unavailable, match="stayed locked"):
+                await store.apply(batch(order(3)))
+        await store.apply(batch(order(3)))
+        assert await store.get_order("sale.o3") == order(3)
+    finally:
+        await store.close()
+
+
+async def _has(store: Store, order_id: str) -> bool:
+    """the batch was committed once the file was free"""
+    return await store.get_order(order_id) is not None
