@@ -629,6 +629,10 @@ async def test_an_edit_of_a_campaign_that_does_not_exist_is_a_404(
     team = {"kind": "team", "team_size": 2, "team_ttl_seconds": 60, "items": items}
     error = expect_error(await http.patch(present, json=team, headers=AD), "validation_error")
     assert "leader_price" in error["message"]
+    # An active campaign refuses any change but a later end as such, whatever the values.
+    active = f"/v1/campaigns/{await new_flash(http, 'active', stock=5)}"
+    assert ok(await http.get(active, headers=GW))["status"] == "active"
+    expect_error(await http.patch(active, json={"items": items}, headers=AD), "not_editable")
 
 
 async def test_patch_campaign(http: httpx.AsyncClient) -> None:
