@@ -39,29 +39,63 @@ _ERRORS = {
 _EXTRA: dict[str, dict[str, Any]] = {"CampaignPatch": {"minProperties": 1}}
 
 # The calls a client chains (OpenAPI links): what an answer's ids lead to. Keyed by the
-# operationId whose success answer carries the id; each link names the operationId it leads to
-# and the parameter it fills.
-_LINKS: dict[str, dict[str, tuple[str, str, str]]] = {
+# operationId whose success answer carries the id; each link names the operationId it leads to,
+# the parameter it fills, and the body fields it fills too (the campaign's first sku for a
+# reservation, the order's owner for its payment), the rest of the body left to the caller.
+_Link = tuple[str, str, str, dict[str, str]]
+_FIRST_SKU = {"sku": "$response.body#/items/0/sku"}
+_LINKS: dict[str, dict[str, _Link]] = {
     "post_v1_campaigns": {
-        "GetCampaign": ("get_v1_campaigns_by_campaign_id", "campaign_id", "$response.body#/id"),
-        "Reserve": ("post_v1_campaigns_by_campaign_id_orders", "campaign_id", "$response.body#/id"),
-        "OpenTeam": ("post_v1_campaigns_by_campaign_id_teams", "campaign_id", "$response.body#/id"),
+        "GetCampaign": (
+            "get_v1_campaigns_by_campaign_id",
+            "campaign_id",
+            "$response.body#/id",
+            {},
+        ),
+        "Reserve": (
+            "post_v1_campaigns_by_campaign_id_orders",
+            "campaign_id",
+            "$response.body#/id",
+            _FIRST_SKU,
+        ),
+        "OpenTeam": (
+            "post_v1_campaigns_by_campaign_id_teams",
+            "campaign_id",
+            "$response.body#/id",
+            _FIRST_SKU,
+        ),
         "QuickJoin": (
             "post_v1_campaigns_by_campaign_id_teams_quick-join",
             "campaign_id",
             "$response.body#/id",
+            _FIRST_SKU,
         ),
     },
     "post_v1_campaigns_by_campaign_id_orders": {
-        "Pay": ("post_v1_orders_by_order_id_pay", "order_id", "$response.body#/order_id"),
-        "Cancel": ("post_v1_orders_by_order_id_cancel", "order_id", "$response.body#/order_id"),
-        "GetOrder": ("get_v1_orders_by_order_id", "order_id", "$response.body#/order_id"),
+        "Pay": (
+            "post_v1_orders_by_order_id_pay",
+            "order_id",
+            "$response.body#/order_id",
+            {"user_id": "$response.body#/user_id"},
+        ),
+        "Cancel": (
+            "post_v1_orders_by_order_id_cancel",
+            "order_id",
+            "$response.body#/order_id",
+            {"user_id": "$response.body#/user_id"},
+        ),
+        "GetOrder": ("get_v1_orders_by_order_id", "order_id", "$response.body#/order_id", {}),
     },
 }
-_SEAT_LINKS = {
-    "Join": ("post_v1_teams_by_team_id_join", "team_id", "$response.body#/team_id"),
-    "GetTeam": ("get_v1_teams_by_team_id", "team_id", "$response.body#/team_id"),
-    "Pay": ("post_v1_orders_by_order_id_pay", "order_id", "$response.body#/order_id"),
+_SEAT_LINKS: dict[str, _Link] = {
+    "Join": ("post_v1_teams_by_team_id_join", "team_id", "$response.body#/team_id", {}),
+    "GetTeam": ("get_v1_teams_by_team_id", "team_id", "$response.body#/team_id", {}),
+    "Pay": (
+        "post_v1_orders_by_order_id_pay",
+        "order_id",
+        "$response.body#/order_id",
+        {"user_id": "$response.body#/order/user_id"},
+    ),
 }
 for _seat in (
     "post_v1_campaigns_by_campaign_id_teams",
@@ -147,7 +181,8 @@ def _operation(
     if links:
         responses[str(op.status)]["links"] = {
             name: {"operationId": target, "parameters": {param: value}}
-            for name, (target, param, value) in links.items()
+            | ({"requestBody": body} if body else {})
+            for name, (target, param, value, body) in links.items()
         }
     out: dict[str, Any] = {
         "summary": op.summary.splitlines()[0],
