@@ -99,14 +99,15 @@ class Campaigns:
         status = current.status(await self._rt.now())
         if status in (CampaignStatus.ENDED, CampaignStatus.INVALIDATED):
             raise NotEditable(f"campaign {campaign_id} is {status}: create a new one")
+        # What an active campaign cannot change is refused as such, whatever the values.
+        if status is CampaignStatus.ACTIVE and set(changes) - {"ends_at"}:
+            raise NotEditable("an active campaign only accepts a later ends_at")
         changes = self._coerce(changes)
         if "ends_at" in changes:
             changes["ends_at"] = aware_utc(changes["ends_at"], "ends_at")
             if changes["ends_at"] <= await self._rt.now():
                 raise ValidationError("ends_at must be in the future", field="ends_at")
         if status is CampaignStatus.ACTIVE:
-            if set(changes) - {"ends_at"}:
-                raise NotEditable("an active campaign only accepts a later ends_at")
             edited = dataclasses.replace(current, **changes)
             await self._extend(edited)
         else:

@@ -13,10 +13,18 @@ After a failover the same client reaches the new primary, without a restart:
 
 Calls made while no primary is known (the seconds before the promotion) fail with
 Unavailable, as for a Redis that is down.
+
+TLS: a ``rediss://`` URL, or ``FLASHTEAM_REDIS_TLS=1`` with Sentinels (then both the Sentinels
+and the servers they name are reached over TLS). The server's certificate must chain to
+``FLASHTEAM_REDIS_TLS_CA`` (else to the system's trusted CAs) and name the host connected to;
+``FLASHTEAM_REDIS_TLS_CERT`` and ``FLASHTEAM_REDIS_TLS_KEY`` are the client's own, for servers
+that ask for one (``tls-auth-clients yes``, Redis's default).
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +32,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -51,6 +60,7 @@ def connect_redis(settings: Settings) -> RedisClient:
             "redis-server, or point FLASHTEAM_REDIS_URL at your Redis (or "
             "FLASHTEAM_REDIS_SENTINELS at your Sentinels)"
         )
+    tls = tls_options(settings)
     if settings.redis_cluster:
         # Per node; scripts are capped at MAX_IN_FLIGHT by Scripts, other calls share the rest.
         # The retry counts whole attempts, each after reloading the slot map when the last
@@ -65,6 +75,7 @@ def connect_redis(settings: Settings) -> RedisClient:
             decode_responses=True,
             max_connections=MAX_IN_FLIGHT * 4,
             retry=_retry(),
+            **tls,
         )
     return aioredis.Redis.from_url(
         settings.redis_url,
@@ -72,7 +83,31 @@ def connect_redis(settings: Settings) -> RedisClient:
         max_connections=MAX_IN_FLIGHT * 2,
         retry=_retry(),
         retry_on_error=_RETRY_ON,
+        **tls,
     )
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's TLS arguments for ``settings`` (empty without TLS): the certificate is
+    always verified, against FLASHTEAM_REDIS_TLS_CA when set, and must name the host. A file
+    that cannot be read is a ConfigurationError naming its variable, at start-up."""
+    if not settings.redis_tls_enabled:
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    for name, option in (
+        ("redis_tls_ca", "ssl_ca_certs"),
+        ("redis_tls_cert", "ssl_certfile"),
+        ("redis_tls_key", "ssl_keyfile"),
+    ):
+        path = getattr(settings, name)
+        if path is None:
+            continue
+        if not os.access(path, os.R_OK) or os.path.isdir(path):
+            raise ConfigurationError(
+                f"FLASHTEAM_{name.upper()}={path}: no such file, or not readable by this user"
+            )
+        options[option] = path
+    return options
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -109,11 +144,20 @@ class _PrimaryConnection(SentinelManagedConnection):
         await super().send_packed_command(command, check_health)
 
 
+class _PrimaryTLSConnection(_PrimaryConnection, SSLConnection):
+    """``_PrimaryConnection`` over TLS (FLASHTEAM_REDIS_TLS=1)."""
+
+
 def _sentinel_client(settings: Settings) -> SentinelPrimary:
     """The primary of ``settings.redis_master``, found through ``settings.redis_sentinels``
     (with ``redis_sentinel_password``, theirs) when each connection opens, logged in with
-    ``redis_username`` and ``redis_password`` when set; a missing or unreachable set of
-    Sentinels surfaces on the first call (Unavailable), as a down Redis does."""
+    ``redis_username`` and ``redis_password`` when set; with ``redis_tls``, both the Sentinels
+    and the primary over TLS, with the same CA and client certificate. A missing or
+    unreachable set of Sentinels surfaces on the first call (Unavailable), as a down Redis
+    does."""
+    tls = tls_options(settings)
+    # The Sentinels' clients are plain redis-py clients: ssl=True makes their connections TLS.
+    sentinel_tls = {"ssl": True, **tls} if tls else {}
     sentinel = Sentinel(
         settings.sentinel_addresses,
         # One try per Sentinel and call: the next Sentinel of the list is the retry (redis-py's
@@ -123,18 +167,20 @@ def _sentinel_client(settings: Settings) -> SentinelPrimary:
             "socket_connect_timeout": _SENTINEL_TIMEOUT,
             "retry": Retry(NoBackoff(), 0),
             "password": settings.redis_sentinel_password,
+            **sentinel_tls,
         },
     )
     client: SentinelPrimary = sentinel.master_for(
         settings.redis_master,
         redis_class=SentinelPrimary,
-        connection_class=_PrimaryConnection,
+        connection_class=_PrimaryTLSConnection if tls else _PrimaryConnection,
         username=settings.redis_username,
         password=settings.redis_password,
         decode_responses=True,
         max_connections=MAX_IN_FLIGHT * 2,
         retry=_retry(),
         retry_on_error=_RETRY_ON,
+        **tls,
     )
     client.sentinels = sentinel
     return client
@@ -151,6 +197,32 @@ def _retry() -> Retry:
 async def check_eviction_policy(client: RedisClient) -> None:
     """Refuse a Redis that may evict keys: an evicted stock key is an oversell
     (docs/operations.md)."""
+    try:
+        await _check_eviction_policy(client)
+    except Unavailable as exc:
+        refused = _certificate_refused(exc)
+        if refused is None:
+            raise
+        raise ConfigurationError(
+            f"Redis's TLS certificate was refused: {refused}. The server's certificate must be "
+            "signed by a CA of FLASHTEAM_REDIS_TLS_CA (or, when it is unset, one the system "
+            "trusts) and name the host in the URL or the Sentinels' answer "
+            "(docs/operations.md#tls-to-redis)"
+        ) from None
+
+
+def _certificate_refused(exc: BaseException) -> str | None:
+    """What TLS said when it refused the server's certificate, when that is why ``exc``
+    happened; None for any other failure (a Redis that is down stays Unavailable)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason)
+        seen = seen.__cause__ or seen.__context__
+    return "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else None
+
+
+async def _check_eviction_policy(client: RedisClient) -> None:
     if isinstance(client, RedisCluster):
         await guarded(client.initialize())
         primaries = client.get_primaries()

@@ -89,6 +89,25 @@ class Settings:
         "with FLASHTEAM_REDIS_SENTINELS: the Sentinels' own password (their requirepass)",
         secret=True,
     )
+    redis_tls: bool = _setting(
+        False,
+        "with FLASHTEAM_REDIS_SENTINELS, 1: TLS to the Sentinels and to the primary and "
+        "replicas they name; with FLASHTEAM_REDIS_URL, write rediss:// for TLS instead",
+    )
+    redis_tls_ca: str | None = _setting(
+        None,
+        "a PEM file of the CA certificates that Redis's TLS certificates (and the Sentinels') "
+        "must chain to, for a rediss:// URL or FLASHTEAM_REDIS_TLS=1; the certificate must also "
+        "name the host connected to; unset: the CAs the system trusts",
+    )
+    redis_tls_cert: str | None = _setting(
+        None,
+        "a PEM file of the engine's own TLS client certificate, for a Redis that asks for one "
+        "(tls-auth-clients yes, Redis's default); its key in it or in FLASHTEAM_REDIS_TLS_KEY",
+    )
+    redis_tls_key: str | None = _setting(
+        None, "the PEM file of the private key of FLASHTEAM_REDIS_TLS_CERT, when not in it"
+    )
     database_url: str | None = _setting(
         None,
         "the durable store: sqlite:///path or postgresql://user:password@host:port/database; "
@@ -325,6 +344,7 @@ class Settings:
     def _check_redis(self) -> None:
         """How the engine finds Redis: one URL, or the Sentinels (never both, never Sentinel
         with Cluster)."""
+        self._check_redis_tls()
         if self.redis_url is not None and "," in self.redis_url and not self.redis_cluster:
             raise ConfigurationError(
                 f"{_PREFIX}REDIS_URL lists several URLs, which only a Redis Cluster takes (its "
@@ -357,13 +377,42 @@ class Settings:
             )
         _addresses(self.redis_sentinels)  # a bad list fails here, at start-up
 
+    def _check_redis_tls(self) -> None:
+        """TLS is asked for one way per mode (rediss:// in a URL, FLASHTEAM_REDIS_TLS=1 with
+        Sentinels); certificate files without TLS would be ignored, so they are refused."""
+        if self.redis_tls and self.redis_sentinels is None:
+            raise ConfigurationError(
+                f"{_PREFIX}REDIS_TLS=1 goes with {_PREFIX}REDIS_SENTINELS; with "
+                f"{_PREFIX}REDIS_URL, write rediss:// instead of redis:// for TLS"
+            )
+        files = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
+        if any(each is not None for each in files) and not self.redis_tls_enabled:
+            raise ConfigurationError(
+                f"{_PREFIX}REDIS_TLS_CA, {_PREFIX}REDIS_TLS_CERT and {_PREFIX}REDIS_TLS_KEY are "
+                f"for TLS to Redis, which is off: use a rediss:// URL, or {_PREFIX}REDIS_TLS=1 "
+                "with Sentinels"
+            )
+        if self.redis_tls_key is not None and self.redis_tls_cert is None:
+            raise ConfigurationError(
+                f"{_PREFIX}REDIS_TLS_KEY is the key of {_PREFIX}REDIS_TLS_CERT, which is unset"
+            )
+
+    @property
+    def redis_tls_enabled(self) -> bool:
+        """Whether the engine talks to Redis over TLS: a rediss:// URL (the first, for a
+        Cluster's seeds) or FLASHTEAM_REDIS_TLS=1 with Sentinels."""
+        if self.redis_sentinels is not None:
+            return self.redis_tls
+        return self.redis_url is not None and self.redis_url.strip().lower().startswith("rediss://")
+
     @property
     def redis_name(self) -> str:
         """Where the engine finds Redis, for logs and `flashteam run`'s banner: the URL (its
         password masked), or the Sentinels and the master name; "(unset)" before `flashteam
         run` starts its own."""
         if self.redis_sentinels is not None:
-            return f"Sentinel master {self.redis_master!r} via {self.redis_sentinels}"
+            tls = " (TLS)" if self.redis_tls else ""
+            return f"Sentinel master {self.redis_master!r} via {self.redis_sentinels}{tls}"
         if self.redis_url is None:
             return "(unset)"
         return redact(self.redis_url) + (" (Redis Cluster)" if self.redis_cluster else "")

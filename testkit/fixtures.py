@@ -47,14 +47,22 @@ def sentinel_redis(tmp_path: Path) -> Iterator[RedisSentinelGroup]:
 def sentinel_settings(group: RedisSentinelGroup, tmp_path: Path, **changes: object) -> Settings:
     """``make_settings`` for an engine that finds its Redis through the group's Sentinels
     (FLASHTEAM_REDIS_SENTINELS and FLASHTEAM_REDIS_MASTER, no FLASHTEAM_REDIS_URL), with the
-    group's passwords."""
-    sentinels = {
+    group's passwords, and over TLS when the group uses it (its CA, and its certificate as the
+    client's when the servers ask for one)."""
+    sentinels: dict[str, object] = {
         "redis_url": None,
         "redis_sentinels": group.addresses,
         "redis_master": group.master,
         "redis_password": group.password,
         "redis_sentinel_password": group.sentinel_password,
     }
+    if group.tls is not None:
+        sentinels |= {"redis_tls": True, "redis_tls_ca": str(group.tls.ca)}
+        if group.tls.auth_clients:
+            sentinels |= {
+                "redis_tls_cert": str(group.tls.cert),
+                "redis_tls_key": str(group.tls.key),
+            }
     return make_settings("", tmp_path).with_(**(sentinels | changes))
 
 

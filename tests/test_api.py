@@ -391,8 +391,19 @@ async def test_openapi_document(http: httpx.AsyncClient) -> None:
             if not public:
                 assert {"400", "401", "403", "404", "409", "503"} <= set(op["responses"])
             if "requestBody" in op:
-                ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-                assert ref.rsplit("/", 1)[1] in schemas
+                body_schema = op["requestBody"]["content"]["application/json"]["schema"]
+                for each in body_schema.get("anyOf", [body_schema]):
+                    assert each["$ref"].rsplit("/", 1)[1] in schemas
+    # A new campaign is a flash or a team campaign, told apart by "kind": the team fields are
+    # required on one and absent (or null) on the other, so generated bodies honour that rule.
+    new = document["paths"]["/v1/campaigns"]["post"]["requestBody"]["content"]
+    mapping = new["application/json"]["schema"]["discriminator"]["mapping"]
+    flash, team = (schemas[mapping[kind].rsplit("/", 1)[1]] for kind in ("flash", "team"))
+    assert flash["properties"]["kind"] == {"enum": ["flash"]}
+    assert {"team_size", "team_ttl_seconds"} <= set(team["required"])
+    assert {"team_size", "team_ttl_seconds"}.isdisjoint(flash["required"])
+    assert flash["properties"]["team_size"]["type"] == "null"
+    assert schemas["CampaignPatch"]["minProperties"] == 1
     reserve_op = document["paths"]["/v1/campaigns/{campaign_id}/orders"]["post"]
     assert "201" in reserve_op["responses"]
     body = schemas["ReserveIn"]
@@ -587,6 +598,41 @@ async def test_create_campaign_rejects_invalid_definitions(
     assert error["message"], case
     # Nothing was written: the campaign does not exist.
     expect_error(await http.get(f"/v1/campaigns/{campaign_id}", headers=GW), "not_found")
+
+
+async def test_create_campaign_without_an_id_and_with_null_team_fields(
+    http: httpx.AsyncClient,
+) -> None:
+    """A body without an id gets one from the engine (two such bodies, two campaigns); a
+    flash campaign may carry the team fields as null, as it always could."""
+    body = campaign_json(flash_campaign(now(), unique("unused")))
+    del body["id"]
+    first = ok(await http.post("/v1/campaigns", json=body, headers=AD), 201)
+    second = ok(await http.post("/v1/campaigns", json=body, headers=AD), 201)
+    assert re.fullmatch(r"c[0-9a-f]{16}", first["id"]) and first["id"] != second["id"]
+    assert ok(await http.get(f"/v1/campaigns/{first['id']}", headers=GW))["id"] == first["id"]
+    nulls = campaign_json(flash_campaign(now(), unique("nulls")))
+    nulls |= dict.fromkeys(("team_size", "team_ttl_seconds", "auto_success_min_paid"), None)
+    nulls["items"][0]["leader_price"] = None
+    assert ok(await http.post("/v1/campaigns", json=nulls, headers=AD), 201)["kind"] == "flash"
+
+
+async def test_an_edit_of_a_campaign_that_does_not_exist_is_a_404(
+    http: httpx.AsyncClient,
+) -> None:
+    """Whatever the edit, once its fields have their types: the items' cross-field rule
+    (leader_price at most price) is judged with the campaign, after finding it."""
+    path = f"/v1/campaigns/{unique('absent')}"
+    items = [{"sku": "s", "price": 1, "stock": 1, "leader_price": 2}]
+    expect_error(await http.patch(path, json={"items": items}, headers=AD), "not_found")
+    present = f"/v1/campaigns/{await new_flash(http, 'leader', starts_in=3600, stock=5)}"
+    team = {"kind": "team", "team_size": 2, "team_ttl_seconds": 60, "items": items}
+    error = expect_error(await http.patch(present, json=team, headers=AD), "validation_error")
+    assert "leader_price" in error["message"]
+    # An active campaign refuses any change but a later end as such, whatever the values.
+    active = f"/v1/campaigns/{await new_flash(http, 'active', stock=5)}"
+    assert ok(await http.get(active, headers=GW))["status"] == "active"
+    expect_error(await http.patch(active, json={"items": items}, headers=AD), "not_editable")
 
 
 async def test_patch_campaign(http: httpx.AsyncClient) -> None:

@@ -4,7 +4,10 @@ answer must be no 5xx, a documented status, a documented content type and a body
 documented schema.
 
 It runs against the session's ``api`` server (2 worker processes) with the admin token, so admin
-routes are exercised too. A flash campaign and a team campaign (with an order and a team) are
+routes are exercised too. ``test_schemathesis_command_line_runs_clean`` also runs schemathesis's
+own command line, as an operator would, against a fresh engine with its private Redis (what
+`flashteam run` starts): no failure, and no warning that the API refuses what its schema
+allows. A flash campaign and a team campaign (with an order and a team) are
 created first, and the generator draws path and query values from their ids about half of the
 time, so some requests reach real objects instead of 404s. Invalidation gets a campaign of its
 own, so it cannot close the shared ones early.
@@ -13,8 +16,12 @@ own, so it cannot close the shared ones early.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,7 +38,8 @@ from engine.api.app import Api
 from engine.api.openapi import openapi_document
 from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
 from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
-from engine.local.launcher import ApiServer
+from engine.local.launcher import ApiServer, LocalEngine
+from engine.local.process import free_port
 from engine.settings import Settings
 from testkit.factories import campaign_json, flash_campaign, team_campaign
 
@@ -158,3 +166,47 @@ def test_api_conforms_to_its_openapi_document(
     case: Any, api: ApiServer, real_objects: dict[str, list[str | int]]
 ) -> None:
     case.call_and_validate(base_url=api.url, checks=CHECKS)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Cases per operation and phase for the command-line run: small enough for about a minute on
+# a busy 2-core machine, large enough that each phase sends campaigns of both kinds.
+CLI_EXAMPLES = 15
+CLI_BOUND = 150.0
+
+
+def test_schemathesis_command_line_runs_clean(tmp_path: Path) -> None:
+    """`schemathesis run <url>/openapi.json -H "Authorization: Bearer <admin>"` with its
+    defaults (every phase: examples, coverage, fuzzing, stateful) and the repository's
+    schemathesis.toml, fewer cases per operation: it exits 0 (no failure; the file makes a
+    schema-mismatch warning fail the run) and prints no such warning."""
+    settings = Settings(data_dir=tmp_path / "var", gateway_token=GATEWAY, admin_token=ADMIN)
+    with LocalEngine(settings, port=free_port(), workers=1, log=tmp_path / "engine.log") as local:
+        started = time.monotonic()
+        run = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "schemathesis"),
+                "--config-file",
+                str(ROOT / "schemathesis.toml"),
+                "run",
+                f"{local.url}/openapi.json",
+                "-H",
+                f"Authorization: Bearer {ADMIN}",
+                "--max-examples",
+                str(CLI_EXAMPLES),
+                "--no-color",
+            ],
+            cwd=tmp_path,  # its cache (.schemathesis/) goes there, not into the repository
+            capture_output=True,
+            text=True,
+            timeout=CLI_BOUND,
+            check=False,
+        )
+        took = time.monotonic() - started
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report[-6000:]
+    assert "Schema validation mismatch" not in report, report[-6000:]
+    assert "mostly rejected generated data" not in report, report[-6000:]
+    summary = report[report.rindex("Test cases:") :]
+    assert " passed" in summary and "failure" not in summary, summary
+    assert took < CLI_BOUND

@@ -8,6 +8,7 @@ primary is SIGKILLed and its replica promoted (a few seconds each)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,18 +18,23 @@ import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 
 from engine import ConfigurationError, Engine, Settings
 from engine.api.metrics import dependencies
 from engine.connection import SentinelPrimary, check_eviction_policy, connect_redis
 from engine.errors import Unavailable
+from engine.local.launcher import TEST_ADMIN_TOKEN, TEST_GATEWAY_TOKEN, LocalEngine
 from engine.local.process import free_port
 from engine.local.redis_server import RedisClusterServers, RedisSentinelGroup, RedisServer
 from engine.recovery import RECOVERY_STATS
 from engine.worker import FlushWorker
+from testkit.certificates import make_certificates
 from testkit.factories import flash_campaign, make_settings
 from testkit.fixtures import sentinel_settings
+from testkit.helpers import eventually, run_cli
+from tests.test_api_load import SKU, create_campaign, http, stock_of
 
 # A failover here takes 2-3 s (down after 1 s, then the vote and the promotion).
 FAILOVER_BOUND = 15.0
@@ -258,16 +264,26 @@ async def test_an_unknown_master_name_makes_the_engine_unavailable(
     assert "orders" in str(caught.value)
 
 
-async def test_a_sale_then_a_failover_through_sentinels_with_passwords(tmp_path: Path) -> None:
-    """Sentinels and servers that require passwords (requirepass on both): a client without
-    them is refused; the engine, given them, sells, keeps selling through a failover (the
-    promoted replica checked against SQL: verified, or repaired where it lagged) and keeps
-    what was paid."""
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_sale_then_a_failover_through_sentinels_with_passwords(
+    tmp_path: Path, tls: bool
+) -> None:
+    """Sentinels and servers that require passwords (requirepass on both), and, with ``tls``,
+    listen for TLS only (the Sentinels, the primary and its replica: FLASHTEAM_REDIS_TLS=1 and
+    the CA in FLASHTEAM_REDIS_TLS_CA): a client without the passwords is refused; the engine,
+    given them, sells, keeps selling through a failover (the promoted replica checked against
+    SQL: verified, or repaired where it lagged) and keeps what was paid."""
+    certificates = make_certificates(tmp_path / "tls") if tls else None
     with RedisSentinelGroup(
-        tmp_path / "group", password="primary-" + "p" * 24, sentinel_password="sentinel-" + "s" * 24
+        tmp_path / "group",
+        password="primary-" + "p" * 24,
+        sentinel_password="sentinel-" + "s" * 24,
+        tls=certificates,
     ) as group:
+        # Over TLS, the anonymous client verifies the servers: only the password is missing.
+        ca = None if certificates is None else str(certificates.ca)
         for port in (group.primary_port, group.sentinels[0].port):
-            anonymous = aioredis.Redis(port=port)
+            anonymous = aioredis.Redis(host="127.0.0.1", port=port, ssl=tls, ssl_ca_certs=ca)
             try:
                 with pytest.raises(redis_errors.AuthenticationError):
                     await anonymous.ping()
@@ -293,6 +309,95 @@ async def test_a_sale_then_a_failover_through_sentinels_with_passwords(tmp_path:
             stats = await engine.runtime.redis.hgetall(RECOVERY_STATS)
             checked = int(stats.get("verified", 0)) + engine.recovery.repairs
             assert checked >= 1, "the promoted replica was checked against SQL"
+            if tls:  # the same client still speaks TLS, to the promoted replica
+                primary = engine.runtime.redis
+                assert isinstance(primary, SentinelPrimary)
+                connection = await primary.connection_pool.get_connection()
+                try:
+                    assert isinstance(connection, SSLConnection)
+                    assert connection.port == group.primary_port
+                finally:
+                    await primary.connection_pool.release(connection)
+
+
+def _ft_env(settings: Settings) -> dict[str, str]:
+    """The environment of a `flashteam` command run with ``settings``."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLASHTEAM_")}
+    return inherited | settings.to_env()
+
+
+async def test_a_sale_over_tls_to_redis_that_asks_for_a_client_certificate(
+    tmp_path: Path,
+) -> None:
+    """A rediss:// URL with FLASHTEAM_REDIS_TLS_CA, FLASHTEAM_REDIS_TLS_CERT and _KEY, against
+    a redis-server that listens for TLS only and asks clients for a certificate (Redis's
+    default): a client without one is refused; the engine's processes (API, worker, reaper,
+    each handed the settings through the environment) run a sale over HTTP, and `flashteam
+    reconcile` finds SQL and Redis equal."""
+    certificates = make_certificates(tmp_path / "tls", auth_clients=True)
+    with RedisServer(tmp_path / "redis", tls=certificates) as server:
+        assert server.url.startswith("rediss://127.0.0.1:")
+        no_certificate = aioredis.Redis.from_url(server.url, ssl_ca_certs=str(certificates.ca))
+        try:
+            with pytest.raises(redis_errors.ConnectionError):
+                await no_certificate.ping()
+        finally:
+            await no_certificate.aclose()
+        settings = make_settings(
+            server.url,
+            tmp_path,
+            redis_tls_ca=str(certificates.ca),
+            redis_tls_cert=str(certificates.cert),
+            redis_tls_key=str(certificates.key),
+            gateway_token=TEST_GATEWAY_TOKEN,
+            admin_token=TEST_ADMIN_TOKEN,
+        )
+        gateway = {"authorization": f"Bearer {TEST_GATEWAY_TOKEN}"}
+        with LocalEngine(
+            settings, port=free_port(), workers=1, log=tmp_path / "engine.log"
+        ) as local:
+            async with http(local.url) as client:
+                await create_campaign(client, "tls-sale", stock=10, limit=2)
+                held = await client.post(
+                    "/v1/campaigns/tls-sale/orders",
+                    json={"user_id": "u1", "sku": SKU, "qty": 2, "idempotency_key": "k1"},
+                    headers=gateway,
+                )
+                assert held.status_code == 201, held.text
+                paid = await client.post(
+                    f"/v1/orders/{held.json()['order_id']}/pay",
+                    json={"user_id": "u1", "payment_ref": "psp-tls-1"},
+                    headers=gateway,
+                )
+                assert (paid.status_code, paid.json()["state"]) == (200, "paid"), paid.text
+                stock = await stock_of(client, "tls-sale")
+                assert (stock["paid"], stock["available"]) == (2, 8)
+
+            async def reconciled() -> bool:
+                code, _, _ = await run_cli("reconcile", "tls-sale", env=local.env())
+                return code == 0
+
+            await eventually(reconciled, 30, what="flashteam reconcile to come back clean")
+
+
+async def test_a_redis_certificate_from_another_ca_is_refused_at_start(tmp_path: Path) -> None:
+    """A rediss:// server whose certificate FLASHTEAM_REDIS_TLS_CA did not sign: the engine
+    refuses to start, with one line saying why and what to check, not a traceback; the right
+    CA opens it."""
+    certificates = make_certificates(tmp_path / "tls")
+    other = make_certificates(tmp_path / "other")
+    with RedisServer(tmp_path / "redis", tls=certificates) as server:
+        wrong = make_settings(server.url, tmp_path, redis_tls_ca=str(other.ca))
+        with pytest.raises(ConfigurationError, match="certificate was refused"):
+            await Engine.open(wrong)
+        code, out, err = await run_cli("reconcile", "any", env=_ft_env(wrong))
+        assert code == 2, (out, err)
+        assert "Traceback" not in err
+        assert err.startswith("flashteam: Redis's TLS certificate was refused: ")
+        assert "FLASHTEAM_REDIS_TLS_CA" in err
+        right = wrong.with_(redis_tls_ca=str(certificates.ca))
+        async with await Engine.open(right) as engine:
+            assert await engine.runtime.redis.ping()
 
 
 # The engine's Redis user, as docs/operations.md#redis-acl gives it (the password aside).

@@ -85,6 +85,10 @@ SENTINEL_ONLY = {
     "redis_username",
     "redis_password",
     "redis_sentinel_password",
+    "redis_tls",  # the TLS files need TLS on: FLASHTEAM_REDIS_TLS=1 goes with Sentinels
+    "redis_tls_ca",
+    "redis_tls_cert",
+    "redis_tls_key",
 }
 
 
@@ -105,6 +109,10 @@ def test_every_field_is_one_variable_read_and_written() -> None:
         redis_username="engine",
         redis_password="primary-secret",
         redis_sentinel_password="sentinel-secret",
+        redis_tls=True,
+        redis_tls_ca="/etc/flashteam/redis-ca.pem",
+        redis_tls_cert="/etc/flashteam/engine.pem",
+        redis_tls_key="/etc/flashteam/engine.key",
     )
     assert all(
         getattr(changed, each.name) != each.default
@@ -121,6 +129,37 @@ def test_every_field_is_one_variable_read_and_written() -> None:
     assert Settings.from_env(via_sentinels.to_env()) == via_sentinels
     assert via_sentinels.to_env()["FLASHTEAM_REDIS_SENTINELS"] == "10.0.0.7:26379,10.0.0.8:26379"
     assert Settings.from_env(DEFAULTS.to_env()) == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"redis_url": "redis://10.0.0.5:6379/0", "redis_tls": True}, "write rediss://"),
+        ({"redis_url": "redis://10.0.0.5:6379/0", "redis_tls_ca": "/ca.pem"}, "which is off"),
+        ({"redis_sentinels": "10.0.0.5:26379", "redis_tls_ca": "/ca.pem"}, "which is off"),
+        (
+            {"redis_url": "rediss://10.0.0.5:6379/0", "redis_tls_key": "/engine.key"},
+            "FLASHTEAM_REDIS_TLS_CERT, which is unset",
+        ),
+    ],
+)
+def test_tls_settings_that_would_be_ignored_are_refused(
+    changes: dict[str, object], message: str
+) -> None:
+    """TLS to Redis is asked for one way per mode (rediss://, or FLASHTEAM_REDIS_TLS=1 with
+    Sentinels); a CA or key that TLS would not use is an error at start, not a silent
+    plain-text connection."""
+    with pytest.raises(ConfigurationError, match=message):
+        DEFAULTS.with_(**changes)
+
+
+def test_tls_is_on_for_a_rediss_url_or_sentinels_with_redis_tls() -> None:
+    assert DEFAULTS.with_(redis_url="rediss://10.0.0.5:6379/0").redis_tls_enabled
+    assert not DEFAULTS.with_(redis_url="redis://10.0.0.5:6379/0").redis_tls_enabled
+    sentinels = DEFAULTS.with_(redis_sentinels="10.0.0.5:26379")
+    assert not sentinels.redis_tls_enabled
+    assert sentinels.with_(redis_tls=True, redis_tls_ca="/ca.pem").redis_tls_enabled
+    assert "(TLS)" in sentinels.with_(redis_tls=True).redis_name
 
 
 def test_describe_lists_every_variable_with_its_default() -> None:

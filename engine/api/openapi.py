@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from types import UnionType
 from typing import Any
 
 import msgspec
@@ -33,31 +34,68 @@ _ERRORS = {
     "yet; retry with the same payment_ref to learn the outcome",
 }
 
+# What a struct's own schema cannot say: an edit changes at least one field (an empty one is
+# a 400).
+_EXTRA: dict[str, dict[str, Any]] = {"CampaignPatch": {"minProperties": 1}}
 
 # The calls a client chains (OpenAPI links): what an answer's ids lead to. Keyed by the
-# operationId whose success answer carries the id; each link names the operationId it leads to
-# and the parameter it fills.
-_LINKS: dict[str, dict[str, tuple[str, str, str]]] = {
+# operationId whose success answer carries the id; each link names the operationId it leads to,
+# the parameter it fills, and the body fields it fills too (the campaign's first sku for a
+# reservation, the order's owner for its payment), the rest of the body left to the caller.
+_Link = tuple[str, str, str, dict[str, str]]
+_FIRST_SKU = {"sku": "$response.body#/items/0/sku"}
+_LINKS: dict[str, dict[str, _Link]] = {
     "post_v1_campaigns": {
-        "GetCampaign": ("get_v1_campaigns_by_campaign_id", "campaign_id", "$response.body#/id"),
-        "Reserve": ("post_v1_campaigns_by_campaign_id_orders", "campaign_id", "$response.body#/id"),
-        "OpenTeam": ("post_v1_campaigns_by_campaign_id_teams", "campaign_id", "$response.body#/id"),
+        "GetCampaign": (
+            "get_v1_campaigns_by_campaign_id",
+            "campaign_id",
+            "$response.body#/id",
+            {},
+        ),
+        "Reserve": (
+            "post_v1_campaigns_by_campaign_id_orders",
+            "campaign_id",
+            "$response.body#/id",
+            _FIRST_SKU,
+        ),
+        "OpenTeam": (
+            "post_v1_campaigns_by_campaign_id_teams",
+            "campaign_id",
+            "$response.body#/id",
+            _FIRST_SKU,
+        ),
         "QuickJoin": (
             "post_v1_campaigns_by_campaign_id_teams_quick-join",
             "campaign_id",
             "$response.body#/id",
+            _FIRST_SKU,
         ),
     },
     "post_v1_campaigns_by_campaign_id_orders": {
-        "Pay": ("post_v1_orders_by_order_id_pay", "order_id", "$response.body#/order_id"),
-        "Cancel": ("post_v1_orders_by_order_id_cancel", "order_id", "$response.body#/order_id"),
-        "GetOrder": ("get_v1_orders_by_order_id", "order_id", "$response.body#/order_id"),
+        "Pay": (
+            "post_v1_orders_by_order_id_pay",
+            "order_id",
+            "$response.body#/order_id",
+            {"user_id": "$response.body#/user_id"},
+        ),
+        "Cancel": (
+            "post_v1_orders_by_order_id_cancel",
+            "order_id",
+            "$response.body#/order_id",
+            {"user_id": "$response.body#/user_id"},
+        ),
+        "GetOrder": ("get_v1_orders_by_order_id", "order_id", "$response.body#/order_id", {}),
     },
 }
-_SEAT_LINKS = {
-    "Join": ("post_v1_teams_by_team_id_join", "team_id", "$response.body#/team_id"),
-    "GetTeam": ("get_v1_teams_by_team_id", "team_id", "$response.body#/team_id"),
-    "Pay": ("post_v1_orders_by_order_id_pay", "order_id", "$response.body#/order_id"),
+_SEAT_LINKS: dict[str, _Link] = {
+    "Join": ("post_v1_teams_by_team_id_join", "team_id", "$response.body#/team_id", {}),
+    "GetTeam": ("get_v1_teams_by_team_id", "team_id", "$response.body#/team_id", {}),
+    "Pay": (
+        "post_v1_orders_by_order_id_pay",
+        "order_id",
+        "$response.body#/order_id",
+        {"user_id": "$response.body#/order/user_id"},
+    ),
 }
 for _seat in (
     "post_v1_campaigns_by_campaign_id_teams",
@@ -76,7 +114,7 @@ class Operation:
     summary: str
     auth: bool
     admin: bool
-    body: type | None
+    body: type | UnionType | None  # a union of tagged structs: a discriminated oneOf
     out: type | None
     status: int
     query: tuple[tuple[str, bool], ...]
@@ -86,6 +124,9 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every operation."""
     types = [t for op in operations for t in (op.body, op.out) if t is not None]
     refs, components = msgspec.json.schema_components([*types, ErrorOut], ref_template=_REF)
+    for name, extra in _EXTRA.items():
+        if name in components:
+            components[name] |= extra
     schema_of = dict(zip(types, refs[: len(types)], strict=True))
     id_schema = msgspec.json.schema(Id)
     paths: dict[str, dict[str, Any]] = {}
@@ -110,7 +151,7 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
 
 
 def _operation(
-    op: Operation, schema_of: dict[type, Any], id_schema: dict[str, Any]
+    op: Operation, schema_of: dict[type | UnionType, Any], id_schema: dict[str, Any]
 ) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True, "schema": _path_schema(name, id_schema)}
@@ -140,7 +181,8 @@ def _operation(
     if links:
         responses[str(op.status)]["links"] = {
             name: {"operationId": target, "parameters": {param: value}}
-            for name, (target, param, value) in links.items()
+            | ({"requestBody": body} if body else {})
+            for name, (target, param, value, body) in links.items()
         }
     out: dict[str, Any] = {
         "summary": op.summary.splitlines()[0],

@@ -107,7 +107,12 @@ Units = Annotated[int, Meta(ge=1, le=MAX_UNITS)]
 Money = Annotated[int, Meta(ge=0, le=MAX_UNITS * 100, description="minor units (cents)")]
 Moment = Annotated[
     datetime,
-    Meta(tz=True, description="RFC 3339 with a UTC offset, from the year 2000 to 9000"),
+    Meta(
+        tz=True,
+        description="RFC 3339 with a UTC offset, from the year 2000 to 9000 (in UTC)",
+        # The years the engine takes, 2000 to 8999, as the date's first characters.
+        extra_json_schema={"pattern": "^(2[0-9]{3}|[3-8][0-9]{3})-"},
+    ),
 ]
 Kind = Annotated[str, Meta(pattern="^(flash|team)$")]
 Title = Annotated[
@@ -128,22 +133,38 @@ class Request(Struct, forbid_unknown_fields=True):
 # --------------------------------------------------------------------------- requests
 
 
-class ItemIn(Request):
+LeaderPrice = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=MAX_UNITS * 100,
+        description="the unit price a team's leader pays, at most price "
+        "(docs/lifecycle.md#team-deal-options); absent or null: the leader pays price",
+    ),
+]
+# On a flash campaign a team-only field may be absent or null, nothing else.
+NotForFlash = Annotated[None, Meta(description="team campaigns only: absent or null here")]
+
+
+class FlashItemIn(Request):
+    """An item of a flash campaign."""
+
     sku: Id
     price: Money
     stock: Annotated[int, Meta(ge=0, le=MAX_UNITS)]
-    leader_price: (
-        Annotated[
-            int,
-            Meta(
-                ge=0,
-                le=MAX_UNITS * 100,
-                description="team campaigns: the unit price a team's leader pays, at most "
-                "price (docs/lifecycle.md#team-deal-options); absent: the leader pays price",
-            ),
-        ]
-        | None
-    ) = None
+    leader_price: NotForFlash = None
+
+    def item(self) -> Item:
+        return Item(self.sku, self.price, self.stock)
+
+
+class ItemIn(Request):
+    """An item of a team campaign, or of either kind in an edit."""
+
+    sku: Id
+    price: Money
+    stock: Annotated[int, Meta(ge=0, le=MAX_UNITS)]
+    leader_price: LeaderPrice | None = None
 
     def item(self) -> Item:
         return Item(self.sku, self.price, self.stock, self.leader_price)
@@ -182,34 +203,77 @@ MinPaySeconds = Annotated[
 ]
 
 
-class CampaignIn(Request):
-    """A new campaign. ends_at must be after starts_at and in the future; a team campaign
-    needs team_size and team_ttl_seconds, a flash one neither; per_order_limit is at most
-    per_user_limit; an item's leader_price is at most its price."""
+StartsAt = Annotated[Moment, Meta(examples=["2025-01-01T00:00:00Z"])]
+EndsAt = Annotated[
+    Moment,
+    Meta(
+        description="after starts_at and in the future (a new campaign, or a new end)",
+        examples=["2999-12-31T23:59:59Z"],
+    ),
+]
+Items = Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)]
+HoldSeconds = Annotated[int, Meta(ge=1, le=86_400)]
+TeamSize = Annotated[int, Meta(ge=2, le=100)]
+TeamTtlSeconds = Annotated[int, Meta(ge=1, le=7 * 86_400)]
 
-    id: Id
-    kind: Kind
+
+class _CampaignIn(Request, kw_only=True, tag_field="kind"):
+    """What every new campaign states. ends_at must be after starts_at and in the future;
+    per_order_limit is at most per_user_limit; price x per_user_limit at most 10^15."""
+
+    id: (
+        Annotated[
+            str,
+            Meta(
+                pattern=f"^{ID_PATTERN}$",
+                description="[A-Za-z0-9_-]{1,64}; absent or null: the engine makes one (c "
+                "and 16 hex digits), so only a body with an id is safe to send twice",
+            ),
+        ]
+        | None
+    ) = None
     title: Title
-    starts_at: Moment
-    ends_at: Moment
-    items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)]
+    starts_at: StartsAt
+    ends_at: EndsAt
     per_user_limit: Units
-    hold_seconds: Annotated[int, Meta(ge=1, le=86_400)]
-    team_size: Annotated[int, Meta(ge=2, le=100)] | None = None
-    team_ttl_seconds: Annotated[int, Meta(ge=1, le=7 * 86_400)] | None = None
+    hold_seconds: HoldSeconds
+    per_order_limit: PerOrderLimit | None = None
+
+
+class FlashCampaignIn(_CampaignIn, kw_only=True, tag="flash"):
+    """A new flash campaign ("kind": "flash"): no team fields."""
+
+    items: Annotated[list[FlashItemIn], Meta(min_length=1, max_length=MAX_ITEMS)]
     shards: Annotated[
         int,
         Meta(
             ge=1,
             le=MAX_SHARDS,
-            description="flash only: stock buckets on as many Redis Cluster slots, each "
-            "shopper served by one (docs/architecture.md#sharded-flash-campaigns); fixed at "
-            "creation",
+            description="stock buckets on as many Redis Cluster slots, each shopper served by "
+            "one (docs/architecture.md#sharded-flash-campaigns); fixed at creation",
         ),
     ] = 1
-    per_order_limit: PerOrderLimit | None = None
+    team_size: NotForFlash = None
+    team_ttl_seconds: NotForFlash = None
+    auto_success_min_paid: NotForFlash = None
+    min_pay_seconds: NotForFlash = None
+
+
+class TeamCampaignIn(_CampaignIn, kw_only=True, tag="team"):
+    """A new team campaign ("kind": "team"): team_size and team_ttl_seconds are needed;
+    an item's leader_price is at most its price, auto_success_min_paid at most team_size - 1,
+    min_pay_seconds at most team_ttl_seconds."""
+
+    items: Items
+    team_size: TeamSize
+    team_ttl_seconds: TeamTtlSeconds
+    shards: Annotated[int, Meta(ge=1, le=1, description="a team campaign has one bucket")] = 1
     auto_success_min_paid: AutoSuccessMinPaid | None = None
     min_pay_seconds: MinPaySeconds | None = None
+
+
+# A new campaign: one of the two, told apart by "kind" (a discriminator in /openapi.json).
+CampaignIn = FlashCampaignIn | TeamCampaignIn
 
 
 class CampaignPatch(Request):
@@ -218,15 +282,13 @@ class CampaignPatch(Request):
 
     kind: Kind | msgspec.UnsetType = msgspec.UNSET
     title: Title | msgspec.UnsetType = msgspec.UNSET
-    starts_at: Moment | msgspec.UnsetType = msgspec.UNSET
-    ends_at: Moment | msgspec.UnsetType = msgspec.UNSET
-    items: Annotated[list[ItemIn], Meta(min_length=1, max_length=MAX_ITEMS)] | msgspec.UnsetType = (
-        msgspec.UNSET
-    )
+    starts_at: StartsAt | msgspec.UnsetType = msgspec.UNSET
+    ends_at: EndsAt | msgspec.UnsetType = msgspec.UNSET
+    items: Items | msgspec.UnsetType = msgspec.UNSET
     per_user_limit: Units | msgspec.UnsetType = msgspec.UNSET
-    hold_seconds: Annotated[int, Meta(ge=1, le=86_400)] | msgspec.UnsetType = msgspec.UNSET
-    team_size: Annotated[int, Meta(ge=2, le=100)] | msgspec.UnsetType = msgspec.UNSET
-    team_ttl_seconds: Annotated[int, Meta(ge=1, le=7 * 86_400)] | msgspec.UnsetType = msgspec.UNSET
+    hold_seconds: HoldSeconds | msgspec.UnsetType = msgspec.UNSET
+    team_size: TeamSize | msgspec.UnsetType = msgspec.UNSET
+    team_ttl_seconds: TeamTtlSeconds | msgspec.UnsetType = msgspec.UNSET
     # null switches the option off
     per_order_limit: PerOrderLimit | msgspec.UnsetType | None = msgspec.UNSET
     auto_success_min_paid: AutoSuccessMinPaid | msgspec.UnsetType | None = msgspec.UNSET
@@ -238,7 +300,9 @@ class CampaignPatch(Request):
             value = getattr(self, field)
             if value is msgspec.UNSET:
                 continue
-            out[field] = tuple(i.item() for i in value) if field == "items" else value
+            # Items stay mappings: the engine checks them (leader_price at most price) once it
+            # has found the campaign, so an edit of a campaign that does not exist is a 404.
+            out[field] = [msgspec.structs.asdict(i) for i in value] if field == "items" else value
         return out
 
 

@@ -3,7 +3,9 @@
 ``RedisServer`` runs one server with AOF on and ``maxmemory-policy noeviction`` (``replica()``
 gives a server that replicates it); ``RedisClusterServers`` runs such servers as a Redis
 Cluster, three masters by default, optionally each with replicas; ``RedisSentinelGroup`` runs
-a primary, its replica and three Sentinels watching them. The groups can SIGKILL a primary
+a primary, its replica and three Sentinels watching them. Given a ``TlsConfig``, a server or
+a whole Sentinel group listens for TLS only (``--port 0``, ``--tls-port``), and its replicas
+and Sentinels talk to each other over TLS too. The groups can SIGKILL a primary
 and wait for its replica's promotion: the failover tests use them.
 
 Every process is a ``RedisProcess``: one start (wait for PING) and one stop, and each dies with
@@ -15,10 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import quote
@@ -40,6 +44,44 @@ _LOOPBACK = "127.0.0.1"
 _SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")
 
 
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """PEM files for a TLS server: ``cert`` and ``key`` are its certificate and key, which it
+    also presents as a client (to its primary, to other Sentinels); ``ca`` signed them and is
+    what every side verifies the other against. With ``auth_clients`` the server refuses a
+    client without a certificate signed by ``ca`` (``tls-auth-clients yes``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    auth_clients: bool = False
+
+    def server_options(self) -> list[tuple[str, str]]:
+        """The redis.conf directives, as (name, value) pairs; the plain port stays closed."""
+        return [
+            ("tls-cert-file", str(self.cert.resolve())),
+            ("tls-key-file", str(self.key.resolve())),
+            ("tls-ca-cert-file", str(self.ca.resolve())),
+            ("tls-auth-clients", "yes" if self.auth_clients else "no"),
+            ("tls-replication", "yes"),
+        ]
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that verifies the server against ``ca`` and presents ``cert``."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's arguments for the same."""
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.ca),
+            "ssl_certfile": str(self.cert),
+            "ssl_keyfile": str(self.key),
+        }
+
+
 def redis_server_binary() -> str:
     """Path of the server binary: FLASHTEAM_REDIS_SERVER when set (a redis-server or a
     valkey-server elsewhere than on PATH), else redis-server from PATH; ConfigurationError
@@ -56,25 +98,40 @@ def redis_server_binary() -> str:
     return path
 
 
-def _ping(port: int, password: str | None = None) -> bool:
-    """Whether the server on ``port`` answers PING (after AUTH with ``password``)."""
-    with socket.create_connection((_LOOPBACK, port), timeout=1.0) as sock:
-        auth = b"" if password is None else b"AUTH " + password.encode() + b"\r\n"
-        sock.sendall(auth + b"PING\r\n")
-        reply = b""
-        while b"\r\n" not in reply or (password is not None and reply.count(b"\r\n") < 2):
-            chunk = sock.recv(64)
-            if not chunk:
-                break
-            reply += chunk
-        return reply.endswith(b"+PONG\r\n")
+def _ping(port: int, password: str | None = None, tls: TlsConfig | None = None) -> bool:
+    """Whether the server on ``port`` answers PING (after AUTH with ``password``; over TLS
+    with ``tls``)."""
+    with socket.create_connection((_LOOPBACK, port), timeout=1.0) as plain:
+        if tls is None:
+            return _ping_on(plain, password)
+        with tls.client_context().wrap_socket(plain, server_hostname=_LOOPBACK) as sock:
+            return _ping_on(sock, password)
+
+
+def _ping_on(sock: socket.socket, password: str | None) -> bool:
+    auth = b"" if password is None else b"AUTH " + password.encode() + b"\r\n"
+    sock.sendall(auth + b"PING\r\n")
+    reply = b""
+    while b"\r\n" not in reply or (password is not None and reply.count(b"\r\n") < 2):
+        chunk = sock.recv(64)
+        if not chunk:
+            break
+        reply += chunk
+    return reply.endswith(b"+PONG\r\n")
 
 
 @contextmanager
-def _admin(port: int, password: str | None = None) -> Iterator[redis.Redis]:
+def _admin(
+    port: int, password: str | None = None, tls: TlsConfig | None = None
+) -> Iterator[redis.Redis]:
     """A short-lived synchronous client of a local server, for set-up and status queries."""
     client = redis.Redis(
-        _LOOPBACK, port, password=password, decode_responses=True, socket_timeout=5.0
+        _LOOPBACK,
+        port,
+        password=password,
+        decode_responses=True,
+        socket_timeout=5.0,
+        **({} if tls is None else tls.client_options()),
     )
     try:
         yield client
@@ -82,10 +139,12 @@ def _admin(port: int, password: str | None = None) -> Iterator[redis.Redis]:
         client.close()
 
 
-def _query(port: int, command: str, *args: str, password: str | None = None) -> Any:
+def _query(
+    port: int, command: str, *args: str, password: str | None = None, tls: TlsConfig | None = None
+) -> Any:
     """One command (``"CLUSTER INFO"``, with its arguments) to a local server; its reply as
     redis-py parses it."""
-    with _admin(port, password) as client:
+    with _admin(port, password, tls) as client:
         return client.execute_command(command, *args)
 
 
@@ -111,6 +170,7 @@ class RedisProcess(Server):
         self.data_dir = data_dir
         self.port = port or free_port()
         self.password: str | None = None  # what a client sends with AUTH, when required
+        self.tls: TlsConfig | None = None  # TLS only, on ``port``, when set
         self._process: subprocess.Popen[bytes] | None = None
 
     def arguments(self) -> list[str]:
@@ -144,7 +204,7 @@ class RedisProcess(Server):
                     f"see the log in {self.data_dir}"
                 )
             try:
-                if _ping(self.port, self.password):
+                if _ping(self.port, self.password, self.tls):
                     return self
             except OSError:
                 pass
@@ -170,7 +230,8 @@ class RedisServer(RedisProcess):
     """One redis-server bound to 127.0.0.1: AOF on, ``maxmemory-policy noeviction``. With a
     ``password`` it refuses clients that do not send it (``requirepass``; its replicas
     authenticate with it too); the password goes to the server in a file of the data dir
-    readable by this user only, never on its command line (which every local user sees)."""
+    readable by this user only, never on its command line (which every local user sees).
+    With ``tls`` it listens for TLS only, on ``port`` (``url`` is then a rediss:// URL)."""
 
     def __init__(
         self,
@@ -180,16 +241,19 @@ class RedisServer(RedisProcess):
         appendfsync: str = DEFAULTS.appendfsync,
         extra_args: tuple[str, ...] = (),
         password: str | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         super().__init__(data_dir, port)
         self.appendfsync = appendfsync
         self.extra_args = extra_args
         self.password = password
+        self.tls = tls
 
     @property
     def url(self) -> str:
         auth = "" if self.password is None else f":{quote(self.password, safe='')}@"
-        return f"redis://{auth}{_LOOPBACK}:{self.port}/0"
+        scheme = "redis" if self.tls is None else "rediss"
+        return f"{scheme}://{auth}{_LOOPBACK}:{self.port}/0"
 
     def arguments(self) -> list[str]:
         first: list[str] = []
@@ -200,10 +264,16 @@ class RedisServer(RedisProcess):
             with os.fdopen(fd, "w") as out:
                 out.write(f"requirepass {self.password}\nmasterauth {self.password}\n")
             first = [str(config.resolve())]
+        if self.tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            ports = ["--port", "0", "--tls-port", str(self.port)]
+            for name, value in self.tls.server_options():
+                ports += [f"--{name}", value]
         return [
             *first,
             "--bind", _LOOPBACK,
-            "--port", str(self.port),
+            *ports,
             "--dir", str(self.data_dir.resolve()),
             "--appendonly", "yes",
             "--appendfsync", self.appendfsync,
@@ -222,16 +292,17 @@ class RedisServer(RedisProcess):
             appendfsync=self.appendfsync,
             extra_args=(*self.extra_args, "--replicaof", _LOOPBACK, str(self.port)),
             password=self.password,
+            tls=self.tls,
         )
 
     def role(self) -> str:
         """``master`` or ``slave``, as the server says now (INFO replication)."""
-        with _admin(self.port, self.password) as client:
+        with _admin(self.port, self.password, self.tls) as client:
             return str(client.info("replication")["role"])
 
     def replicating(self) -> bool:
         """A replica whose link to its primary is up (it has synced and keeps up)."""
-        with _admin(self.port, self.password) as client:
+        with _admin(self.port, self.password, self.tls) as client:
             info = client.info("replication")
         return bool(info["role"] == "slave" and info.get("master_link_status") == "up")
 
@@ -252,8 +323,10 @@ class RedisSentinel(RedisProcess):
         failover_timeout_ms: int,
         password: str | None = None,
         primary_password: str | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         super().__init__(data_dir)
+        self.tls = tls  # TLS only, to clients, the servers and the other Sentinels
         self.master = master
         self.primary_port = primary_port
         self.quorum = quorum
@@ -271,9 +344,13 @@ class RedisSentinel(RedisProcess):
         so a restarted Sentinel keeps what it learnt."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.config.exists():
+            ports = f"port {self.port}\n"
+            if self.tls is not None:
+                ports = f"port 0\ntls-port {self.port}\n" + "".join(
+                    f"{name} {value}\n" for name, value in self.tls.server_options()
+                )
             self.config.write_text(
-                f"port {self.port}\n"
-                f"bind {_LOOPBACK}\n"
+                ports + f"bind {_LOOPBACK}\n"
                 f"dir {self.data_dir.resolve()}\n"
                 f"logfile {(self.data_dir / 'sentinel.log').resolve()}\n"
                 f"sentinel monitor {self.master} {_LOOPBACK} {self.primary_port} {self.quorum}\n"
@@ -293,14 +370,20 @@ class RedisSentinel(RedisProcess):
     def primary(self) -> int:
         """The port of the primary this Sentinel names now."""
         _, port = _query(
-            self.port, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master, password=self.password
+            self.port,
+            "SENTINEL GET-MASTER-ADDR-BY-NAME",
+            self.master,
+            password=self.password,
+            tls=self.tls,
         )
         return int(port)
 
     def sees(self, primary_port: int, replicas: int, sentinels: int) -> bool:
         """It names the primary on ``primary_port``, healthy, and knows ``replicas`` replicas
         and ``sentinels`` other Sentinels."""
-        state = _query(self.port, "SENTINEL MASTER", self.master, password=self.password)
+        state = _query(
+            self.port, "SENTINEL MASTER", self.master, password=self.password, tls=self.tls
+        )
         return bool(
             state["port"] == primary_port
             and state["is_master"]
@@ -319,7 +402,9 @@ class RedisSentinelGroup(Server):
     ``addresses`` is the value of FLASHTEAM_REDIS_SENTINELS and ``master`` the one of
     FLASHTEAM_REDIS_MASTER; ``kill_primary()`` and ``wait_promoted()`` drive a failover. With
     ``password`` the primary and its replica require it (FLASHTEAM_REDIS_PASSWORD), with
-    ``sentinel_password`` the Sentinels require theirs (FLASHTEAM_REDIS_SENTINEL_PASSWORD)."""
+    ``sentinel_password`` the Sentinels require theirs (FLASHTEAM_REDIS_SENTINEL_PASSWORD).
+    With ``tls`` every one of them listens for TLS only and they talk to each other over TLS
+    (FLASHTEAM_REDIS_TLS=1, with ``tls.ca`` as FLASHTEAM_REDIS_TLS_CA)."""
 
     def __init__(
         self,
@@ -332,10 +417,14 @@ class RedisSentinelGroup(Server):
         failover_timeout_ms: int = 2000,
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
-        first = RedisServer(data_dir / "primary", extra_args=_SYNC_AT_ONCE, password=password)
+        first = RedisServer(
+            data_dir / "primary", extra_args=_SYNC_AT_ONCE, password=password, tls=tls
+        )
         self.servers = [first, first.replica(data_dir / "replica")]
         self.password = password
+        self.tls = tls
         self.sentinel_password = sentinel_password
         self.master = master
         self.primary_port = first.port
@@ -349,6 +438,7 @@ class RedisSentinelGroup(Server):
                 failover_timeout_ms=failover_timeout_ms,
                 password=sentinel_password,
                 primary_password=password,
+                tls=tls,
             )
             for i in range(sentinels)
         ]
