@@ -1,4 +1,9 @@
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import redis
 
@@ -40,3 +45,46 @@ def test_the_suite_runs_the_server_it_was_given(redis_server: RedisServer) -> No
     assert os.path.realpath(info["executable"]) == os.path.realpath(redis_server_binary())
     chosen = os.environ.get("FLASHTEAM_REDIS_SERVER", "redis-server")
     assert ("valkey_version" in info) == ("valkey" in os.path.basename(chosen))
+
+
+# A process that starts an engine's API (as the tests and `flashteam run` do), prints the API
+# process's id, and waits to be killed.
+_STARTER = """
+import sys, time
+from pathlib import Path
+from engine.local.launcher import ApiServer
+api = ApiServer(sys.argv[1], Path(sys.argv[2]), workers=1)
+api.start()
+print(api.process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_engine_processes_stop_with_the_process_that_started_them(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """kill -9 of whatever started `flashteam serve` (a test run, `flashteam run`) leaves no
+    orphan holding its port and its Redis connections: the API process stops too."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _STARTER, redis_server.url, str(tmp_path / "api")],
+        stdout=subprocess.PIPE,
+    )
+    assert starter.stdout is not None
+    with starter.stdout:
+        api = int(starter.stdout.readline())
+    starter.kill()
+    starter.wait()
+    deadline = time.monotonic() + 30
+    while _alive(api):
+        if time.monotonic() > deadline:
+            os.kill(api, signal.SIGKILL)
+            raise AssertionError(f"the API process {api} outlived its killed parent by 30 s")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Self
 
-from engine.local.process import Server, free_port
+from engine.local.process import Server, die_with_parent, free_port, with_parent
 from engine.local.redis_server import RedisServer
 from engine.settings import API_HOST, API_PORT, API_WORKERS, Settings, redact
 
@@ -271,13 +271,21 @@ class LocalEngine(Server):
             # entries at once instead of waiting FLASHTEAM_CLAIM_IDLE to claim them.
             env = env | {"FLASHTEAM_WORKER_NAME": f"{socket.gethostname()}-{self.port}-worker"}
         # umask: the files it creates (the SQLite database) are for this user only.
+        # Each process stops with the one that started it (killed or not): no orphan keeps a
+        # port, a Redis connection or a flush slot.
+        dies = with_parent(die_with_parent)
         if self.log is None:
-            return subprocess.Popen(command, env=env, umask=0o077)
+            return subprocess.Popen(command, env=env, umask=0o077, preexec_fn=dies)
         # A file, not a pipe: a pipe nobody reads blocks the process once it is full.
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             return subprocess.Popen(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT, umask=0o077
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                umask=0o077,
+                preexec_fn=dies,
             )
 
     def _wait_healthy(self) -> None:
