@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import redis
 
 from engine import Engine, OrderState
+from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer, redis_server_binary
 from testkit.factories import flash_campaign
 
@@ -80,6 +82,27 @@ def test_engine_processes_stop_with_the_process_that_started_them(
             os.kill(api, signal.SIGKILL)
             raise AssertionError(f"the API process {api} outlived its killed parent by 30 s")
         time.sleep(0.1)
+
+
+def test_api_workers_stop_with_their_serve(redis_server: RedisServer, tmp_path: Path) -> None:
+    """kill -9 of `flashteam serve` (2 workers) stops its worker processes too: none is left
+    serving the port beside a restarted serve's."""
+    with ApiServer(redis_server.url, tmp_path / "api", workers=2) as api:
+        assert api.process is not None
+        serve = api.process.pid
+        children = Path(f"/proc/{serve}/task/{serve}/children")
+        workers = [int(pid) for pid in children.read_text().split()]
+        assert len(workers) >= 2, workers  # the two workers (and multiprocessing's tracker)
+        os.kill(serve, signal.SIGKILL)
+        api.process.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers):
+            if time.monotonic() > deadline:
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                raise AssertionError("API workers outlived their killed serve by 30 s")
+            time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:

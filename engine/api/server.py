@@ -48,6 +48,7 @@ import httptools
 import uvloop
 
 from engine.api.http import Handler, HttpRequest, HttpResponse, find_header, refusal, serialize
+from engine.local.process import die_with_parent
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -580,7 +581,12 @@ async def serve_worker(settings: Settings, host: str, port: int) -> None:
         await api.shutdown()
 
 
-def _worker_main(env: dict[str, str], host: str, port: int, level: int) -> None:
+def _worker_main(env: dict[str, str], host: str, port: int, level: int, parent: int) -> None:
+    # A worker stops (gracefully: SIGTERM) with its parent, killed or not: no orphan keeps
+    # serving the port beside the workers of a restarted `flashteam serve`.
+    die_with_parent()
+    if os.getppid() != parent:  # the parent died before the request above
+        return
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(env)
     uvloop.run(serve_worker(settings, host, port))
@@ -602,7 +608,9 @@ def run(settings: Settings, host: str, port: int, workers: int) -> int:
 
     def start() -> SpawnProcess:
         process = context.Process(
-            target=_worker_main, args=(env, host, port, level), name="flashteam-api"
+            target=_worker_main,
+            args=(env, host, port, level, os.getpid()),
+            name="flashteam-api",
         )
         process.start()
         return process
