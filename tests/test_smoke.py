@@ -76,12 +76,7 @@ def test_engine_processes_stop_with_the_process_that_started_them(
         api = int(starter.stdout.readline())
     starter.kill()
     starter.wait()
-    deadline = time.monotonic() + 30
-    while _alive(api):
-        if time.monotonic() > deadline:
-            os.kill(api, signal.SIGKILL)
-            raise AssertionError(f"the API process {api} outlived its killed parent by 30 s")
-        time.sleep(0.1)
+    _gone([api], "the API process outlived its killed parent")
 
 
 def test_api_workers_stop_with_their_serve(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -95,14 +90,19 @@ def test_api_workers_stop_with_their_serve(redis_server: RedisServer, tmp_path: 
         assert len(workers) >= 2, workers  # the two workers (and multiprocessing's tracker)
         os.kill(serve, signal.SIGKILL)
         api.process.wait()
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in workers):
-            if time.monotonic() > deadline:
-                for pid in workers:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                raise AssertionError("API workers outlived their killed serve by 30 s")
-            time.sleep(0.1)
+        _gone(workers, "API workers outlived their killed serve")
+
+
+def _gone(pids: list[int], failure: str) -> None:
+    """Wait up to 30 s for every process of ``pids`` to end; else kill them and fail."""
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"{failure} by 30 s: {pids}")
+        time.sleep(0.1)
 
 
 def _alive(pid: int) -> bool:

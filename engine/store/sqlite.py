@@ -70,9 +70,8 @@ class SqliteStore(DurableReads):
     def __init__(self, db: aiosqlite.Connection, writer: sqlite3.Connection) -> None:
         self._db = db
         self._writer = writer
+        # One thread: concurrent batches (two in-process flush workers, the ledger) take turns.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-batches")
-        # Concurrent tasks (two in-process flush workers, the ledger) take turns.
-        self._writing = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
@@ -121,28 +120,24 @@ class SqliteStore(DurableReads):
         await self._write(_INSERT_ARCHIVE, archive_row(archive))
 
     async def _write(self, statement: str, row: tuple[Any, ...]) -> None:
-        """One autocommitted statement, never inside another task's batch transaction."""
-        async with self._writing:
-            try:
-                await self._db.execute(statement, row)
-            except sqlite3.IntegrityError:
-                raise
-            except Exception as exc:
-                raise Unavailable(f"SQLite write failed: {_reason(exc)}", service="sql") from exc
+        """One autocommitted statement (on ``db``: batches are on a connection of their own,
+        so it never lands inside one; it waits for theirs through the busy timeout)."""
+        try:
+            await self._db.execute(statement, row)
+        except sqlite3.IntegrityError:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"SQLite write failed: {_reason(exc)}", service="sql") from exc
 
     def _mark(self, n: int) -> str:
         return sql.qmark(n)
 
     async def apply(self, batch: Batch) -> list[str]:
-        async with self._writing:
-            try:
-                done = asyncio.get_running_loop().run_in_executor(self._thread, self._apply, batch)
-            except RuntimeError as exc:  # the thread was shut down: the store is closed
-                raise Unavailable(
-                    "SQLite write failed: the store is closed", service="sql"
-                ) from exc
-            written = await done
-            return await self._collisions(batch, written)
+        try:
+            done = asyncio.get_running_loop().run_in_executor(self._thread, self._apply, batch)
+        except RuntimeError as exc:  # the thread was shut down: the store is closed
+            raise Unavailable("SQLite write failed: the store is closed", service="sql") from exc
+        return await self._collisions(batch, await done)
 
     def _apply(self, batch: Batch) -> int:
         """Write the batch in one transaction (in the batch thread); returns the order and
