@@ -6,13 +6,17 @@ docs/http.md, docs/operations.md).
   exactly their size;
 - SIGKILL of one API worker mid-load loses no acknowledged order: its parent restarts it, and
   retrying every request that died with its idempotency key leaves exactly one order per
-  shopper who got a 201 and conserves the stock.
+  shopper who got a 201 and conserves the stock;
+- SIGKILL of the API worker that runs the payment commit, three times in a stream of payments,
+  on SQLite and PostgreSQL: every payment answered 200 is in SQL, and every payment whose
+  answer was lost is answered 200, on its retry, only once SQL holds it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import ssl
 import time
@@ -33,7 +37,9 @@ from engine.local.launcher import TEST_ADMIN_TOKEN as ADMIN
 from engine.local.launcher import TEST_GATEWAY_TOKEN as GATEWAY
 from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
-from engine.models import Order
+from engine.models import Order, OrderState
+from engine.settings import Settings
+from engine.store import Store, open_store
 from testkit.factories import campaign_json, flash_campaign, team_campaign
 from testkit.helpers import eventually
 
@@ -497,3 +503,114 @@ async def _retry_lost(client: httpx.AsyncClient | Clients, campaign_id: str, boo
 
     await asyncio.gather(*(again(u) for u in sorted(book.lost_reserve)))
     await asyncio.gather(*(pay(u) for u in sorted(book.lost_pay)))
+
+
+# ------------------------------------------------------- kill -9 of the payment committer
+
+
+@dataclass
+class Payments:
+    """A stream of payments of held orders, and what their payers were told."""
+
+    url: str
+    orders: dict[str, str]  # user -> held order id
+    paid: set[str] = field(default_factory=set)  # answered 200 paid
+    lost: set[str] = field(default_factory=set)  # the connection died, or 503: not known
+
+
+async def _pay_each(book: Payments, users: list[str]) -> None:
+    """One payer on its own connection, paying for ``users`` in turn."""
+    async with http(book.url) as client:
+        for user in users:
+            try:
+                answer = await _pay(client, book.orders[user], user)
+            except httpx.TransportError:
+                book.lost.add(user)
+                continue
+            if answer.status_code == 503:
+                assert error_code(answer) in ("payment_pending", "unavailable"), answer.text
+                book.lost.add(user)
+                continue
+            assert answer.status_code == 200 and answer.json()["state"] == "paid", answer.text
+            book.paid.add(user)
+
+
+async def _kill_workers(supervisor: int, book: Payments, rounds: int) -> None:
+    """``rounds`` times: after a random number of further payments, kill -9 a worker picked
+    at random, and wait for its parent to replace it."""
+    chance = random.Random()
+    for round_ in range(rounds):
+        workers = worker_pids(supervisor)
+        at_least = 60 * round_ + chance.randrange(60)
+
+        async def some_paid(at_least: int = at_least) -> bool:
+            return len(book.paid) >= at_least
+
+        await eventually(some_paid, 30, what=f"{at_least} payments before a kill")
+        victim = chance.choice(sorted(workers))
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced(victim: int = victim, workers: set[int] = workers) -> bool:
+            return gone(victim) and len(worker_pids(supervisor) - workers) == 1
+
+        await eventually(replaced, 20, what=f"worker {victim} replaced")
+
+
+async def _paid_in_sql(store: Store, order_id: str, user: str) -> bool:
+    stored = await store.get_order(order_id)
+    return (
+        stored is not None
+        and stored.state is OrderState.PAID
+        and stored.payment_ref == f"pay-{user}"
+    )
+
+
+async def _retry_until_paid(book: Payments, store: Store, user: str) -> None:
+    """A gateway's retries of a payment whose answer it lost: 200 only once SQL holds it."""
+    async with http(book.url) as client:
+        for _ in range(10):
+            answer = await _pay(client, book.orders[user], user)
+            if answer.status_code == 200:
+                assert await _paid_in_sql(store, book.orders[user], user), (user, answer.text)
+                return
+            assert answer.status_code == 503, answer.text
+            await asyncio.sleep(0.5)
+    raise AssertionError(f"the payment of {user} stayed pending: {answer.text}")
+
+
+async def test_a_killed_payment_committer_acknowledges_only_what_sql_holds(
+    api_redis: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of an API worker, the process that runs its payments' group commit, three times
+    at random moments of a stream of payments, on SQLite and on PostgreSQL. No flush worker
+    runs, so a paid order in SQL can only come from a payment commit. Every payment answered
+    200 is paid in SQL with its reference, record by record; every payment whose answer was
+    lost (the connection died, or 503 payment_pending) is retried with its reference and
+    answered 200 only once SQL holds it; in the end SQL holds every order paid, exactly."""
+    campaign_id, users, payers = unique("paykill"), [f"p{n}" for n in range(600)], 32
+    extra = {"database_url": database_url}
+    store = await open_store(Settings(redis_url=api_redis.url, database_url=database_url))
+    try:
+        with ApiServer(api_redis.url, tmp_path / "api", workers=2, extra=extra) as server:
+            assert server.process is not None
+            async with pool(server.url, 50) as client:
+                await create_campaign(client, campaign_id, stock=len(users), limit=1)
+                held = await asyncio.gather(*(_reserve(client, campaign_id, u) for u in users))
+            assert [answer.status_code for answer in held] == [201] * len(users)
+            orders = {u: answer.json()["order_id"] for u, answer in zip(users, held, strict=True)}
+            book = Payments(server.url, orders)
+            async with asyncio.timeout(120):
+                await asyncio.gather(
+                    _kill_workers(server.process.pid, book, rounds=3),
+                    *(_pay_each(book, users[i::payers]) for i in range(payers)),
+                )
+            assert book.lost, "a kill in the middle of payments cut some of them"
+            for user in sorted(book.paid):  # acknowledged: in SQL already, with no flush
+                assert await _paid_in_sql(store, orders[user], user), user
+            async with asyncio.timeout(120):
+                await asyncio.gather(*(_retry_until_paid(book, store, u) for u in book.lost))
+        stored = {u: await store.get_order(orders[u]) for u in users}
+    finally:
+        await store.close()
+    found = {u: (o.order_id, o.state, o.payment_ref) for u, o in stored.items() if o is not None}
+    assert found == {u: (orders[u], OrderState.PAID, f"pay-{u}") for u in users}
