@@ -122,8 +122,11 @@ async def drip(host: str, port: int, head: bytes, raw: bytes, every: float, with
             if time.monotonic() - started > within:
                 break
             await loop.sock_sendall(sock, raw[n : n + 1])
-            with contextlib.suppress(TimeoutError):
-                received = await asyncio.wait_for(loop.sock_recv(sock, 65536), every)
+            # Wait, then look: a receive cancelled by a timeout can drop what it just read
+            # (the answer, when it comes as the wait ends).
+            await asyncio.sleep(every)
+            with contextlib.suppress(BlockingIOError):
+                received = sock.recv(65536)
                 break
         while received:  # an answer: read on to the end (1 s at most)
             more = await asyncio.wait_for(loop.sock_recv(sock, 65536), 1)
