@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from engine.api.admission import WINDOW, Admission, Priority
 from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer
+from testkit.helpers import eventually
 from tests.test_api import GW, expect_error, metric, new_flash, ok, reserve, running, stock_of
 
 RESERVE_ROUTE = "POST /v1/campaigns/{campaign_id}/orders"
@@ -65,10 +66,11 @@ async def test_excess_reservations_are_shed_and_a_payment_goes_through(
         try:
             burst = [asyncio.create_task(reserve(http, campaign_id, f"bot{n}")) for n in range(300)]
             paying = asyncio.create_task(pay())
-            for _ in range(400):
-                if sum(task.done() for task in burst) >= 298:
-                    break
-                await asyncio.sleep(0.05)
+
+            async def answered() -> bool:
+                return sum(task.done() for task in burst) >= 298
+
+            await eventually(answered, 20, what="298 of the burst answered")
             probes = [http.get(path) for path in ("/healthz", "/readyz", "/metrics")]
             health, ready, scraped = await asyncio.gather(*probes)
         finally:

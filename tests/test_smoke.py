@@ -12,6 +12,7 @@ from engine import Engine, OrderState
 from engine.local.launcher import ApiServer
 from engine.local.redis_server import RedisServer, redis_server_binary
 from testkit.factories import flash_campaign
+from tests.test_api_load import gone, worker_pids
 
 
 async def test_reserve_and_pay(engine: Engine) -> None:
@@ -85,9 +86,8 @@ def test_api_workers_stop_with_their_serve(redis_server: RedisServer, tmp_path: 
     with ApiServer(redis_server.url, tmp_path / "api", workers=2) as api:
         assert api.process is not None
         serve = api.process.pid
-        children = Path(f"/proc/{serve}/task/{serve}/children")
-        workers = [int(pid) for pid in children.read_text().split()]
-        assert len(workers) >= 2, workers  # the two workers (and multiprocessing's tracker)
+        workers = sorted(worker_pids(serve))
+        assert len(workers) == 2, workers
         os.kill(serve, signal.SIGKILL)
         api.process.wait()
         _gone(workers, "API workers outlived their killed serve")
@@ -96,18 +96,10 @@ def test_api_workers_stop_with_their_serve(redis_server: RedisServer, tmp_path: 
 def _gone(pids: list[int], failure: str) -> None:
     """Wait up to 30 s for every process of ``pids`` to end; else kill them and fail."""
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in pids):
+    while not all(gone(pid) for pid in pids):
         if time.monotonic() > deadline:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"{failure} by 30 s: {pids}")
         time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
