@@ -555,3 +555,29 @@ async def test_a_sqlite_batch_outlives_a_caller_that_stopped_waiting(
 async def _has(store: Store, order_id: str) -> bool:
     """the batch was committed once the file was free"""
     return await store.get_order(order_id) is not None
+
+
+async def test_a_read_sees_every_commit_answered_before_it_began(backend: Backend) -> None:
+    """Reads of one store run concurrently (the requests of one API worker) while another
+    connection commits (the payment ledger, the flush worker): each read begun after a commit
+    was answered sees it, however the concurrent reads interleave (a read left open on a
+    shared SQLite connection would hold every other read to its older snapshot)."""
+    reader, writer = await backend.open(), await backend.open()
+    done = asyncio.Event()
+
+    async def busy() -> None:
+        while not done.is_set():
+            await reader.order_totals("sale")
+
+    try:
+        background = [asyncio.create_task(busy()) for _ in range(16)]
+        try:
+            for n in range(1, 61):
+                await writer.apply(batch(order(n, user_id=f"u{n}")))
+                assert await reader.get_order(f"sale.o{n}") == order(n, user_id=f"u{n}"), n
+        finally:
+            done.set()
+            await asyncio.gather(*background)
+    finally:
+        await reader.close()
+        await writer.close()

@@ -177,9 +177,13 @@ class SqliteStore(DurableReads):
         return await self._fetch_raw(sql.query(template, _Q), args)
 
     async def _fetch_raw(self, statement: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+        """One query, run and read to its end in one call into aiosqlite's thread. Never a
+        cursor left open across an await: while any statement of a connection is open, its
+        read transaction is, and every other read of that connection (the concurrent reads
+        of other requests) would see the database as it was when that one began, missing
+        what was committed since (a payment acknowledged a moment ago)."""
         try:
-            async with self._db.execute(statement, args) as cursor:
-                return list(await cursor.fetchall())
+            return list(await self._db.execute_fetchall(statement, args))
         except Exception as exc:
             raise Unavailable(f"SQLite read failed: {_reason(exc)}", service="sql") from exc
 
