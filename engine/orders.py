@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from engine.errors import (
@@ -51,6 +52,9 @@ from engine.store import Batch, Store
 
 log = logging.getLogger(__name__)
 
+# A payment waiting in the ledger: its paid order, its answer, when it joined (loop seconds).
+Pending = tuple[Order, "asyncio.Future[str | None]", float]
+
 
 class PaymentLedger:
     """Commits paid orders to SQL before their payment is acknowledged: the payments that
@@ -61,15 +65,26 @@ class PaymentLedger:
     Every waiting payment is answered, whatever the store does: a commit that raises
     (anything), or does not answer within ``wait`` seconds, fails every payment it carries,
     and each of them tries again, or reads its order back from SQL, until its own wait is
-    over (``commit``)."""
+    over (``commit``).
+
+    Where a payment's time goes, given to ``observe`` (part, seconds) when set (the API's
+    /metrics, the benchmarks), once per payment: ``queue``, from joining the ledger to the
+    start of the commit that carries it (the commit before it still running); ``commit``,
+    that commit's SQL transaction, waits for the database's locks included; ``durable``, the
+    whole wait, every try and read-back included. A commit carries every payment waiting
+    when it starts, at most ``MOST`` (the rest take the next one)."""
+
+    MOST = 1000  # payments per commit: a transaction of a few milliseconds on either store
 
     def __init__(self, store: Store, wait: float) -> None:
         self._store = store
         self._wait = wait
-        self._pending: list[tuple[Order, asyncio.Future[str | None]]] = []
+        self._pending: list[Pending] = []
         self._running = False
+        self._task: asyncio.Task[None] | None = None
         self.commits = 0  # transactions
         self.committed = 0  # paid orders
+        self.observe: Callable[[str, float], None] | None = None
 
     async def commit(self, order: Order) -> None:
         """Return once ``order`` is durable. A failed commit is tried again, and SQL read back
@@ -78,19 +93,20 @@ class PaymentLedger:
         outcome not known yet. Recovering when SQL holds its id for another shopper (Redis
         reissued an id it had lost)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._wait
+        began = loop.time()
+        deadline = began + self._wait
         pause = 0.05
         while True:
             failure = await self._submit(order, deadline - loop.time())
-            if failure is None:
-                return
             if failure == "collision":
                 raise Recovering(
                     f"order {order.order_id} collides with a durable order: the campaign is "
                     "being repaired",
                     why="collision",
                 )
-            if await self._durable(order, deadline - loop.time()):
+            if failure is None or await self._durable(order, deadline - loop.time()):
+                if self.observe is not None:
+                    self.observe("durable", loop.time() - began)
                 return
             if deadline - loop.time() <= pause:
                 # What SQL said goes to the log, not to the answer (docs/security.md).
@@ -106,11 +122,12 @@ class PaymentLedger:
 
     async def _submit(self, order: Order, within: float) -> str | None:
         """Join the next group commit; its failure (None: committed), or a timeout."""
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((order, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str | None] = loop.create_future()
+        self._pending.append((order, future, loop.time()))
         if not self._running:
             self._running = True
-            asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run())  # referenced: never collected mid-run
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(within, 0.0))
         except TimeoutError:
@@ -130,14 +147,16 @@ class PaymentLedger:
         )
 
     async def _run(self) -> None:
-        waiting: list[tuple[Order, asyncio.Future[str | None]]] = []
+        loop = asyncio.get_running_loop()
+        waiting: list[Pending] = []
         try:
             while self._pending:
-                waiting, self._pending = self._pending, []
+                waiting, self._pending = self._pending[: self.MOST], self._pending[self.MOST :]
                 batch = Batch()
                 at_ms = int(time.time() * 1000)
-                for order, _ in waiting:
+                for order, _, _ in waiting:
                     batch.add_order(order, at_ms)
+                started = loop.time()
                 try:
                     collisions = set(await asyncio.wait_for(self._store.apply(batch), self._wait))
                 except Exception as exc:  # anything: every payment must get its answer
@@ -145,6 +164,11 @@ class PaymentLedger:
                     continue
                 self.commits += 1
                 self.committed += len(waiting)
+                if self.observe is not None:
+                    took = loop.time() - started
+                    for _, _, queued in waiting:
+                        self.observe("queue", started - queued)
+                        self.observe("commit", took)
                 _answer(waiting, None, collisions)
         finally:
             self._running = False
@@ -154,13 +178,11 @@ class PaymentLedger:
 
 
 def _answer(
-    waiting: list[tuple[Order, asyncio.Future[str | None]]],
-    failure: str | None,
-    collisions: set[str] | None = None,
+    waiting: list[Pending], failure: str | None, collisions: set[str] | None = None
 ) -> None:
     """Resolve each payment's future still unresolved with ``failure`` (None: committed), or
     "collision" for the ids in ``collisions``."""
-    for order, future in waiting:
+    for order, future, _ in waiting:
         if not future.done():
             collided = collisions is not None and order.order_id in collisions
             future.set_result("collision" if collided else failure)

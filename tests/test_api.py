@@ -339,6 +339,46 @@ async def test_metrics_sum_every_worker(api: ApiServer, http: httpx.AsyncClient)
     assert "flashteam_script_seconds_count" in text
 
 
+async def test_metrics_split_a_durable_payments_wait(
+    api: ApiServer, http: httpx.AsyncClient
+) -> None:
+    """Each durable payment adds one observation to each part of its wait for SQL (queue,
+    commit, durable, whichever worker ran it), and the whole wait is at least its queue and
+    commit together."""
+    parts = ("queue", "commit", "durable")
+
+    async def totals() -> dict[str, tuple[float, float]]:
+        text = (await http.get("/metrics")).text
+        name = "flashteam_payment_commit_seconds"
+        return {
+            p: (
+                metric(text, f"{name}_count", part=p) or 0.0,
+                metric(text, f"{name}_sum", part=p) or 0.0,
+            )
+            for p in parts
+        }
+
+    async def settled() -> tuple[dict[str, tuple[float, float]]] | None:
+        first = await totals()
+        await asyncio.sleep(3 * FLUSH_EVERY)
+        return (first,) if await totals() == first else None
+
+    (before,) = await eventually(settled, 10, what="the payment histograms to settle")
+    campaign_id = await new_flash(http)
+    held = [ok(await reserve(http, campaign_id, f"payer{n}"), 201) for n in range(6)]
+    for order in held:
+        assert ok(await pay(http, order["order_id"], order["user_id"]))["state"] == "paid"
+
+    async def counted() -> dict[str, tuple[float, float]] | None:
+        after = await totals()
+        return after if all(after[p][0] == before[p][0] + 6 for p in parts) else None
+
+    after = await eventually(counted, 5, what="6 observations of each part, not more")
+    added = {p: after[p][1] - before[p][1] for p in parts}
+    assert added["queue"] >= 0 and added["commit"] > 0
+    assert added["durable"] >= added["queue"] + added["commit"], added
+
+
 # Every route of docs/http.md, with the parameter names the API uses.
 SPEC_ROUTES = {
     ("post", "/v1/campaigns"),

@@ -22,6 +22,7 @@ from engine import Engine, Order, OrderState, PaymentPending, Unavailable
 from engine.errors import AlreadyExists
 from engine.local.postgres import PostgresServer
 from engine.local.redis_server import RedisServer
+from engine.orders import PaymentLedger
 from engine.store import Batch, Store, open_store
 from engine.store.postgres import _translated
 from engine.store.sqlite import SqliteStore
@@ -292,3 +293,49 @@ async def test_postgres_fast_restarts_during_a_team_sale(
         acknowledged = [order.order_id for order, _ in answers]
         assert len(acknowledged) > 100
         assert not await _not_paid(engine.runtime.store, acknowledged)
+
+
+class CountingStore:
+    """The real store, recording the orders of each batch written (the group commits)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def apply(self, batch: Batch) -> list[str]:
+        self.batches.append(len(batch.orders))
+        return await self.store.apply(batch)
+
+
+async def test_a_group_commit_carries_at_most_its_bound(
+    redis: Any,
+    redis_server: RedisServer,
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """400 payments at once with commits of at most 50 (``PaymentLedger.MOST``): every commit
+    carries 50 or fewer, each payment is committed once and is paid in SQL, and each tells
+    where its wait went (queue, commit, durable) once."""
+    monkeypatch.setattr(PaymentLedger, "MOST", 50)
+    settings = make_settings(redis_server.url, tmp_path, database_url=database_url)
+    real = await open_store(settings)
+    counting = CountingStore(real)
+    async with await Engine.open(settings, cast(Store, counting)) as engine:
+        now = await engine.runtime.now()
+        await engine.campaigns.create(flash_campaign(now, stock=1_000, limit=1))
+        orders = await _reserve(engine, "sale", [f"u{n}" for n in range(400)])
+        ledger = engine.orders.ledger
+        assert ledger is not None
+        parts: list[str] = []
+        ledger.observe = lambda part, seconds: parts.append(part)
+        answers = await asyncio.gather(*(_pay(engine, o, 60.0) for o in orders))
+        assert all(isinstance(a, Order) and a.state is OrderState.PAID for a in answers)
+        assert max(counting.batches) <= 50 and sum(counting.batches) == 400, counting.batches
+        assert len(counting.batches) >= 8
+        assert sorted(set(parts)) == ["commit", "durable", "queue"]
+        assert all(parts.count(p) == 400 for p in ("commit", "durable", "queue"))
+        assert not await _not_paid(real, [o.order_id for o in orders])

@@ -333,6 +333,8 @@ class Api:
             self._engine = await Engine.open(self.settings)
             self._owned = True
         self.engine.runtime.scripts.observe = metrics.observe_script
+        if self.engine.orders.ledger is not None:
+            self.engine.orders.ledger.observe = metrics.observe_payment
         self._rejections = RejectionCounter(self.engine.runtime)
         self._stop = asyncio.Event()
         self._saver = asyncio.create_task(self._save_counters(self._rejections, self._stop))

@@ -44,6 +44,14 @@ _REQUESTS = Histogram(
 _SCRIPTS = Histogram(
     "flashteam_script_seconds", "Lua script calls and their latency", ["script"], buckets=_BUCKETS
 )
+_PAYMENTS = Histogram(
+    "flashteam_payment_commit_seconds",
+    "Where a durable payment's wait for SQL goes, per payment: queue (for the group commit "
+    "that carries it), commit (that SQL transaction, lock waits included), durable (the "
+    "whole wait, tries and read-backs included); its Redis part is the pay_order script",
+    ["part"],
+    buckets=_BUCKETS,
+)
 
 # Admission control (engine/api/admission.py), sampled at each flush: summed over the workers.
 _ADMISSION_LIMIT = Gauge(
@@ -93,6 +101,7 @@ class _Buffered:
 
 _requests = _Buffered(_REQUESTS)
 _scripts = _Buffered(_SCRIPTS)
+_payments = _Buffered(_PAYMENTS)
 FLUSH_EVERY = 0.1  # seconds between flushes by the API's background task
 
 
@@ -104,11 +113,16 @@ def observe_script(script: str, seconds: float) -> None:
     _scripts.observe((script,), seconds)
 
 
+def observe_payment(part: str, seconds: float) -> None:
+    _payments.observe((part,), seconds)
+
+
 def flush() -> None:
     """Add this process's buffered observations to the histograms (before a scrape, and
     every ``FLUSH_EVERY`` seconds)."""
     _requests.flush()
     _scripts.flush()
+    _payments.flush()
 
 
 def _registry() -> CollectorRegistry | None:
