@@ -129,7 +129,11 @@ class Settings:
     )
     reaper_interval: float = _setting(0.2, "seconds between reaper passes, at most 1")
     reaper_batch: int = _setting(500, "held orders ended per script call")
-    flush_batch: int = _setting(1000, "outbox entries the flush worker reads per stream and step")
+    flush_batch: int = _setting(
+        1000,
+        "outbox entries the flush worker reads per stream and step (up to 4 times as many "
+        "while the stream holds more)",
+    )
     claim_idle: float = _setting(
         30.0,
         "seconds an entry may sit unacknowledged with a consumer before another worker claims "

@@ -19,6 +19,11 @@ Each campaign's stream ``ft:{c:<id>}:events`` is read through one consumer group
    repair requested (engine/recovery.py, docs/faults.md). Idle campaigns are checked about
    once a second too.
 
+A batch grows with the stream's backlog: it reads as many entries as the stream holds, at
+least ``FLASHTEAM_FLUSH_BATCH`` and at most ``BACKLOG_GROWTH`` times it, so a worker that fell
+behind (a burst, a restart) catches up in fewer, larger transactions, and a quiet stream's
+batch is what little it holds.
+
 A worker that finds nothing waits longer between passes (from 50 ms doubling up to
 ``_IDLE_MAX``), back to 50 ms as soon as it moves something: an idle deployment costs a few
 commands a second per stream and worker, and the first entry after a quiet spell waits at
@@ -64,6 +69,7 @@ _IDLE_MAX = 0.5
 _NEVER = 2**62  # an idle time no consumer reaches: only the named ones go
 _FORGET_EVERY = 5.0  # seconds between looks for an over campaign's streams to forget
 _MAX_BACKOFF = 5.0
+BACKLOG_GROWTH = 4  # a batch reads up to this many times FLASHTEAM_FLUSH_BATCH when behind
 
 Entry = tuple[str, dict[str, str] | None]
 
@@ -306,9 +312,11 @@ class FlushWorker:
 
     async def _read(self, stream: str, claim_idle_ms: int | None) -> list[Entry]:
         redis = self._rt.redis
-        if not int(await guarded(redis.xlen(stream))):
+        backlog = int(await guarded(redis.xlen(stream)))
+        if not backlog:
             return []  # nothing unflushed: nothing of its own, to claim, or new
-        count = self._rt.settings.flush_batch
+        batch = self._rt.settings.flush_batch
+        count = min(max(batch, backlog), batch * BACKLOG_GROWTH)
         mine = await guarded(redis.xreadgroup(GROUP, self.name, {stream: "0"}, count=count))
         if mine and mine[0][1]:
             return list(mine[0][1])

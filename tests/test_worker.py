@@ -414,3 +414,31 @@ async def test_malformed_entry_is_dead_lettered_and_does_not_block(durable: Engi
     for held in after:
         assert await engine.runtime.store.get_order(held.order.order_id) is not None
     assert await redis.xlen(stream) == 0
+
+
+async def test_a_batch_grows_with_the_backlog(durable: Engine) -> None:
+    """With a batch of 40: a stream holding fewer entries is read whole in one batch, one
+    holding more up to 4 batches (160) at once, and the rest in the passes after; every
+    reservation reaches SQL once."""
+    engine = durable
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, stock=1_000, limit=1))
+    small = dataclasses.replace(
+        engine.runtime, settings=engine.runtime.settings.with_(flush_batch=40)
+    )
+    worker, stream = FlushWorker(small, name="w"), keys_of("sale").events
+    sizes = []
+    for shoppers in (25, 100, 500):
+        await asyncio.gather(
+            *(
+                engine.flash.reserve("sale", f"u{shoppers}-{n}", "sku-1", 1, "k")
+                for n in range(shoppers)
+            )
+        )
+        while backlog := int(await engine.runtime.redis.xlen(stream)):
+            moved = await worker.step()
+            assert moved == min(backlog, 160), (backlog, moved)
+            sizes.append(moved)
+    assert sizes[:2] == [25, 100] and 160 in sizes, sizes
+    totals = await engine.runtime.store.order_totals("sale")
+    assert sum(t.orders for t in totals) == 625
