@@ -1,4 +1,4 @@
-"""The performance targets T1 to T9 of docs/performance.md, each defined once, and their verdicts.
+"""The performance targets T1 to T10 of docs/performance.md, each defined once, and their verdicts.
 
 A target's floor or bound is written only here: the verdicts are judged with it, and every
 sentence of the report that states it (the requirement cells, the target lines of the T1
@@ -99,7 +99,7 @@ class Target:
 
     @property
     def id(self) -> str:
-        """``T1`` to ``T9``: the section of docs/performance.md."""
+        """``T1`` to ``T10``: the section of docs/performance.md."""
         return self.name.split()[0]
 
     @property
@@ -394,6 +394,82 @@ def _t8_p99(results: Results, target: Target) -> Reading:
     return Reading("; ".join(measured), f"{target.baseline}: {', '.join(baselines)}", ok)
 
 
+def _t8_beside_the_sale(results: Results, target: Target) -> Reading:
+    """Both backends: pay's p99 open loop at 70% of its peak, beside a sale and the flush
+    (bench/test_money_path.py), with where the payments' time went."""
+    measured, baselines, ok = [], [], True
+    for backend in _BACKENDS:
+        row = results[f"t8-pay-sale-{backend}"].rows[0]
+        p99 = float(row[target.column])
+        ok = ok and target.holds(p99)
+        measured.append(
+            f"{backend} p99 {p99:,.1f} ms (p50 {float(row['p50_ms']):,.1f}; queue p99 "
+            f"{float(row['queue_p99_ms']):,.1f}, commit p99 {float(row['commit_p99_ms']):,.1f}) "
+            f"at {float(row['offered_per_s']):,.0f}/s beside {float(row['sale_per_s']):,.0f} "
+            "reservations/s"
+        )
+        baselines.append(f"{backend} {float(row['peak_per_s']):,.0f}/s")
+    return Reading("; ".join(measured), f"{target.baseline}: {', '.join(baselines)}", ok)
+
+
+def _t2_reserve_rate(results: Results) -> float:
+    """T2's reservations/s on the default stack; NotMeasured without it."""
+    if "http" not in results:
+        raise NotMeasured("no http.json: T2 (bench/test_http.py) did not run")
+    return float(_http_row(results, DEFAULT_STACK, "reserve")["requests_per_s"])
+
+
+def _t10_flush(results: Results, target: Target) -> Reading:
+    """Flush events/s into one store at the default batch over T2's reservations/s."""
+    rows = [r for r in results[f"flush-{target.key}"].rows if int(r["batch"]) == FLUSH_BATCH]
+    if not rows:
+        raise NotMeasured(f"no batch {FLUSH_BATCH:,} row in flush-{target.key}.json")
+    rate, t2 = float(rows[0]["events_per_s"]), _t2_reserve_rate(results)
+    return Reading(
+        f"{rate / t2:.2f}x ({rate:,.0f} events/s at batch {FLUSH_BATCH:,})",
+        f"{target.baseline}: {t2:,.0f}/s",
+        target.holds(rate / t2),
+    )
+
+
+def _t10_lag_t2(results: Results, target: Target) -> Reading:
+    """Max flush lag into one store beside the sale and the payments, the sale at least as
+    fast as T2's HTTP reserve."""
+    row = results[f"t8-pay-sale-{target.key}"].rows[0]
+    rate, worst, t2 = float(row["sale_per_s"]), float(row[target.column]), _t2_reserve_rate(results)
+    if rate < t2:
+        raise NotMeasured(f"the sale reached {rate:,.0f}/s, below T2's {t2:,.0f}/s")
+    return Reading(
+        f"max {worst:.2f} s, p99 {float(row['lag_p99_s']):.2f} s at {rate:,.0f} "
+        f"reservations/s and {float(row['offered_per_s']):,.0f} payments/s",
+        f"{target.baseline}: {t2:,.0f}/s",
+        target.holds(worst),
+    )
+
+
+def _t10_lag_t1(results: Results, target: Target) -> Reading:
+    """Max flush lag into one store while reserving at T1's engine rate (1,000 callers)."""
+    row = results[f"flush-lag-{target.key}"].rows[0]
+    rate, worst = float(row["reserved_per_s"]), float(row[target.column])
+    engine = [
+        r
+        for r in (results["t1-reserve"].rows if "t1-reserve" in results else [])
+        if r.get("impl") == "engine" and int(r.get("concurrency", 0)) == T1_CALLERS
+    ]
+    if not engine:
+        raise NotMeasured(f"no T1 engine row at {T1_CALLERS:,} callers in t1-reserve.json")
+    t1 = float(engine[-1]["per_s"])
+    if rate < t1:
+        raise NotMeasured(
+            f"max lag {worst:.2f} s at {rate:,.0f} reservations/s: below T1's {t1:,.0f}/s"
+        )
+    return Reading(
+        f"max {worst:.2f} s, p99 {float(row['p99_lag_s']):.2f} s at {rate:,.0f} reservations/s",
+        f"{target.baseline}: {t1:,.0f}/s",
+        target.holds(worst),
+    )
+
+
 def _t9(results: Results, target: Target) -> Reading:
     """One figure of the overload row (bench/test_overload.py), with the peak as baseline."""
     phases = by(results["t9-overload"].rows, "phase")
@@ -649,6 +725,16 @@ TARGETS: tuple[Target, ...] = (
         "sql",
         "p99_ms",
     ),
+    Target(
+        "T8 pay p99 beside the sale",
+        "p99 {bound}, open loop at 70% of its peak, beside a sale and the flush worker",
+        Bound("<=", 25, " ms"),
+        "pay's own peak beside the sale",
+        _t8_beside_the_sale,
+        tuple(f"t8-pay-sale-{backend}" for backend in _BACKENDS),
+        "",
+        "p99_ms",
+    ),
     _t9_target(
         "T9 goodput under overload",
         "reservations/s {bound} the peak's",
@@ -669,6 +755,54 @@ TARGETS: tuple[Target, ...] = (
         "pay p99 {bound} while reservations are shed",
         Bound("<=", 50, " ms"),
         "pay_p99_ms",
+    ),
+    *(
+        Target(
+            f"T10 flush into {backend} vs the sale",
+            f"{{bound}} T2's reservations/s {_ON_DEFAULT} (default batch {FLUSH_BATCH:,})",
+            Bound(">=", 2, "x"),
+            "T2 HTTP reserve",
+            _t10_flush,
+            (f"flush-{backend}", "http"),
+            backend,
+        )
+        for backend in _BACKENDS
+    ),
+    Target(
+        "T10 flush into postgresql",
+        f"{{bound}} (default batch {FLUSH_BATCH:,})",
+        Bound(">=", 30_000, " events/s"),
+        "same worker, discarding store",
+        _t4_flush,
+        ("flush-postgresql",),
+        "postgresql",
+        "events_per_s",
+    ),
+    *(
+        Target(
+            f"T10 flush lag at the T2 rate ({backend})",
+            "{bound}, beside durable payments",
+            Bound("<", 1, " s"),
+            "T2 HTTP reserve",
+            _t10_lag_t2,
+            (f"t8-pay-sale-{backend}", "http"),
+            backend,
+            "lag_max_s",
+        )
+        for backend in _BACKENDS
+    ),
+    *(
+        Target(
+            f"T10 flush lag at the T1 rate ({backend})",
+            "{bound}",
+            Bound("<", 2, " s"),
+            "T1 engine reserve, 1,000 callers",
+            _t10_lag_t1,
+            (f"flush-lag-{backend}", "t1-reserve"),
+            backend,
+            "max_lag_s",
+        )
+        for backend in _BACKENDS
     ),
 )
 
