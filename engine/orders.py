@@ -120,6 +120,13 @@ class PaymentLedger:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
+    async def confirm(self, order: Order) -> None:
+        """Return once SQL holds the paid ``order``: read back first (a payment acknowledged
+        before is there), else committed as its payment is (``commit``: its payment's commit
+        was cut, say by a crash, after Redis recorded it). PaymentPending as ``commit``."""
+        if not await self._durable(order, self._wait):
+            await self.commit(order)
+
     async def _submit(self, order: Order, within: float) -> str | None:
         """Join the next group commit; its failure (None: committed), or a timeout."""
         loop = asyncio.get_running_loop()
@@ -303,18 +310,31 @@ class Orders:
         assert stored is not None  # SQL held it a moment ago and orders are never deleted
         return stored
 
-    async def get(self, order_id: str) -> Order:
+    async def get(self, order_id: str, user_id: str | None = None) -> Order:
         """The order's current state: Redis while it is there (in its stock bucket, for a
-        sharded campaign), else the durable store."""
+        sharded campaign), else the durable store. ``user_id``, the viewer, must own it
+        (Forbidden), checked before anything else about the order is told.
+
+        With the payment durability default, a paid order is told as paid only once SQL
+        holds its payment (``PaymentLedger.confirm``): a payment whose commit was cut after
+        Redis recorded it (a crash of the process paying) is committed first, as its retry
+        would be, or answered PaymentPending; a shopper never reads "paid" for a payment
+        that a Redis failover could still take back."""
         await self.locate(order_id)
         keys = keys_of(shard_of_order(order_id))
         record = await guarded(self._rt.redis.hget(keys.orders, order_id))
-        if record is not None:
-            return Order.from_record(order_id, record)
-        stored = await self._rt.store.get_order(order_id)
-        if stored is None:
+        order = (
+            Order.from_record(order_id, record)
+            if record is not None
+            else await self._rt.store.get_order(order_id)
+        )
+        if order is None:
             raise OrderNotFound(order_id)
-        return stored
+        if user_id is not None and order.user_id != user_id:
+            raise Refusal(Code.FORBIDDEN, None).error()
+        if record is not None and order.state is OrderState.PAID and self.ledger is not None:
+            await self.ledger.confirm(order)
+        return order
 
     async def of_user(self, user_id: str, limit: int) -> list[Order]:
         """The user's orders from the durable store, newest first."""

@@ -566,8 +566,14 @@ async def _paid_in_sql(store: Store, order_id: str, user: str) -> bool:
 
 
 async def _retry_until_paid(book: Payments, store: Store, user: str) -> None:
-    """A gateway's retries of a payment whose answer it lost: 200 only once SQL holds it."""
+    """A gateway's retries of a payment whose answer it lost: 200 only once SQL holds it.
+    Before them, its shopper reads the order: paid only if SQL holds the payment."""
     async with http(book.url) as client:
+        order_id = book.orders[user]
+        read = await client.get(f"/v1/orders/{order_id}", params={"user_id": user}, headers=GW)
+        assert read.status_code in (200, 503), read.text
+        if read.status_code == 200 and read.json()["state"] == "paid":
+            assert await _paid_in_sql(store, order_id, user), (user, read.text)
         for _ in range(10):
             answer = await _pay(client, book.orders[user], user)
             if answer.status_code == 200:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 import asyncpg
 import pytest
 
-from engine import Engine, Order, OrderState, PaymentPending, Unavailable
+from engine import Engine, Order, OrderState, PaymentPending, Unavailable, errors
 from engine.errors import AlreadyExists
 from engine.local.postgres import PostgresServer
 from engine.local.redis_server import RedisServer
@@ -339,3 +339,40 @@ async def test_a_group_commit_carries_at_most_its_bound(
         assert sorted(set(parts)) == ["commit", "durable", "queue"]
         assert all(parts.count(p) == 400 for p in ("commit", "durable", "queue"))
         assert not await _not_paid(real, [o.order_id for o in orders])
+
+
+async def test_an_order_reads_paid_only_once_sql_holds_its_payment(
+    redis: Any, redis_server: RedisServer, database_url: str, tmp_path: Path
+) -> None:
+    """A payment recorded in Redis whose commit to SQL was cut (the process paying died
+    between the two: here the script is run alone) is not told as paid while SQL cannot take
+    it (503 payment_pending, within the payment wait); once SQL can, reading the order
+    commits it first, then tells it paid. An order whose payment SQL holds is read with no
+    commit; another shopper is refused before anything is committed."""
+    wait = 0.5
+    settings = make_settings(redis_server.url, tmp_path, database_url=database_url, pay_wait=wait)
+    real = await open_store(settings)
+    faulty = FaultyStore(real)
+    async with await Engine.open(settings, cast(Store, faulty)) as engine:
+        now = await engine.runtime.now()
+        await engine.campaigns.create(flash_campaign(now, stock=10, limit=1))
+        cut, acknowledged = await _reserve(engine, "sale", ["cut", "acknowledged"])
+        await engine.runtime.scripts.pay(cut.order_id, "cut", "p-cut")  # Redis only
+        await engine.orders.pay(acknowledged.order_id, "acknowledged", "p-ack")
+        ledger = engine.orders.ledger
+        assert ledger is not None
+        commits = ledger.commits
+        with pytest.raises(errors.Forbidden):
+            await engine.orders.get(cut.order_id, "someone-else")
+        assert (await engine.orders.get(acknowledged.order_id, "acknowledged")).state is (
+            OrderState.PAID
+        )
+        assert ledger.commits == commits  # read back: nothing to commit
+        faulty.mode = "raise"
+        with pytest.raises(PaymentPending):
+            await asyncio.wait_for(engine.orders.get(cut.order_id, "cut"), wait + ANSWER_SLACK)
+        assert await _not_paid(real, [cut.order_id]) == [cut.order_id]
+        faulty.mode = None
+        assert (await engine.orders.get(cut.order_id, "cut")).state is OrderState.PAID
+        assert not await _not_paid(real, [cut.order_id])
+        assert ledger.commits == commits + 1

@@ -630,10 +630,7 @@ class Api:
         """One order; the gateway names the user (?user_id=), who must own it."""
         order_id = request.params["order_id"]
         viewer = self._query_id(request, "user_id", required=not self._is_admin(request))
-        order = await self.engine.orders.get(order_id)
-        if viewer is not None and order.user_id != viewer:
-            raise errors.Forbidden("the order belongs to another user")
-        return json_response(s.OrderOut.of(order))
+        return json_response(s.OrderOut.of(await self.engine.orders.get(order_id, viewer)))
 
     async def user_orders(self, request: HttpRequest) -> HttpResponse:
         """A user's orders from the durable store, newest first, with their type."""

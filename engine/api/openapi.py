@@ -30,8 +30,9 @@ _ERRORS = {
     "413": "payload_too_large",
     "429": "rate_limited (see the Retry-After header)",
     "503": "unavailable: Redis or SQL cannot be reached; retry with the same idempotency key "
-    "or payment_ref. payment_pending (pay): recorded, not declined, SQL has not confirmed it "
-    "yet; retry with the same payment_ref to learn the outcome",
+    "or payment_ref. payment_pending (pay, or reading a paid order): recorded, not declined, "
+    "SQL has not confirmed it yet; retry with the same payment_ref (or the read) to learn the "
+    "outcome",
 }
 
 # What a struct's own schema cannot say: an edit changes at least one field (an empty one is
