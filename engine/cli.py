@@ -66,11 +66,15 @@ def _serve(settings: Settings, host: str, port: int, workers: int, share_port: b
         return server.run(settings, host, port, workers)
 
 
-def _run(settings: Settings, host: str, port: int, workers: int) -> int:
+def _run(settings: Settings, host: str, port: int, workers: int, flush_workers: int) -> int:
     """Everything locally (see LocalEngine): a private redis-server unless FLASHTEAM_REDIS_URL
-    is set, then the API, the flush worker and the reaper, each restarted when it exits, until
-    Ctrl-C or SIGTERM (0) or a process's crash loop (1)."""
-    local = LocalEngine(settings, host=host, port=port, workers=workers)
+    is set, then the API, the flush workers and the reaper, each restarted when it exits,
+    until Ctrl-C or SIGTERM (0) or a process's crash loop (1)."""
+    if flush_workers < 1:
+        raise ConfigurationError("--flush-workers must be 1 or more")
+    local = LocalEngine(
+        settings, host=host, port=port, workers=workers, flush_workers=flush_workers
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: local.request_stop())
     try:
@@ -89,7 +93,8 @@ def _print_running(local: LocalEngine) -> None:
     print(f"flashteam is running: API {local.url} ({local.workers} workers)", flush=True)
     print(f"  Redis:          {ready.redis_name}")
     print(f"  durable store:  {_store_name(ready)}")
-    print("  flush worker and reaper running")
+    flush = "flush worker" if local.flush_workers == 1 else f"{local.flush_workers} flush workers"
+    print(f"  {flush} and reaper running")
     # Tokens this run generated are printed for whoever started it; tokens from the
     # environment are that environment's secrets, never echoed.
     for name, tokens in zip(("gateway", "admin"), ready.require_tokens(), strict=True):
@@ -263,6 +268,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--workers", type=int, default=API_WORKERS, help="API worker processes; %(default)s"
         )
+    run.add_argument(
+        "--flush-workers",
+        type=int,
+        default=1,
+        help="flush worker processes, sharing the outbox (one is enough while the lag on "
+        "/metrics stays low); %(default)s",
+    )
     serve.add_argument(
         "--share-port",
         action="store_true",
@@ -375,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigurationError("--workers must be 1 or more")
         if args.command == "serve":
             return _serve(settings, args.host, args.port, args.workers, args.share_port)
-        return _run(settings, args.host, args.port, args.workers)
+        return _run(settings, args.host, args.port, args.workers, args.flush_workers)
     except (ConfigurationError, EngineError) as exc:
         print(f"flashteam: {exc}", file=sys.stderr)
         return 2

@@ -151,11 +151,11 @@ GATEWAY = "gateway-token-for-the-cli-tests-000001"
 ADMIN = "admin-token-for-the-cli-tests-0000001"
 
 
-def _start_run(tmp_path: Path, port: int, **settings: str) -> subprocess.Popen[str]:
+def _start_run(tmp_path: Path, port: int, *flags: str, **settings: str) -> subprocess.Popen[str]:
     env = _env(tmp_path) | {"FLASHTEAM_GATEWAY_TOKEN": GATEWAY, "FLASHTEAM_ADMIN_TOKEN": ADMIN}
     env |= {f"FLASHTEAM_{k.upper()}": v for k, v in settings.items()}
     process = subprocess.Popen(
-        [*FLASHTEAM, "run", "--port", str(port), "--workers", "1"],
+        [*FLASHTEAM, "run", "--port", str(port), "--workers", "1", *flags],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -265,6 +265,79 @@ def test_run_restarts_a_killed_flush_worker_while_the_api_keeps_serving(tmp_path
             process.communicate()
     assert process.returncode == 0, err
     assert err.count("the flush worker exited (-9); restarting it in") == 5, err
+
+
+def _workers(parent: int, count: int, other_than: set[int], within: float = 10.0) -> set[int]:
+    """``count`` flush worker processes of ``parent`` other than ``other_than``, once they run."""
+    deadline = time.monotonic() + within
+    while True:
+        found = set()
+        for pid in set(_children(parent)) - other_than:
+            with contextlib.suppress(OSError):
+                if _cmdline(pid).split(b"\0")[3:4] == [b"worker"]:
+                    found.add(pid)
+        if len(found) == count:
+            return found
+        assert time.monotonic() < deadline, f"{len(found)} of {count} new flush workers"
+        time.sleep(0.02)
+
+
+def _worker_name(pid: int) -> str:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    (name,) = (v for v in environ if v.startswith(b"FLASHTEAM_WORKER_NAME="))
+    return name.split(b"=", 1)[1].decode()
+
+
+def test_run_starts_several_flush_workers_each_restarted_under_its_name(tmp_path: Path) -> None:
+    """`flashteam run --flush-workers 3`: three flush worker processes, each under its own
+    consumer name; a sale reaches SQL whole; the second worker killed -9 comes back under its
+    name (its pending entries resumed at once) and the restart is counted once. 0 workers is
+    refused."""
+    refused = subprocess.run(
+        [*FLASHTEAM, "run", "--flush-workers", "0"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "--flush-workers must be 1 or more" in refused.stderr
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start_run(tmp_path, port, "--flush-workers", "3", rate_limit="0")
+    try:
+        pids = _workers(process.pid, 3, set())
+        names = sorted(_worker_name(p) for p in pids)
+        base = f"{socket.gethostname()}-{port}-worker"
+        assert names == [base, f"{base}-2", f"{base}-3"], names
+        now = datetime.now(UTC)
+        campaign = campaign_json(flash_campaign(now, stock=1_000, limit=1, starts_in=-5))
+        assert _send(f"{url}/v1/campaigns", ADMIN, campaign)[0] == 201
+        (second,) = (p for p in pids if _worker_name(p) == f"{base}-2")
+        os.kill(second, signal.SIGKILL)
+        for n in range(200):
+            body = {"user_id": f"u{n}", "sku": "sku-1", "qty": 1, "idempotency_key": f"k{n}"}
+            assert _send(f"{url}/v1/campaigns/sale/orders", GATEWAY, body)[0] == 201
+        (again,) = _workers(process.pid, 1, pids)
+        assert _worker_name(again) == f"{base}-2"
+        database = tmp_path / "var" / "flashteam.db"
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.closing(sqlite3.connect(database)) as db:
+                (orders,) = db.execute("SELECT COUNT(*) FROM orders").fetchone()
+            if orders == 200:
+                break
+            assert time.monotonic() < deadline, f"{orders} of 200 orders in SQL"
+            time.sleep(0.2)
+        scraped = _scrape(url)
+        assert _metric(scraped, 'flashteam_process_restarts_total{process="worker"}') == 1
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    assert err.count("the flush worker 2 exited (-9); restarting it in") == 1, err
 
 
 def test_run_stops_everything_on_a_crash_loop(tmp_path: Path) -> None:

@@ -59,6 +59,14 @@ class StartFailed(RuntimeError):
     requested first. Whatever had started is stopped again."""
 
 
+def _service(slot: str) -> Service:
+    """The service a process slot runs ("flush worker 2": the flush worker)."""
+    for service in EVERYTHING:
+        if slot == service or slot.startswith(f"{service} "):
+            return service
+    raise ValueError(f"no service runs in slot {slot!r}")
+
+
 def restarts(data_dir: Path) -> dict[str, int]:
     """Restarts per process (``serve``, ``worker``, ``reaper``) of the `flashteam run` whose
     data dir this is; empty when none supervises it (`flashteam serve` alone)."""
@@ -77,7 +85,9 @@ class LocalEngine(Server):
     them), the data dir is made absolute, and the durable store defaults to SQLite in it.
     Without a Redis URL or Sentinels, ``start()`` runs a private redis-server under
     ``<data dir>/redis`` (AOF on, noeviction) and ``settings.redis_url`` names it.
-    ``services`` chooses the processes (none: just the Redis, as ``flashteam demo`` uses it).
+    ``services`` chooses the processes (none: just the Redis, as ``flashteam demo`` uses it);
+    ``flush_workers`` how many flush workers run (each its own process and consumer name,
+    sharing the consumer group: "flush worker", "flush worker 2", ...).
     Their output goes to ``log`` (appended) when given, else to this process's stdout and
     stderr.
     """
@@ -90,6 +100,7 @@ class LocalEngine(Server):
         host: str = API_HOST,
         port: int = API_PORT,
         workers: int = API_WORKERS,
+        flush_workers: int = 1,
         log: Path | None = None,
         start_timeout: float = 60.0,
     ) -> None:
@@ -113,11 +124,22 @@ class LocalEngine(Server):
             self.settings.require_tokens()  # refuse weak tokens before anything starts
         self.services = services
         self.host, self.port, self.workers = host, port, workers
+        self.flush_workers = flush_workers
         self.log = log
         self.start_timeout = start_timeout
         self.redis: RedisServer | None = None
-        self.processes: dict[Service, subprocess.Popen[bytes]] = {}
-        self.restarts: dict[Service, int] = dict.fromkeys(services, 0)
+        # Per process slot: a service's name, numbered from the second flush worker on.
+        self.slots = [
+            name
+            for service in services
+            for name in (
+                [service]
+                if service != "flush worker"
+                else [service, *(f"{service} {n}" for n in range(2, flush_workers + 1))]
+            )
+        ]
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, int] = dict.fromkeys(self.slots, 0)
         self.stopping = threading.Event()
 
     @property
@@ -161,8 +183,8 @@ class LocalEngine(Server):
         is logged and counted in ``restarts`` (and in the data dir's restarts.json, which
         /metrics and /live read)."""
         limit, window = self.settings.restart_limit, self.settings.restart_window
-        exits: dict[Service, deque[float]] = {name: deque() for name in self.processes}
-        due: dict[Service, float] = {}  # processes waiting for their restart: when
+        exits: dict[str, deque[float]] = {name: deque() for name in self.processes}
+        due: dict[str, float] = {}  # processes waiting for their restart: when
         env = self.env()
         self._save_restarts()
         while not self.stopping.wait(_POLL):
@@ -204,7 +226,9 @@ class LocalEngine(Server):
         return 0
 
     def _save_restarts(self) -> None:
-        counts = {_COMMANDS[name][0]: n for name, n in self.restarts.items()}
+        counts = dict.fromkeys((_COMMANDS[s][0] for s in self.services), 0)
+        for slot, n in self.restarts.items():
+            counts[_COMMANDS[_service(slot)][0]] += n
         path = self.settings.data_dir / RESTARTS_FILE
         staged = path.with_suffix(".tmp")
         staged.write_text(json.dumps(counts))
@@ -256,20 +280,23 @@ class LocalEngine(Server):
                 self.redis.data_dir,
             )
         env = self.env()
-        for service in self.services:
-            self.processes[service] = self._spawn(service, env)
+        for slot in self.slots:
+            self.processes[slot] = self._spawn(slot, env)
         if "api" in self.processes:
             self._wait_healthy()
 
-    def _spawn(self, service: Service, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, slot: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        service = _service(slot)
         command = [sys.executable, "-m", "engine.cli", *_COMMANDS[service]]
         if service == "api":
             command += ["--host", self.host, "--port", str(self.port)]
             command += ["--workers", str(self.workers)]
-        if service == "flush worker" and self.settings.worker_name is None:
-            # One name for this slot, so a restarted worker reads its predecessor's pending
+        if service == "flush worker":
+            # One name per slot, so a restarted worker reads its predecessor's pending
             # entries at once instead of waiting FLASHTEAM_CLAIM_IDLE to claim them.
-            env = env | {"FLASHTEAM_WORKER_NAME": f"{socket.gethostname()}-{self.port}-worker"}
+            name = self.settings.worker_name or f"{socket.gethostname()}-{self.port}-worker"
+            number = slot.removeprefix(service).strip()
+            env = env | {"FLASHTEAM_WORKER_NAME": f"{name}-{number}" if number else name}
         # umask: the files it creates (the SQLite database) are for this user only.
         # Each process stops with the one that started it (killed or not): no orphan keeps a
         # port, a Redis connection or a flush slot.
