@@ -2,7 +2,7 @@
 
 Reads every ``var/bench/*.json`` the benchmarks wrote (``bench.report.report``) and writes
 ``bench/reports/<YYYY-MM-DD>.md`` with PNG charts next to it: the machine it ran on, every
-performance target of docs/performance.md (T1 to T8) with its measured value, its baseline
+performance target of docs/performance.md (T1 to T10) with its measured value, its baseline
 and a plain verdict (met, NOT met, or not measured), then each benchmark's table and charts.
 
 Options: ``--results DIR`` (default ``var/bench``), ``--out DIR`` (default ``bench/reports``),

@@ -387,6 +387,15 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section((*T8_REPAIR, *T8_PAY, *T8_PACED), t8_section),
     _plain(
+        "t8-pay-sale-sqlite",
+        "t8-pay-sale-postgresql",
+        heading="T8/T10 durable pay beside the sale and the flush",
+        intro="Pay with the durability default beside a sale of 7,000 reservations/s and a "
+        "flush worker process: the peak there, then open loop at 70% of it, with where the "
+        "payments' time went (queue for the group commit, the commit, the whole durable wait) "
+        "and the flush lag meanwhile (docs/performance.md#t10-flush-vs-the-sale).",
+    ),
+    _plain(
         "t9-overload",
         heading="T9 overload",
         intro="Reserve at 64 connections (the peak) and at 4,000, closed loop, shed answers "

@@ -198,6 +198,14 @@ RESULTS: dict[str, list[dict[str, Any]]] = {
         ]
         for backend, p99 in T8_P99
     },
+    **{
+        f"t8-pay-sale-{backend}": [
+            {"backend": backend, "sale_per_s": sale, "peak_per_s": 2_000.0}
+            | {"offered_per_s": 1_400.0, "p50_ms": 6.0, "p99_ms": p99}
+            | {"queue_p99_ms": 4.0, "commit_p99_ms": 3.0, "lag_max_s": 0.6, "lag_p99_s": 0.4}
+        ]
+        for backend, sale, p99 in (("sqlite", 9_000.0, 20.0), ("postgresql", 7_000.0, 30.0))
+    },
 }
 # Not written, so not measured: flush-postgresql, flush-lag-postgresql, t7-scale.
 
@@ -298,6 +306,34 @@ def test_verdicts_follow_the_bounds(report: tuple[str, Path]) -> None:
         "postgresql 0.47x (1,400/s; per level down to 0.20x)",
         "pay in the fast mode, same run: sqlite 3,000/s, postgresql 3,000/s",
         NOT_MET,
+    ]
+    assert found["T8 pay p99 beside the sale"][1:] == [
+        "sqlite p99 20.0 ms (p50 6.0; queue p99 4.0, commit p99 3.0) at 1,400/s beside 9,000 "
+        "reservations/s; postgresql p99 30.0 ms (p50 6.0; queue p99 4.0, commit p99 3.0) at "
+        "1,400/s beside 7,000 reservations/s",
+        "pay's own peak beside the sale: sqlite 2,000/s, postgresql 2,000/s",
+        NOT_MET,
+    ]
+    assert found["T10 flush into sqlite vs the sale"][1:] == [
+        "4.53x (39,000 events/s at batch 1,000)",
+        "T2 HTTP reserve: 8,600/s",
+        MET,
+    ]
+    assert found["T10 flush into postgresql vs the sale"][3] == UNMEASURED
+    assert found["T10 flush lag at the T2 rate (sqlite)"][1:] == [
+        "max 0.60 s, p99 0.40 s at 9,000 reservations/s and 1,400 payments/s",
+        "T2 HTTP reserve: 8,600/s",
+        MET,
+    ]
+    assert found["T10 flush lag at the T2 rate (postgresql)"][1:] == [
+        "the sale reached 7,000/s, below T2's 8,600/s",
+        "T2 HTTP reserve",
+        UNMEASURED,
+    ]
+    assert found["T10 flush lag at the T1 rate (sqlite)"][1:] == [
+        "max lag 0.48 s at 14,900 reservations/s: below T1's 40,000/s",
+        "T1 engine reserve, 1,000 callers",
+        UNMEASURED,
     ]
     assert found["T8 pay p99 at 70% of peak"][1:] == [
         "sqlite p99 18.0 ms (p50 9.0) at 1,750/s, 70% of peak; "
@@ -467,6 +503,7 @@ def test_sections_and_charts(report: tuple[str, Path]) -> None:
         "T6 memory",
         "T7 one million users",
         "T8 repair after Redis data loss",
+        "T8/T10 durable pay beside the sale and the flush",
         "T9 overload",
         "Lua scripts (micro benchmarks)",
         "Sold-out resell",
