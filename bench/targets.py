@@ -199,9 +199,8 @@ def _t2_vs_naive(results: Results, target: Target) -> Reading:
     )
 
 
-def _t2_vs_t1(results: Results, target: Target) -> Reading:
-    """The default stack's batch reservations/s over T1's engine at 1,000 callers."""
-    row = _http_row(results, DEFAULT_STACK, target.key)
+def _t1_engine_rate(results: Results) -> float:
+    """T1's engine reservations/s at 1,000 callers; NotMeasured without it."""
     if "t1-reserve" not in results:
         raise NotMeasured("no t1-reserve.json: T1 (bench/test_engine.py) did not run")
     engine = [
@@ -211,7 +210,13 @@ def _t2_vs_t1(results: Results, target: Target) -> Reading:
     ]
     if not engine:
         raise NotMeasured(f"no engine row at {T1_CALLERS:,} callers in t1-reserve.json")
-    rate, t1 = float(row[target.column]), float(engine[-1]["per_s"])
+    return float(engine[-1]["per_s"])
+
+
+def _t2_vs_t1(results: Results, target: Target) -> Reading:
+    """The default stack's batch reservations/s over T1's engine at 1,000 callers."""
+    row = _http_row(results, DEFAULT_STACK, target.key)
+    rate, t1 = float(row[target.column]), _t1_engine_rate(results)
     return Reading(
         f"{rate / t1:.2f}x ({rate:,.0f} reservations/s)",
         f"{target.baseline}: {t1:,.0f}/s",
@@ -450,15 +455,11 @@ def _t10_lag_t2(results: Results, target: Target) -> Reading:
 def _t10_lag_t1(results: Results, target: Target) -> Reading:
     """Max flush lag into one store while reserving at T1's engine rate (1,000 callers)."""
     row = results[f"flush-lag-{target.key}"].rows[0]
-    rate, worst = float(row["reserved_per_s"]), float(row[target.column])
-    engine = [
-        r
-        for r in (results["t1-reserve"].rows if "t1-reserve" in results else [])
-        if r.get("impl") == "engine" and int(r.get("concurrency", 0)) == T1_CALLERS
-    ]
-    if not engine:
-        raise NotMeasured(f"no T1 engine row at {T1_CALLERS:,} callers in t1-reserve.json")
-    t1 = float(engine[-1]["per_s"])
+    rate, worst, t1 = (
+        float(row["reserved_per_s"]),
+        float(row[target.column]),
+        _t1_engine_rate(results),
+    )
     if rate < t1:
         raise NotMeasured(
             f"max lag {worst:.2f} s at {rate:,.0f} reservations/s: below T1's {t1:,.0f}/s"

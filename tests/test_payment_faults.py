@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -186,6 +187,19 @@ class FaultyStore:
         return result
 
 
+@asynccontextmanager
+async def _faulty_engine(
+    redis_server: RedisServer, tmp_path: Path, database_url: str, pay_wait: float
+) -> AsyncIterator[tuple[Engine, FaultyStore]]:
+    """An engine whose payments wait ``pay_wait`` seconds for a store with faults injected."""
+    settings = make_settings(
+        redis_server.url, tmp_path, database_url=database_url, pay_wait=pay_wait
+    )
+    faulty = FaultyStore(await open_store(settings))
+    async with await Engine.open(settings, cast(Store, faulty)) as engine:
+        yield engine, faulty
+
+
 # The store's behaviour during each wave of payments, in turn: every fault meets payments
 # (and the flush worker) whatever the timing, so both outcomes always happen.
 WAVE_FAULTS = (None, "raise", "stall", "lost", "raise", None, "stall", "lost")
@@ -200,10 +214,8 @@ async def test_every_payment_is_answered_in_time_whatever_the_store_does(
     once the store behaves, answers 200 and SQL has it paid. The flush worker, writing
     through the same faults, keeps running and flushes everything afterwards."""
     wait = 0.5
-    settings = make_settings(redis_server.url, tmp_path, database_url=database_url, pay_wait=wait)
-    real = await open_store(settings)
-    faulty = FaultyStore(real)
-    async with await Engine.open(settings, cast(Store, faulty)) as engine:
+    async with _faulty_engine(redis_server, tmp_path, database_url, wait) as (engine, faulty):
+        real = faulty.store
         now = await engine.runtime.now()
         await engine.campaigns.create(flash_campaign(now, stock=10_000, limit=1))
         orders = await _reserve(engine, "sale", [f"u{n}" for n in range(600)])
@@ -350,10 +362,8 @@ async def test_an_order_reads_paid_only_once_sql_holds_its_payment(
     commits it first, then tells it paid. An order whose payment SQL holds is read with no
     commit; another shopper is refused before anything is committed."""
     wait = 0.5
-    settings = make_settings(redis_server.url, tmp_path, database_url=database_url, pay_wait=wait)
-    real = await open_store(settings)
-    faulty = FaultyStore(real)
-    async with await Engine.open(settings, cast(Store, faulty)) as engine:
+    async with _faulty_engine(redis_server, tmp_path, database_url, wait) as (engine, faulty):
+        real = faulty.store
         now = await engine.runtime.now()
         await engine.campaigns.create(flash_campaign(now, stock=10, limit=1))
         cut, acknowledged = await _reserve(engine, "sale", ["cut", "acknowledged"])
