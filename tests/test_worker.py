@@ -442,3 +442,27 @@ async def test_a_batch_grows_with_the_backlog(durable: Engine) -> None:
     assert sizes[:2] == [25, 100] and 160 in sizes, sizes
     totals = await engine.runtime.store.order_totals("sale")
     assert sum(t.orders for t in totals) == 625
+
+
+async def test_a_batch_of_thousands_of_entries_is_acknowledged_whole(durable: Engine) -> None:
+    """A batch of 9,000 entries (a backlog read at once: a batch of 3,000, grown) is written,
+    acknowledged and deleted in one step: more ids than Lua unpacks at once."""
+    engine = durable
+    now = await engine.runtime.now()
+    await engine.campaigns.create(flash_campaign(now, stock=10_000, limit=1))
+    big = dataclasses.replace(
+        engine.runtime, settings=engine.runtime.settings.with_(flush_batch=3_000)
+    )
+    sem = asyncio.Semaphore(500)
+
+    async def reserve(n: int) -> None:
+        async with sem:
+            await engine.flash.reserve("sale", f"u{n}", "sku-1", 1, "k")
+
+    await asyncio.gather(*(reserve(n) for n in range(9_000)))
+    stream = keys_of("sale").events
+    assert int(await engine.runtime.redis.xlen(stream)) == 9_000
+    assert await FlushWorker(big, name="w").step() == 9_000
+    assert int(await engine.runtime.redis.xlen(stream)) == 0
+    totals = await engine.runtime.store.order_totals("sale")
+    assert sum(t.orders for t in totals) == 9_000
