@@ -709,7 +709,7 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "T8 pay with the durability default",
         "{bound} the fast mode (each mode's best rate, 10 to 1,000 callers)",
-        Bound(">=", 0.5, "x"),
+        Bound(">=", 0.7, "x"),
         "pay in the fast mode, same run",
         _t8_pay,
         tuple(f"t8-pay-{backend}" for backend in _BACKENDS),

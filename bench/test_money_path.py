@@ -158,16 +158,15 @@ async def _beside_the_sale(
                 while not (await engine.campaigns.get(campaign)).stock[0].held:
                     assert not selling.done(), selling.result()
                     await asyncio.sleep(0.05)  # the sale started
-                lags = Sale(campaign)
-                sampler = asyncio.create_task(_sample_lag(probe, lags, stop))
+                sale = Sale(campaign)  # the caller's: the lags now, the sale's count at the end
+                sampler = asyncio.create_task(_sample_lag(probe, sale, stop))
                 try:
-                    yield engine, lags, ids
+                    yield engine, sale, ids
                 finally:
                     stop.set()
                     await sampler
-                sale = await selling
-            sale.lags = lags.lags
-            lags.reserved, lags.seconds = sale.reserved, sale.seconds
+                sold = await selling
+            sale.reserved, sale.seconds = sold.reserved, sold.seconds
             assert await probe.wait_flushed(120) is not None, "the worker did not catch up"
         finally:
             worker.terminate()
