@@ -41,7 +41,8 @@ import yaml
 from engine import errors
 from engine.api.app import STATUS
 from engine.local.launcher import ApiServer
-from tests.test_api import GW, SKU, new_flash, ok, reserve
+from testkit.helpers import eventually
+from tests.test_api import GW, SKU, new_flash, ok, pay, reserve
 from tests.test_docs import DOC_REF, bad_link
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -432,14 +433,28 @@ async def test_every_metric_used_is_exported_by_a_running_engine(api: ApiServer)
         ok(await client.get("/healthz"))
         assert (await client.get("/v1/no-such-route")).status_code == 404
         campaign_id = await new_flash(client, "monitoring")
-        ok(await reserve(client, campaign_id, "shopper-1", sku=SKU), 201)
+        held = ok(await reserve(client, campaign_id, "shopper-1", sku=SKU), 201)
+        ok(await pay(client, held["order_id"], "shopper-1"))  # a durable payment's histogram
         ok(await client.get(f"/v1/campaigns/{campaign_id}", headers=GW))
-        response = await client.get("/metrics")
-    assert response.status_code == 200
-    text = response.text
+
+        async def scraped() -> str | None:
+            """/metrics once the worker that paid has added its observations (every 0.1 s)."""
+            response = await client.get("/metrics")
+            assert response.status_code == 200
+            return (
+                response.text
+                if "flashteam_payment_commit_seconds_bucket" in response.text
+                else None
+            )
+
+        text = await eventually(scraped, 5, what="the payment's histogram on /metrics")
     types = exported_types(text)
     present = samples(text)
-    assert {"flashteam_http_request_seconds_bucket", "flashteam_script_seconds_bucket"} <= present
+    assert {
+        "flashteam_http_request_seconds_bucket",
+        "flashteam_script_seconds_bucket",
+        "flashteam_payment_commit_seconds_bucket",
+    } <= present
 
     missing = []
     for name, where in sorted(used_metrics().items()):
