@@ -80,8 +80,7 @@ class PaymentLedger:
         self._store = store
         self._wait = wait
         self._pending: list[Pending] = []
-        self._running = False
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the commits' loop, while it runs
         self.commits = 0  # transactions
         self.committed = 0  # paid orders
         self.observe: Callable[[str, float], None] | None = None
@@ -132,8 +131,7 @@ class PaymentLedger:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str | None] = loop.create_future()
         self._pending.append((order, future, time.perf_counter()))
-        if not self._running:
-            self._running = True
+        if self._task is None or self._task.done():
             self._task = loop.create_task(self._run())  # referenced: never collected mid-run
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(within, 0.0))
@@ -176,8 +174,7 @@ class PaymentLedger:
                         self.observe("queue", started - queued)
                         self.observe("commit", took)
                 _answer(waiting, None, collisions)
-        finally:
-            self._running = False
+        finally:  # nothing below awaits: a payment joining later starts a new loop
             # Cancelled (the loop is closing): nobody is left without an answer.
             left, self._pending = [*waiting, *self._pending], []
             _answer(left, "the payment ledger stopped")

@@ -59,14 +59,6 @@ class StartFailed(RuntimeError):
     requested first. Whatever had started is stopped again."""
 
 
-def _service(slot: str) -> Service:
-    """The service a process slot runs ("flush worker 2": the flush worker)."""
-    for service in EVERYTHING:
-        if slot == service or slot.startswith(f"{service} "):
-            return service
-    raise ValueError(f"no service runs in slot {slot!r}")
-
-
 def restarts(data_dir: Path) -> dict[str, int]:
     """Restarts per process (``serve``, ``worker``, ``reaper``) of the `flashteam run` whose
     data dir this is; empty when none supervises it (`flashteam serve` alone)."""
@@ -128,16 +120,12 @@ class LocalEngine(Server):
         self.log = log
         self.start_timeout = start_timeout
         self.redis: RedisServer | None = None
-        # Per process slot: a service's name, numbered from the second flush worker on.
-        self.slots = [
-            name
-            for service in services
-            for name in (
-                [service]
-                if service != "flush worker"
-                else [service, *(f"{service} {n}" for n in range(2, flush_workers + 1))]
-            )
-        ]
+        # Per process slot, the service it runs and its number among that service's slots:
+        # "flush worker", "flush worker 2", ... (one slot for every other service).
+        self.slots: dict[str, tuple[Service, int]] = {}
+        for service in services:
+            for n in range(1, (flush_workers if service == "flush worker" else 1) + 1):
+                self.slots[service if n == 1 else f"{service} {n}"] = (service, n)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: dict[str, int] = dict.fromkeys(self.slots, 0)
         self.stopping = threading.Event()
@@ -228,7 +216,7 @@ class LocalEngine(Server):
     def _save_restarts(self) -> None:
         counts = dict.fromkeys((_COMMANDS[s][0] for s in self.services), 0)
         for slot, n in self.restarts.items():
-            counts[_COMMANDS[_service(slot)][0]] += n
+            counts[_COMMANDS[self.slots[slot][0]][0]] += n
         path = self.settings.data_dir / RESTARTS_FILE
         staged = path.with_suffix(".tmp")
         staged.write_text(json.dumps(counts))
@@ -286,7 +274,7 @@ class LocalEngine(Server):
             self._wait_healthy()
 
     def _spawn(self, slot: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        service = _service(slot)
+        service, number = self.slots[slot]
         command = [sys.executable, "-m", "engine.cli", *_COMMANDS[service]]
         if service == "api":
             command += ["--host", self.host, "--port", str(self.port)]
@@ -295,8 +283,7 @@ class LocalEngine(Server):
             # One name per slot, so a restarted worker reads its predecessor's pending
             # entries at once instead of waiting FLASHTEAM_CLAIM_IDLE to claim them.
             name = self.settings.worker_name or f"{socket.gethostname()}-{self.port}-worker"
-            number = slot.removeprefix(service).strip()
-            env = env | {"FLASHTEAM_WORKER_NAME": f"{name}-{number}" if number else name}
+            env = env | {"FLASHTEAM_WORKER_NAME": name if number == 1 else f"{name}-{number}"}
         # umask: the files it creates (the SQLite database) are for this user only.
         # Each process stops with the one that started it (killed or not): no orphan keeps a
         # port, a Redis connection or a flush slot.
